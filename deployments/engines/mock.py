@@ -1,0 +1,154 @@
+"""A deterministic mock text engine that keeps vLLM's streaming contract.
+
+The output depends only on the rendered prompt and (when temperature > 0) the seed, so
+tests can predict it. The engine keeps its own clock: token ``k`` exists at
+``start + first_delay + k * token_delay`` whether or not anyone has read the previous
+ones, and a consumer that lags receives the tokens that piled up as one merged delta
+(``num_tokens > 1``), exactly as vLLM's AsyncLLM does with delta outputs. Closing the
+stream aborts it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from typing import AsyncIterator, Optional
+
+from serve_app.config import MockEngineConfig
+from serve_app.errors import ContextLengthExceeded
+from serve_app.protocol.internal import EngineOutput, GenerationRequest
+
+__all__ = ["MockTextEngine", "render_prompt", "mock_completion_tokens"]
+
+_VOCAB = (
+    "the a troupe of actors streams tokens across ray serve replicas while gateways "
+    "route requests to models that answer quickly and cheaply on small cpus or large "
+    "gpus with care for latency cost and every dropped byte so clients see words "
+    "arrive one by one"
+).split()
+
+
+def render_prompt(request: GenerationRequest) -> str:
+    """The mock's 'chat template': one line per message, then the assistant tag."""
+    if request.messages is not None:
+        lines = [f"<{m.role}> {m.content}" for m in request.messages]
+        lines.append("<assistant>")
+        return "\n".join(lines)
+    return request.prompt or ""
+
+
+def _digest(prompt: str, seed: Optional[int], temperature: float) -> bytes:
+    # Greedy (temperature 0) ignores the seed, like a real engine's argmax.
+    salt = "greedy" if temperature == 0 else f"seed={seed}"
+    return hashlib.blake2b(f"{salt}\x00{prompt}".encode(), digest_size=32).digest()
+
+
+def mock_completion_tokens(
+    prompt: str, seed: Optional[int], temperature: float, count: int
+) -> list[str]:
+    """The first ``count`` tokens the mock would produce (each carries its leading space)."""
+    digest = _digest(prompt, seed, temperature)
+    tokens = []
+    for i in range(count):
+        word = _VOCAB[(digest[i % 32] + 7 * i + (i // 32)) % len(_VOCAB)]
+        tokens.append(word if i == 0 else " " + word)
+    return tokens
+
+
+class MockTextEngine:
+    """See the module docstring."""
+
+    def __init__(self, model_id: str, config: MockEngineConfig) -> None:
+        self.model_id = model_id
+        self.config = config
+        self.context_length = config.context_length
+        self._active: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        for event in self._active.values():
+            event.set()
+
+    def active_requests(self) -> int:
+        return len(self._active)
+
+    async def abort(self, request_id: str) -> None:
+        event = self._active.get(request_id)
+        if event is not None:
+            event.set()
+
+    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str]:
+        prompt = render_prompt(request)
+        prompt_tokens = max(1, len(prompt.split()))
+        room = self.context_length - prompt_tokens
+        sp = request.sampling
+        if room <= 0 or (sp.max_tokens is not None and sp.max_tokens > room):
+            raise ContextLengthExceeded(
+                f"This model's context is {self.context_length} tokens; the prompt uses "
+                f"{prompt_tokens} and max_tokens asks for {sp.max_tokens}. Shorten the "
+                f"prompt or lower max_tokens (at most {max(room, 0)} here).",
+                param="max_tokens",
+                details={"context_length": self.context_length, "prompt_tokens": prompt_tokens},
+            )
+        limit = sp.max_tokens if sp.max_tokens is not None else room
+        digest = _digest(prompt, sp.seed, sp.temperature)
+        cfg = self.config
+        span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)
+        natural = cfg.min_output_tokens + (digest[0] % (span + 1))
+        if cfg.ignore_eos or natural > limit:
+            count, finish = limit, "length"
+        else:
+            count, finish = natural, "stop"
+        tokens = mock_completion_tokens(prompt, sp.seed, sp.temperature, count)
+        if sp.stop:
+            text = ""
+            for i, tok in enumerate(tokens):
+                text += tok
+                hit = min((p for p in (text.find(s) for s in sp.stop) if p >= 0), default=-1)
+                if hit >= 0:
+                    # Keep the tokens before the stop string; the cut token keeps its prefix.
+                    tokens = tokens[:i] + [tok[: len(tok) - (len(text) - hit)]]
+                    finish = "stop"
+                    break
+        return prompt_tokens, tokens, finish
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
+        prompt_tokens, tokens, finish = self._plan(request)
+        abort = asyncio.Event()
+        self._active[request.request_id] = abort
+        try:
+            step = self.config.token_delay_ms / 1000.0
+            first = (
+                self.config.first_token_delay_ms / 1000.0
+                if self.config.first_token_delay_ms is not None
+                else step
+            )
+            start = time.monotonic()
+            sent = 0
+            total = len(tokens)
+            if total == 0:
+                yield EngineOutput("", 0, prompt_tokens, finish)
+                return
+            while sent < total:
+                if abort.is_set():
+                    yield EngineOutput("", 0, prompt_tokens, "abort")
+                    return
+                now = time.monotonic()
+                ready = total if step == 0 else min(total, math.floor((now - start - first) / step) + 1)
+                if ready <= sent:
+                    await asyncio.sleep(start + first + sent * step - now)
+                    continue
+                done = ready == total
+                yield EngineOutput(
+                    "".join(tokens[sent:ready]),
+                    ready - sent,
+                    prompt_tokens,
+                    finish if done else None,
+                )
+                sent = ready
+        finally:
+            self._active.pop(request.request_id, None)

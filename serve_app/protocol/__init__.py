@@ -1,0 +1,1 @@
+"""Wire and internal request types. Imports neither Ray nor torch."""

@@ -1,0 +1,85 @@
+"""The one internal request/response vocabulary shared by the gateway, deployments and engines.
+
+Every API family (OpenAI chat and completions, native REST, WebSocket) is translated into a
+``GenerationRequest`` at the gateway; engines only ever see this type. The types are small
+slotted dataclasses because they cross a Ray handle on every request and every stream chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+__all__ = [
+    "ChatMessage",
+    "SamplingParams",
+    "GenerationRequest",
+    "EngineOutput",
+    "TextChunk",
+    "EngineFinishReason",
+    "WireFinishReason",
+]
+
+#: What an engine may report. ``abort`` follows vLLM: the request was cancelled.
+EngineFinishReason = Literal["stop", "length", "abort"]
+#: What the wire shows. ``abort`` becomes ``cancelled`` at the deployment.
+WireFinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    """One chat turn; ``content`` is already flattened to text."""
+
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Sampling controls common to every text engine."""
+
+    max_tokens: Optional[int] = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A text generation request: exactly one of ``messages`` (chat) or ``prompt`` (raw)."""
+
+    request_id: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    messages: Optional[list[ChatMessage]] = None
+    prompt: Optional[str] = None
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """One delta from an engine (vLLM's DELTA output kind).
+
+    ``text`` may carry several tokens when the consumer lagged behind the engine;
+    ``num_tokens`` says how many. ``prompt_tokens`` is set on every output so the
+    consumer never has to wait for the last one to know it.
+    """
+
+    text: str
+    num_tokens: int
+    prompt_tokens: int
+    finish_reason: Optional[EngineFinishReason] = None
+
+
+@dataclass(slots=True)
+class TextChunk:
+    """What a model deployment streams back to the gateway.
+
+    The final chunk has ``finish_reason`` set and carries the exact usage the engine
+    reported (``completion_tokens`` is cumulative there).
+    """
+
+    text: str
+    num_tokens: int
+    finish_reason: Optional[WireFinishReason] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0

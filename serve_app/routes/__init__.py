@@ -1,0 +1,1 @@
+"""HTTP and WebSocket routes, each built by a factory over one GatewayCore."""

@@ -1,0 +1,258 @@
+"""OpenAI-compatible routes under ``/v1``: models, chat completions, completions.
+
+Thin: parse -> translate -> one handle call -> encode. Stream chunks are encoded with
+orjson from small dicts (no pydantic on the way out) and flushed as soon as they exist.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Optional
+
+import orjson
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
+
+from serve_app.core import GatewayCore
+from serve_app.errors import TroupeError, as_troupe_error
+from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
+from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.openai import (
+    CHAT_EXAMPLE,
+    COMPLETION_EXAMPLE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    unknown_fields,
+)
+
+__all__ = ["build_openai_router", "peek_stream", "SSE_PING_S"]
+
+#: Comment lines keep idle SSE connections open through proxies; clients ignore them.
+SSE_PING_S = 15
+
+
+async def peek_stream(
+    chunks: AsyncIterator[TextChunk],
+) -> tuple[TextChunk, AsyncIterator[TextChunk]]:
+    """Await the first chunk so errors before any output still get a real status code."""
+    try:
+        first = await chunks.__anext__()
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return first, chunks
+
+
+def _usage(chunk: TextChunk) -> dict[str, int]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
+
+
+def _finish(reason: Optional[str]) -> Optional[str]:
+    # OpenAI has no "cancelled"; a cancelled HTTP stream has no reader left anyway.
+    return reason
+
+
+def _model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
+
+
+def build_openai_router(core: GatewayCore) -> APIRouter:
+    """The ``/v1`` routes, closed over one GatewayCore (built per replica)."""
+    router = APIRouter(prefix="/v1")
+    created = int(core.started_at)
+    max_body = core.settings.gateway.max_body_bytes
+
+    @router.get("/models")
+    async def list_models() -> JSONResponse:
+        return JSONResponse(
+            {"object": "list", "data": [_model_card(mid, created) for mid in core.models]}
+        )
+
+    @router.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        core.resolve(model_id)
+        return JSONResponse(_model_card(model_id, created))
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_body(
+            ChatCompletionRequest, await read_json(request, max_body, CHAT_EXAMPLE), CHAT_EXAMPLE
+        )
+        core.note_unknown_fields("/v1/chat/completions", unknown_fields(body))
+        core.resolve(body.model)
+        core.check_n(body.n)
+        request_id = request_id_of(request)
+        gen = core.build_request(
+            request_id,
+            messages=body.messages,
+            max_tokens=body.output_limit(),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_tuple(),
+        )
+        completion_id = "chatcmpl-" + request_id[4:]
+        now = int(time.time())
+        if body.stream:
+            first, rest = await peek_stream(core.stream(body.model, gen))
+            return _sse(_chat_events(completion_id, now, body, first, rest, request_id))
+        result = await core.complete(body.model, gen)
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": now,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": result.text},
+                        "logprobs": None,
+                        "finish_reason": _finish(result.finish_reason),
+                    }
+                ],
+                "usage": _usage(result),
+            }
+        )
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        body = parse_body(
+            CompletionRequest,
+            await read_json(request, max_body, COMPLETION_EXAMPLE),
+            COMPLETION_EXAMPLE,
+        )
+        core.note_unknown_fields("/v1/completions", unknown_fields(body))
+        core.resolve(body.model)
+        core.check_n(body.n)
+        request_id = request_id_of(request)
+        gen = core.build_request(
+            request_id,
+            prompt=body.prompt,
+            max_tokens=body.output_limit(),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_tuple(),
+        )
+        completion_id = "cmpl-" + request_id[4:]
+        now = int(time.time())
+        echo = body.prompt if body.echo else ""
+        if body.stream:
+            first, rest = await peek_stream(core.stream(body.model, gen))
+            return _sse(_completion_events(completion_id, now, body, first, rest, request_id, echo))
+        result = await core.complete(body.model, gen)
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "text_completion",
+                "created": now,
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": echo + result.text,
+                        "logprobs": None,
+                        "finish_reason": _finish(result.finish_reason),
+                    }
+                ],
+                "usage": _usage(result),
+            }
+        )
+
+    return router
+
+
+def _sse(events: AsyncIterator[Any]) -> EventSourceResponse:
+    return EventSourceResponse(events, ping=SSE_PING_S, sep="\n")
+
+
+async def _chat_events(
+    completion_id: str,
+    created: int,
+    body: ChatCompletionRequest,
+    first: TextChunk,
+    rest: AsyncIterator[TextChunk],
+    request_id: str,
+) -> AsyncIterator[Any]:
+    """OpenAI chat.completion.chunk events, an optional usage chunk, then [DONE]."""
+    # Every chunk shares this prefix; only the choice differs (cheap, no dict per field).
+    head = (
+        '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
+        % (completion_id, created, orjson.dumps(body.model).decode())
+    )
+    include_usage = body.include_usage()
+    usage_tail = ',"usage":null}' if include_usage else "}"
+
+    def choice(delta: str, finish: Optional[str]) -> str:
+        return '%s"choices":[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]%s' % (
+            head, delta, orjson.dumps(finish).decode(), usage_tail,
+        )
+
+    chunk = first
+    try:
+        yield choice('{"role":"assistant","content":""}', None)
+        while True:
+            if chunk.text:
+                yield choice('{"content":%s}' % orjson.dumps(chunk.text).decode(), None)
+            if chunk.finish_reason is not None:
+                yield choice("{}", _finish(chunk.finish_reason))
+                if include_usage:
+                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(_usage(chunk)).decode())
+                break
+            chunk = await rest.__anext__()
+    except StopAsyncIteration:
+        pass
+    except TroupeError as exc:
+        yield error_event_data(as_troupe_error(exc), request_id, openai=True)
+    finally:
+        await rest.aclose()
+    yield "[DONE]"
+
+
+async def _completion_events(
+    completion_id: str,
+    created: int,
+    body: CompletionRequest,
+    first: TextChunk,
+    rest: AsyncIterator[TextChunk],
+    request_id: str,
+    echo: str,
+) -> AsyncIterator[Any]:
+    """OpenAI text_completion events, an optional usage chunk, then [DONE]."""
+    head = '{"id":"%s","object":"text_completion","created":%d,"model":%s,' % (
+        completion_id, created, orjson.dumps(body.model).decode(),
+    )
+    include_usage = body.include_usage()
+    usage_tail = ',"usage":null}' if include_usage else "}"
+
+    def choice(text: str, finish: Optional[str]) -> str:
+        return '%s"choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":%s}]%s' % (
+            head, orjson.dumps(text).decode(), orjson.dumps(finish).decode(), usage_tail,
+        )
+
+    chunk = first
+    try:
+        if echo:
+            yield choice(echo, None)
+        while True:
+            if chunk.finish_reason is not None:
+                yield choice(chunk.text, _finish(chunk.finish_reason))
+                if include_usage:
+                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(_usage(chunk)).decode())
+                break
+            if chunk.text:
+                yield choice(chunk.text, None)
+            chunk = await rest.__anext__()
+    except StopAsyncIteration:
+        pass
+    except TroupeError as exc:
+        yield error_event_data(as_troupe_error(exc), request_id, openai=True)
+    finally:
+        await rest.aclose()
+    yield "[DONE]"
+

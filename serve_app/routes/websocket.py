@@ -1,0 +1,256 @@
+"""WebSocket ``/ws``: many streamed requests per socket, each ending in one terminal message.
+
+Client -> server: ``auth``, ``inference`` (with ``id``), ``cancel`` (``id``), ``ping``.
+Server -> client: ``auth.ok``, ``token``, ``complete`` (usage, finish reason, cost),
+``error`` (with ``id`` when the failure belongs to a request), ``pong``.
+
+Every accepted ``inference`` id ends in exactly one ``complete`` or ``error``. ``cancel``
+ends it with ``complete`` and ``finish_reason: "cancelled"``; a closed socket cancels all
+of them. Cancelling closes the gateway's stream, which cancels the model deployment's
+generator, which aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+import orjson
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from serve_app.core import GatewayCore
+from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.http import request_id_of_scope
+from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
+from serve_app.protocol.openai import unknown_fields
+
+__all__ = ["build_ws_router", "WebSocketSession"]
+
+logger = logging.getLogger("troupe.ws")
+
+MAX_MESSAGE_BYTES = 1024 * 1024
+MAX_IN_FLIGHT = 64
+
+
+def _error_message(err: TroupeError, request_id: Optional[str], trace_id: str) -> dict[str, Any]:
+    msg: dict[str, Any] = {
+        "type": "error",
+        "error": {"code": err.code, "message": err.message, "details": err.details},
+        "request_id": trace_id,
+    }
+    if request_id is not None:
+        msg["id"] = request_id
+    if err.retry_after_s is not None:
+        msg["error"]["retry_after_s"] = err.retry_after_s
+    return msg
+
+
+class WebSocketSession:
+    """One connected socket: reads messages, runs requests as tasks, writes results."""
+
+    def __init__(self, core: GatewayCore, websocket: WebSocket) -> None:
+        self.core = core
+        self.ws = websocket
+        self.socket_id = request_id_of_scope(websocket.scope)
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.cancel_requested: set[str] = set()
+        self.closed = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            await self.ws.send_text(orjson.dumps(message).decode())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.closed = True
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                if raw is None:
+                    raw = message.get("bytes") or b""
+                await self.dispatch(raw)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.closed = True
+            await self.cancel_all()
+
+    async def cancel_all(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    def error(self, err: TroupeError, request_id: Optional[str] = None) -> dict[str, Any]:
+        return _error_message(err, request_id, self.socket_id)
+
+    async def dispatch(self, raw: str | bytes) -> None:
+        if len(raw) > MAX_MESSAGE_BYTES:
+            await self.send(self.error(InvalidRequest(
+                f"Message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit."
+            )))
+            return
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await self.send(self.error(InvalidRequest(
+                f"Messages must be JSON objects. Example: {WS_EXAMPLE}"
+            )))
+            return
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            await self.send(self.error(InvalidRequest(
+                "Every message needs a string 'type': one of auth, inference, cancel, ping. "
+                f"Example: {WS_EXAMPLE}"
+            ), data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), str) else None))
+            return
+        kind = data["type"]
+        if kind == "ping":
+            await self.send({"type": "pong", "ts": data.get("ts", time.time())})
+        elif kind == "auth":
+            # Auth is off in this build (policies come with API keys); acknowledge so
+            # clients written for an auth-on gateway work unchanged.
+            await self.send({"type": "auth.ok", "auth": "disabled"})
+        elif kind == "inference":
+            await self.start_inference(data)
+        elif kind == "cancel":
+            await self.cancel(data)
+        else:
+            await self.send(self.error(InvalidRequest(
+                f"Unknown message type {kind!r}. Send one of: auth, inference, cancel, ping."
+            ), data.get("id") if isinstance(data.get("id"), str) else None))
+
+    async def start_inference(self, data: dict[str, Any]) -> None:
+        raw_id = data.get("id")
+        request_id = raw_id if isinstance(raw_id, str) and raw_id else None
+        try:
+            body = WSInference.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "message"
+            await self.send(self.error(InvalidRequest(
+                f"Invalid inference message: {where}: {first['msg']}. Example: {WS_EXAMPLE}",
+                param=where,
+            ), request_id))
+            return
+        if body.id in self.tasks:
+            await self.send(self.error(InvalidRequest(
+                f"A request with id {body.id!r} is already in flight on this socket; "
+                "use a new id for each request."
+            ), body.id))
+            return
+        if len(self.tasks) >= MAX_IN_FLIGHT:
+            await self.send(self.error(InvalidRequest(
+                f"At most {MAX_IN_FLIGHT} requests may be in flight on one socket."
+            ), body.id))
+            return
+        try:
+            model = self.core.resolve(body.model)
+        except TroupeError as err:
+            await self.send(self.error(err, body.id))
+            return
+        self.core.note_unknown_fields("/ws", [n for n in unknown_fields(body) if n != "type"])
+        task = asyncio.create_task(self.run_inference(body, model.pricing))
+        self.tasks[body.id] = task
+        task.add_done_callback(lambda _t, rid=body.id: self.tasks.pop(rid, None))
+
+    async def cancel(self, data: dict[str, Any]) -> None:
+        try:
+            msg = WSCancel.model_validate(data)
+        except ValidationError:
+            await self.send(self.error(InvalidRequest(
+                'A cancel message needs the "id" of a request in flight: '
+                '{"type": "cancel", "id": "r1"}'
+            )))
+            return
+        task = self.tasks.get(msg.id)
+        if task is None:
+            return  # already finished (its terminal message was sent): cancel is idempotent
+        self.cancel_requested.add(msg.id)
+        task.cancel()
+
+    async def run_inference(self, body: WSInference, pricing) -> None:
+        rid = body.id
+        started = time.perf_counter()
+        first_token_at: Optional[float] = None
+        completion = 0
+        prompt_tokens = 0
+        index = 0
+        gen = self.core.build_request(
+            f"{self.socket_id}:{rid}",
+            messages=body.messages,
+            prompt=body.prompt,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stop_tuple(),
+        )
+        stream = self.core.stream(body.model, gen)
+        finish: Optional[str] = None
+        try:
+            async for chunk in stream:
+                completion += chunk.num_tokens
+                prompt_tokens = chunk.prompt_tokens
+                if chunk.text:
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    await self.send({"type": "token", "id": rid, "token": chunk.text, "index": index})
+                index += chunk.num_tokens
+                if chunk.finish_reason is not None:
+                    finish = chunk.finish_reason
+                    completion = chunk.completion_tokens
+        except asyncio.CancelledError:
+            await stream.aclose()
+            if rid not in self.cancel_requested:
+                raise  # the socket closed: nobody to tell
+            self.cancel_requested.discard(rid)
+            finish = "cancelled"
+        except TroupeError as exc:
+            await self.send(self.error(as_troupe_error(exc), rid))
+            return
+        except Exception as exc:  # never leave an id without a terminal message
+            logger.exception("websocket request %s failed", rid)
+            await self.send(self.error(as_troupe_error(exc), rid))
+            return
+        finally:
+            await stream.aclose()
+        ended = time.perf_counter()
+        await self.send(
+            {
+                "type": "complete",
+                "id": rid,
+                "model": body.model,
+                "finish_reason": finish or "cancelled",
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt_tokens + completion,
+                },
+                "cost_usd": pricing.cost(prompt_tokens, completion),
+                "latency_ms": {
+                    "ttft": None if first_token_at is None
+                    else round((first_token_at - started) * 1000, 3),
+                    "total": round((ended - started) * 1000, 3),
+                },
+            }
+        )
+
+
+def build_ws_router(core: GatewayCore) -> APIRouter:
+    router = APIRouter()
+
+    @router.websocket("/ws")
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        await WebSocketSession(core, websocket).run()
+
+    return router
