@@ -53,8 +53,8 @@ class LLMDeployment:
         await self._ensure_started()
 
     def _limit(self, request: GenerationRequest) -> GenerationRequest:
-        if request.sampling.max_tokens is None:
-            request.sampling.max_tokens = self.model.default_max_tokens
+        if request.sampling.default_max_tokens is None:
+            request.sampling.default_max_tokens = self.model.default_max_tokens
         return request
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TextChunk]:

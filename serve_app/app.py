@@ -74,6 +74,15 @@ def model_deployment(model: ModelConfig):
 
     TextModel.__name__ = TextModel.__qualname__ = "TextModel"
     options = model.deployment.to_serve()
+    engine = model.engine
+    if engine.type == "vllm" and engine.tensor_parallel_size > 1 and "placement_group_bundles" not in options:
+        # vLLM's Ray workers take the GPUs from the replica's placement group (one bundle
+        # per shard, packed on one node); the replica actor itself then holds no GPU.
+        from deployments.engines.vllm_engine import placement_bundles
+
+        options["placement_group_bundles"] = placement_bundles(engine)
+        options["placement_group_strategy"] = "STRICT_PACK"
+        options["ray_actor_options"] = {**options["ray_actor_options"], "num_gpus": 0}
     return serve.deployment(TextModel).options(name=model.deployment_name, **options)
 
 

@@ -66,6 +66,10 @@ class MockEngineConfig(_Strict):
     ignore_eos: bool = Field(
         False, description="Always generate max_tokens (benchmarks use this for fixed lengths)."
     )
+    fail_after_tokens: Optional[int] = Field(
+        None, ge=0,
+        description="Raise an engine error after this many tokens (tests of mid-stream errors).",
+    )
 
 
 class TransformersEngineConfig(_Strict):

@@ -52,11 +52,14 @@ def new_request_id() -> str:
 
 
 class RequestIdMiddleware:
-    """Pure ASGI middleware: every response carries ``x-request-id``.
+    """Pure ASGI middleware: every request has an id and every response carries it.
 
-    A client's ``X-Client-Request-Id`` is echoed back alongside (never used as ours, so
-    ids stay unique). Pure ASGI rather than BaseHTTPMiddleware, which would buffer
-    streams and break cancellation.
+    Under Serve, the proxy already assigned the id (the ``x-request-id`` request header,
+    also used in Serve's own logs) and adds the response header itself, so we adopt it.
+    Without a proxy (tests, plain uvicorn) we generate one and add the header. A
+    client's ``X-Client-Request-Id`` is echoed back alongside, never used as ours.
+    Pure ASGI rather than BaseHTTPMiddleware, which would buffer streams and break
+    cancellation.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -66,16 +69,21 @@ class RequestIdMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request_id = new_request_id()
+        upstream_id: Optional[bytes] = None
         client_id: Optional[bytes] = None
         for name, value in scope.get("headers", ()):
-            if name == b"x-client-request-id":
+            if name == b"x-request-id":
+                upstream_id = value[:128]
+            elif name == b"x-client-request-id":
                 client_id = value[:128]
-                break
+        request_id = upstream_id.decode("latin-1") if upstream_id else new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
-        extra = [(b"x-request-id", request_id.encode())]
+        extra = [] if upstream_id else [(b"x-request-id", request_id.encode())]
         if client_id is not None:
             extra.append((b"x-client-request-id", client_id))
+        if not extra:
+            await self.app(scope, receive, send)
+            return
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -94,7 +94,7 @@ class MockTextEngine:
                 param="max_tokens",
                 details={"context_length": self.context_length, "prompt_tokens": prompt_tokens},
             )
-        limit = sp.max_tokens if sp.max_tokens is not None else room
+        limit = sp.output_limit(room)
         digest = _digest(prompt, sp.seed, sp.temperature)
         cfg = self.config
         span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)
@@ -142,6 +142,11 @@ class MockTextEngine:
                 if ready <= sent:
                     await asyncio.sleep(start + first + sent * step - now)
                     continue
+                fail_at = self.config.fail_after_tokens
+                if fail_at is not None and ready > fail_at:
+                    if fail_at > sent:
+                        yield EngineOutput("".join(tokens[sent:fail_at]), fail_at - sent, prompt_tokens)
+                    raise RuntimeError(f"mock engine failure after {fail_at} tokens (configured)")
                 done = ready == total
                 yield EngineOutput(
                     "".join(tokens[sent:ready]),

@@ -36,13 +36,27 @@ class ChatMessage:
 
 @dataclass(slots=True)
 class SamplingParams:
-    """Sampling controls common to every text engine."""
+    """Sampling controls common to every text engine.
+
+    ``max_tokens`` is what the client asked for (an error if it does not fit the
+    context). When it is None the engine generates up to ``default_max_tokens`` (the
+    model's configured default), capped by the room the prompt leaves in the context.
+    """
 
     max_tokens: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
+    default_max_tokens: Optional[int] = None
+
+    def output_limit(self, room: int) -> int:
+        """Tokens to generate given ``room`` left in the context (after validation)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        if self.default_max_tokens is not None:
+            return min(room, self.default_max_tokens)
+        return room
 
 
 @dataclass(slots=True)

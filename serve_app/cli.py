@@ -1,0 +1,143 @@
+"""The ``troupe`` command: run, validate.
+
+``troupe run CONFIG`` validates the config, starts ``serve run CONFIG`` as a child
+process, waits until ``/health`` answers, and prints the URL and an example request.
+Ctrl-C (or SIGTERM) is passed on to ``serve run``, which shuts Serve and Ray down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from serve_app.config import ConfigError, TroupeSettings, load_settings
+
+__all__ = ["main"]
+
+
+def _read_serve_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict) or not data.get("applications"):
+        raise ConfigError(f"{path} is not a Serve config: it has no 'applications' list")
+    return data
+
+
+def validate(path: Path) -> list[TroupeSettings]:
+    """Validate every Troupe application in a Serve config file."""
+    data = _read_serve_config(path)
+    out = []
+    for i, app in enumerate(data["applications"]):
+        if app.get("import_path", "").startswith("serve_app.app:"):
+            try:
+                out.append(load_settings(app.get("args") or {}))
+            except ConfigError as exc:
+                raise ConfigError(f"applications.{i}.args: {exc}") from None
+    return out
+
+
+def _wait_healthy(url: str, child: subprocess.Popen, timeout_s: float) -> Optional[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and child.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 503:  # up, but a model is still loading
+                pass
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(1)
+    return None
+
+
+def _banner(url: str, health: dict) -> str:
+    model = health["models"][0]["id"] if health.get("models") else "MODEL"
+    return f"""
+  Troupe is up: {url}
+    models : {', '.join(m['id'] for m in health.get('models', []))}
+    health : curl {url}/health
+    chat   : curl {url}/v1/chat/completions -H 'content-type: application/json' \\
+               -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32}}'
+    stream : curl -N {url}/inference/stream -H 'content-type: application/json' \\
+               -d '{{"model": "{model}", "prompt": "Tell me a story", "max_tokens": 48}}'
+    openai : OpenAI(base_url="{url}/v1", api_key="unused")
+    ws     : {url.replace('http', 'ws', 1)}/ws
+  Auth is OFF (loopback only, no keys configured). Ctrl-C stops the gateway.
+"""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    try:
+        validate(path)
+        http = _read_serve_config(path).get("http_options") or {}
+    except ConfigError as exc:
+        print(f"troupe: {exc}", file=sys.stderr)
+        return 2
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    env = dict(os.environ)
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    serve_bin = Path(sys.executable).with_name("serve")
+    print(f"troupe: starting `serve run {path}` (gateway on {url}) ...", flush=True)
+    child = subprocess.Popen([str(serve_bin), "run", str(path)], env=env)
+
+    def forward(signum, _frame):
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    health = _wait_healthy(url, child, args.ready_timeout)
+    if health is not None:
+        print(_banner(url, health), flush=True)
+    elif child.poll() is None:
+        print(f"troupe: {url}/health did not answer within {args.ready_timeout:.0f}s; "
+              "still waiting on serve run", file=sys.stderr, flush=True)
+    return child.wait()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        apps = validate(Path(args.config))
+    except ConfigError as exc:
+        print(f"troupe: {exc}", file=sys.stderr)
+        return 2
+    for settings in apps:
+        for model in settings.models:
+            print(f"ok: model {model.id} ({model.modality}, engine {model.engine.type})")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="troupe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve a config and print the URL when ready")
+    run.add_argument("config", nargs="?", default="config/local.yaml")
+    run.add_argument("--ready-timeout", type=float, default=900.0)
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a Serve config's Troupe settings")
+    val.add_argument("config")
+    val.set_defaults(func=cmd_validate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

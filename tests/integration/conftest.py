@@ -1,0 +1,100 @@
+"""A real Ray Serve app with mock engines on a random loopback port, shared per session.
+
+Ray starts once per test session (``ray.init(address="local")``: never an existing
+cluster); the Troupe app is deployed once and every integration module talks to it
+over HTTP and WebSocket on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+MOCK_MODELS: list[dict[str, Any]] = [
+    {
+        # Natural answers of 64-96 tokens, so a smaller max_tokens always ends in "length".
+        "id": "mock-5ms",
+        "engine": {"type": "mock", "token_delay_ms": 5, "min_output_tokens": 64,
+                   "max_output_tokens": 96},
+        "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.1}},
+        "pricing": {"input_usd_per_million": 0.5, "output_usd_per_million": 1.5},
+    },
+    {
+        # Long answers, slow tokens: requests are still running when a test cancels them.
+        "id": "mock-slow",
+        "engine": {"type": "mock", "token_delay_ms": 40, "min_output_tokens": 400,
+                   "max_output_tokens": 500},
+        "default_max_tokens": 500,
+        "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.1}},
+    },
+    {
+        "id": "mock-fail",
+        "engine": {"type": "mock", "token_delay_ms": 2, "fail_after_tokens": 3,
+                   "min_output_tokens": 20, "max_output_tokens": 20},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}},
+    },
+    {
+        "id": "mock-small-ctx",
+        "engine": {"type": "mock", "token_delay_ms": 1, "context_length": 32},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}},
+    },
+]
+
+APP_ARGS: dict[str, Any] = {
+    "models": MOCK_MODELS,
+    "gateway": {"ray_actor_options": {"num_cpus": 0.2}, "max_body_bytes": 65536},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_instance() -> Iterator[int]:
+    """Ray (local, private) + Serve's proxy on a random free port."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_instance: int) -> str:
+    """The Troupe app with the mock models, deployed once."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    serve.run(build_app(APP_ARGS), name="troupe", route_prefix="/")
+    url = f"http://127.0.0.1:{serve_instance}"
+    r = httpx.get(url + "/health", timeout=30)
+    assert r.status_code == 200, r.text
+    return url
+
+
+@pytest.fixture()
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        yield client
+
+
+def engine_active(client: httpx.Client, model_id: str) -> int:
+    """Engine-side active requests of one model, as /health reports them."""
+    body = client.get("/health").json()
+    for model in body["models"]:
+        if model["id"] == model_id:
+            return model["active_requests"]
+    raise KeyError(model_id)
