@@ -105,16 +105,20 @@ class LLMDeployment:
     async def complete(self, request: GenerationRequest) -> TextChunk:
         """Run to completion; returns one chunk with the whole text and usage."""
         parts: list[str] = []
-        async for chunk in self.stream(request):
-            parts.append(chunk.text)
-            if chunk.finish_reason is not None:
-                return TextChunk(
-                    "".join(parts),
-                    chunk.completion_tokens,
-                    chunk.finish_reason,
-                    chunk.prompt_tokens,
-                    chunk.completion_tokens,
-                )
+        stream = self.stream(request)
+        try:
+            async for chunk in stream:
+                parts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    return TextChunk(
+                        "".join(parts),
+                        chunk.completion_tokens,
+                        chunk.finish_reason,
+                        chunk.prompt_tokens,
+                        chunk.completion_tokens,
+                    )
+        finally:
+            await stream.aclose()
         raise InferenceFailed("stream ended without a final chunk")  # stream() raises first
 
     def stats(self) -> dict[str, Any]:

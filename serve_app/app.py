@@ -25,8 +25,12 @@ __all__ = ["build_app", "build_fastapi_app", "Gateway", "model_deployment"]
 logger = logging.getLogger("troupe.app")
 
 
-def build_fastapi_app(core: GatewayCore) -> Any:
-    """The gateway's ASGI app over one core (also usable without Serve, e.g. in tests)."""
+def build_fastapi_app(core: GatewayCore, behind_serve_proxy: bool = False) -> Any:
+    """The gateway's ASGI app over one core (also usable without Serve, e.g. in tests).
+
+    ``behind_serve_proxy``: adopt the request id Serve's proxy assigned (it also puts it
+    on the response); without the proxy the app generates and sets its own.
+    """
     app = FastAPI(
         title="Troupe",
         version=VERSION,
@@ -39,7 +43,7 @@ def build_fastapi_app(core: GatewayCore) -> Any:
     app.include_router(build_native_router(core))
     app.include_router(build_ws_router(core))
     # Outermost, so even errors answered by Starlette's last-resort handler carry the id.
-    return RequestIdMiddleware(app)
+    return RequestIdMiddleware(app, trust_upstream_id=behind_serve_proxy)
 
 
 class Gateway:
@@ -55,7 +59,7 @@ class Gateway:
         self.core = GatewayCore(TroupeSettings.model_validate(settings), handles)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_fastapi_app(self.core)
+        return build_fastapi_app(self.core, behind_serve_proxy=True)
 
 
 def model_deployment(model: ModelConfig):

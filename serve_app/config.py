@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError",
@@ -283,14 +283,15 @@ class TroupeSettings(_Strict):
         True, description="Log request fields Troupe does not know (they are ignored)."
     )
 
-    @model_validator(mode="after")
-    def _unique_ids(self) -> "TroupeSettings":
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
         seen: set[str] = set()
-        for model in self.models:
+        for model in models:
             if model.id in seen:
-                raise ValueError(f"duplicate model id {model.id!r}")
+                raise ValueError(f"duplicate model id {model.id!r}: model ids must be unique")
             seen.add(model.id)
-        return self
+        return models
 
     def model(self, model_id: str) -> Optional[ModelConfig]:
         for model in self.models:

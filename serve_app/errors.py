@@ -28,6 +28,7 @@ class pickles with its keyword fields intact.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Optional
 
@@ -87,7 +88,8 @@ class TroupeError(Exception):
         """Extra response headers this error implies (``Retry-After``)."""
         if self.retry_after_s is None:
             return {}
-        return {"Retry-After": str(max(1, int(round(self.retry_after_s))))}
+        # Round up: a client that obeys a rounded-down delay retries too early.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 def _rebuild_error(cls, message, param, details, retry_after_s, status):

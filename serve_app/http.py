@@ -62,8 +62,9 @@ class RequestIdMiddleware:
     cancellation.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, trust_upstream_id: bool = False) -> None:
         self.app = app
+        self.trust_upstream_id = trust_upstream_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -72,7 +73,7 @@ class RequestIdMiddleware:
         upstream_id: Optional[bytes] = None
         client_id: Optional[bytes] = None
         for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
+            if name == b"x-request-id" and self.trust_upstream_id:
                 upstream_id = value[:128]
             elif name == b"x-client-request-id":
                 client_id = value[:128]
@@ -170,13 +171,17 @@ def is_openai_path(scope: Scope) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
-def error_response(err: TroupeError, scope: Scope) -> JSONResponse:
+def error_response(
+    err: TroupeError, scope: Scope, extra_headers: Optional[dict[str, str]] = None
+) -> JSONResponse:
     request_id = scope.get("state", {}).get("request_id")
     body = (
         openai_error_body(err, request_id) if is_openai_path(scope)
         else native_error_body(err, request_id)
     )
-    return JSONResponse(body, status_code=err.status, headers=err.headers())
+    return JSONResponse(
+        body, status_code=err.status, headers={**err.headers(), **(extra_headers or {})}
+    )
 
 
 def error_event_data(err: TroupeError, request_id: Optional[str], openai: bool) -> str:
@@ -207,10 +212,13 @@ def install_error_handlers(app: FastAPI) -> None:
                 "/inference, /inference/stream and /ws."
             )
         elif exc.status_code == 405:
+            allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow")
             err = MethodNotAllowed(
-                f"{request.method} is not allowed on {request.url.path}.",
-                details={"allow": exc.headers.get("allow") if exc.headers else None},
+                f"{request.method} is not allowed on {request.url.path}"
+                + (f"; use {allow}." if allow else "."),
+                details={"allow": allow},
             )
+            return error_response(err, request.scope, {"Allow": allow} if allow else None)
         elif 400 <= exc.status_code < 500:
             err = InvalidRequest(str(exc.detail))
             err.status = exc.status_code

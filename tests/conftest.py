@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
+
+import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,3 +26,28 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         time.sleep(interval)
         last = predicate()
     return last
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_instance() -> Iterator[int]:
+    """A private local Ray (never an existing cluster) + Serve's proxy on a random port.
+
+    Shared by the whole session: each test module deploys its own application on it.
+    """
+    import ray
+    from ray import serve
+
+    ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -57,6 +57,21 @@ def mock_completion_tokens(
     return tokens
 
 
+def _cut_tokens(tokens: list[str], keep_chars: int) -> list[str]:
+    """Keep the first ``keep_chars`` characters of the joined tokens, token by token.
+
+    The stop string may span several tokens; every token that produced text before it is
+    kept (the last one cut), and every token generated counts as generated.
+    """
+    out: list[str] = []
+    used = 0
+    for tok in tokens:
+        take = max(0, min(len(tok), keep_chars - used))
+        out.append(tok[:take])
+        used += take
+    return out
+
+
 class MockTextEngine:
     """See the module docstring."""
 
@@ -110,8 +125,7 @@ class MockTextEngine:
                 text += tok
                 hit = min((p for p in (text.find(s) for s in sp.stop) if p >= 0), default=-1)
                 if hit >= 0:
-                    # Keep the tokens before the stop string; the cut token keeps its prefix.
-                    tokens = tokens[:i] + [tok[: len(tok) - (len(text) - hit)]]
+                    tokens = _cut_tokens(tokens[: i + 1], hit)
                     finish = "stop"
                     break
         return prompt_tokens, tokens, finish
@@ -138,7 +152,12 @@ class MockTextEngine:
                     yield EngineOutput("", 0, prompt_tokens, "abort")
                     return
                 now = time.monotonic()
-                ready = total if step == 0 else min(total, math.floor((now - start - first) / step) + 1)
+                if now < start + first:
+                    ready = 0
+                elif step == 0:
+                    ready = total
+                else:
+                    ready = min(total, math.floor((now - start - first) / step) + 1)
                 if ready <= sent:
                     await asyncio.sleep(start + first + sent * step - now)
                     continue

