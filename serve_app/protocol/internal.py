@@ -97,3 +97,11 @@ class TextChunk:
     finish_reason: Optional[WireFinishReason] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def usage(self) -> dict[str, int]:
+        """OpenAI-style usage of a final chunk."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }

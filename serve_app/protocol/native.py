@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.protocol.openai import ChatMessageIn
+from serve_app.protocol.openai import ChatMessageIn, check_stop, stop_tuple
 
 __all__ = ["InferenceRequest", "WSInference", "WSCancel", "INFERENCE_EXAMPLE", "WS_EXAMPLE"]
 
@@ -39,17 +39,11 @@ class InferenceRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _stop(cls, value):
-        if isinstance(value, list) and (len(value) > 4 or any(not s for s in value)):
-            raise ValueError("stop takes at most 4 non-empty strings")
-        if value == "":
-            raise ValueError("stop must be a non-empty string")
-        return value
+    def _valid_stop(cls, value):
+        return check_stop(value)
 
     def stop_tuple(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_tuple(self.stop)
 
 
 class WSInference(InferenceRequest):

@@ -19,6 +19,9 @@ __all__ = [
     "CompletionRequest",
     "CHAT_EXAMPLE",
     "COMPLETION_EXAMPLE",
+    "check_stop",
+    "stop_tuple",
+    "unknown_fields",
 ]
 
 CHAT_EXAMPLE = (
@@ -74,7 +77,15 @@ class StreamOptions(_Lenient):
 _Stop = Union[str, list[str], None]
 
 
-def _check_stop(value: _Stop) -> _Stop:
+def stop_tuple(value: _Stop) -> tuple[str, ...]:
+    """``stop`` as a tuple (it may be absent, one string, or a list)."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def check_stop(value: _Stop) -> _Stop:
+    """At most 4 non-empty stop sequences (OpenAI's limit)."""
     if isinstance(value, list):
         if len(value) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
@@ -100,12 +111,10 @@ class _SamplingFields(_Lenient):
     @field_validator("stop")
     @classmethod
     def _valid_stop(cls, value: _Stop) -> _Stop:
-        return _check_stop(value)
+        return check_stop(value)
 
     def stop_tuple(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return stop_tuple(self.stop)
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -146,5 +155,3 @@ def unknown_fields(obj: BaseModel) -> list[str]:
     """Names of request fields Troupe ignores (for the log line)."""
     return sorted((obj.model_extra or {}).keys())
 
-
-__all__ += ["unknown_fields"]

@@ -20,14 +20,6 @@ from serve_app.routes.openai_api import SSE_PING_S, peek_stream
 __all__ = ["build_native_router"]
 
 
-def _usage(chunk: TextChunk) -> dict[str, int]:
-    return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-    }
-
-
 def build_native_router(core: GatewayCore) -> APIRouter:
     router = APIRouter()
     max_body = core.settings.gateway.max_body_bytes
@@ -123,7 +115,7 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                 "model": body.model,
                 "text": result.text,
                 "finish_reason": result.finish_reason,
-                "usage": _usage(result),
+                "usage": result.usage(),
                 "request_id": request_id,
             }
         )
@@ -157,7 +149,7 @@ async def _native_events(
             index += chunk.num_tokens
             if chunk.finish_reason is not None:
                 yield orjson.dumps(
-                    {"done": True, "finish_reason": chunk.finish_reason, "usage": _usage(chunk)}
+                    {"done": True, "finish_reason": chunk.finish_reason, "usage": chunk.usage()}
                 ).decode()
                 return
             chunk = await rest.__anext__()

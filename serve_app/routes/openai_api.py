@@ -43,14 +43,6 @@ async def peek_stream(
     return first, chunks
 
 
-def _usage(chunk: TextChunk) -> dict[str, int]:
-    return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-    }
-
-
 def _finish(reason: Optional[str]) -> Optional[str]:
     # OpenAI has no "cancelled"; a cancelled HTTP stream has no reader left anyway.
     return reason
@@ -115,7 +107,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                         "finish_reason": _finish(result.finish_reason),
                     }
                 ],
-                "usage": _usage(result),
+                "usage": result.usage(),
             }
         )
 
@@ -160,7 +152,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                         "finish_reason": _finish(result.finish_reason),
                     }
                 ],
-                "usage": _usage(result),
+                "usage": result.usage(),
             }
         )
 
@@ -202,7 +194,7 @@ async def _chat_events(
             if chunk.finish_reason is not None:
                 yield choice("{}", _finish(chunk.finish_reason))
                 if include_usage:
-                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(_usage(chunk)).decode())
+                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(chunk.usage()).decode())
                 break
             chunk = await rest.__anext__()
     except StopAsyncIteration:
@@ -243,7 +235,7 @@ async def _completion_events(
             if chunk.finish_reason is not None:
                 yield choice(chunk.text, _finish(chunk.finish_reason))
                 if include_usage:
-                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(_usage(chunk)).decode())
+                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(chunk.usage()).decode())
                 break
             if chunk.text:
                 yield choice(chunk.text, None)

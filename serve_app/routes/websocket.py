@@ -161,7 +161,11 @@ class WebSocketSession:
         self.core.note_unknown_fields("/ws", [n for n in unknown_fields(body) if n != "type"])
         task = asyncio.create_task(self.run_inference(body, model.pricing))
         self.tasks[body.id] = task
-        task.add_done_callback(lambda _t, rid=body.id: self.tasks.pop(rid, None))
+        task.add_done_callback(lambda _t, rid=body.id: self._forget(rid))
+
+    def _forget(self, rid: str) -> None:
+        self.tasks.pop(rid, None)
+        self.cancel_requested.discard(rid)  # a cancel that raced with completion
 
     async def cancel(self, data: dict[str, Any]) -> None:
         try:

@@ -1,0 +1,59 @@
+"""The public modules import cleanly, export what __all__ says, and stay light."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+PUBLIC = [
+    "serve_app.config",
+    "serve_app.errors",
+    "serve_app.core",
+    "serve_app.http",
+    "serve_app.app",
+    "serve_app.cli",
+    "serve_app.protocol.internal",
+    "serve_app.protocol.openai",
+    "serve_app.protocol.native",
+    "serve_app.routes.openai_api",
+    "serve_app.routes.native",
+    "serve_app.routes.websocket",
+    "deployments.llm",
+    "deployments.engines.base",
+    "deployments.engines.mock",
+    "deployments.engines.vllm_engine",
+    "deployments.engines.transformers_cpu",
+]
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_module_exports_what_all_says(name: str) -> None:
+    module = importlib.import_module(name)
+    assert module.__all__, name
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names missing attributes: {missing}"
+
+
+def test_gateway_and_mock_path_import_neither_torch_nor_vllm_nor_ray() -> None:
+    code = (
+        "import sys\n"
+        "import serve_app.app, serve_app.core, deployments.llm, deployments.engines.mock\n"
+        "import deployments.engines.vllm_engine\n"
+        "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_protocol_modules_import_neither_ray_nor_torch() -> None:
+    code = (
+        "import sys\n"
+        "import serve_app.protocol.internal, serve_app.protocol.openai, serve_app.protocol.native\n"
+        "import serve_app.config, serve_app.errors\n"
+        "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
