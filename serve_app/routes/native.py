@@ -7,7 +7,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from serve_app.core import VERSION, GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
@@ -15,7 +15,8 @@ from serve_app.http import JSONResponse, error_event_data, parse_body, read_json
 from serve_app.protocol.internal import TextChunk
 from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest
 from serve_app.protocol.openai import unknown_fields
-from serve_app.routes.openai_api import SSE_PING_S, peek_stream
+from serve_app.routes.openai_api import peek_stream
+from serve_app.sse import SSEResponse
 
 __all__ = ["build_native_router"]
 
@@ -121,13 +122,11 @@ def build_native_router(core: GatewayCore) -> APIRouter:
         )
 
     @router.post("/inference/stream")
-    async def inference_stream(request: Request) -> EventSourceResponse:
+    async def inference_stream(request: Request) -> SSEResponse:
         body = await _parse(request)
         request_id = request_id_of(request)
         first, rest = await peek_stream(core.stream(body.model, _request(body, request_id)))
-        return EventSourceResponse(
-            _native_events(first, rest, request_id), ping=SSE_PING_S, sep="\n"
-        )
+        return SSEResponse(_native_events(first, rest, request_id))
 
     return router
 

@@ -11,12 +11,12 @@ from typing import Any, AsyncIterator, Optional
 
 import orjson
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
 
 from serve_app.core import GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
 from serve_app.protocol.internal import TextChunk
+from serve_app.sse import SSEResponse
 from serve_app.protocol.openai import (
     CHAT_EXAMPLE,
     COMPLETION_EXAMPLE,
@@ -25,10 +25,7 @@ from serve_app.protocol.openai import (
     unknown_fields,
 )
 
-__all__ = ["build_openai_router", "peek_stream", "SSE_PING_S"]
-
-#: Comment lines keep idle SSE connections open through proxies; clients ignore them.
-SSE_PING_S = 15
+__all__ = ["build_openai_router", "peek_stream"]
 
 
 async def peek_stream(
@@ -91,7 +88,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         now = int(time.time())
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen))
-            return _sse(_chat_events(completion_id, now, body, first, rest, request_id))
+            return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id))
         result = await core.complete(body.model, gen)
         return JSONResponse(
             {
@@ -136,7 +133,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         echo = body.prompt if body.echo else ""
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen))
-            return _sse(_completion_events(completion_id, now, body, first, rest, request_id, echo))
+            return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo))
         result = await core.complete(body.model, gen)
         return JSONResponse(
             {
@@ -157,10 +154,6 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         )
 
     return router
-
-
-def _sse(events: AsyncIterator[Any]) -> EventSourceResponse:
-    return EventSourceResponse(events, ping=SSE_PING_S, sep="\n")
 
 
 async def _chat_events(
@@ -189,10 +182,13 @@ async def _chat_events(
     try:
         yield choice('{"role":"assistant","content":""}', None)
         while True:
+            finish = _finish(chunk.finish_reason)
             if chunk.text:
-                yield choice('{"content":%s}' % orjson.dumps(chunk.text).decode(), None)
-            if chunk.finish_reason is not None:
-                yield choice("{}", _finish(chunk.finish_reason))
+                # The last text rides with the finish reason (one message fewer per stream).
+                yield choice('{"content":%s}' % orjson.dumps(chunk.text).decode(), finish)
+            elif finish is not None:
+                yield choice("{}", finish)
+            if finish is not None:
                 if include_usage:
                     yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(chunk.usage()).decode())
                 break
