@@ -96,11 +96,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     serve_bin = Path(sys.executable).with_name("serve")
     print(f"troupe: starting `serve run {path}` (gateway on {url}) ...", flush=True)
-    child = subprocess.Popen([str(serve_bin), "run", str(path)], env=env)
+    # `serve run` gets its own session, so a terminal's Ctrl-C reaches it once (through
+    # us), and SIGINT restored to the default: a shell starts background jobs with SIGINT
+    # ignored, and Python would then never raise KeyboardInterrupt, which is how
+    # `serve run` shuts Serve and Ray down cleanly.
+    child = subprocess.Popen(
+        [str(serve_bin), "run", str(path)],
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
     def forward(signum, _frame):
+        # Both Ctrl-C and SIGTERM become SIGINT: `serve run` cleans up on KeyboardInterrupt,
+        # while Ray's own SIGTERM handler exits without shutting Serve down.
         if child.poll() is None:
-            child.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+            child.send_signal(signal.SIGINT)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
