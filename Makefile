@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models run test test-fast bench clean help
+.PHONY: install install-dev models system-test-deps run test test-fast bench clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
@@ -43,7 +43,22 @@ models: $(VENV)/.installed
 run: install models
 	$(BIN)/troupe run $(CONFIG)
 
-test: install-dev models
+# System packages the tests need: a PostgreSQL server (the store's tests start a private
+# one on a random port) and promtool (checks /metrics). Installed only when missing; the
+# Debian package's default cluster on :5432 is not created.
+system-test-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v promtool >/dev/null; then \
+	  set -e; \
+	  mkdir -p /etc/postgresql-common/createcluster.d; \
+	  echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/troupe.conf; \
+	  made_policy=0; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1; fi; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 prometheus; \
+	  if [ $$made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	fi
+
+test: install-dev models system-test-deps
 	$(BIN)/python -m pytest tests -p no:cacheprovider -q -rs --durations=25
 
 test-fast: install-dev
