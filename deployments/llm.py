@@ -63,6 +63,10 @@ class LLMDeployment:
         Cancelling the caller (a disconnected client, a WebSocket ``cancel``) closes
         this generator, which closes the engine's stream and aborts the request.
         """
+        queue_ms = (
+            max(0.0, (time.time() - request.dispatched_at) * 1000.0)
+            if request.dispatched_at else None
+        )
         await self._ensure_started()
         self._limit(request)
         self._served += 1
@@ -74,16 +78,20 @@ class LLMDeployment:
                 completion += out.num_tokens
                 prompt_tokens = out.prompt_tokens
                 if out.finish_reason is None:
-                    yield TextChunk(out.text, out.num_tokens, None, out.prompt_tokens)
-                    continue
-                yield TextChunk(
-                    out.text,
-                    out.num_tokens,
-                    _WIRE_FINISH[out.finish_reason],
-                    prompt_tokens,
-                    completion,
-                )
-                return
+                    chunk = TextChunk(out.text, out.num_tokens, None, out.prompt_tokens)
+                else:
+                    chunk = TextChunk(
+                        out.text,
+                        out.num_tokens,
+                        _WIRE_FINISH[out.finish_reason],
+                        prompt_tokens,
+                        completion,
+                    )
+                if queue_ms is not None:
+                    chunk.queue_ms, queue_ms = queue_ms, None
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
             raise InferenceFailed(
                 f"The engine for model {self.model.id!r} ended the stream without a finish "
                 "reason. This is a server bug; retry the request."

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from serve_app.config import ModelConfig, TroupeSettings
 from serve_app.errors import (
@@ -22,12 +22,14 @@ from serve_app.errors import (
     TroupeError,
     as_troupe_error,
 )
+from serve_app.metering import RequestInfo, RequestMeter
 from serve_app.protocol.internal import (
     ChatMessage,
     GenerationRequest,
     SamplingParams,
     TextChunk,
 )
+from serve_app.protocol.metrics import RequestEvent
 
 __all__ = ["GatewayCore", "VERSION"]
 
@@ -80,8 +82,15 @@ class GatewayCore:
             with the same ``.stream``/``.complete``/``.stats`` ``remote`` surface).
     """
 
-    def __init__(self, settings: TroupeSettings, handles: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        settings: TroupeSettings,
+        handles: dict[str, Any],
+        record: Optional[Callable[[RequestEvent], None]] = None,
+    ) -> None:
         self.settings = settings
+        #: Where finished-request events go (the metrics recorder's O(1) ``record``).
+        self.record = record
         self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
         self._handles = handles
         self._stream_handles = {mid: h.options(stream=True) for mid, h in handles.items()}
@@ -150,31 +159,64 @@ class GatewayCore:
                 param="n",
             )
 
-    async def complete(self, model_id: str, request: GenerationRequest) -> TextChunk:
+    def _dispatch(self, request: GenerationRequest) -> None:
+        request.dispatched_at = time.time()
+
+    def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
+        if self.record is None:
+            return
+        if error is None:
+            self.record(meter.event())
+        else:
+            error.metered = True
+            self.record(meter.event(error.status, error.code))
+
+    def reject(self, route: str, model: str, error: TroupeError, request_id: str) -> None:
+        """Account for a request refused before it reached a model (bad input, 404...)."""
+        if self.record is not None:
+            meter = RequestMeter(request_id, model, RequestInfo(route))
+            self.record(meter.event(error.status, error.code))
+
+    async def complete(
+        self, model_id: str, request: GenerationRequest, info: RequestInfo
+    ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
         self.in_flight += 1
+        meter = RequestMeter(request.request_id, model_id, info)
+        error: Optional[TroupeError] = None
+        self._dispatch(request)
         response = self._handles[model_id].complete.remote(request)
         try:
             async with asyncio.timeout(self.settings.gateway.request_timeout_s):
-                return await response
+                result = await response
+            meter.finished(result)
+            return result
         except TimeoutError:
             response.cancel()
-            raise Timeout(
+            error = Timeout(
                 f"Model {model_id!r} did not finish within "
                 f"{self.settings.gateway.request_timeout_s:.0f}s (total timeout).",
                 details={"phase": "total"},
-            ) from None
+            )
+            raise error from None
         except asyncio.CancelledError:
             response.cancel()  # the client went away: stop the engine work too
             raise
         except Exception as exc:
-            raise _translate(exc, model_id) from None
+            error = _translate(exc, model_id)
+            raise error from None
         finally:
             self.in_flight -= 1
+            self._close_meter(meter, error)
 
-    async def stream(self, model_id: str, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+    async def stream(
+        self, model_id: str, request: GenerationRequest, info: RequestInfo
+    ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
         self.in_flight += 1
+        meter = RequestMeter(request.request_id, model_id, info)
+        error: Optional[TroupeError] = None
+        self._dispatch(request)
         generator = self._stream_handles[model_id].stream.remote(request)
         idle = self.settings.gateway.stream_idle_timeout_s
         finished = False
@@ -191,17 +233,23 @@ class GatewayCore:
                         f"Model {model_id!r} sent nothing for {idle:.0f}s (idle stream timeout).",
                         details={"phase": "idle"},
                     ) from None
+                meter.chunk(chunk)
                 if chunk.finish_reason is not None:
                     finished = True
                 yield chunk
-        except (TroupeError, asyncio.CancelledError, GeneratorExit):
+        except TroupeError as exc:
+            error = exc
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            raise _translate(exc, model_id) from None
+            error = _translate(exc, model_id)
+            raise error from None
         finally:
             self.in_flight -= 1
             if not finished:
                 generator.cancel()
+            self._close_meter(meter, error)
 
     # ------------------------------------------------------------------ health
 

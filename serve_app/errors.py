@@ -60,6 +60,8 @@ class TroupeError(Exception):
     status: int = 500
     code: str = "INTERNAL_ERROR"
     openai_type: str = "server_error"
+    #: Set once the request's failure was reported to metrics (so it is counted once).
+    metered: bool = False
 
     def __init__(
         self,

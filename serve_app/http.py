@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -38,6 +38,7 @@ __all__ = [
     "read_json",
     "parse_body",
     "is_openai_path",
+    "route_label",
     "error_response",
     "error_event_data",
     "install_error_handlers",
@@ -163,6 +164,12 @@ def parse_body(model: type[M], data: Any, example: str) -> M:
         ) from None
 
 
+def route_label(scope: Scope) -> str:
+    """The matched route's template (bounded cardinality), never the raw path."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
 def is_openai_path(scope: Scope) -> bool:
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
@@ -190,12 +197,20 @@ def error_event_data(err: TroupeError, request_id: Optional[str], openai: bool) 
     return orjson.dumps(body).decode()
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every failure to the envelope of the route family, in one place."""
+def install_error_handlers(
+    app: FastAPI, on_rejected: Optional[Callable[[str, TroupeError, str], None]] = None
+) -> None:
+    """Map every failure to the envelope of the route family, in one place.
+
+    ``on_rejected(route, error, request_id)`` is told of errors that no model call has
+    accounted for yet (bad input, unknown model), so metrics count every request once.
+    """
 
     async def on_troupe_error(request: Request, exc: TroupeError) -> Response:
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id_of(request), exc.message)
+        if on_rejected is not None and not exc.metered:
+            on_rejected(route_label(request.scope), as_troupe_error(exc), request_id_of(request))
         return error_response(exc, request.scope)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -67,6 +67,10 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     messages: Optional[list[ChatMessage]] = None
     prompt: Optional[str] = None
+    #: Unix time the gateway sent it (the deployment measures queue wait from it).
+    dispatched_at: float = 0.0
+    #: W3C trace context (``traceparent``/``tracestate``) of the gateway's span.
+    trace_context: Optional[dict[str, str]] = None
 
 
 @dataclass(slots=True)
@@ -97,6 +101,8 @@ class TextChunk:
     finish_reason: Optional[WireFinishReason] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Set on the first chunk only: ms between the gateway's dispatch and the replica start.
+    queue_ms: Optional[float] = None
 
     def usage(self) -> dict[str, int]:
         """OpenAI-style usage of a final chunk."""

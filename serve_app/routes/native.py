@@ -12,6 +12,7 @@ from sse_starlette import ServerSentEvent
 from serve_app.core import VERSION, GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
+from serve_app.metering import RequestInfo
 from serve_app.protocol.internal import TextChunk
 from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest
 from serve_app.protocol.openai import unknown_fields
@@ -109,7 +110,7 @@ def build_native_router(core: GatewayCore) -> APIRouter:
     async def inference(request: Request) -> JSONResponse:
         body = await _parse(request)
         request_id = request_id_of(request)
-        result = await core.complete(body.model, _request(body, request_id))
+        result = await core.complete(body.model, _request(body, request_id), RequestInfo("/inference"))
         return JSONResponse(
             {
                 "id": request_id,
@@ -125,7 +126,9 @@ def build_native_router(core: GatewayCore) -> APIRouter:
     async def inference_stream(request: Request) -> SSEResponse:
         body = await _parse(request)
         request_id = request_id_of(request)
-        first, rest = await peek_stream(core.stream(body.model, _request(body, request_id)))
+        first, rest = await peek_stream(
+            core.stream(body.model, _request(body, request_id), RequestInfo("/inference/stream", True))
+        )
         return SSEResponse(_native_events(first, rest, request_id))
 
     return router

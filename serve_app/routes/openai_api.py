@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from serve_app.core import GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
+from serve_app.metering import RequestInfo
 from serve_app.protocol.internal import TextChunk
 from serve_app.sse import SSEResponse
 from serve_app.protocol.openai import (
@@ -86,10 +87,11 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         )
         completion_id = "chatcmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
+        info = RequestInfo("/v1/chat/completions", stream=bool(body.stream))
         if body.stream:
-            first, rest = await peek_stream(core.stream(body.model, gen))
+            first, rest = await peek_stream(core.stream(body.model, gen, info))
             return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id))
-        result = await core.complete(body.model, gen)
+        result = await core.complete(body.model, gen, info)
         return JSONResponse(
             {
                 "id": completion_id,
@@ -131,10 +133,11 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         completion_id = "cmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
         echo = body.prompt if body.echo else ""
+        info = RequestInfo("/v1/completions", stream=bool(body.stream))
         if body.stream:
-            first, rest = await peek_stream(core.stream(body.model, gen))
+            first, rest = await peek_stream(core.stream(body.model, gen, info))
             return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo))
-        result = await core.complete(body.model, gen)
+        result = await core.complete(body.model, gen, info)
         return JSONResponse(
             {
                 "id": completion_id,

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from serve_app.core import GatewayCore
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
 from serve_app.http import request_id_of_scope
+from serve_app.metering import RequestInfo
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
 
@@ -33,6 +34,7 @@ logger = logging.getLogger("troupe.ws")
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_IN_FLIGHT = 64
+WS_INFO = RequestInfo("/ws", stream=True)
 
 
 def _error_message(err: TroupeError, request_id: Optional[str], trace_id: str) -> dict[str, Any]:
@@ -199,7 +201,7 @@ class WebSocketSession:
             seed=body.seed,
             stop=body.stop_tuple(),
         )
-        stream = self.core.stream(body.model, gen)
+        stream = self.core.stream(body.model, gen, WS_INFO)
         finish: Optional[str] = None
         try:
             async for chunk in stream:

@@ -1,0 +1,104 @@
+"""Per-request measurement at the gateway: what the metrics actor is told about a request.
+
+A :class:`RequestMeter` follows one request through its chunks (a few attribute updates
+per chunk) and turns into one :class:`RequestEvent` when the request ends, however it
+ends: finished, failed, or cancelled (then usage is what was generated so far, which a
+local engine knows exactly).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.metrics import RequestEvent
+
+__all__ = ["RequestInfo", "RequestMeter", "MAX_GAP_SAMPLES"]
+
+#: Inter-token samples kept per request (the histogram needs a sample, not every gap).
+MAX_GAP_SAMPLES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """Who asked, and through which route (set by the route, read by metering)."""
+
+    route: str
+    stream: bool = False
+    key_id: str = "anonymous"
+    tier: str = "default"
+    provider: str = "local"
+
+
+class RequestMeter:
+    """Timings and usage of one request, from the gateway's point of view."""
+
+    __slots__ = (
+        "request_id", "model", "info", "started", "last", "ttft_ms", "gaps",
+        "prompt_tokens", "completion_tokens", "queue_ms", "finish_reason",
+    )
+
+    def __init__(self, request_id: str, model: str, info: RequestInfo) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.info = info
+        self.started = time.perf_counter()
+        self.last: Optional[float] = None
+        self.ttft_ms: Optional[float] = None
+        self.gaps: list[float] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.queue_ms: Optional[float] = None
+        self.finish_reason: Optional[str] = None
+
+    def chunk(self, chunk: TextChunk) -> None:
+        """Account for one chunk as it arrives from the model deployment."""
+        now = time.perf_counter()
+        if chunk.queue_ms is not None:
+            self.queue_ms = chunk.queue_ms
+        if chunk.prompt_tokens:
+            self.prompt_tokens = chunk.prompt_tokens
+        if chunk.num_tokens:
+            if self.last is None:
+                self.ttft_ms = (now - self.started) * 1000.0
+            elif len(self.gaps) < MAX_GAP_SAMPLES:
+                # A delta carrying n tokens stands for n gaps of 1/n of the wait each.
+                per_token = (now - self.last) * 1000.0 / chunk.num_tokens
+                self.gaps.extend([per_token] * min(chunk.num_tokens, MAX_GAP_SAMPLES - len(self.gaps)))
+            self.last = now
+            self.completion_tokens += chunk.num_tokens
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+            self.completion_tokens = chunk.completion_tokens
+            self.prompt_tokens = chunk.prompt_tokens
+
+    def finished(self, chunk: TextChunk) -> None:
+        """A unary result: the whole answer in one chunk, so there is no separate TTFT."""
+        self.chunk(chunk)
+        self.ttft_ms = None
+
+    def event(self, status: int = 200, error_code: Optional[str] = None) -> RequestEvent:
+        finish = self.finish_reason
+        if finish is None and error_code is None:
+            finish = "cancelled"  # ended without a final chunk or an error: the caller left
+        return RequestEvent(
+            event_id=self.request_id,
+            ts=time.time(),
+            model=self.model,
+            route=self.info.route,
+            provider=self.info.provider,
+            key_id=self.info.key_id,
+            tier=self.info.tier,
+            status=status,
+            error_code=error_code,
+            finish_reason=finish,
+            stream=self.info.stream,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            queue_ms=self.queue_ms,
+            ttft_ms=self.ttft_ms,
+            e2e_ms=(time.perf_counter() - self.started) * 1000.0,
+            inter_token_ms=self.gaps,
+        )
