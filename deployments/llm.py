@@ -16,6 +16,17 @@ from deployments.engines.base import TextEngine, create_text_engine
 from serve_app.config import ModelConfig
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.tracing import (
+    ATTR_FINISH_REASONS,
+    ATTR_INPUT_TOKENS,
+    ATTR_MODEL,
+    ATTR_OUTPUT_TOKENS,
+    ATTR_REQUEST_ID,
+    SpanKind,
+    end_span,
+    extract_context,
+    start_span,
+)
 
 __all__ = ["LLMDeployment"]
 
@@ -62,6 +73,8 @@ class LLMDeployment:
 
         Cancelling the caller (a disconnected client, a WebSocket ``cancel``) closes
         this generator, which closes the engine's stream and aborts the request.
+        Traced as "deployment.stream" (a child of the gateway's span, from
+        ``request.trace_context``) around "engine.generate".
         """
         queue_ms = (
             max(0.0, (time.time() - request.dispatched_at) * 1000.0)
@@ -72,6 +85,16 @@ class LLMDeployment:
         self._served += 1
         completion = 0
         prompt_tokens = 0
+        finish: Optional[str] = None
+        failure: Optional[BaseException] = None
+        attributes = {ATTR_MODEL: self.model.id, ATTR_REQUEST_ID: request.request_id}
+        span = start_span(
+            "deployment.stream",
+            parent=extract_context(request.trace_context),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+        )
+        engine_span = start_span("engine.generate", parent=span, attributes=attributes)
         outputs = self.engine.generate(request)
         try:
             async for out in outputs:
@@ -89,34 +112,51 @@ class LLMDeployment:
                     )
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
+                finish = chunk.finish_reason
                 yield chunk
-                if chunk.finish_reason is not None:
+                if finish is not None:
                     return
             raise InferenceFailed(
                 f"The engine for model {self.model.id!r} ended the stream without a finish "
                 "reason. This is a server bug; retry the request."
             )
-        except TroupeError:
+        except TroupeError as exc:
+            failure = exc
             raise
-        except (asyncio.CancelledError, GeneratorExit):
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            if finish is None:  # closed after the final chunk is not a cancellation
+                failure = exc
             raise
         except Exception as exc:  # an engine crash: name it, keep the traceback in logs
             logger.exception("engine error on model %s request %s", self.model.id, request.request_id)
-            raise InferenceFailed(
+            failure = InferenceFailed(
                 f"Model {self.model.id!r} failed while generating: {type(exc).__name__}. "
                 "The request was not completed; retry it, and report it if it repeats.",
                 details={"exception": type(exc).__name__},
-            ) from None
+            )
+            raise failure from None
         finally:
-            await outputs.aclose()
+            try:
+                await outputs.aclose()
+            finally:
+                usage: dict[str, Any] = {
+                    ATTR_INPUT_TOKENS: prompt_tokens, ATTR_OUTPUT_TOKENS: completion,
+                }
+                if finish is not None:
+                    usage[ATTR_FINISH_REASONS] = (finish,)
+                end_span(engine_span, failure, usage)
+                end_span(span, failure)
 
     async def complete(self, request: GenerationRequest) -> TextChunk:
         """Run to completion; returns one chunk with the whole text and usage."""
         parts: list[str] = []
+        queue_ms = None
         stream = self.stream(request)
         try:
             async for chunk in stream:
                 parts.append(chunk.text)
+                if chunk.queue_ms is not None:
+                    queue_ms = chunk.queue_ms
                 if chunk.finish_reason is not None:
                     return TextChunk(
                         "".join(parts),
@@ -124,6 +164,7 @@ class LLMDeployment:
                         chunk.finish_reason,
                         chunk.prompt_tokens,
                         chunk.completion_tokens,
+                        queue_ms,
                     )
         finally:
             await stream.aclose()

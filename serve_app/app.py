@@ -13,23 +13,34 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 
+from actors.names import METRICS_ACTOR, NAMESPACE
 from serve_app.config import ModelConfig, TroupeSettings, load_settings
 from serve_app.core import VERSION, GatewayCore
 from serve_app.http import RequestIdMiddleware, install_error_handlers
 from serve_app.routes.native import build_native_router
+from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.websocket import build_ws_router
+from serve_app.tracing import (
+    ActorSpanSink,
+    TracingMiddleware,
+    TracingSettings,
+    setup_tracing,
+)
 
 __all__ = ["build_app", "build_fastapi_app", "Gateway", "model_deployment"]
 
 logger = logging.getLogger("troupe.app")
 
 
-def build_fastapi_app(core: GatewayCore, behind_serve_proxy: bool = False) -> Any:
+def build_fastapi_app(
+    core: GatewayCore, behind_serve_proxy: bool = False, metrics_actor: Any = None
+) -> Any:
     """The gateway's ASGI app over one core (also usable without Serve, e.g. in tests).
 
     ``behind_serve_proxy``: adopt the request id Serve's proxy assigned (it also puts it
     on the response); without the proxy the app generates and sets its own.
+    ``metrics_actor``: handle of the metrics actor for the observability routes.
     """
     app = FastAPI(
         title="Troupe",
@@ -38,12 +49,46 @@ def build_fastapi_app(core: GatewayCore, behind_serve_proxy: bool = False) -> An
         docs_url="/docs",
         redoc_url=None,
     )
-    install_error_handlers(app)
+    install_error_handlers(app, on_rejected=core.reject)
     app.include_router(build_openai_router(core))
     app.include_router(build_native_router(core))
     app.include_router(build_ws_router(core))
-    # Outermost, so even errors answered by Starlette's last-resort handler carry the id.
-    return RequestIdMiddleware(app, trust_upstream_id=behind_serve_proxy)
+    app.include_router(build_observability_router(core, metrics_actor))
+    # Outermost, so even errors answered by Starlette's last-resort handler carry the id;
+    # tracing inside it, so the request span has the id.
+    return RequestIdMiddleware(TracingMiddleware(app), trust_upstream_id=behind_serve_proxy)
+
+
+def _span_sink(metrics_enabled: bool) -> Optional[ActorSpanSink]:
+    """Finished spans of this replica go, in batches, to the metrics actor (for /traces)."""
+    if not metrics_enabled:
+        return None
+    return ActorSpanSink(METRICS_ACTOR, namespace=NAMESPACE)
+
+
+def metrics_actor_handle(settings: TroupeSettings) -> Any:
+    """The named, restartable metrics actor: created by the first caller, found by the rest."""
+    import ray
+
+    from actors.metrics import MetricsActor
+    from serve_app.pricing import overrides_from_models
+
+    metrics = settings.metrics
+    return ray.remote(MetricsActor).options(
+        name=METRICS_ACTOR,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=-1,
+        num_cpus=metrics.actor_num_cpus,
+    ).remote(
+        metrics.resolved_store_url(),
+        overrides_from_models(settings.models),
+        metrics.histogram_buckets_ms,
+        max_traces=settings.tracing.max_traces_kept,
+        max_spans_per_trace=settings.tracing.max_spans_per_trace,
+    )
 
 
 class Gateway:
@@ -56,10 +101,31 @@ class Gateway:
 
     def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO)
-        self.core = GatewayCore(TroupeSettings.model_validate(settings), handles)
+        parsed = TroupeSettings.model_validate(settings)
+        self.metrics_actor = None
+        self.recorder = None
+        if parsed.metrics.enabled:
+            from actors.recorder import MetricsRecorder, actor_gauge_sink, actor_sink
+
+            self.metrics_actor = metrics_actor_handle(parsed)
+            self.recorder = MetricsRecorder(
+                actor_sink(self.metrics_actor),
+                flush_interval_s=parsed.metrics.flush_interval_s,
+                max_batch=parsed.metrics.max_batch,
+                max_buffer=parsed.metrics.max_buffer,
+                gauge_sink=actor_gauge_sink(self.metrics_actor),
+            )
+        self.core = GatewayCore(
+            parsed, handles, record=self.recorder.record if self.recorder else None
+        )
+        setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_fastapi_app(self.core, behind_serve_proxy=True)
+        return build_fastapi_app(self.core, behind_serve_proxy=True, metrics_actor=self.metrics_actor)
+
+    async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
+        if self.recorder is not None:
+            await self.recorder.close()
 
 
 def model_deployment(model: ModelConfig):
@@ -69,7 +135,14 @@ def model_deployment(model: ModelConfig):
     from deployments.llm import LLMDeployment
 
     class TextModel(LLMDeployment):
-        async def __init__(self, model_config: dict[str, Any]) -> None:  # type: ignore[misc]
+        async def __init__(  # type: ignore[misc]
+            self,
+            model_config: dict[str, Any],
+            tracing: Optional[dict[str, Any]] = None,
+            metrics_enabled: bool = True,
+        ) -> None:
+            tracing_settings = TracingSettings.model_validate(tracing or {})
+            setup_tracing(tracing_settings, "model", _span_sink(metrics_enabled))
             LLMDeployment.__init__(self, model_config)
             await self.start()  # load weights before the replica reports healthy
 
@@ -100,7 +173,11 @@ def build_app(args: Optional[dict[str, Any]] = None):
 
     settings = load_settings(args)
     handles = {
-        model.id: model_deployment(model).bind(model.model_dump(mode="json"))
+        model.id: model_deployment(model).bind(
+            model.model_dump(mode="json"),
+            settings.tracing.model_dump(mode="json"),
+            settings.metrics.enabled,
+        )
         for model in settings.models
     }
     gw = settings.gateway

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.tracing import TracingSettings
+
 __all__ = [
     "ConfigError",
     "MockEngineConfig",
@@ -29,6 +31,7 @@ __all__ = [
     "PricingConfig",
     "ModelConfig",
     "GatewayOptions",
+    "MetricsSettings",
     "TroupeSettings",
     "load_settings",
 ]
@@ -215,10 +218,23 @@ class DeploymentOptions(_Strict):
 
 
 class PricingConfig(_Strict):
-    """Per-token list prices; the gateway prices WebSocket ``complete`` messages with them."""
+    """Prices of one model, overriding the packaged list-price table (serve_app/data).
+
+    Local models default to per-token rates (0 unless set). Replica-time pricing is
+    optional: a request is charged its share of the replica's time at the hourly rate.
+    """
 
     input_usd_per_million: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
     output_usd_per_million: float = Field(0.0, ge=0, description="USD per 1M completion tokens.")
+    replica_hour_usd: Optional[float] = Field(
+        None, ge=0, description="USD per replica-hour, charged by each request's busy share."
+    )
+    gpu_hour_usd: Optional[float] = Field(
+        None, ge=0, description="USD per GPU-hour (times the replica's num_gpus), by busy share."
+    )
+    cpu_hour_usd: Optional[float] = Field(
+        None, ge=0, description="USD per CPU-hour (times the replica's num_cpus), by busy share."
+    )
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (
@@ -274,11 +290,45 @@ class GatewayOptions(_Strict):
     )
 
 
+class MetricsSettings(_Strict):
+    """The metrics actor (cost ledger, Prometheus, usage) and the recorders feeding it."""
+
+    enabled: bool = Field(True, description="Record every request's usage, cost and latency.")
+    store_url: Optional[str] = Field(
+        None,
+        description="Ledger store: sqlite:///abs/path.db or postgresql://user@host:port/db. "
+        "Default: $TROUPE_STATE_DIR/troupe.db (~/.local/share/troupe/troupe.db).",
+    )
+    flush_interval_s: float = Field(
+        0.5, gt=0, le=60, description="Longest time an event waits in a replica's buffer."
+    )
+    max_batch: int = Field(256, ge=1, description="Events per flush to the actor.")
+    max_buffer: int = Field(
+        100_000, ge=1, description="Events a replica keeps while the actor is unreachable."
+    )
+    histogram_buckets_ms: Optional[dict[str, list[float]]] = Field(
+        None, description="Bucket bounds per histogram (queue_wait, ttft, inter_token, e2e)."
+    )
+    actor_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the metrics actor.")
+
+    def resolved_store_url(self) -> str:
+        if self.store_url:
+            return self.store_url
+        base = os.environ.get("TROUPE_STATE_DIR") or os.path.expanduser("~/.local/share/troupe")
+        return "sqlite:///" + os.path.join(os.path.abspath(base), "troupe.db").lstrip("/")
+
+
 class TroupeSettings(_Strict):
     """The whole gateway configuration."""
 
     models: list[ModelConfig] = Field(..., min_length=1, description="Served models.")
     gateway: GatewayOptions = Field(default_factory=GatewayOptions, description="Ingress.")
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings, description="Cost ledger, Prometheus and usage."
+    )
+    tracing: TracingSettings = Field(
+        default_factory=TracingSettings, description="Request tracing (OpenTelemetry)."
+    )
     log_unknown_fields: bool = Field(
         True, description="Log request fields Troupe does not know (they are ignored)."
     )

@@ -23,6 +23,7 @@ from serve_app.errors import (
     as_troupe_error,
 )
 from serve_app.metering import RequestInfo, RequestMeter
+from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
     ChatMessage,
     GenerationRequest,
@@ -30,6 +31,7 @@ from serve_app.protocol.internal import (
     TextChunk,
 )
 from serve_app.protocol.metrics import RequestEvent
+from serve_app.tracing import inject_context
 
 __all__ = ["GatewayCore", "VERSION"]
 
@@ -92,6 +94,8 @@ class GatewayCore:
         #: Where finished-request events go (the metrics recorder's O(1) ``record``).
         self.record = record
         self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
+        #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
+        self.prices = PriceTable.from_models(settings.models)
         self._handles = handles
         self._stream_handles = {mid: h.options(stream=True) for mid, h in handles.items()}
         self.started_at = time.time()
@@ -138,7 +142,11 @@ class GatewayCore:
         seed: Optional[int] = None,
         stop: tuple[str, ...] = (),
     ) -> GenerationRequest:
-        """Translate any API family's fields into the internal request."""
+        """Translate any API family's fields into the internal request.
+
+        The current span (the request's, opened by ``TracingMiddleware`` or the WebSocket
+        session) becomes the parent of the model deployment's spans.
+        """
         sampling = SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if temperature is None else temperature,
@@ -149,7 +157,9 @@ class GatewayCore:
         msgs = None
         if messages is not None:
             msgs = [ChatMessage(m.role, m.text()) for m in messages]
-        return GenerationRequest(request_id, sampling, msgs, prompt)
+        return GenerationRequest(
+            request_id, sampling, msgs, prompt, trace_context=inject_context()
+        )
 
     def check_n(self, n: Optional[int]) -> None:
         if n not in (None, 1):
@@ -171,10 +181,10 @@ class GatewayCore:
             error.metered = True
             self.record(meter.event(error.status, error.code))
 
-    def reject(self, route: str, model: str, error: TroupeError, request_id: str) -> None:
+    def reject(self, route: str, error: TroupeError, request_id: str) -> None:
         """Account for a request refused before it reached a model (bad input, 404...)."""
         if self.record is not None:
-            meter = RequestMeter(request_id, model, RequestInfo(route))
+            meter = RequestMeter(request_id, "-", RequestInfo(route))
             self.record(meter.event(error.status, error.code))
 
     async def complete(

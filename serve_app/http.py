@@ -29,6 +29,7 @@ from serve_app.errors import (
     native_error_body,
     openai_error_body,
 )
+from serve_app.tracing import current_span, record_error
 
 __all__ = [
     "RequestIdMiddleware",
@@ -181,6 +182,7 @@ def is_openai_path(scope: Scope) -> bool:
 def error_response(
     err: TroupeError, scope: Scope, extra_headers: Optional[dict[str, str]] = None
 ) -> JSONResponse:
+    record_error(current_span(), err)  # the request's span carries the Troupe code
     request_id = scope.get("state", {}).get("request_id")
     body = (
         openai_error_body(err, request_id) if is_openai_path(scope)
@@ -193,6 +195,7 @@ def error_response(
 
 def error_event_data(err: TroupeError, request_id: Optional[str], openai: bool) -> str:
     """The JSON of an SSE error event sent after a stream started."""
+    record_error(current_span(), err)
     body = openai_error_body(err, request_id) if openai else native_error_body(err, request_id)
     return orjson.dumps(body).decode()
 

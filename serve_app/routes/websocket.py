@@ -27,6 +27,14 @@ from serve_app.http import request_id_of_scope
 from serve_app.metering import RequestInfo
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
+from serve_app.tracing import (
+    ATTR_MODEL,
+    ATTR_REQUEST_ID,
+    SpanKind,
+    current_span,
+    record_error,
+    traced,
+)
 
 __all__ = ["build_ws_router", "WebSocketSession"]
 
@@ -94,6 +102,7 @@ class WebSocketSession:
             await asyncio.wait(tasks, timeout=5)
 
     def error(self, err: TroupeError, request_id: Optional[str] = None) -> dict[str, Any]:
+        record_error(current_span(), err)  # a request's span when called from its task
         return _error_message(err, request_id, self.socket_id)
 
     async def dispatch(self, raw: str | bytes) -> None:
@@ -156,12 +165,12 @@ class WebSocketSession:
             ), body.id))
             return
         try:
-            model = self.core.resolve(body.model)
+            self.core.resolve(body.model)
         except TroupeError as err:
             await self.send(self.error(err, body.id))
             return
         self.core.note_unknown_fields("/ws", [n for n in unknown_fields(body) if n != "type"])
-        task = asyncio.create_task(self.run_inference(body, model.pricing))
+        task = asyncio.create_task(self.run_inference(body))
         self.tasks[body.id] = task
         task.add_done_callback(lambda _t, rid=body.id: self._forget(rid))
 
@@ -184,7 +193,13 @@ class WebSocketSession:
         self.cancel_requested.add(msg.id)
         task.cancel()
 
-    async def run_inference(self, body: WSInference, pricing) -> None:
+    async def run_inference(self, body: WSInference) -> None:
+        """One request's task, traced as its own span under the handshake's traceparent."""
+        attributes = {ATTR_REQUEST_ID: f"{self.socket_id}:{body.id}", ATTR_MODEL: body.model}
+        with traced("WS /ws inference", kind=SpanKind.SERVER, attributes=attributes):
+            await self._run_inference(body)
+
+    async def _run_inference(self, body: WSInference) -> None:
         rid = body.id
         started = time.perf_counter()
         first_token_at: Optional[float] = None
@@ -242,7 +257,7 @@ class WebSocketSession:
                     "completion_tokens": completion,
                     "total_tokens": prompt_tokens + completion,
                 },
-                "cost_usd": pricing.cost(prompt_tokens, completion),
+                "cost_usd": self.core.prices.quote(body.model, prompt_tokens, completion),
                 "latency_ms": {
                     "ttft": None if first_token_at is None
                     else round((first_token_at - started) * 1000, 3),

@@ -49,13 +49,23 @@ APP_ARGS: dict[str, Any] = {
 
 
 @pytest.fixture(scope="session")
-def base_url(serve_instance: int) -> str:
-    """The Troupe app with the mock models, deployed once."""
+def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("state") / "ledger.db")
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_instance: int, ledger_path: str) -> str:
+    """The Troupe app with the mock models, deployed once (metrics ledger in a tmp dir)."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    serve.run(build_app(APP_ARGS), name="troupe", route_prefix="/")
+    args = {
+        **APP_ARGS,
+        "metrics": {"store_url": "sqlite:///" + ledger_path.lstrip("/"), "flush_interval_s": 0.1},
+        "tracing": {"export_interval_ms": 200},
+    }
+    serve.run(build_app(args), name="troupe", route_prefix="/")
     url = f"http://127.0.0.1:{serve_instance}"
     r = httpx.get(url + "/health", timeout=30)
     assert r.status_code == 200, r.text

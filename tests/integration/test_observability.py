@@ -1,0 +1,157 @@
+"""Metrics, usage, custom metrics and traces through the real Serve app (mock engines).
+
+A known mix of requests (unary, streamed, native, one cancelled mid-stream, one engine
+error, one rejected) must show up exactly in /v1/usage and as exact deltas in /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
+
+from tests.conftest import wait_until
+
+MSG = [{"role": "user", "content": "count the actors"}]
+PRICE_IN, PRICE_OUT = 0.5, 1.5  # mock-5ms's configured USD per 1M tokens
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(snapshot: dict, name: str, **match: str) -> float:
+    return sum(
+        v for (n, labels), v in snapshot.items()
+        if n == name and all(dict(labels).get(k) == want for k, want in match.items())
+    )
+
+
+def ws_cancelled_request(base_url: str) -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
+        async with connect(base_url.replace("http://", "ws://") + "/ws") as ws:
+            await ws.send(json.dumps({"type": "inference", "id": "c", "model": "mock-slow", "prompt": "go"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "token":
+                pass
+            await ws.send(json.dumps({"type": "cancel", "id": "c"}))
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg["type"] in ("complete", "error"):
+                    return msg
+    return asyncio.run(run())
+
+
+def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str) -> None:
+    before = samples(http.get("/metrics").text)
+    t0 = time.time()
+    unary = http.post("/v1/chat/completions", json={"model": "mock-5ms", "messages": MSG, "max_tokens": 5}).json()
+    streamed = http.post("/v1/chat/completions", json={
+        "model": "mock-5ms", "messages": MSG, "max_tokens": 7, "stream": True,
+        "stream_options": {"include_usage": True}}).text
+    stream_usage = json.loads([l for l in streamed.splitlines() if '"usage":{' in l][-1][6:])["usage"]
+    native = http.post("/inference", json={"model": "mock-5ms", "prompt": "hello there", "max_tokens": 3}).json()
+    cancelled = ws_cancelled_request(base_url)
+    failed = http.post("/v1/chat/completions", json={"model": "mock-fail", "messages": MSG, "stream": True})
+    rejected = http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": MSG})
+    assert cancelled["finish_reason"] == "cancelled" and failed.status_code == 200
+    assert rejected.status_code == 404
+
+    mock_usages = [unary["usage"], stream_usage, native["usage"]]
+    prompt = sum(u["prompt_tokens"] for u in mock_usages)
+    completion = sum(u["completion_tokens"] for u in mock_usages)
+    assert completion == 5 + 7 + 3
+    expected_cost = (prompt * PRICE_IN + completion * PRICE_OUT) / 1e6
+
+    def usage() -> dict:
+        return http.get("/v1/usage", params={"group_by": "model", "start": t0}).json()
+
+    body = wait_until(lambda: (u := usage())["totals"]["requests"] >= 6 and u, timeout=15, interval=0.1)
+    assert body["totals"]["requests"] == 6
+    groups = {g["group"]: g for g in body["groups"]}
+    m = groups["mock-5ms"]
+    assert (m["requests"], m["errors"]) == (3, 0)
+    assert (m["prompt_tokens"], m["completion_tokens"]) == (prompt, completion)
+    assert m["cost_usd"] == pytest.approx(expected_cost, abs=1e-9)
+    assert m["latency_ms"]["e2e"]["count"] == 3 and m["latency_ms"]["ttft"]["count"] == 1
+    slow = groups["mock-slow"]
+    assert slow["requests"] == 1 and slow["errors"] == 0  # cancelled is not an error...
+    assert slow["completion_tokens"] == cancelled["usage"]["completion_tokens"] > 0  # ...but counted
+    assert groups["mock-fail"]["errors"] == 1 and groups["mock-fail"]["completion_tokens"] == 3
+    assert groups["-"]["errors"] == 1  # the rejected request
+
+    after = samples(http.get("/metrics").text)
+    delta = lambda name, **kw: total(after, name, **kw) - total(before, name, **kw)  # noqa: E731
+    assert delta("troupe_requests_total", model="mock-5ms") == 3
+    assert delta("troupe_tokens_total", model="mock-5ms", kind="completion") == completion
+    assert delta("troupe_tokens_total", model="mock-5ms", kind="prompt") == prompt
+    assert delta("troupe_cost_usd_total", model="mock-5ms") == pytest.approx(expected_cost, abs=1e-9)
+    assert delta("troupe_errors_total", model="mock-fail", code="INFERENCE_FAILED") == 1
+    assert delta("troupe_errors_total", code="MODEL_NOT_FOUND") == 1
+    assert delta("troupe_e2e_seconds_count", model="mock-5ms") == 3
+    assert delta("troupe_ttft_seconds_count", model="mock-5ms") == 1
+    assert delta("troupe_queue_wait_seconds_count", model="mock-5ms") == 3
+    assert delta("troupe_inter_token_seconds_count", model="mock-5ms") >= 6
+
+
+def test_prometheus_text_passes_promtool(http: httpx.Client) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: `make test` installs it (Debian package prometheus)")
+    text = http.get("/metrics")
+    assert text.headers["content-type"].startswith("text/plain")
+    assert "troupe_requests_total" in text.text
+    result = subprocess.run([promtool, "check", "metrics"], input=text.content,
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_one_chat_request_is_one_connected_trace(http: httpx.Client) -> None:
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    r = http.post("/v1/chat/completions", headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+                  json={"model": "mock-5ms", "messages": MSG, "max_tokens": 4, "stream": True})
+    assert r.status_code == 200
+
+    def find():
+        for trace in http.get("/traces", params={"limit": 50}).json()["data"]:
+            if trace["trace_id"] == trace_id and trace["span_count"] >= 3:
+                return trace
+        return None
+
+    trace = wait_until(find, timeout=20, interval=0.2)
+    spans = trace["spans"]
+    (gateway,) = [s for s in spans if s["parent_id"] == parent]
+    (deployment,) = [s for s in spans if s["parent_id"] == gateway["span_id"]]
+    (engine,) = [s for s in spans if s["parent_id"] == deployment["span_id"]]
+    assert (gateway["role"], deployment["role"], engine["role"]) == ("gateway", "model", "model")
+    assert (deployment["name"], engine["name"]) == ("deployment.stream", "engine.generate")
+
+
+def test_custom_metrics(http: httpx.Client) -> None:
+    ok = http.post("/metrics/custom", json={"name": "queue_jobs", "kind": "gauge", "value": 3,
+                                            "labels": {"queue": "emails"}})
+    assert ok.status_code == 200, ok.text
+    text = http.get("/metrics").text
+    assert 'troupe_custom_queue_jobs{queue="emails"} 3.0' in text
+    for bad in ({"name": "bad name!", "kind": "gauge", "value": 1},
+                {"name": "x", "kind": "histogram", "value": 1},
+                {"name": "x", "kind": "gauge", "value": 1, "labels": {f"l{i}": "v" for i in range(20)}}):
+        r = http.post("/metrics/custom", json=bad)
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"]["code"] == "INVALID_REQUEST"
+
+
+def test_usage_rejects_bad_queries(http: httpx.Client) -> None:
+    assert http.get("/v1/usage", params={"group_by": "planet"}).json()["error"]["param"] == "group_by"
+    assert http.get("/v1/usage", params={"start": "yesterday"}).status_code == 400
