@@ -30,6 +30,7 @@ import signal
 import socket
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -209,19 +210,34 @@ class Cluster:
                 ray.shutdown()
 
 
-def deploy_apps(include_troupe: bool, port: int, timeout_s: float) -> None:
-    """Start Serve on ``port`` and deploy both applications; raise if one fails."""
+def troupe_args(observability: bool) -> dict[str, Any]:
+    """Troupe's benchmark config, with metrics + tracing on or off (ledger in a temp dir)."""
+    state = Path(tempfile.mkdtemp(prefix="troupe-bench-"))
+    return {
+        **TROUPE_ARGS,
+        "metrics": {"enabled": observability,
+                    "store_url": "sqlite:///" + str(state / "ledger.db").lstrip("/")},
+        "tracing": {"enabled": observability},
+    }
+
+
+def deploy_apps(include_troupe: bool, port: int, timeout_s: float, on_vs_off: bool = False) -> None:
+    """Start Serve on ``port`` and deploy both applications; raise if one fails.
+
+    ``on_vs_off``: the "baseline" side is Troupe itself with metrics and tracing off, so
+    the ratios read observability on / off.
+    """
     from ray import serve
 
     from bench.baseline_app import BASELINE_APP_NAME, BASELINE_ROUTE_PREFIX, build_baseline_app
+    from serve_app.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    targets = [serve.RunTarget(build_baseline_app(), name=BASELINE_APP_NAME,
+    baseline = build_app(troupe_args(False)) if on_vs_off else build_baseline_app()
+    targets = [serve.RunTarget(baseline, name=BASELINE_APP_NAME,
                                route_prefix=BASELINE_ROUTE_PREFIX)]
     if include_troupe:
-        from serve_app.app import build_app
-
-        targets.append(serve.RunTarget(build_app(TROUPE_ARGS), name="troupe", route_prefix="/"))
+        targets.append(serve.RunTarget(build_app(troupe_args(True)), name="troupe", route_prefix="/"))
     serve.run_many(targets, wait_for_ingress_deployment_creation=False,
                    wait_for_applications_running=False)
     wait_running([t.name for t in targets], timeout_s)
@@ -349,7 +365,8 @@ def aggregate(scenarios: list[Scenario], runs: dict[str, Any]) -> list[dict[str,
 
 def markdown(rows: list[dict[str, Any]], env: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
-        f"# Troupe vs bare Ray Serve — {meta['started_at']}",
+        (f"# Troupe: metrics + tracing on vs off — {meta['started_at']}" if meta.get("on_vs_off")
+         else f"# Troupe vs bare Ray Serve — {meta['started_at']}"),
         "",
         f"mode: {'quick' if meta['quick'] else 'full'}, rounds: {meta['rounds']}, "
         f"RAY_SERVE_THROUGHPUT_OPTIMIZED={env['RAY_SERVE_THROUGHPUT_OPTIMIZED']}, "
@@ -357,7 +374,9 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], meta: dict[str, An
         f"python {env['python']}, load avg {env['loadavg_start'][0]:.2f} -> "
         f"{env['loadavg_end'][0]:.2f}",
         "",
-        "Medians across rounds. Ratio = Troupe / baseline (ratio of medians; paired = median "
+        ("Here 'baseline' is Troupe with metrics and tracing off and 'troupe' has them on. "
+         if meta.get("on_vs_off") else "")
+        + "Medians across rounds. Ratio = Troupe / baseline (ratio of medians; paired = median "
         "of per-round ratios). Lower is better except throughput.",
         "",
         "| scenario | measure | baseline | troupe | troupe/baseline | paired | errors b/t |",
@@ -422,6 +441,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None, help="Bearer key for Troupe, if auth is on")
     p.add_argument("--deploy-timeout", type=float, default=180.0)
     p.add_argument("--no-write", action="store_true", help="print only, write no files")
+    p.add_argument("--on-vs-off", action="store_true",
+                   help="compare Troupe with metrics+tracing on against Troupe with them off")
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.quick else 3
@@ -434,7 +455,7 @@ def benchmark(args: argparse.Namespace, env: dict[str, Any]) -> dict[str, Any]:
     """Deploy, warm up and measure (Ray is already up)."""
     port = args.port or _free_port()
     started = time.monotonic()
-    deploy_apps(not args.only_baseline, port, args.deploy_timeout)
+    deploy_apps(not args.only_baseline, port, args.deploy_timeout, args.on_vs_off)
     urls = side_urls(port)
     if args.only_baseline:
         del urls["troupe"]
@@ -471,6 +492,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         cluster.close()
     meta = {"started_at": started_at, "quick": args.quick, "rounds": args.rounds,
+            "on_vs_off": args.on_vs_off,
             "only_baseline": args.only_baseline, "total_s": time.monotonic() - t0,
             "troupe_args": None if args.only_baseline else TROUPE_ARGS}
     report = {"meta": meta, "env": env, **result}
@@ -479,7 +501,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(md)
     if not args.no_write:
         tag = started_at + ("-quick" if args.quick else "") + (
-            "-tpo" if args.throughput_optimized else "") + ("-baseline" if args.only_baseline else "")
+            "-tpo" if args.throughput_optimized else "") + ("-baseline" if args.only_baseline else "") + (
+            "-obs-on-vs-off" if args.on_vs_off else "")
         stem = write_results(report, md, tag)
         print(f"wrote {stem}.json, {stem}.md and {RESULTS_DIR / 'latest.md'}")
     print(f"total {meta['total_s']:.0f}s")

@@ -116,7 +116,10 @@ class Gateway:
                 gauge_sink=actor_gauge_sink(self.metrics_actor),
             )
         self.core = GatewayCore(
-            parsed, handles, record=self.recorder.record if self.recorder else None
+            parsed,
+            handles,
+            record=self.recorder.record if self.recorder else None,
+            gauge=self.recorder.set_gauge if self.recorder else None,
         )
         setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
 

@@ -89,10 +89,14 @@ class GatewayCore:
         settings: TroupeSettings,
         handles: dict[str, Any],
         record: Optional[Callable[[RequestEvent], None]] = None,
+        gauge: Optional[Callable[[str, dict[str, str], float], None]] = None,
     ) -> None:
         self.settings = settings
         #: Where finished-request events go (the metrics recorder's O(1) ``record``).
         self.record = record
+        #: Where the in-flight gauge goes (the recorder sends only changed values).
+        self.gauge = gauge
+        self._gauge_labels = {"deployment": "Gateway"}  # summed over replicas by the actor
         self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
         #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
         self.prices = PriceTable.from_models(settings.models)
@@ -171,8 +175,12 @@ class GatewayCore:
 
     def _dispatch(self, request: GenerationRequest) -> None:
         request.dispatched_at = time.time()
+        if self.gauge is not None:
+            self.gauge("in_flight_requests", self._gauge_labels, self.in_flight)
 
     def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
+        if self.gauge is not None:
+            self.gauge("in_flight_requests", self._gauge_labels, self.in_flight)
         if self.record is None:
             return
         if error is None:

@@ -155,3 +155,22 @@ def test_custom_metrics(http: httpx.Client) -> None:
 def test_usage_rejects_bad_queries(http: httpx.Client) -> None:
     assert http.get("/v1/usage", params={"group_by": "planet"}).json()["error"]["param"] == "group_by"
     assert http.get("/v1/usage", params={"start": "yesterday"}).status_code == 400
+
+
+def test_grafana_dashboard_charts_metrics_that_exist(http: httpx.Client) -> None:
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "config" / "grafana-troupe.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {re.sub(r"_(total|bucket|count|sum)$", "", name)
+              for e in exprs for name in re.findall(r"troupe_[a-z0-9_]+", e)}
+    assert len(wanted) >= 8
+    http.post("/v1/chat/completions", json={"model": "mock-5ms", "messages": MSG, "max_tokens": 2})
+
+    def absent() -> set[str]:
+        families = {f.name for f in text_string_to_metric_families(http.get("/metrics").text)}
+        return wanted - families
+
+    wait_until(lambda: not absent(), timeout=10, interval=0.2)
