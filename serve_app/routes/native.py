@@ -13,13 +13,27 @@ from serve_app.core import VERSION, GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
 from serve_app.metering import RequestInfo
-from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.openai_api import peek_stream
 from serve_app.sse import SSEResponse
 
-__all__ = ["build_native_router"]
+__all__ = ["build_native_router", "native_request"]
+
+
+def native_request(core: GatewayCore, body: InferenceRequest, request_id: str) -> GenerationRequest:
+    """The internal request for a native body (REST and WebSocket share the fields)."""
+    return core.build_request(
+        request_id,
+        messages=body.messages,
+        prompt=body.prompt,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_tuple(),
+    )
 
 
 def build_native_router(core: GatewayCore) -> APIRouter:
@@ -94,17 +108,8 @@ def build_native_router(core: GatewayCore) -> APIRouter:
         core.resolve(body.model)
         return body
 
-    def _request(body: InferenceRequest, request_id: str):
-        return core.build_request(
-            request_id,
-            messages=body.messages,
-            prompt=body.prompt,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop_tuple(),
-        )
+    def _request(body: InferenceRequest, request_id: str) -> GenerationRequest:
+        return native_request(core, body, request_id)
 
     @router.post("/inference")
     async def inference(request: Request) -> JSONResponse:

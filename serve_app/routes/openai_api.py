@@ -16,7 +16,7 @@ from serve_app.core import GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
 from serve_app.metering import RequestInfo
-from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.sse import SSEResponse
 from serve_app.protocol.openai import (
     CHAT_EXAMPLE,
@@ -50,6 +50,28 @@ def _model_card(model_id: str, created: int) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
 
 
+def _admit(
+    core: GatewayCore,
+    route: str,
+    body: ChatCompletionRequest | CompletionRequest,
+    request_id: str,
+    **text: Any,
+) -> GenerationRequest:
+    """The checks every OpenAI text route makes, then the internal request."""
+    core.note_unknown_fields(route, unknown_fields(body))
+    core.resolve(body.model)
+    core.check_n(body.n)
+    return core.build_request(
+        request_id,
+        max_tokens=body.output_limit(),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=body.stop_tuple(),
+        **text,
+    )
+
+
 def build_openai_router(core: GatewayCore) -> APIRouter:
     """The ``/v1`` routes, closed over one GatewayCore (built per replica)."""
     router = APIRouter(prefix="/v1")
@@ -72,19 +94,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         body = parse_body(
             ChatCompletionRequest, await read_json(request, max_body, CHAT_EXAMPLE), CHAT_EXAMPLE
         )
-        core.note_unknown_fields("/v1/chat/completions", unknown_fields(body))
-        core.resolve(body.model)
-        core.check_n(body.n)
         request_id = request_id_of(request)
-        gen = core.build_request(
-            request_id,
-            messages=body.messages,
-            max_tokens=body.output_limit(),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop_tuple(),
-        )
+        gen = _admit(core, "/v1/chat/completions", body, request_id, messages=body.messages)
         completion_id = "chatcmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
         info = RequestInfo("/v1/chat/completions", stream=bool(body.stream))
@@ -117,19 +128,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             await read_json(request, max_body, COMPLETION_EXAMPLE),
             COMPLETION_EXAMPLE,
         )
-        core.note_unknown_fields("/v1/completions", unknown_fields(body))
-        core.resolve(body.model)
-        core.check_n(body.n)
         request_id = request_id_of(request)
-        gen = core.build_request(
-            request_id,
-            prompt=body.prompt,
-            max_tokens=body.output_limit(),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop_tuple(),
-        )
+        gen = _admit(core, "/v1/completions", body, request_id, prompt=body.prompt)
         completion_id = "cmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
         echo = body.prompt if body.echo else ""

@@ -27,6 +27,7 @@ from serve_app.http import request_id_of_scope
 from serve_app.metering import RequestInfo
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
+from serve_app.routes.native import native_request
 from serve_app.tracing import (
     ATTR_MODEL,
     ATTR_REQUEST_ID,
@@ -206,16 +207,7 @@ class WebSocketSession:
         completion = 0
         prompt_tokens = 0
         index = 0
-        gen = self.core.build_request(
-            f"{self.socket_id}:{rid}",
-            messages=body.messages,
-            prompt=body.prompt,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop_tuple(),
-        )
+        gen = native_request(self.core, body, f"{self.socket_id}:{rid}")
         stream = self.core.stream(body.model, gen, WS_INFO)
         finish: Optional[str] = None
         try:
