@@ -66,6 +66,16 @@ def _span_sink(metrics_enabled: bool) -> Optional[ActorSpanSink]:
     return ActorSpanSink(METRICS_ACTOR, namespace=NAMESPACE)
 
 
+def _head_node_id() -> Optional[str]:
+    """The Ray head node's id (it carries the ``node:__internal_head__`` resource)."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
+
+
 def metrics_actor_handle(settings: TroupeSettings) -> Any:
     """The named, restartable metrics actor: created by the first caller, found by the rest."""
     import ray
@@ -74,6 +84,16 @@ def metrics_actor_handle(settings: TroupeSettings) -> Any:
     from serve_app.pricing import overrides_from_models
 
     metrics = settings.metrics
+    store_url = metrics.resolved_store_url()
+    options: dict[str, Any] = {}
+    head = _head_node_id()
+    if head is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # A SQLite ledger is a file on the head node's disk: the actor must run there.
+        # With PostgreSQL the head is only preferred.
+        soft = not store_url.startswith("sqlite:")
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=soft)
     return ray.remote(MetricsActor).options(
         name=METRICS_ACTOR,
         namespace=NAMESPACE,
@@ -82,8 +102,9 @@ def metrics_actor_handle(settings: TroupeSettings) -> Any:
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=metrics.actor_num_cpus,
+        **options,
     ).remote(
-        metrics.resolved_store_url(),
+        store_url,
         overrides_from_models(settings.models),
         metrics.histogram_buckets_ms,
         max_traces=settings.tracing.max_traces_kept,

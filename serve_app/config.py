@@ -24,6 +24,7 @@ __all__ = [
     "MockEngineConfig",
     "TransformersEngineConfig",
     "VLLMEngineConfig",
+    "OpenAIEngineConfig",
     "EngineConfig",
     "RayActorOptions",
     "AutoscalingOptions",
@@ -48,7 +49,14 @@ class _Strict(BaseModel):
 # --------------------------------------------------------------------------- engines
 
 
-class MockEngineConfig(_Strict):
+class _EngineConfig(_Strict):
+    @property
+    def provider(self) -> str:
+        """Who serves requests: "local" (our replicas) unless a remote engine says otherwise."""
+        return "local"
+
+
+class MockEngineConfig(_EngineConfig):
     """Deterministic text engine for tests and benchmarks (no model weights)."""
 
     type: Literal["mock"] = Field("mock", description="Engine kind.")
@@ -75,7 +83,7 @@ class MockEngineConfig(_Strict):
     )
 
 
-class TransformersEngineConfig(_Strict):
+class TransformersEngineConfig(_EngineConfig):
     """CPU engine on a Hugging Face causal LM loaded from local files only."""
 
     type: Literal["transformers"] = Field("transformers", description="Engine kind.")
@@ -95,7 +103,7 @@ class TransformersEngineConfig(_Strict):
     )
 
 
-class VLLMEngineConfig(_Strict):
+class VLLMEngineConfig(_EngineConfig):
     """vLLM AsyncLLM on GPU (only with the ``gpu`` extra; imported lazily)."""
 
     type: Literal["vllm"] = Field("vllm", description="Engine kind.")
@@ -110,8 +118,31 @@ class VLLMEngineConfig(_Strict):
     )
 
 
+class OpenAIEngineConfig(_EngineConfig):
+    """A remote OpenAI-compatible chat completions API (OpenAI, or any server with its shape)."""
+
+    type: Literal["openai"] = Field("openai", description="Engine kind.")
+    base_url: str = Field(
+        "https://api.openai.com/v1", description="API base URL (…/v1); http only for loopback."
+    )
+    model: str = Field(..., min_length=1, description="The upstream model name.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    organization: Optional[str] = Field(None, description="OpenAI-Organization header.")
+    context_length: int = Field(128_000, ge=16, description="Prompt + output token limit.")
+    connect_timeout_s: float = Field(10, gt=0, description="TCP/TLS connect timeout.")
+    first_byte_timeout_s: float = Field(60, gt=0, description="Wait for the response to start.")
+    idle_timeout_s: float = Field(60, gt=0, description="Longest gap between stream chunks.")
+    total_timeout_s: float = Field(600, gt=0, description="Longest whole request.")
+
+    @property
+    def provider(self) -> str:
+        return "openai"
+
+
 EngineConfig = Annotated[
-    Union[MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig],
+    Union[MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig, OpenAIEngineConfig],
     Field(discriminator="type"),
 ]
 
@@ -261,6 +292,11 @@ class ModelConfig(_Strict):
     )
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="Token prices.")
     description: str = Field("", description="Shown in GET /models.")
+
+    @property
+    def provider(self) -> str:
+        """Who serves it: "local" for engines on our replicas, else the remote provider."""
+        return self.engine.provider
 
     @property
     def deployment_name(self) -> str:

@@ -200,7 +200,7 @@ class GatewayCore:
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
         self.in_flight += 1
-        meter = RequestMeter(request.request_id, model_id, info)
+        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
         self._dispatch(request)
         response = self._handles[model_id].complete.remote(request)
@@ -232,7 +232,7 @@ class GatewayCore:
     ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
         self.in_flight += 1
-        meter = RequestMeter(request.request_id, model_id, info)
+        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
         self._dispatch(request)
         generator = self._stream_handles[model_id].stream.remote(request)

@@ -29,20 +29,22 @@ class RequestInfo:
     stream: bool = False
     key_id: str = "anonymous"
     tier: str = "default"
-    provider: str = "local"
 
 
 class RequestMeter:
     """Timings and usage of one request, from the gateway's point of view."""
 
     __slots__ = (
-        "request_id", "model", "info", "started", "last", "ttft_ms", "gaps",
+        "request_id", "model", "provider", "info", "started", "last", "ttft_ms", "gaps",
         "prompt_tokens", "completion_tokens", "queue_ms", "finish_reason",
     )
 
-    def __init__(self, request_id: str, model: str, info: RequestInfo) -> None:
+    def __init__(
+        self, request_id: str, model: str, info: RequestInfo, provider: str = "local"
+    ) -> None:
         self.request_id = request_id
         self.model = model
+        self.provider = provider
         self.info = info
         self.started = time.perf_counter()
         self.last: Optional[float] = None
@@ -83,12 +85,15 @@ class RequestMeter:
         finish = self.finish_reason
         if finish is None and error_code is None:
             finish = "cancelled"  # ended without a final chunk or an error: the caller left
+        # A local engine's counts are exact at every chunk. A remote provider reports usage
+        # only in its last chunk: without it, the tokens were counted here, not reported.
+        estimated = self.provider != "local" and self.finish_reason is None
         return RequestEvent(
             event_id=self.request_id,
             ts=time.time(),
             model=self.model,
             route=self.info.route,
-            provider=self.info.provider,
+            provider=self.provider,
             key_id=self.info.key_id,
             tier=self.info.tier,
             status=status,
@@ -97,6 +102,7 @@ class RequestMeter:
             stream=self.info.stream,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
+            usage_estimated=estimated,
             queue_ms=self.queue_ms,
             ttft_ms=self.ttft_ms,
             e2e_ms=(time.perf_counter() - self.started) * 1000.0,

@@ -55,6 +55,7 @@ _ENGINE_MODULES: dict[str, str] = {
     "mock": "deployments.engines.mock:MockTextEngine",
     "transformers": "deployments.engines.transformers_cpu:TransformersTextEngine",
     "vllm": "deployments.engines.vllm_engine:VLLMTextEngine",
+    "openai": "deployments.engines.remote_openai:OpenAITextEngine",
 }
 ENGINE_KINDS = tuple(_ENGINE_MODULES)
 
