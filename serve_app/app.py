@@ -198,7 +198,7 @@ def build_app(args: Optional[dict[str, Any]] = None):
     settings = load_settings(args)
     handles = {
         model.id: model_deployment(model).bind(
-            model.model_dump(mode="json"),
+            model.model_dump(mode="json", exclude_unset=True),
             settings.tracing.model_dump(mode="json"),
             settings.metrics.enabled,
         )
@@ -215,4 +215,4 @@ def build_app(args: Optional[dict[str, Any]] = None):
         "Troupe %s: %d model(s): %s", VERSION, len(settings.models),
         ", ".join(f"{m.id} ({m.engine.type})" for m in settings.models),
     )
-    return gateway.bind(settings.model_dump(mode="json"), handles)
+    return gateway.bind(settings.model_dump(mode="json", exclude_unset=True), handles)

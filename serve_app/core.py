@@ -192,7 +192,7 @@ class GatewayCore:
     def reject(self, route: str, error: TroupeError, request_id: str) -> None:
         """Account for a request refused before it reached a model (bad input, 404...)."""
         if self.record is not None:
-            meter = RequestMeter(request_id, "-", RequestInfo(route))
+            meter = RequestMeter(request_id, "-", RequestInfo(route), provider="-")
             self.record(meter.event(error.status, error.code))
 
     async def complete(

@@ -179,6 +179,9 @@ def overrides_from_models(models: Iterable[Any]) -> dict[str, dict[str, Any]]:
             actor = model.deployment.ray_actor_options
             fields.setdefault("num_gpus", actor.num_gpus)
             fields.setdefault("num_cpus", actor.num_cpus)
+        if model.provider != "local":
+            # A remote model starts from the list price of the upstream model it calls.
+            fields["list_price_of"] = model.engine.model
         overrides[model.id] = fields
     return overrides
 
@@ -203,8 +206,12 @@ class PriceTable:
         self._prices: dict[str, ModelPrice] = dict(
             load_list_prices() if list_prices is None else list_prices
         )
+        listed = dict(self._prices)
         for model, raw in (overrides or {}).items():
-            self._prices[model] = _apply_override(model, self._prices.get(model), raw)
+            raw = dict(raw)
+            base_name = raw.pop("list_price_of", None) or model
+            base = listed.get(base_name) or listed.get(model)
+            self._prices[model] = _apply_override(model, base, raw)
 
     @classmethod
     def from_models(cls, models: Iterable[Any], **kwargs: Any) -> "PriceTable":

@@ -12,6 +12,9 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The fake OpenAI upstream's key: set before Ray starts, so model replicas inherit it.
+FAKE_OPENAI_KEY = "sk-test-troupe-fake-0123456789"
+os.environ["TROUPE_TEST_OPENAI_KEY"] = FAKE_OPENAI_KEY
 
 T = TypeVar("T")
 

@@ -54,14 +54,31 @@ def ledger_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def base_url(serve_instance: int, ledger_path: str) -> str:
+def fake_openai() -> Iterator[Any]:
+    """A real OpenAI-shaped upstream on loopback, behind the "remote-gpt" model."""
+    from tests.conftest import FAKE_OPENAI_KEY
+    from tests.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(expected_api_key=FAKE_OPENAI_KEY) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def base_url(serve_instance: int, ledger_path: str, fake_openai: Any) -> str:
     """The Troupe app with the mock models, deployed once (metrics ledger in a tmp dir)."""
     from ray import serve
 
     from serve_app.app import build_app
 
+    remote = {
+        "id": "remote-gpt",
+        "engine": {"type": "openai", "base_url": fake_openai.url, "model": "gpt-4o-mini",
+                   "api_key_env": "TROUPE_TEST_OPENAI_KEY"},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}},
+    }
     args = {
         **APP_ARGS,
+        "models": [*MOCK_MODELS, remote],
         "metrics": {"store_url": "sqlite:///" + ledger_path.lstrip("/"), "flush_interval_s": 0.1},
         "tracing": {"export_interval_ms": 200},
     }

@@ -22,6 +22,7 @@ from tests.conftest import wait_until
 
 MSG = [{"role": "user", "content": "count the actors"}]
 PRICE_IN, PRICE_OUT = 0.5, 1.5  # mock-5ms's configured USD per 1M tokens
+REMOTE_IN, REMOTE_OUT = 0.15, 0.60  # gpt-4o-mini's list price (serve_app/data/prices.yaml)
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -53,7 +54,21 @@ def ws_cancelled_request(base_url: str) -> dict[str, Any]:
     return asyncio.run(run())
 
 
-def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str) -> None:
+def cut_remote_stream(base_url: str) -> int:
+    """Stream from the remote model and hang up after 2 deltas: returns deltas seen."""
+    seen = 0
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        with client.stream("POST", "/v1/chat/completions", json={
+                "model": "remote-gpt", "messages": MSG, "stream": True}) as r:
+            for line in r.iter_lines():
+                if '"content":"' in line and '"role"' not in line:
+                    seen += 1
+                    if seen == 2:
+                        break
+    return seen
+
+
+def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str, fake_openai) -> None:
     before = samples(http.get("/metrics").text)
     t0 = time.time()
     unary = http.post("/v1/chat/completions", json={"model": "mock-5ms", "messages": MSG, "max_tokens": 5}).json()
@@ -67,6 +82,16 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str) -> None
     rejected = http.post("/v1/chat/completions", json={"model": "no-such-model", "messages": MSG})
     assert cancelled["finish_reason"] == "cancelled" and failed.status_code == 200
     assert rejected.status_code == 404
+    # remote: unary and streamed report exact usage; a stream cut before its usage chunk
+    # is counted from the deltas received and flagged as estimated
+    remote_unary = http.post("/v1/chat/completions", json={"model": "remote-gpt", "messages": MSG}).json()
+    remote_stream = http.post("/v1/chat/completions", json={
+        "model": "remote-gpt", "messages": MSG, "stream": True,
+        "stream_options": {"include_usage": True}}).text
+    remote_stream_usage = json.loads(
+        [l for l in remote_stream.splitlines() if '"usage":{' in l][-1][6:])["usage"]
+    fake_openai.enqueue(token_delay_s=0.3, reply_tokens=40)
+    assert cut_remote_stream(base_url) == 2
 
     mock_usages = [unary["usage"], stream_usage, native["usage"]]
     prompt = sum(u["prompt_tokens"] for u in mock_usages)
@@ -77,8 +102,8 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str) -> None
     def usage() -> dict:
         return http.get("/v1/usage", params={"group_by": "model", "start": t0}).json()
 
-    body = wait_until(lambda: (u := usage())["totals"]["requests"] >= 6 and u, timeout=15, interval=0.1)
-    assert body["totals"]["requests"] == 6
+    body = wait_until(lambda: (u := usage())["totals"]["requests"] >= 9 and u, timeout=15, interval=0.1)
+    assert body["totals"]["requests"] == 9
     groups = {g["group"]: g for g in body["groups"]}
     m = groups["mock-5ms"]
     assert (m["requests"], m["errors"]) == (3, 0)
@@ -90,6 +115,17 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str) -> None
     assert slow["completion_tokens"] == cancelled["usage"]["completion_tokens"] > 0  # ...but counted
     assert groups["mock-fail"]["errors"] == 1 and groups["mock-fail"]["completion_tokens"] == 3
     assert groups["-"]["errors"] == 1  # the rejected request
+    remote = groups["remote-gpt"]
+    exact = [remote_unary["usage"], remote_stream_usage]
+    r_prompt = sum(u["prompt_tokens"] for u in exact)
+    r_completion = sum(u["completion_tokens"] for u in exact) + 2  # + the 2 counted deltas
+    assert (remote["requests"], remote["errors"], remote["estimated_entries"]) == (3, 0, 1)
+    assert (remote["prompt_tokens"], remote["completion_tokens"]) == (r_prompt, r_completion)
+    by_provider = {g["group"]: g for g in http.get(
+        "/v1/usage", params={"group_by": "provider", "start": t0}).json()["groups"]}
+    assert remote["cost_usd"] == pytest.approx(
+        (r_prompt * REMOTE_IN + r_completion * REMOTE_OUT) / 1e6, abs=1e-9), (remote, by_provider)
+    assert by_provider["openai"]["requests"] == 3 and by_provider["local"]["requests"] == 5
 
     after = samples(http.get("/metrics").text)
     delta = lambda name, **kw: total(after, name, **kw) - total(before, name, **kw)  # noqa: E731
@@ -103,6 +139,9 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str) -> None
     assert delta("troupe_ttft_seconds_count", model="mock-5ms") == 1
     assert delta("troupe_queue_wait_seconds_count", model="mock-5ms") == 3
     assert delta("troupe_inter_token_seconds_count", model="mock-5ms") >= 6
+    assert delta("troupe_requests_total", model="remote-gpt", provider="openai") == 3
+    assert delta("troupe_cost_estimated_requests_total", model="remote-gpt") == 1
+    assert delta("troupe_e2e_seconds_count", model="remote-gpt") == 3
 
 
 def test_prometheus_text_passes_promtool(http: httpx.Client) -> None:

@@ -145,3 +145,22 @@ def test_bad_overrides_fail_with_an_example(override: dict, fragment: str) -> No
 def test_negative_tokens_are_refused() -> None:
     with pytest.raises(ValueError, match="token counts"):
         PriceTable().price(event("gpt-4o", prompt=-1))
+
+
+def test_prices_survive_the_builders_settings_round_trip() -> None:
+    """The builder hands settings to replicas as data; unset prices must stay unset.
+
+    A plain ``model_dump`` marks every pricing field as set, so a remote model would be
+    "configured" at $0 and lose its list price (a real bug, caught through Serve).
+    """
+    from serve_app.config import TroupeSettings, load_settings
+    from serve_app.pricing import PriceTable
+
+    settings = load_settings({"models": [
+        {"id": "remote-gpt", "engine": {"type": "openai", "model": "gpt-4o-mini"}},
+        {"id": "local", "engine": {"type": "mock"}, "pricing": {"output_usd_per_million": 2}},
+    ]})
+    shipped = TroupeSettings.model_validate(settings.model_dump(mode="json", exclude_unset=True))
+    table = PriceTable.from_models(shipped.models)
+    assert table.quote("remote-gpt", 1_000_000, 1_000_000) == pytest.approx(0.15 + 0.60)
+    assert table.quote("local", 1_000_000, 1_000_000) == pytest.approx(2.0)

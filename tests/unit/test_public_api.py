@@ -41,6 +41,7 @@ PUBLIC = [
     "deployments.engines.mock",
     "deployments.engines.vllm_engine",
     "deployments.engines.transformers_cpu",
+    "deployments.engines.remote_openai",
 ]
 
 
