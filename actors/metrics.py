@@ -82,6 +82,8 @@ _HISTOGRAM_HELP = {
 
 BUILTIN_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "in_flight_requests": (("deployment",), "Requests in flight per deployment (all gateway replicas)."),
+    "replicas": (("application", "deployment", "state"),
+                 "Serve replicas per deployment and state (polled from serve.status())."),
 }
 """Gauges :meth:`MetricsActor.set_gauge` accepts: name -> (label names, help)."""
 
@@ -471,6 +473,7 @@ class MetricsActor:
         seen_ids: int = 200_000,
         max_traces: int = 200,
         max_spans_per_trace: int = 64,
+        serve_poll_s: float = 0.0,
     ) -> None:
         self._store_url = store_url
         self._store: Store = store if store is not None else open_store(store_url)
@@ -490,6 +493,8 @@ class MetricsActor:
         self._rebuild_s = 0.0
         self._counts = {"recorded": 0, "duplicates": 0, "rejected": 0, "resyncs": 0}
         self._traces = TraceBuffer(max_traces, max_spans_per_trace)
+        self._serve_poll_s = serve_poll_s  # 0: do not poll Serve (plain-class tests)
+        self._serve_poller: Optional[asyncio.Task] = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -504,6 +509,26 @@ class MetricsActor:
             await self._rebuild()
             self._started = True
             self._started_at = time.time()
+            if self._serve_poll_s and self._serve_poller is None:
+                self._serve_poller = asyncio.get_running_loop().create_task(self._poll_serve())
+
+    async def _poll_serve(self) -> None:
+        """Replicas per deployment and state, from Serve's controller, every few seconds."""
+        from ray import serve
+
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                for app_name, app in status.applications.items():
+                    for dep_name, dep in app.deployments.items():
+                        counts = dep.replica_states or {}
+                        for state, count in counts.items():
+                            labels = {"application": app_name, "deployment": dep_name,
+                                      "state": str(getattr(state, "value", state))}
+                            self._gauges.set("replicas", labels, count, "serve")
+            except Exception:  # Serve not up yet, or shutting down: try again later
+                logger.debug("serve.status() failed", exc_info=True)
+            await asyncio.sleep(self._serve_poll_s)
 
     async def close(self) -> None:
         """Release the store's connections."""

@@ -109,6 +109,7 @@ def metrics_actor_handle(settings: TroupeSettings) -> Any:
         metrics.histogram_buckets_ms,
         max_traces=settings.tracing.max_traces_kept,
         max_spans_per_trace=settings.tracing.max_spans_per_trace,
+        serve_poll_s=metrics.serve_poll_interval_s,
     )
 
 

@@ -346,6 +346,9 @@ class MetricsSettings(_Strict):
         None, description="Bucket bounds per histogram (queue_wait, ttft, inter_token, e2e)."
     )
     actor_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the metrics actor.")
+    serve_poll_interval_s: float = Field(
+        15.0, ge=0, description="How often the actor reads replica counts from Serve (0: never)."
+    )
 
     def resolved_store_url(self) -> str:
         if self.store_url:

@@ -79,7 +79,8 @@ def base_url(serve_instance: int, ledger_path: str, fake_openai: Any) -> str:
     args = {
         **APP_ARGS,
         "models": [*MOCK_MODELS, remote],
-        "metrics": {"store_url": "sqlite:///" + ledger_path.lstrip("/"), "flush_interval_s": 0.1},
+        "metrics": {"store_url": "sqlite:///" + ledger_path.lstrip("/"), "flush_interval_s": 0.1,
+                    "serve_poll_interval_s": 1.0},
         "tracing": {"export_interval_ms": 200},
     }
     serve.run(build_app(args), name="troupe", route_prefix="/")

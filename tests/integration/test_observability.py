@@ -213,3 +213,11 @@ def test_grafana_dashboard_charts_metrics_that_exist(http: httpx.Client) -> None
         return wanted - families
 
     wait_until(lambda: not absent(), timeout=10, interval=0.2)
+
+
+def test_replicas_per_deployment_are_exported(http: httpx.Client) -> None:
+    def running() -> float:
+        snapshot = samples(http.get("/metrics").text)
+        return total(snapshot, "troupe_replicas", deployment="LLM_mock-5ms", state="RUNNING")
+
+    assert wait_until(running, timeout=15, interval=0.3) == 1
