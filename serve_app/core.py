@@ -97,6 +97,11 @@ class GatewayCore:
         #: Where the in-flight gauge goes (the recorder sends only changed values).
         self.gauge = gauge
         self._gauge_labels = {"deployment": "Gateway"}  # summed over replicas by the actor
+        #: Requests dispatched to each model deployment and not finished (queued + running).
+        self._model_in_flight: dict[str, int] = {m.id: 0 for m in settings.models}
+        self._model_gauge_labels = {
+            m.id: {"deployment": m.deployment_name} for m in settings.models
+        }
         self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
         #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
         self.prices = PriceTable.from_models(settings.models)
@@ -173,14 +178,23 @@ class GatewayCore:
                 param="n",
             )
 
-    def _dispatch(self, request: GenerationRequest) -> None:
+    def _dispatch(self, model_id: str, request: GenerationRequest) -> None:
         request.dispatched_at = time.time()
+        self._model_in_flight[model_id] += 1
+        self._report_in_flight(model_id)
+
+    def _report_in_flight(self, model_id: str) -> None:
         if self.gauge is not None:
             self.gauge("in_flight_requests", self._gauge_labels, self.in_flight)
+            self.gauge(
+                "in_flight_requests",
+                self._model_gauge_labels[model_id],
+                self._model_in_flight[model_id],
+            )
 
     def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
-        if self.gauge is not None:
-            self.gauge("in_flight_requests", self._gauge_labels, self.in_flight)
+        self._model_in_flight[meter.model] -= 1
+        self._report_in_flight(meter.model)
         if self.record is None:
             return
         if error is None:
@@ -202,7 +216,7 @@ class GatewayCore:
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
-        self._dispatch(request)
+        self._dispatch(model_id, request)
         response = self._handles[model_id].complete.remote(request)
         try:
             async with asyncio.timeout(self.settings.gateway.request_timeout_s):
@@ -234,7 +248,7 @@ class GatewayCore:
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
-        self._dispatch(request)
+        self._dispatch(model_id, request)
         generator = self._stream_handles[model_id].stream.remote(request)
         idle = self.settings.gateway.stream_idle_timeout_s
         finished = False

@@ -221,3 +221,22 @@ def test_replicas_per_deployment_are_exported(http: httpx.Client) -> None:
         return total(snapshot, "troupe_replicas", deployment="LLM_mock-5ms", state="RUNNING")
 
     assert wait_until(running, timeout=15, interval=0.3) == 1
+
+
+def test_in_flight_per_model_rises_while_a_request_runs(http: httpx.Client, base_url: str) -> None:
+    key = ("troupe_in_flight_requests", (("deployment", "LLM_mock-slow"),))
+
+    def in_flight() -> float:
+        return samples(http.get("/metrics").text).get(key, -1.0)
+
+    async def hold_one_request() -> None:
+        async with connect(base_url.replace("http://", "ws://") + "/ws") as ws:
+            await ws.send(json.dumps({"type": "inference", "id": "h", "model": "mock-slow", "prompt": "x"}))
+            await asyncio.wait_for(ws.recv(), 10)  # first token: it is running
+            await asyncio.to_thread(wait_until, lambda: in_flight() == 1, 10, 0.2)
+            await ws.send(json.dumps({"type": "cancel", "id": "h"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "complete":
+                pass
+
+    asyncio.run(hold_one_request())
+    wait_until(lambda: in_flight() == 0, timeout=10, interval=0.2)
