@@ -77,9 +77,9 @@ class RequestMeter:
             self.prompt_tokens = chunk.prompt_tokens
 
     def finished(self, chunk: TextChunk) -> None:
-        """A unary result: the whole answer in one chunk, so there is no separate TTFT."""
+        """A unary result: the whole answer arrives at once, so its first token does too
+        (TTFT equals the time to the response)."""
         self.chunk(chunk)
-        self.ttft_ms = None
 
     def event(self, status: int = 200, error_code: Optional[str] = None) -> RequestEvent:
         finish = self.finish_reason

@@ -109,7 +109,8 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str, fake_op
     assert (m["requests"], m["errors"]) == (3, 0)
     assert (m["prompt_tokens"], m["completion_tokens"]) == (prompt, completion)
     assert m["cost_usd"] == pytest.approx(expected_cost, abs=1e-9)
-    assert m["latency_ms"]["e2e"]["count"] == 3 and m["latency_ms"]["ttft"]["count"] == 1
+    # every request that produced tokens has a TTFT (a unary one: when its response came)
+    assert m["latency_ms"]["e2e"]["count"] == 3 and m["latency_ms"]["ttft"]["count"] == 3
     slow = groups["mock-slow"]
     assert slow["requests"] == 1 and slow["errors"] == 0  # cancelled is not an error...
     assert slow["completion_tokens"] == cancelled["usage"]["completion_tokens"] > 0  # ...but counted
@@ -136,7 +137,8 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str, fake_op
     assert delta("troupe_errors_total", model="mock-fail", code="INFERENCE_FAILED") == 1
     assert delta("troupe_errors_total", code="MODEL_NOT_FOUND") == 1
     assert delta("troupe_e2e_seconds_count", model="mock-5ms") == 3
-    assert delta("troupe_ttft_seconds_count", model="mock-5ms") == 1
+    assert delta("troupe_ttft_seconds_count", model="mock-5ms") == 3
+    assert delta("troupe_ttft_seconds_count", model="remote-gpt") == 3
     assert delta("troupe_queue_wait_seconds_count", model="mock-5ms") == 3
     assert delta("troupe_inter_token_seconds_count", model="mock-5ms") >= 6
     assert delta("troupe_requests_total", model="remote-gpt", provider="openai") == 3
