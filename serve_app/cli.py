@@ -1,4 +1,4 @@
-"""The ``troupe`` command: run, validate.
+"""The ``troupe`` command: run, validate, status.
 
 ``troupe run CONFIG`` validates the config, starts ``serve run CONFIG`` as a child
 process, waits until ``/health`` answers, and prints the URL and an example request.
@@ -136,6 +136,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per deployment: replicas by state, nodes, GPUs, in-flight requests, scaling targets."""
+    import ray
+
+    from serve_app.status import collect_status, format_status, in_flight_from_metrics
+
+    settings: dict[str, TroupeSettings] = {}
+    url = args.url
+    if args.config:
+        try:
+            data = _read_serve_config(Path(args.config))
+            for app in data["applications"]:
+                if app.get("import_path", "").startswith("serve_app.app:"):
+                    settings[app.get("name", "default")] = load_settings(app.get("args") or {})
+            http = data.get("http_options") or {}
+            url = url or f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+        except ConfigError as exc:
+            print(f"troupe: {exc}", file=sys.stderr)
+            return 2
+    try:
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    except ConnectionError as exc:
+        print(f"troupe: no Ray cluster at {args.address!r} ({exc}). Start the gateway first "
+              "(make run), or pass --address of a running cluster.", file=sys.stderr)
+        return 2
+    try:
+        rows = collect_status(settings, in_flight_from_metrics(url) if url else None)
+    finally:
+        ray.shutdown()
+    print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="troupe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +176,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("config", nargs="?", default="config/local.yaml")
     run.add_argument("--ready-timeout", type=float, default=900.0)
     run.set_defaults(func=cmd_run)
+    st = sub.add_parser("status", help="replicas, nodes, GPUs, in-flight and scaling per deployment")
+    st.add_argument("config", nargs="?", help="the Serve config (adds resources and targets)")
+    st.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    st.add_argument("--url", default=None, help="gateway URL for in-flight counts")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
     val = sub.add_parser("validate", help="check a Serve config's Troupe settings")
     val.add_argument("config")
     val.set_defaults(func=cmd_validate)

@@ -242,3 +242,23 @@ def test_in_flight_per_model_rises_while_a_request_runs(http: httpx.Client, base
 
     asyncio.run(hold_one_request())
     wait_until(lambda: in_flight() == 0, timeout=10, interval=0.2)
+
+
+def test_status_shows_replicas_nodes_resources_and_in_flight(base_url: str) -> None:
+    from serve_app.config import load_settings
+    from serve_app.status import collect_status, format_status, in_flight_from_metrics
+    from tests.integration.conftest import APP_ARGS
+
+    httpx.post(base_url + "/inference", json={"model": "mock-5ms", "prompt": "x", "max_tokens": 2})
+    flights = wait_until(lambda: (f := in_flight_from_metrics(base_url)).get("LLM_mock-5ms") == 0
+                         and f, timeout=10, interval=0.2)
+    rows = {r["deployment"]: r for r in collect_status({"troupe": load_settings(APP_ARGS)}, flights)}
+    row = rows["LLM_mock-5ms"]
+    assert row["application"] == "troupe" and row["status"] == "HEALTHY"
+    assert row["replicas"] == {"RUNNING": 1}
+    assert sum(row["nodes"].values()) == 1  # placed on a node Ray knows
+    assert row["num_cpus"] == 0.1 and row["num_gpus"] == 0 and row["target_replicas"] == 1
+    assert row["in_flight"] == 0
+    assert rows["Gateway"]["replicas"] == {"RUNNING": 1}
+    table = format_status(list(rows.values()))
+    assert "troupe/LLM_mock-5ms" in table and "fixed 1" in table

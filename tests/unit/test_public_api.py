@@ -31,6 +31,7 @@ PUBLIC = [
     "serve_app.metering",
     "serve_app.tracing",
     "serve_app.sse",
+    "serve_app.status",
     "serve_app.routes.observability",
     "actors.names",
     "actors.metrics",
