@@ -44,17 +44,19 @@ run: install models
 	$(BIN)/troupe run $(CONFIG)
 
 # System packages the tests need: a PostgreSQL server (the store's tests start a private
-# one on a random port) and promtool (checks /metrics). Installed only when missing; the
-# Debian package's default cluster on :5432 is not created.
+# one on a random port), promtool (checks /metrics) and Chromium (the playground's browser
+# tests; Playwright drives /usr/bin/chromium, never a downloaded browser). Installed only
+# when missing; the Debian package's default cluster on :5432 is not created.
 system-test-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v promtool >/dev/null; then \
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v promtool >/dev/null \
+	    || [ ! -x /usr/bin/chromium ]; then \
 	  set -e; \
 	  mkdir -p /etc/postgresql-common/createcluster.d; \
 	  echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/troupe.conf; \
 	  made_policy=0; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; made_policy=1; fi; \
 	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 prometheus; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 prometheus chromium fonts-liberation; \
 	  if [ $$made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi; \
 	fi
 

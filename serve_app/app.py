@@ -20,6 +20,7 @@ from serve_app.http import RequestIdMiddleware, install_error_handlers
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
+from serve_app.routes.playground import build_playground_router
 from serve_app.routes.websocket import build_ws_router
 from serve_app.tracing import (
     ActorSpanSink,
@@ -54,6 +55,7 @@ def build_fastapi_app(
     app.include_router(build_native_router(core))
     app.include_router(build_ws_router(core))
     app.include_router(build_observability_router(core, metrics_actor))
+    app.include_router(build_playground_router())
     # Outermost, so even errors answered by Starlette's last-resort handler carry the id;
     # tracing inside it, so the request span has the id.
     return RequestIdMiddleware(TracingMiddleware(app), trust_upstream_id=behind_serve_proxy)

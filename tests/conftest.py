@@ -54,3 +54,8 @@ def serve_instance() -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# The session's Troupe app (mock engines + a fake OpenAI upstream), shared by the
+# integration and browser suites: deployed once, on first use.
+from tests.mock_app import base_url, fake_openai, http, ledger_path  # noqa: E402,F401

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import wait_until
-from tests.integration.conftest import engine_active
+from tests.mock_app import engine_active
 
 
 def sse_events(text: str) -> list[tuple[str, dict]]:

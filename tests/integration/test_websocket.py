@@ -11,7 +11,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.integration.conftest import engine_active
+from tests.mock_app import engine_active
 
 TERMINAL = {"complete", "error"}
 

@@ -1,0 +1,1 @@
+"""Browser tests run against the session's Serve app (fixtures in tests/mock_app.py)."""
