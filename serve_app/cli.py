@@ -68,6 +68,7 @@ def _banner(url: str, health: dict) -> str:
     model = health["models"][0]["id"] if health.get("models") else "MODEL"
     return f"""
   Troupe is up: {url}
+    browser: {url}/   (the playground: chat, stop, latency and cost)
     models : {', '.join(m['id'] for m in health.get('models', []))}
     health : curl {url}/health
     chat   : curl {url}/v1/chat/completions -H 'content-type: application/json' \\

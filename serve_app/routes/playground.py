@@ -60,11 +60,11 @@ def build_playground_router(static_dir: Path | None = None) -> APIRouter:
             return _not_found(name)
         return FileResponse(path, media_type=_CONTENT_TYPES[path.suffix], headers=_CACHE)
 
-    @router.get("/", include_in_schema=False)
+    @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def playground() -> Response:
         return _file("index.html")
 
-    @router.get("/static/{name}", include_in_schema=False)
+    @router.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
     async def static_asset(name: str) -> Response:
         # A lookup in a fixed index: "..", "%2e%2e", slashes or absolute paths never match.
         return _file(name)

@@ -204,6 +204,8 @@ def test_static_files_are_served_safely(base_url: str) -> None:
         assert "/static/app.js" in page.text
         assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
         assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+        head = client.head("/static/app.js")
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/javascript")
         for bad in ["/static/..%2Fapp.py", "/static/%2e%2e%2fapp.py", "/static/nope.js",
                     "/static/../routes/playground.py"]:
             assert client.get(bad).status_code == 404, bad
