@@ -18,12 +18,13 @@ and no deployment changes.
 from __future__ import annotations
 
 import importlib
-from typing import AsyncIterator, Protocol, runtime_checkable
+from typing import AsyncIterator, Optional, Protocol, runtime_checkable
 
 from serve_app.config import EngineConfig
+from serve_app.errors import ContextLengthExceeded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 
-__all__ = ["TextEngine", "create_text_engine", "ENGINE_KINDS"]
+__all__ = ["TextEngine", "create_text_engine", "plan_output_tokens", "ENGINE_KINDS"]
 
 
 @runtime_checkable
@@ -65,3 +66,39 @@ def create_text_engine(model_id: str, config: EngineConfig) -> TextEngine:
     module_name, class_name = _ENGINE_MODULES[config.type].split(":")
     engine_cls = getattr(importlib.import_module(module_name), class_name)
     return engine_cls(model_id=model_id, config=config)
+
+
+def plan_output_tokens(
+    context_length: int,
+    prompt_tokens: int,
+    max_tokens: Optional[int],
+    prompt_param: str = "messages",
+    default_max_tokens: Optional[int] = None,
+) -> int:
+    """How many tokens to generate; raises ContextLengthExceeded when they do not fit.
+
+    An explicit ``max_tokens`` must fit. Without one the engine generates up to
+    ``default_max_tokens`` (the model's configured default), capped by the room the prompt
+    leaves, or fills the context when there is no default (``SamplingParams.output_limit``).
+    ``prompt_param`` names the request field to blame when the prompt alone is too long.
+    """
+    room = context_length - prompt_tokens
+    details = {"context_length": context_length, "prompt_tokens": prompt_tokens}
+    if max_tokens is None:
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"This model's context is {context_length} tokens and the prompt alone uses "
+                f"{prompt_tokens}, leaving no room for a completion. Shorten the prompt.",
+                param=prompt_param,
+                details=details,
+            )
+        return room if default_max_tokens is None else max(0, min(room, default_max_tokens))
+    if max_tokens > room:
+        raise ContextLengthExceeded(
+            f"This model's context is {context_length} tokens; the prompt uses "
+            f"{prompt_tokens} and max_tokens asks for {max_tokens}. Shorten the prompt or "
+            f"lower max_tokens (at most {max(room, 0)} here).",
+            param="max_tokens",
+            details=dict(details, max_tokens=max_tokens),
+        )
+    return max(0, max_tokens)

@@ -17,7 +17,7 @@ import time
 from typing import AsyncIterator, Optional
 
 from serve_app.config import MockEngineConfig
-from serve_app.errors import ContextLengthExceeded
+from deployments.engines.base import plan_output_tokens
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 
 __all__ = ["MockTextEngine", "render_prompt", "mock_completion_tokens"]
@@ -99,17 +99,14 @@ class MockTextEngine:
     def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str]:
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
-        room = self.context_length - prompt_tokens
         sp = request.sampling
-        if room <= 0 or (sp.max_tokens is not None and sp.max_tokens > room):
-            raise ContextLengthExceeded(
-                f"This model's context is {self.context_length} tokens; the prompt uses "
-                f"{prompt_tokens} and max_tokens asks for {sp.max_tokens}. Shorten the "
-                f"prompt or lower max_tokens (at most {max(room, 0)} here).",
-                param="max_tokens",
-                details={"context_length": self.context_length, "prompt_tokens": prompt_tokens},
-            )
-        limit = sp.output_limit(room)
+        limit = plan_output_tokens(
+            self.context_length,
+            prompt_tokens,
+            sp.max_tokens,
+            "messages" if request.messages is not None else "prompt",
+            sp.default_max_tokens,
+        )
         digest = _digest(prompt, sp.seed, sp.temperature)
         cfg = self.config
         span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)

@@ -52,8 +52,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from deployments.engines.base import plan_output_tokens
 from serve_app.config import TransformersEngineConfig
-from serve_app.errors import ContextLengthExceeded, InvalidRequest, ModelNotLoaded
+from serve_app.errors import InvalidRequest, ModelNotLoaded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
 
 try:  # POSIX advisory locks; without them the atomic rename alone keeps the cache sound
@@ -264,40 +265,8 @@ def prepare_bundled_model(cache_dir: Optional[str | os.PathLike[str]] = None) ->
 # --------------------------------------------------------------------------- pure helpers
 
 
-def plan_max_new_tokens(
-    context_length: int,
-    prompt_tokens: int,
-    max_tokens: Optional[int],
-    prompt_param: str = "messages",
-    default_max_tokens: Optional[int] = None,
-) -> int:
-    """How many tokens to generate; raises ContextLengthExceeded when they do not fit.
-
-    An explicit ``max_tokens`` must fit. Without one the engine generates up to
-    ``default_max_tokens`` (the model's configured default), capped by the room the prompt
-    leaves, or fills the context when there is no default (``SamplingParams.output_limit``).
-    ``prompt_param`` names the request field to blame when the prompt alone is too long.
-    """
-    room = context_length - prompt_tokens
-    details = {"context_length": context_length, "prompt_tokens": prompt_tokens}
-    if max_tokens is None:
-        if room <= 0:
-            raise ContextLengthExceeded(
-                f"This model's context is {context_length} tokens and the prompt alone uses "
-                f"{prompt_tokens}, leaving no room for a completion. Shorten the prompt.",
-                param=prompt_param,
-                details=details,
-            )
-        return room if default_max_tokens is None else max(0, min(room, default_max_tokens))
-    if max_tokens > room:
-        raise ContextLengthExceeded(
-            f"This model's context is {context_length} tokens; the prompt uses "
-            f"{prompt_tokens} and max_tokens asks for {max_tokens}. Shorten the prompt or "
-            f"lower max_tokens (at most {max(room, 0)} here).",
-            param="max_tokens",
-            details=dict(details, max_tokens=max_tokens),
-        )
-    return max(0, max_tokens)
+# The shared rule (explicit max_tokens must fit; otherwise the default, capped by the room).
+plan_max_new_tokens = plan_output_tokens
 
 
 def find_stop(text: str, stops: Sequence[str], start: int = 0) -> Optional[int]:

@@ -41,6 +41,7 @@ import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
+from deployments.engines.base import plan_output_tokens
 from serve_app.config import ConfigError, VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
@@ -344,17 +345,14 @@ class VLLMTextEngine:
                 'prompt token. Send some text, e.g. {"prompt": "Hello"}.',
                 param="messages" if request.messages is not None else "prompt",
             )
-        room = self.context_length - prompt_tokens
-        asked = request.sampling.max_tokens
-        if room <= 0 or (asked is not None and asked > room):
-            raise ContextLengthExceeded(
-                f"This model's context is {self.context_length} tokens; the prompt uses "
-                f"{prompt_tokens} and max_tokens asks for {asked}. Shorten the prompt or "
-                f"lower max_tokens (at most {max(room, 0)} here).",
-                param="max_tokens",
-                details={"context_length": self.context_length, "prompt_tokens": prompt_tokens},
-            )
-        return request.sampling.output_limit(room)
+        sampling = request.sampling
+        return plan_output_tokens(
+            self.context_length,
+            prompt_tokens,
+            sampling.max_tokens,
+            "messages" if request.messages is not None else "prompt",
+            sampling.default_max_tokens,
+        )
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
         try:

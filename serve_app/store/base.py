@@ -10,25 +10,9 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.rows import LedgerTotalsRow
 
-__all__ = ["Store", "LedgerTotals", "open_store"]
-
-
-class LedgerTotals(Protocol):
-    """One aggregate row of the ledger (see ``Store.ledger_totals``)."""
-
-    model: str
-    provider: str
-    route: str
-    key_id: str
-    tier: str
-    status: int
-    error_code: str | None
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    estimated: int  # entries whose cost was estimated
+__all__ = ["Store", "LedgerTotalsRow", "open_store"]
 
 
 @runtime_checkable
@@ -49,7 +33,7 @@ class Store(Protocol):
         Returns how many rows were new. Atomic per call.
         """
 
-    async def ledger_totals(self) -> list[LedgerTotals]:
+    async def ledger_totals(self) -> list[LedgerTotalsRow]:
         """Totals grouped by (model, provider, route, key_id, tier, status, error_code)."""
 
     async def ledger_window(self, start_ts: float, end_ts: float) -> list[LedgerEntry]:

@@ -449,7 +449,7 @@ async def test_prompt_plus_max_tokens_over_the_context_is_refused_before_submitt
     with pytest.raises(ContextLengthExceeded) as err:
         await anext(engine.generate(raw(prompt, max_tokens=6)))
     assert err.value.status == 400 and err.value.code == "CONTEXT_LENGTH_EXCEEDED"
-    assert err.value.details == {"context_length": 16, "prompt_tokens": 11}
+    assert err.value.details == {"context_length": 16, "prompt_tokens": 11, "max_tokens": 6}
     assert fake.submitted == []
     assert engine.active_requests() == 0
 
