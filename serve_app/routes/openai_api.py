@@ -14,10 +14,15 @@ from fastapi import APIRouter, Request
 
 from serve_app.core import GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
-from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
+from serve_app.http import (
+    JSONResponse,
+    error_event_data,
+    parse_body,
+    read_json,
+    request_id_of,
+)
 from serve_app.metering import RequestInfo
 from serve_app.protocol.internal import GenerationRequest, TextChunk
-from serve_app.sse import SSEResponse
 from serve_app.protocol.openai import (
     CHAT_EXAMPLE,
     COMPLETION_EXAMPLE,
@@ -25,6 +30,7 @@ from serve_app.protocol.openai import (
     CompletionRequest,
     unknown_fields,
 )
+from serve_app.sse import SSEResponse
 
 __all__ = ["build_openai_router", "peek_stream"]
 
@@ -39,11 +45,6 @@ async def peek_stream(
         await chunks.aclose()
         raise
     return first, chunks
-
-
-def _finish(reason: Optional[str]) -> Optional[str]:
-    # OpenAI has no "cancelled"; a cancelled HTTP stream has no reader left anyway.
-    return reason
 
 
 def _model_card(model_id: str, created: int) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                         "index": 0,
                         "message": {"role": "assistant", "content": result.text},
                         "logprobs": None,
-                        "finish_reason": _finish(result.finish_reason),
+                        "finish_reason": result.finish_reason,
                     }
                 ],
                 "usage": result.usage(),
@@ -149,7 +150,7 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                         "index": 0,
                         "text": echo + result.text,
                         "logprobs": None,
-                        "finish_reason": _finish(result.finish_reason),
+                        "finish_reason": result.finish_reason,
                     }
                 ],
                 "usage": result.usage(),
@@ -185,7 +186,9 @@ async def _chat_events(
     try:
         yield choice('{"role":"assistant","content":""}', None)
         while True:
-            finish = _finish(chunk.finish_reason)
+            # "cancelled" is Troupe's own reason (OpenAI has none); after a cancel over
+            # HTTP nobody is left reading, so in practice clients never see it here.
+            finish = chunk.finish_reason
             if chunk.text:
                 # The last text rides with the finish reason (one message fewer per stream).
                 yield choice('{"content":%s}' % orjson.dumps(chunk.text).decode(), finish)
@@ -232,7 +235,7 @@ async def _completion_events(
             yield choice(echo, None)
         while True:
             if chunk.finish_reason is not None:
-                yield choice(chunk.text, _finish(chunk.finish_reason))
+                yield choice(chunk.text, chunk.finish_reason)
                 if include_usage:
                     yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(chunk.usage()).decode())
                 break

@@ -6,7 +6,6 @@ import math
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pytest
@@ -15,25 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.metrics import MAX_LABEL_SETS, MetricsActor
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.metrics import LedgerEntry, RequestEvent
+from serve_app.store.rows import LedgerTotalsRow
 
 PRICES = {"local-llm": {"input_usd_per_million": 0.5, "output_usd_per_million": 1.5}}
 CHAT = "/v1/chat/completions"
-
-
-@dataclass
-class Totals:
-    model: str
-    provider: str
-    route: str
-    key_id: str
-    tier: str
-    status: int
-    error_code: str | None
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    estimated: int
 
 
 class FakeStore:
@@ -62,18 +46,18 @@ class FakeStore:
                 new += 1
         return new
 
-    async def ledger_totals(self) -> list[Totals]:
-        groups: dict[tuple, Totals] = {}
+    async def ledger_totals(self) -> list[LedgerTotalsRow]:
+        sums: dict[tuple, list] = {}
         for e in self.rows.values():
             ev = e.event
             key = (ev.model, ev.provider, ev.route, ev.key_id, ev.tier, ev.status, ev.error_code)
-            row = groups.setdefault(key, Totals(*key, 0, 0, 0, 0.0, 0))
-            row.requests += 1
-            row.prompt_tokens += ev.prompt_tokens
-            row.completion_tokens += ev.completion_tokens
-            row.cost_usd += e.cost_usd
-            row.estimated += e.cost_estimated
-        return list(groups.values())
+            acc = sums.setdefault(key, [0, 0, 0, 0.0, 0])
+            acc[0] += 1
+            acc[1] += ev.prompt_tokens
+            acc[2] += ev.completion_tokens
+            acc[3] += e.cost_usd
+            acc[4] += e.cost_estimated
+        return [LedgerTotalsRow(*key, *acc) for key, acc in sums.items()]
 
     async def ledger_window(self, start_ts: float, end_ts: float) -> list[LedgerEntry]:
         found = [e for e in self.rows.values() if start_ts <= e.event.ts < end_ts]
