@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Literal, Optional, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 __all__ = [
     "RESPONSES_EXAMPLE",
@@ -83,6 +83,9 @@ class InputMessage(_Lenient):
         return "\n".join(p.text or "" for p in self.content)
 
 
+_MESSAGE_ITEMS = TypeAdapter(list[InputMessage])
+
+
 class _TextFormat(_Lenient):
     type: Literal["text"] = "text"
 
@@ -121,25 +124,33 @@ class ResponsesRequest(_Lenient):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _message_items_only(cls, value):
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                kind = item.get("type", "message") if isinstance(item, dict) else None
-                if kind != "message" and isinstance(item, dict):
-                    raise ValueError(
-                        f"input item {i} has type {kind!r}; this gateway accepts only message "
-                        'items, e.g. {"role": "user", "content": "Hello"}'
-                    )
-        return value
-
-    @field_validator("input")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, str) and not value.strip():
-            raise ValueError("input is empty; send the text to answer, e.g. \"input\": \"Hello\"")
-        if isinstance(value, list) and not value:
+    def _text_or_message_items(cls, value):
+        # Validated here, before the str|list union, so a bad item yields one error that
+        # names the item instead of one error per union branch.
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError('input is empty; send the text to answer, e.g. "input": "Hello"')
+            return value
+        if not isinstance(value, list):
+            raise ValueError(
+                "input must be a string or a list of message items, not "
+                f"{type(value).__name__}"
+            )
+        if not value:
             raise ValueError("input is an empty list; send at least one message item")
-        return value
+        for i, item in enumerate(value):
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if isinstance(item, dict) and kind != "message":
+                raise ValueError(
+                    f"input item {i} has type {kind!r}; this gateway accepts only message "
+                    'items, e.g. {"role": "user", "content": "Hello"}'
+                )
+        try:
+            return _MESSAGE_ITEMS.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"input item {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
     @field_validator("tools")
     @classmethod
