@@ -122,6 +122,7 @@ class MessagesRequest(_Lenient):
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Any] = None
     thinking: Optional[dict[str, Any]] = None
+    output_config: Optional[dict[str, Any]] = None
 
     @field_validator("system")
     @classmethod
@@ -153,6 +154,16 @@ class MessagesRequest(_Lenient):
             raise ValueError(
                 "extended thinking is not supported here; omit 'thinking' or send "
                 '{"type": "disabled"}'
+            )
+        return value
+
+    @field_validator("output_config")
+    @classmethod
+    def _no_structured_output(cls, value):
+        if value and value.get("format") is not None:
+            raise ValueError(
+                "structured outputs (output_config.format) are not supported by this "
+                "gateway's text models; omit 'format' ('effort' is accepted and ignored)"
             )
         return value
 

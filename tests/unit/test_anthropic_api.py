@@ -102,7 +102,8 @@ async def test_multi_turn_and_consecutive_user_turns(gw: GatewayUnderTest) -> No
         {"role": "user", "content": "Tell me"},
         {"role": "user", "content": [{"type": "text", "text": "about actors"}]},
     ]
-    r = await post(gw, body(messages=turns, top_k=40, metadata={"user_id": "u1"}))
+    r = await post(gw, body(messages=turns, top_k=40, metadata={"user_id": "u1"},
+                            output_config={"effort": "low"}, service_tier="auto"))
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["input_tokens"] > 4
 
@@ -221,6 +222,8 @@ async def test_missing_max_tokens_is_a_400_naming_it(gw: GatewayUnderTest) -> No
         (body(system=[{"type": "image"}]), "system block 0"),
         (body(tools=[{"name": "f", "input_schema": {}}]), "tool use is not supported"),
         (body(thinking={"type": "enabled", "budget_tokens": 1024}), "thinking"),
+        (body(output_config={"format": {"type": "json_schema", "schema": {}}}),
+         "output_config.format"),
     ],
 )
 async def test_bad_input_is_a_400_in_anthropic_envelope(
