@@ -84,7 +84,7 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
         return JSONResponse(
             message_object(
                 msg_id, body.model, result.text,
-                stop_reason_of(result.finish_reason, None), None,
+                stop_reason_of(result.finish_reason, result.stop_sequence), result.stop_sequence,
                 result.prompt_tokens, result.completion_tokens,
             )
         )
@@ -111,7 +111,7 @@ async def _message_events(
                 if finish not in ("stop", "length"):
                     raise InferenceFailed(_CANCELLED)
                 for event in encoder.finish(
-                    stop_reason_of(finish, None), None,
+                    stop_reason_of(finish, chunk.stop_sequence), chunk.stop_sequence,
                     chunk.prompt_tokens, chunk.completion_tokens,
                 ):
                     yield named(event)

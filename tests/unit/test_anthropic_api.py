@@ -108,13 +108,22 @@ async def test_multi_turn_and_consecutive_user_turns(gw: GatewayUnderTest) -> No
     assert r.json()["usage"]["input_tokens"] > 4
 
 
-async def test_stop_sequence_trims_the_answer(gw: GatewayUnderTest) -> None:
+async def test_stop_sequence_trims_the_answer_and_is_reported(gw: GatewayUnderTest) -> None:
     full = (await post(gw, body(model="mock-slow", max_tokens=10, temperature=0))).json()
     words = full["content"][0]["text"].split()
+    stops = ["never-in-the-text", " " + words[3]]
     stopped = (await post(gw, body(model="mock-slow", max_tokens=10, temperature=0,
-                                   stop_sequences=[" " + words[3]]))).json()
+                                   stop_sequences=stops))).json()
     assert stopped["content"][0]["text"] == " ".join(words[:3])
-    assert stopped["stop_reason"] in ("stop_sequence", "end_turn")
+    assert stopped["stop_reason"] == "stop_sequence"
+    assert stopped["stop_sequence"] == " " + words[3]
+    r = await post(gw, body(model="mock-slow", max_tokens=10, temperature=0,
+                            stop_sequences=stops, stream=True))
+    final = events_of(r)[-2][1]
+    assert final["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": " " + words[3]}
+    # Without a stop string hit, a natural end is end_turn with no stop_sequence.
+    natural = (await post(gw, body(stop_sequences=["never-in-the-text"]))).json()
+    assert (natural["stop_reason"], natural["stop_sequence"]) == ("end_turn", None)
 
 
 # ------------------------------------------------------------------- streams
