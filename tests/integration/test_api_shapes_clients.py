@@ -103,6 +103,13 @@ def test_messages_unary(claude: Anthropic) -> None:
         model="mock-5ms", max_tokens=300, system="Be brief.", messages=USER, extra_body={"top_k": 5})
     assert done.stop_reason == "end_turn" and 64 <= done.usage.output_tokens <= 96
     assert done.usage.input_tokens > m.usage.input_tokens  # the system prompt counted
+    words = done.content[0].text.split()
+    stopped = claude.messages.create(model="mock-5ms", max_tokens=300, messages=USER,
+                                     system="Be brief.", stop_sequences=["zzz-absent", " " + words[3]])
+    if len(set(words[:4])) == 4:  # the stop word does not occur earlier in the answer
+        assert stopped.content[0].text == " ".join(words[:3])
+    assert stopped.stop_reason == "stop_sequence"
+    assert stopped.stop_sequence == " " + words[3]
 
 
 def test_messages_stream_raw_events_and_helper(claude: Anthropic) -> None:
