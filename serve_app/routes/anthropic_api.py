@@ -75,7 +75,8 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
             encoder = MessageStreamEncoder(msg_id, body.model)
-            return SSEResponse(_message_events(encoder, first, rest, request_id))
+            return SSEResponse(_message_events(encoder, first, rest, request_id),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         if result.finish_reason not in ("stop", "length"):
             error = InferenceFailed(_CANCELLED)

@@ -68,7 +68,8 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
             encoder = ResponseStreamEncoder(resp_id, created_at, body)
-            return SSEResponse(_response_events(encoder, first, rest))
+            return SSEResponse(_response_events(encoder, first, rest),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         status = status_of(result.finish_reason or "cancelled")
         error = {"code": "cancelled", "message": _CANCELLED} if status == "failed" else None
