@@ -38,6 +38,11 @@ class EmbeddingDeployment(EngineHost):
         super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
         #: How a checked request is run; the builder swaps in a Serve-batched callable.
         self.run_one: Callable[[EmbeddingRequest], Awaitable[EmbeddingResult]] = self._unbatched
+        #: Most requests one engine call has served (shows Serve's batching at work).
+        self.largest_batch = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "largest_batch": self.largest_batch}
 
     async def _unbatched(self, request: EmbeddingRequest) -> EmbeddingResult:
         return (await self.embed_batch([request]))[0]
@@ -98,6 +103,7 @@ class EmbeddingDeployment(EngineHost):
     async def embed_batch(self, requests: list[EmbeddingRequest]) -> list[EmbeddingResult]:
         """One engine call for every input of every request, split back per request."""
         engine = await self._ready_engine()
+        self.largest_batch = max(self.largest_batch, len(requests))
         flat = [item for r in requests for item in r.inputs]
         try:
             out = await engine.embed(flat)
