@@ -51,7 +51,7 @@ class SentenceTransformersEngine:
         torch.set_num_threads(self.config.num_threads)
         path = self.config.model_path or bundled_minilm_path()
         self.model = SentenceTransformer(path, device=self.config.device)
-        self.dimensions = int(self.model.get_sentence_embedding_dimension())
+        self.dimensions = int(self.model.get_embedding_dimension())
         self.max_input_tokens = int(self.model.max_seq_length)
 
     def _texts(self, inputs: Sequence[Union[str, list[int]]]) -> list[str]:
