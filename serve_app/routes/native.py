@@ -80,8 +80,9 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                 {
                     "id": model_id,
                     "modality": model.modality,
-                    "loaded": s.get("status") == "ok",
+                    "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
                     "capabilities": core.capabilities(model),
+                    **core.modality_card(model),
                     "context_length": s.get("context_length"),
                     "engine": model.engine.type,
                     "description": model.description,

@@ -42,7 +42,7 @@ def settings(serve_config):
 
 
 def test_gpu_config_is_valid_troupe_settings(settings):
-    engines = {m.id: m.engine for m in settings.models}
+    engines = {m.id: m.engine for m in settings.models if m.modality == "text"}
     assert {e.type for e in engines.values()} == {"vllm"}
     assert sorted(e.tensor_parallel_size for e in engines.values()) == [1, 2]
     assert all(e.model.startswith("/models/") for e in engines.values())  # local weights
@@ -66,6 +66,8 @@ def test_each_vllm_replica_reserves_exactly_its_tensor_parallel_gpus(settings):
     from deployments.engines.vllm_engine import placement_bundles
 
     for model in settings.models:
+        if model.modality != "text":  # other modalities reserve GPUs without placement groups
+            continue
         tp = model.engine.tensor_parallel_size
         options = model.deployment.to_serve()
         actor = options["ray_actor_options"]
