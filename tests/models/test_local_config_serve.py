@@ -87,3 +87,24 @@ def test_websocket_cancel_stops_smollm2_mid_generation(local_url: str) -> None:
     while active(local_url, "smollm2-135m") != 0:
         assert time.monotonic() < deadline, "engine still generating 1 s after cancel"
         time.sleep(0.02)
+
+
+def test_responses_and_anthropic_messages_with_smollm2(local_url: str) -> None:
+    from anthropic import Anthropic
+
+    question = "What is the capital of France?"
+    oai = OpenAI(base_url=local_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = oai.responses.create(model="smollm2-135m", input=question, temperature=0,
+                             max_output_tokens=24)
+    assert "Paris" in r.output_text and r.usage.input_tokens > 10
+    claude = Anthropic(base_url=local_url, api_key="unused", max_retries=0, timeout=120)
+    m = claude.messages.create(model="smollm2-135m", max_tokens=24, extra_body={"temperature": 0},
+                               messages=[{"role": "user", "content": question}])
+    assert "Paris" in m.content[0].text
+    with claude.messages.stream(model="smollm2-135m", max_tokens=24, stop_sequences=["Paris"],
+                                extra_body={"temperature": 0},
+                                messages=[{"role": "user", "content": question}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert "Paris" not in text and text == m.content[0].text.split("Paris")[0]
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "Paris")
