@@ -18,9 +18,10 @@
      ├── Timeout                     504 TIMEOUT
      └── InternalError               500 INTERNAL_ERROR
 
-The wire shapes (OpenAI, Anthropic, native) are produced here and nowhere else: routes raise, the
-gateway's exception handlers and stream encoders call :func:`openai_error_body`,
-:func:`anthropic_error_body` or :func:`native_error_body`. Never pick a status by reading message text.
+The wire shapes (OpenAI, Anthropic, native) are produced here and nowhere else: routes
+raise, the gateway's exception handlers and stream encoders call
+:func:`openai_error_body`, :func:`anthropic_error_body` or :func:`native_error_body`.
+Never pick a status by reading message text.
 
 Errors cross Ray handles (raised in a model replica, caught at the gateway), so every
 class pickles with its keyword fields intact.
