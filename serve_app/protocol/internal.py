@@ -71,6 +71,8 @@ class GenerationRequest:
     dispatched_at: float = 0.0
     #: W3C trace context (``traceparent``/``tracestate``) of the gateway's span.
     trace_context: Optional[dict[str, str]] = None
+    #: Remote provider service tier ("flex", "priority", ...); None: the provider default.
+    service_tier: Optional[str] = None
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ def make_config(fake: FakeOpenAI, **overrides: Any) -> OpenAIEngineConfig:
     fields: dict[str, Any] = {
         "base_url": fake.url, "model": "gpt-fake", "api_key_env": KEY_ENV,
         "context_length": 8192, "connect_timeout_s": 2, "first_byte_timeout_s": 3,
-        "idle_timeout_s": 3, "total_timeout_s": 8,
+        "idle_timeout_s": 3, "total_timeout_s": 8, "retry": {"max_retries": 0},
     }
     fields.update(overrides)
     return OpenAIEngineConfig(**fields)
