@@ -393,6 +393,10 @@ class CredentialClient:
         self.auth_refreshes = 0
         self.updates = 0
 
+    @property
+    def actor(self) -> Any:
+        return self._actor
+
     def register(self, name: str, env: str) -> None:  # the actor knows the env map already
         return None
 
