@@ -482,6 +482,7 @@ def session_actor_args(settings: Any) -> dict[str, Any]:
         "poll_interval_s": sess.poll_interval_s,
         "long_poll_s": sess.long_poll_s,
         "num_cpus": sess.actor_num_cpus,
+        "name": sess.actor_name,
     }
 
 
@@ -492,6 +493,7 @@ def session_actor_handle(args: Mapping[str, Any], head_node_id: Callable[[], Opt
 
     from actors.names import NAMESPACE, SESSION_ACTOR
 
+    name = args.get("name") or SESSION_ACTOR
     store_url = args["store_url"]
     options: dict[str, Any] = {}
     head = head_node_id()
@@ -502,7 +504,7 @@ def session_actor_handle(args: Mapping[str, Any], head_node_id: Callable[[], Opt
             head, soft=not str(store_url).startswith("sqlite:")
         )
     return ray.remote(SessionActor).options(
-        name=SESSION_ACTOR,
+        name=name,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,

@@ -503,6 +503,11 @@ class SessionSettings(_Strict):
         20.0, gt=0, le=300, description="How long a replica's wait for a new snapshot lasts."
     )
     actor_num_cpus: float = Field(0.05, ge=0, description="CPUs reserved for the session actor.")
+    actor_name: str = Field(
+        "troupe-session",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of the session actor (Troupe apps sharing a cluster use one each).",
+    )
 
 
 class TroupeSettings(_Strict):
