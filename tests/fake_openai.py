@@ -209,11 +209,7 @@ class FakeOpenAI:
         """Start on the running loop."""
         self._stopping = asyncio.Event()
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/embeddings", self._embeddings)
-        app.router.add_post("/openai/deployments/{name}/chat/completions", self._chat)
-        app.router.add_post("/openai/deployments/{name}/embeddings", self._embeddings)
-        app.router.add_get("/v1/models", self._models)
+        self._add_routes(app)
         # handler_cancellation: a client that disconnects cancels its handler at once,
         # so open_streams reflects the upstream connection, not the next write attempt.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -222,6 +218,13 @@ class FakeOpenAI:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
+
+    def _add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/openai/deployments/{name}/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{name}/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
 
     async def astop(self) -> None:
         if self._stopping is not None:

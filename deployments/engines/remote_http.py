@@ -735,10 +735,11 @@ class RemoteEngine:
         if specific is not None:
             specific.details = {"provider": self.provider, "upstream_status": status,
                                 "upstream_error": error, **specific.details}
-            if isinstance(specific, (InvalidRequest, PaymentRequired)):
+            auth = status == 401 or isinstance(specific, AuthenticationFailed)
+            if auth or isinstance(specific, (InvalidRequest, PaymentRequired)):
                 retryable = breaker = False
             return UpstreamFailure(specific, retryable=retryable, retry_after_s=hint,
-                                   auth=status == 401, breaker=breaker)
+                                   auth=auth, breaker=breaker)
         return UpstreamFailure(
             self._by_status(status, error, hint),
             retryable=retryable, retry_after_s=hint, auth=status == 401, breaker=breaker,
