@@ -8,6 +8,8 @@ remote work when the caller goes away, and reports engine-side health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
@@ -213,6 +215,12 @@ class GatewayCore:
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
+        if request.start_within_s is not None:  # flex first, standard after the window
+            from serve_app.deadline import complete_with_deadline
+
+            return await complete_with_deadline(self, model_id, request, info)
+        if request.service_tier is not None and info.tier == "default":
+            info = dataclasses.replace(info, tier=request.service_tier)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
@@ -245,6 +253,17 @@ class GatewayCore:
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
+        if request.start_within_s is not None:  # flex first, standard after the window
+            from serve_app.deadline import stream_with_deadline
+
+            async with contextlib.aclosing(
+                stream_with_deadline(self, model_id, request, info)
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        if request.service_tier is not None and info.tier == "default":
+            info = dataclasses.replace(info, tier=request.service_tier)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None

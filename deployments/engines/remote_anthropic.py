@@ -66,6 +66,8 @@ def build_messages_body(
         body["top_p"] = sp.top_p
     if sp.stop:
         body["stop_sequences"] = list(sp.stop)
+    if request.service_tier is not None:
+        body["service_tier"] = request.service_tier
     return body
 
 
