@@ -257,8 +257,10 @@ class SessionActor:
         for name, secret in parsed.items():
             old = self._file.get(name)
             # An unchanged key keeps its old time, so an admin write newer than it still wins.
+            # The file's modification time orders it against admin writes, across
+            # restarts too (an admin key set after the file changed stays the newest).
             fresh[name] = old if old is not None and old.secret == secret else Credential(
-                name, secret, "file", max(when, time.time())
+                name, secret, "file", when
             )
         changed = {n: c.fingerprint for n, c in fresh.items()} != {
             n: c.fingerprint for n, c in self._file.items()

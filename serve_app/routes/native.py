@@ -54,6 +54,7 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                     "engine": model.engine.type,
                     "active_requests": s.get("active_requests"),
                     "reason": s.get("reason"),
+                    **({"remote": s["remote"]} if "remote" in s else {}),
                 }
             )
         healthy = all(m["loaded"] for m in models)

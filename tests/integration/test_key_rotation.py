@@ -213,6 +213,11 @@ def check(load: Load, rotations: list[Rotation], upstream: FakeOpenAI, model: st
     assert {r.new for r in rotations} <= used
 
 
+def engine_counters(url: str, model: str) -> dict[str, Any]:
+    health = httpx.get(url + "/health", timeout=30).json()
+    return next(m for m in health["models"] if m["id"] == model)["remote"]
+
+
 def admin(url: str, **kwargs: Any) -> httpx.Response:
     return httpx.post(url + "/admin/credentials", timeout=30, **kwargs)
 
@@ -249,11 +254,16 @@ async def test_rotation_under_load_via_admin_route(app_url: str, upstream: FakeO
 
     load, rotations = await run_rotation_scenario(app_url, "rot-dep", upstream, KEY0, rotate)
     check(load, rotations, upstream, "rot-dep")
+    counters = engine_counters(app_url, "rot-dep")
+    assert counters["auth_refreshes"] == 0 and counters["retries"] == 0
     keys = [KEY0, *(r.new for r in rotations)]
     health = httpx.get(app_url + "/health", timeout=30).text
     listing = httpx.get(app_url + "/admin/credentials", timeout=30,
                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
-    assert not any(k in text for k in keys for text in [*seen_bodies, health, listing])
+    traces = httpx.get(app_url + "/traces", timeout=30).text
+    metrics = httpx.get(app_url + "/metrics", timeout=30).text
+    assert not any(k in text for k in keys
+                   for text in [*seen_bodies, health, listing, traces, metrics])
     assert_keys_not_in_ray_logs(keys)
 
 
@@ -269,6 +279,8 @@ async def test_rotation_under_load_via_secrets_file(
 
     load, rotations = await run_rotation_scenario(app_url, "rot-gw", upstream, current, rotate)
     check(load, rotations, upstream, "rot-gw")
+    counters = engine_counters(app_url, "rot-gw")
+    assert counters["auth_refreshes"] == 0 and counters["retries"] == 0
     assert_keys_not_in_ray_logs([r.new for r in rotations])
 
 
@@ -283,3 +295,30 @@ def assert_keys_not_in_ray_logs(keys: list[str]) -> None:
             data = path.read_bytes()
             leaked = [k for k in needles if k in data]
             assert not leaked, f"{path.name} contains a key"
+
+
+def test_session_actor_restart_keeps_the_newest_key(app_url: str, upstream: FakeOpenAI) -> None:
+    """Killed, the actor comes back (Ray restarts it), reloads env, file and store, and
+    replicas follow its new epoch; requests keep working on the newest key meanwhile."""
+    import ray
+
+    from actors.names import NAMESPACE
+
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    before = httpx.get(app_url + "/admin/credentials", headers=auth, timeout=30).json()
+    actor = ray.get_actor("troupe-session-rotation", namespace=NAMESPACE)
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.get(app_url + "/admin/credentials", headers=auth, timeout=30)
+        if r.status_code == 200 and r.json()["epoch"] != before["epoch"]:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    after = r.json()["credentials"]["rotation-openai"]
+    assert after["fingerprint"] == before["credentials"]["rotation-openai"]["fingerprint"]
+    for model in ("rot-dep", "rot-gw"):
+        r = httpx.post(app_url + "/v1/chat/completions", timeout=30, json={
+            "model": model, "messages": [{"role": "user", "content": "after restart"}]})
+        assert r.status_code == 200, r.text
+    assert upstream.unauthorized == 0

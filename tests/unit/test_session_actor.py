@@ -203,3 +203,18 @@ def test_env_credentials_version_changes_with_the_value(monkeypatch: pytest.Monk
     assert source.current() is a
     monkeypatch.setenv(ENV, "sk-b")
     assert source.current().version == a.version + 1
+
+
+async def test_restart_keeps_an_admin_key_set_after_the_file_changed(
+    tmp_path: Path, secrets: Path
+) -> None:
+    store = "sqlite:///" + str(tmp_path / "state.db").lstrip("/")
+    first = SessionActor({}, str(secrets), store)
+    await asyncio.sleep(0.05)
+    await first.set_credential("anthropic", "ak-admin-newer")
+    await first.close()
+    again = SessionActor({}, str(secrets), store)
+    assert (await again.snapshot()).get("anthropic").secret == "ak-admin-newer"
+    write(secrets, "anthropic: ak-file-newest\n")  # a later file change wins again
+    assert (await again.refresh()).get("anthropic").secret == "ak-file-newest"
+    await again.close()
