@@ -347,6 +347,9 @@ class UpstreamCall:
 
 # --------------------------------------------------------------------------- the engine
 
+#: Circuit breakers of this process, by provider, key fingerprint and base URL.
+_BREAKERS: dict[str, CircuitBreaker] = {}
+
 
 class RemoteEngine:
     """Base of the remote provider engines (see the module docstring)."""
@@ -451,13 +454,19 @@ class RemoteEngine:
         return cred
 
     def _breaker(self, cred: Any) -> CircuitBreaker:
+        """The breaker of (provider, base URL, key), shared by every engine of this process
+        that calls the same upstream with the same key (the first one's settings win)."""
         key = f"{self.provider}:{cred.fingerprint}"
         breaker = self._breakers.get(key)
         if breaker is None:
             b = self.config.breaker
-            breaker = self._breakers[key] = CircuitBreaker(
-                b.failure_threshold, b.reset_timeout_s, b.half_open_probes
-            )
+            shared = f"{key}@{getattr(self.config, 'base_url', '')}"
+            breaker = _BREAKERS.get(shared)
+            if breaker is None:
+                breaker = _BREAKERS[shared] = CircuitBreaker(
+                    b.failure_threshold, b.reset_timeout_s, b.half_open_probes
+                )
+            self._breakers[key] = breaker
         return breaker
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:

@@ -8,6 +8,8 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
+from deployments.engines import remote_http
+
 from deployments.engines.base import TextEngine, create_text_engine
 from deployments.engines.remote_openai import OpenAITextEngine, SSEParser
 from serve_app.config import OpenAIEngineConfig
@@ -39,6 +41,7 @@ def _fresh(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.wait_open_streams(0, timeout=2)  # a previous test's closed stream is gone
     fake.reset()
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    remote_http._BREAKERS.clear()  # breakers are per process: start each test closed
 
 
 def make_config(fake: FakeOpenAI, **overrides: Any) -> OpenAIEngineConfig:

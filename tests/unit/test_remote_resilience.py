@@ -10,6 +10,8 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
+from deployments.engines import remote_http
+
 from deployments.engines.remote_http import CircuitBreaker, backoff_delay, retry_after_seconds
 from deployments.engines.remote_openai import OpenAITextEngine
 from serve_app.config import OpenAIEngineConfig
@@ -42,6 +44,7 @@ def _fresh(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.wait_open_streams(0, timeout=2)
     fake.reset()
     monkeypatch.setenv(KEY_ENV, KEY)
+    remote_http._BREAKERS.clear()  # breakers are per process: start each test closed
 
 
 def config(fake: FakeOpenAI, **overrides: Any) -> OpenAIEngineConfig:
@@ -338,3 +341,13 @@ async def test_embeddings(make, fake):
     assert fake.requests[-1].path == "/v1/embeddings"
     fake.enqueue(status=503)
     assert (await eng.embed(["x"]))[0] == [fake_embedding("x")]  # retried
+
+
+async def test_the_breaker_is_shared_by_engines_using_the_same_upstream_and_key(make, fake):
+    first = await make(retry={"max_retries": 0})
+    second = await make(retry={"max_retries": 0})
+    fake.configure(status=502)
+    for _ in range(3):
+        await fails(first)
+    sent = len(fake.requests)
+    assert isinstance(await fails(second), Overloaded) and len(fake.requests) == sent
