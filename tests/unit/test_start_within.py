@@ -168,3 +168,15 @@ def test_flex_is_priced_at_the_discount():
                                     tier="flex", prompt_tokens=1000, completion_tokens=1000))
     assert std.cost_usd > 0 and flex.cost_usd == pytest.approx(std.cost_usd * 0.5)
     assert flex.price_source.endswith("+flex-50%")
+
+
+async def test_native_inference_takes_start_within_too(gw, fake):
+    r = await gw.post("/inference", json={"model": "gpt", "prompt": "hi",
+                                          "start_within": "00h-00m-05s"})
+    assert r.status_code == 200, r.text
+    assert fake.requests[-1].body["service_tier"] == "flex"
+    r = await gw.post("/inference", json={"model": "local", "prompt": "hi",
+                                          "start_within": "00h-00m-05s"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "INVALID_REQUEST"
+    assert r.json()["error"]["details"]["param"] == "start_within"
