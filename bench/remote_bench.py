@@ -141,14 +141,14 @@ def wait_ready(url: str, body: dict[str, Any], headers: dict[str, str], timeout_
     raise RuntimeError(f"{url} not ready in {timeout_s}s: {last}")
 
 
-def deploy_troupe(upstream: str, state_dir: str) -> int:
+def deploy_troupe(upstream: str, state_dir: str, throughput_optimized: bool = False) -> int:
     """Private local Ray + Serve with the two Troupe variants; returns the HTTP port."""
     from ray import serve
 
     from bench.run_bench import prepare_environment, start_ray
     from serve_app.app import build_app
 
-    prepare_environment(False)
+    prepare_environment(throughput_optimized)
     os.environ["TROUPE_BENCH_REMOTE_KEY"] = UPSTREAM_KEY
     start_ray(4)
     port = _free_port()
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             targets["litellm"] = (lite[1] + "/v1/chat/completions", "bench-remote",
                                   {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"})
         state = tempfile.mkdtemp(prefix="troupe-bench-remote-")
-        port = deploy_troupe(upstream, state)
+        port = deploy_troupe(upstream, state, args.throughput_optimized)
         base = f"http://127.0.0.1:{port}/v1/chat/completions"
         targets["troupe-gw"] = (base, "troupe-gw", {})
         targets["troupe-dep"] = (base, "troupe-dep", {})
@@ -246,7 +246,8 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; host "
         f"{platform.node()} ({os.cpu_count()} CPUs, shared); fake OpenAI upstream answering "
-        f"{REPLY_TOKENS} tokens at once; non-streaming chat completions; closed loop.",
+        f"{REPLY_TOKENS} tokens at once; non-streaming chat completions; closed loop; "
+        f"RAY_SERVE_THROUGHPUT_OPTIMIZED={'1' if result.get('throughput_optimized') else 'unset'}.",
         "",
         "| target | c | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -283,17 +284,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="Short runs (a smoke test).")
     parser.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV",
                                                                 "/tmp/litellm-venv"))
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="Run Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1.")
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_fake:
         _serve_fake()
         return 0
     result = run(args)
+    result["throughput_optimized"] = args.throughput_optimized
     md = report(result)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    (RESULTS / f"{stamp}-remote.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{stamp}-remote.md").write_text(md)
+    tag = "-remote-tpo" if args.throughput_optimized else "-remote"
+    result["throughput_optimized"] = args.throughput_optimized
+    (RESULTS / f"{stamp}{tag}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stamp}{tag}.md").write_text(md)
     print(md)
     return 0
 

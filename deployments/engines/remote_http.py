@@ -469,90 +469,94 @@ class RemoteEngine:
             self._breakers[key] = breaker
         return breaker
 
+    def _acquire(self, cred: Any) -> tuple[CircuitBreaker, bool]:
+        """The breaker for ``cred`` and whether this attempt is a half-open probe; raises
+        OVERLOADED (503 + Retry-After) at once while it is open."""
+        breaker = self._breaker(cred)
+        probe = breaker.acquire()
+        if probe is None:
+            self.counters["breaker_rejections"] += 1
+            raise Overloaded(
+                f"The upstream provider of model '{self.model_id}' is failing: its circuit "
+                "breaker is open after repeated errors. Retry after the Retry-After delay.",
+                retry_after_s=max(1.0, breaker.retry_in()),
+                status=503,
+                details={"provider": self.provider, "breaker": "open",
+                         "key_fingerprint": cred.fingerprint},
+            )
+        return breaker, probe
+
+    async def _after_failure(
+        self, plan: "_Plan", failure: UpstreamFailure, yielded: bool
+    ) -> float:
+        """Decide what follows a failed attempt: seconds to wait before the next one (0 for
+        a retry on a refreshed key), or raise the failure's error."""
+        if failure.auth and not plan.auth_refreshed and not yielded:
+            fresh = await self._creds.refresh_after_auth_failure(plan.snapshot)
+            new = fresh.get(self.config.credential_name)
+            if new is not None and new.fingerprint != plan.cred.fingerprint:
+                self.counters["auth_refreshes"] += 1
+                _count_metric("remote_auth_refresh_total", self.provider)
+                logger.info("model %s: upstream 401 with key %s; retrying once with %s",
+                            self.model_id, plan.cred.fingerprint, new.fingerprint)
+                plan.auth_refreshed, plan.snapshot, plan.cred = True, fresh, new
+                return 0.0
+        retry = self.config.retry
+        hint = failure.retry_after_s
+        if yielded or not failure.retryable or plan.attempt >= retry.max_retries or (
+            hint is not None and hint > retry.max_retry_after_s
+        ):
+            raise failure.error from None
+        delay = backoff_delay(plan.attempt, retry.backoff_base_s, retry.backoff_max_s, self._rng)
+        delay = max(delay, hint or 0.0)
+        if time.monotonic() + delay >= plan.total_end:
+            raise failure.error from None
+        plan.attempt += 1
+        self.counters["retries"] += 1
+        return delay
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
         if self._session is None or self._creds is None:
             raise InferenceFailed(
                 f"The engine for model '{self.model_id}' is not started (start() was not called)."
             )
         snapshot = self._creds.current()  # captured once: the key of this request's life
-        cred = self._credential(snapshot)
-        self.counters["requests"] += 1
         inflight = _Inflight()
+        plan = _Plan(snapshot, self._credential(snapshot),
+                     inflight.started + self.config.total_timeout_s)
+        self.counters["requests"] += 1
         self._inflight[request.request_id] = inflight
-        total_end = inflight.started + self.config.total_timeout_s
-        retry = self.config.retry
-        attempt = 0
-        auth_refreshed = False
         yielded = False
         try:
             while True:
-                breaker = self._breaker(cred)
-                probe = breaker.acquire()
-                if probe is None:
-                    self.counters["breaker_rejections"] += 1
-                    raise Overloaded(
-                        f"The upstream provider of model '{self.model_id}' is failing: its "
-                        "circuit breaker is open after repeated errors. Retry after the "
-                        "Retry-After delay.",
-                        retry_after_s=max(1.0, breaker.retry_in()),
-                        status=503,
-                        details={"provider": self.provider, "breaker": "open",
-                                 "key_fingerprint": cred.fingerprint},
-                    )
-                verdict = False
+                breaker, probe = self._acquire(plan.cred)
+                verdict = False  # whether this attempt already told the breaker its outcome
                 try:
-                    call = self.build_http(request, cred.secret)
-                    clock = Deadlines(self.config, total_end)
-                    response = await self._open(inflight, call, clock, cred.secret)
+                    secret = plan.cred.secret
+                    clock = Deadlines(self.config, plan.total_end)
+                    response = await self._open(
+                        inflight, self.build_http(request, secret), clock, secret)
                     if response is None:
                         yield EngineOutput("", 0, 0, "abort")
                         return
                     async with contextlib.aclosing(
-                        self._read(inflight, response, clock, cred.secret)
+                        self._read(inflight, response, clock, secret)
                     ) as stream:
                         async for output in stream:
-                            if not yielded and output.finish_reason is None:
-                                # The first delta is about to reach the client: the
-                                # upstream is healthy, and no retry may happen from now on.
+                            if not verdict:
+                                # The first output is about to reach the client: the upstream
+                                # is healthy, and no retry may happen from now on.
                                 breaker.success(probe)
                                 verdict = True
                             yielded = True
                             yield output
-                    if not verdict:
-                        breaker.success(probe)
-                        verdict = True
                     return
                 except UpstreamFailure as failure:
                     if not verdict:
                         (breaker.failure if failure.breaker else breaker.release)(probe)
                         verdict = True
-                    if failure.auth and not auth_refreshed and not yielded:
-                        fresh = await self._creds.refresh_after_auth_failure(snapshot)
-                        new = fresh.get(self.config.credential_name)
-                        if new is not None and new.fingerprint != cred.fingerprint:
-                            auth_refreshed = True
-                            self.counters["auth_refreshes"] += 1
-                            _count_metric("remote_auth_refresh_total", self.provider)
-                            logger.info(
-                                "model %s: upstream 401 with key %s; retrying once with %s",
-                                self.model_id, cred.fingerprint, new.fingerprint,
-                            )
-                            snapshot, cred = fresh, new
-                            continue
-                    if yielded or not failure.retryable or attempt >= retry.max_retries:
-                        raise failure.error from None
-                    if (failure.retry_after_s is not None
-                            and failure.retry_after_s > retry.max_retry_after_s):
-                        raise failure.error from None
-                    delay = backoff_delay(attempt, retry.backoff_base_s, retry.backoff_max_s,
-                                          self._rng)
-                    if failure.retry_after_s is not None:
-                        delay = max(delay, failure.retry_after_s)
-                    if time.monotonic() + delay >= total_end:
-                        raise failure.error from None
-                    attempt += 1
-                    self.counters["retries"] += 1
-                    if not await self._sleep(inflight, delay):
+                    delay = await self._after_failure(plan, failure, yielded)
+                    if delay and not await self._sleep(inflight, delay):
                         yield EngineOutput("", 0, 0, "abort")
                         return
                 finally:
@@ -844,24 +848,17 @@ async def unary_json(
     if engine._session is None or engine._creds is None:
         raise InferenceFailed(f"The engine for model '{engine.model_id}' is not started.")
     snapshot = engine._creds.current()
-    cred = engine._credential(snapshot)
-    retry = engine.config.retry
-    total_end = time.monotonic() + engine.config.total_timeout_s
-    attempt, refreshed = 0, False
+    plan = _Plan(snapshot, engine._credential(snapshot),
+                 time.monotonic() + engine.config.total_timeout_s)
     while True:
-        breaker = engine._breaker(cred)
-        probe = breaker.acquire()
-        if probe is None:
-            raise Overloaded(
-                f"The upstream provider of model '{engine.model_id}' is failing: its circuit "
-                "breaker is open.", retry_after_s=max(1.0, breaker.retry_in()), status=503,
-                details={"provider": engine.provider, "breaker": "open"})
+        breaker, probe = engine._acquire(plan.cred)
+        verdict = False
         inflight = _Inflight()
-        clock = Deadlines(engine.config, total_end)
+        clock = Deadlines(engine.config, plan.total_end)
+        secret = plan.cred.secret
         try:
             response = await engine._open(
-                inflight, UpstreamCall(url, headers_for(cred.secret), body), clock, cred.secret
-            )
+                inflight, UpstreamCall(url, headers_for(secret), body), clock, secret)
             assert response is not None
             try:
                 wait, phase = clock.first_byte()
@@ -871,32 +868,29 @@ async def unary_json(
             finally:
                 response.close()
             breaker.success(probe)
+            verdict = True
             return json.loads(raw)
         except UpstreamFailure as failure:
             (breaker.failure if failure.breaker else breaker.release)(probe)
-            if failure.auth and not refreshed:
-                fresh = await engine._creds.refresh_after_auth_failure(snapshot)
-                new = fresh.get(engine.config.credential_name)
-                if new is not None and new.fingerprint != cred.fingerprint:
-                    refreshed, snapshot, cred = True, fresh, new
-                    engine.counters["auth_refreshes"] += 1
-                    continue
-            if not failure.retryable or attempt >= retry.max_retries or (
-                failure.retry_after_s is not None
-                and failure.retry_after_s > retry.max_retry_after_s
-            ):
-                raise failure.error from None
-            delay = backoff_delay(attempt, retry.backoff_base_s, retry.backoff_max_s,
-                                  engine._rng)
-            delay = max(delay, failure.retry_after_s or 0.0)
-            if time.monotonic() + delay >= total_end:
-                raise failure.error from None
-            attempt += 1
-            engine.counters["retries"] += 1
-            await asyncio.sleep(delay)
-        except BaseException:
-            breaker.release(probe)
-            raise
+            verdict = True
+            delay = await engine._after_failure(plan, failure, False)
+            if delay:
+                await asyncio.sleep(delay)
+        finally:
+            if not verdict:
+                breaker.release(probe)
+
+
+@dataclass
+class _Plan:
+    """One request's credential and retry state (the key is the request's for life,
+    except for one refresh after a 401)."""
+
+    snapshot: Any
+    cred: Any
+    total_end: float
+    attempt: int = 0
+    auth_refreshed: bool = False
 
 
 __all__.append("unary_json")
