@@ -44,10 +44,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 import aiohttp
 
+from deployments.engines.breaker import CircuitBreaker
+from deployments.engines.sse import SSEParser
 from serve_app.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
@@ -83,76 +85,6 @@ MAX_ERROR_BODY = 64 * 1024
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError)
 #: Statuses worth another attempt.
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-
-
-# --------------------------------------------------------------------------- SSE
-
-
-class SSEParser:
-    """Incremental Server-Sent Events parser (the WHATWG rules Troupe needs).
-
-    Feed it bytes as they arrive; it yields the ``data`` of each complete event (several
-    ``data:`` lines joined by ``\\n``). Lines end in ``\\n``, ``\\r\\n`` or ``\\r``; a blank
-    line ends an event; lines starting with ``:`` are comments; other fields (``event``,
-    ``id``, ``retry``) are ignored: every provider Troupe speaks repeats the event type
-    inside the JSON data.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = ""
-        self._data: list[str] = []
-        self._decoder_tail = b""
-
-    def feed(self, chunk: bytes) -> Iterator[str]:
-        """Consume ``chunk``; yield the data of every event it completes."""
-        raw = self._decoder_tail + chunk
-        try:
-            text = raw.decode("utf-8")
-            self._decoder_tail = b""
-        except UnicodeDecodeError as exc:
-            # A multi-byte character split across reads: keep its start for the next feed.
-            if exc.start < len(raw) - 3:
-                raise
-            text = raw[: exc.start].decode("utf-8")
-            self._decoder_tail = raw[exc.start:]
-        self._buffer += text
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                return
-            end, skip = cut
-            line = self._buffer[:end]
-            self._buffer = self._buffer[end + skip:]
-            if line == "":
-                if self._data:
-                    yield "\n".join(self._data)
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                self._data.append(value[1:] if value.startswith(" ") else value)
-
-    def close(self) -> Iterator[str]:
-        """End of stream: an event not terminated by a blank line is dispatched anyway."""
-        if self._buffer:
-            yield from self.feed(b"\n\n")
-        elif self._data:
-            yield from self.feed(b"\n")
-
-
-def _line_end(buffer: str) -> Optional[tuple[int, int]]:
-    """Index and length of the first line terminator, or None when the line is partial."""
-    n = buffer.find("\n")
-    r = buffer.find("\r", 0, n if n >= 0 else len(buffer))
-    if r >= 0:
-        if r + 1 == len(buffer):
-            return None  # could be the start of "\r\n": wait for the next byte
-        return r, 2 if buffer[r + 1] == "\n" else 1
-    if n >= 0:
-        return n, 1
-    return None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -217,57 +149,6 @@ class UpstreamFailure(Exception):
 
     def __post_init__(self) -> None:
         Exception.__init__(self, self.error.message)
-
-
-# --------------------------------------------------------------------------- breaker
-
-
-class CircuitBreaker:
-    """Closed → open after ``threshold`` consecutive failures → half-open after
-    ``reset_s`` (at most ``probes`` requests at once) → closed on a success."""
-
-    def __init__(self, threshold: int, reset_s: float, probes: int) -> None:
-        self.threshold = threshold
-        self.reset_s = reset_s
-        self.probes = probes
-        self.state = "closed"
-        self.failures = 0
-        self.opened_at = 0.0
-        self._probing = 0
-        self.opened_count = 0
-
-    def acquire(self) -> Optional[bool]:
-        """None: refused (open); True: this attempt is a half-open probe; False: normal."""
-        if self.state == "open":
-            if time.monotonic() - self.opened_at < self.reset_s:
-                return None
-            self.state = "half_open"
-        if self.state == "half_open":
-            if self._probing >= self.probes:
-                return None
-            self._probing += 1
-            return True
-        return False
-
-    def retry_in(self) -> float:
-        return max(0.0, self.reset_s - (time.monotonic() - self.opened_at))
-
-    def release(self, probe: bool) -> None:
-        """An attempt ended without a verdict on the upstream's health."""
-        if probe:
-            self._probing = max(0, self._probing - 1)
-
-    def success(self, probe: bool) -> None:
-        self.release(probe)
-        self.state, self.failures = "closed", 0
-
-    def failure(self, probe: bool) -> None:
-        self.release(probe)
-        self.failures += 1
-        if self.state == "half_open" or self.failures >= self.threshold:
-            if self.state != "open":
-                self.opened_count += 1
-            self.state, self.opened_at = "open", time.monotonic()
 
 
 # --------------------------------------------------------------------------- deadlines
