@@ -180,3 +180,34 @@ async def test_native_inference_takes_start_within_too(gw, fake):
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "INVALID_REQUEST"
     assert r.json()["error"]["details"]["param"] == "start_within"
+
+
+async def test_keys_never_reach_traces_logs_or_responses(gw, fake, caplog):
+    """The gateway over a real upstream: traces, logs and bodies of good and failed
+    requests (incl. a 401 whose provider message echoes the key) never hold the key."""
+    import json
+    import logging
+
+    from actors.traces import TraceBuffer
+    from serve_app import tracing
+    from serve_app.tracing import TracingSettings
+
+    caplog.set_level(logging.DEBUG)
+    traces = TraceBuffer()
+    tracing.setup_tracing(TracingSettings(otlp_endpoint=None), "test", traces.add)
+    try:
+        texts = []
+        for extra in ({}, {"stream": True}):
+            texts.append((await gw.post("/v1/chat/completions", json=body(**extra))).text)
+        fake.valid_keys = {"sk-other"}  # the fake's 401 message contains the key it got
+        for extra in ({}, {"stream": True}):
+            r = await gw.post("/v1/chat/completions", json=body(**extra))
+            assert r.status_code == 401
+            texts.append(r.text)
+        texts.append((await gw.post("/inference", json={"model": "gpt", "prompt": "x"})).text)
+        assert tracing.flush_tracing(5.0)
+        texts.append(json.dumps(traces.recent(50)))
+    finally:
+        tracing.shutdown_tracing()
+    texts.append(caplog.text)
+    assert traces.recent(50) and "sk-start-within" not in "".join(texts)
