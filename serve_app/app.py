@@ -135,7 +135,8 @@ class Gateway:
 
             client = install_session_client(session_actor_args(parsed), _head_node_id)
             self.session_actor = client.actor
-        handles = {**handles, **_in_gateway_handles(parsed)}
+        self.local_handles = _in_gateway_handles(parsed)
+        handles = {**handles, **self.local_handles}
         self.metrics_actor = None
         self.recorder = None
         if parsed.metrics.enabled:
@@ -164,6 +165,8 @@ class Gateway:
         )
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
+        for handle in getattr(self, "local_handles", {}).values():  # in-gateway engines
+            await handle.shutdown.remote()
         if self.recorder is not None:
             await self.recorder.close()
 
