@@ -211,3 +211,31 @@ async def test_keys_never_reach_traces_logs_or_responses(gw, fake, caplog):
         tracing.shutdown_tracing()
     texts.append(caplog.text)
     assert traces.recent(50) and "sk-start-within" not in "".join(texts)
+
+
+async def test_in_gateway_engine_is_cancelled_when_the_caller_leaves(fake, monkeypatch):
+    """LocalHandle: closing the gateway's stream aborts the engine and the upstream."""
+    import asyncio
+
+    from serve_app.metering import RequestInfo
+    from serve_app.protocol.internal import ChatMessage, SamplingParams
+
+    monkeypatch.setenv(KEY_ENV, "sk-start-within")
+    fake.reset()
+    fake.configure(reply_tokens=200, token_delay_s=0.02)
+    s = settings(fake.url)
+    dep = LLMDeployment(s.model("gpt"))
+    core = GatewayCore(s, {"gpt": LocalHandle(dep)})
+    request = GenerationRequest("leave-1", SamplingParams(), [ChatMessage("user", "hi")])
+    chunks = core.stream("gpt", request, RequestInfo("/test", stream=True))
+    first = await chunks.__anext__()
+    assert first.text and dep.engine.active_requests() == 1 and fake.open_streams == 1
+    await chunks.aclose()
+    for _ in range(100):
+        if fake.open_streams == 0 and dep.engine.active_requests() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.open_streams == 0 and dep.engine.active_requests() == 0
+    assert fake.streams_closed_by_client == 1 and core.in_flight == 0
+    fake.reset()
+    await dep.shutdown()
