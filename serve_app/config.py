@@ -404,6 +404,11 @@ class ModelConfig(_Strict):
     )
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="Token prices.")
     description: str = Field("", description="Shown in GET /models.")
+    flex_pool: Optional[str] = Field(
+        None,
+        description="Id of another configured model that serves this one's cheap tier for "
+        "start_within durations (e.g. spot or scale-to-zero replicas of the same weights).",
+    )
     run_in: Literal["deployment", "gateway"] = Field(
         "deployment",
         description="Where the engine runs: its own Serve deployment, or inside each gateway "
@@ -553,6 +558,19 @@ class TroupeSettings(_Strict):
                     "one of the engines its own `credential` name"
                 )
         return models
+
+    @model_validator(mode="after")
+    def _flex_pools_exist(self) -> "TroupeSettings":
+        ids = {m.id for m in self.models}
+        for model in self.models:
+            if model.flex_pool is not None and (
+                model.flex_pool not in ids or model.flex_pool == model.id
+            ):
+                raise ValueError(
+                    f"model {model.id!r}: flex_pool {model.flex_pool!r} must be the id of "
+                    "another configured model"
+                )
+        return self
 
     def credential_envs(self) -> dict[str, str]:
         """Credential name -> environment variable, over every remote model."""

@@ -6,9 +6,10 @@
 * ``default``: the provider's standard tier (nothing sent);
 * ``priority`` / ``auto``: sent as the provider's ``service_tier`` where it has one
   (OpenAI: both; Anthropic: ``auto``); a 400 where it has none;
-* a duration: try the cheap tier first (OpenAI ``service_tier="flex"``); if the request
-  has not *started* (its first chunk reached the gateway) within the window, cancel it
-  and run it on the standard tier, so it always completes (total time ≈ window +
+* a duration: try the cheap tier first (the model's ``flex_pool``, another configured
+  model such as spot or scale-to-zero replicas of the same weights, else OpenAI's
+  ``service_tier="flex"``); if the request has not *started* (its first chunk reached the
+  gateway) within the window, cancel it and run it on the standard tier, so it always completes (total time ≈ window +
   standard latency). A flex attempt that fails before starting with a capacity or server
   error (429, 5xx, timeout, overloaded) falls back at once.
 
@@ -72,9 +73,15 @@ def parse_duration(value: str) -> float:
 
 
 def _tiers(model: Any) -> set[str]:
-    """Service tiers the model's provider offers."""
+    """Service tiers the model's provider offers (a ``flex_pool`` model is a flex tier)."""
     engine = model.engine
     provider = model.provider
+    if getattr(model, "flex_pool", None):
+        return _tiers_of(provider, engine) | {"flex"}
+    return _tiers_of(provider, engine)
+
+
+def _tiers_of(provider: str, engine: Any) -> set[str]:
     if provider in ("openai", "azure"):
         tiers = {"priority", "auto"}
         if getattr(engine, "flex_tier", False):
@@ -126,9 +133,11 @@ async def stream_with_deadline(
     """Flex first; the standard tier when flex has not started within the window."""
     window = request.start_within_s
     assert window is not None
+    pool = core.models[model_id].flex_pool
+    # The cheap tier: a configured local pool (another model id), else the provider's flex.
     flex = dataclasses.replace(request, request_id=request.request_id + ":flex",
-                               service_tier="flex", start_within_s=None)
-    chunks = core.stream(model_id, flex, dataclasses.replace(info, tier="flex"))
+                               service_tier=None if pool else "flex", start_within_s=None)
+    chunks = core.stream(pool or model_id, flex, dataclasses.replace(info, tier="flex"))
     first: Optional[TextChunk] = None
     try:
         first = await asyncio.wait_for(chunks.__anext__(), window)

@@ -43,6 +43,12 @@ def settings(fake_url: str) -> TroupeSettings:
         {"id": "gem", "engine": {"type": "gemini", "model": "gemini-x", "api_key_env": KEY_ENV,
                                  "credential": "start-within-g"}, "run_in": "gateway"},
         {"id": "local", "engine": {"type": "mock", "token_delay_ms": 0}},
+        # Local cheap tiers: start_within tries the flex_pool model first.
+        {"id": "std-a", "engine": {"type": "mock", "token_delay_ms": 1}, "flex_pool": "spot-fast"},
+        {"id": "std-b", "engine": {"type": "mock", "token_delay_ms": 1}, "flex_pool": "spot-slow"},
+        {"id": "spot-fast", "engine": {"type": "mock", "token_delay_ms": 1}},
+        {"id": "spot-slow", "engine": {"type": "mock", "token_delay_ms": 1,
+                                       "first_token_delay_ms": 30_000}},
     ]})
 
 
@@ -239,3 +245,31 @@ async def test_in_gateway_engine_is_cancelled_when_the_caller_leaves(fake, monke
     assert fake.streams_closed_by_client == 1 and core.in_flight == 0
     fake.reset()
     await dep.shutdown()
+
+
+async def test_local_flex_pool_serves_when_it_starts_in_time(gw):
+    r = await gw.post("/v1/chat/completions", json=body("std-a", start_within="00h-00m-05s",
+                                                        max_tokens=4))
+    assert r.status_code == 200, r.text
+    assert [(e.model, e.tier, e.finish_reason) for e in gw.events] == [
+        ("spot-fast", "flex", "length")]
+
+
+async def test_local_flex_pool_that_does_not_start_falls_back(gw):
+    started = time.monotonic()
+    r = await gw.post("/v1/chat/completions", json=body("std-b", start_within="00h-00m-05s",
+                                                        max_tokens=4))
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    assert 5 <= elapsed < 6.5
+    assert sorted((e.model, e.tier, e.finish_reason) for e in gw.events) == [
+        ("spot-slow", "flex", "cancelled"), ("std-b", "standard", "length")]
+
+
+def test_flex_pool_must_name_another_model():
+    from serve_app.config import ConfigError, load_settings
+
+    for pool in ("nope", "m"):
+        with pytest.raises(ConfigError, match="flex_pool"):
+            load_settings({"models": [{"id": "m", "engine": {"type": "mock"},
+                                       "flex_pool": pool}]})
