@@ -22,7 +22,7 @@ CONTEXT_LENGTH_EXCEEDED (Anthropic gives that case no machine-readable code);
 
 from __future__ import annotations
 
-import json
+import orjson
 from typing import Any, Optional
 
 from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
@@ -98,7 +98,7 @@ class AnthropicTextEngine(RemoteEngine):
 
     def on_event(self, data: str, state: StreamState) -> Optional[EngineOutput]:
         try:
-            event = json.loads(data)
+            event = orjson.loads(data)
         except ValueError:
             raise InferenceFailed(
                 f"The upstream provider of model '{self.model_id}' sent a stream event that "

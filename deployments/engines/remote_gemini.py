@@ -22,7 +22,7 @@ is 429; a 400 saying the input token count exceeds the maximum → CONTEXT_LENGT
 
 from __future__ import annotations
 
-import json
+import orjson
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -88,7 +88,7 @@ class GeminiTextEngine(RemoteEngine):
 
     def on_event(self, data: str, state: StreamState) -> Optional[EngineOutput]:
         try:
-            event = json.loads(data)
+            event = orjson.loads(data)
         except ValueError:
             raise InferenceFailed(
                 f"The upstream provider of model '{self.model_id}' sent a stream event that "

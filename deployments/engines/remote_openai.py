@@ -32,7 +32,7 @@ had started). Errors map by status and by the provider's machine-readable ``erro
 
 from __future__ import annotations
 
-import json
+import orjson
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -124,7 +124,7 @@ class OpenAITextEngine(RemoteEngine):
             state.done = True
             return None
         try:
-            event = json.loads(data)
+            event = orjson.loads(data)
         except ValueError:
             raise InferenceFailed(
                 f"The upstream provider of model '{self.model_id}' sent a stream event that "
