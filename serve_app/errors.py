@@ -4,8 +4,10 @@
 
     TroupeError                      (500 INTERNAL_ERROR)
      ├── InvalidRequest              400 INVALID_REQUEST
-     │    └── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
+     │    ├── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
+     │    └── ContentFiltered        400 CONTENT_FILTERED
      ├── AuthenticationFailed        401 AUTHENTICATION_FAILED
+     ├── PaymentRequired             402 PAYMENT_REQUIRED
      ├── AuthorizationFailed         403 AUTHORIZATION_FAILED
      ├── NotFound                    404 NOT_FOUND
      │    └── ModelNotFound          404 MODEL_NOT_FOUND
@@ -40,6 +42,8 @@ __all__ = [
     "TroupeError",
     "InvalidRequest",
     "ContextLengthExceeded",
+    "ContentFiltered",
+    "PaymentRequired",
     "AuthenticationFailed",
     "AuthorizationFailed",
     "NotFound",
@@ -112,6 +116,14 @@ class InvalidRequest(TroupeError):
 
 class ContextLengthExceeded(InvalidRequest):
     status, code, openai_type = 400, "CONTEXT_LENGTH_EXCEEDED", "invalid_request_error"
+
+
+class ContentFiltered(InvalidRequest):
+    status, code, openai_type = 400, "CONTENT_FILTERED", "invalid_request_error"
+
+
+class PaymentRequired(TroupeError):
+    status, code, openai_type = 402, "PAYMENT_REQUIRED", "insufficient_quota"
 
 
 class AuthenticationFailed(TroupeError):
