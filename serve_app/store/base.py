@@ -7,9 +7,10 @@ returns (committed).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.policy_rows import ApiKeyRow, IdempotencyRow
 from serve_app.store.rows import LedgerTotalsRow
 
 __all__ = ["Store", "LedgerTotalsRow", "open_store"]
@@ -41,6 +42,37 @@ class Store(Protocol):
 
     async def ledger_count(self) -> int:
         """Number of entries (tests and health)."""
+
+    # --- API keys (serve_app.policies): hashes only, never a secret -------------------
+
+    async def key_create(self, key: ApiKeyRow) -> None:
+        """Insert a key; a duplicate ``key_id`` raises."""
+
+    async def key_list(self) -> list[ApiKeyRow]:
+        """Every key, revoked ones included, oldest first (``created_at``, then id)."""
+
+    async def key_revoke(self, key_id: str, now: float) -> bool:
+        """Mark a key revoked at ``now``; False if unknown or already revoked."""
+
+    # --- idempotency records -------------------------------------------------------------
+
+    async def idempotency_claim(
+        self, scope: str, fingerprint: str, now: float, lock_until: float
+    ) -> Optional[IdempotencyRow]:
+        """Atomically claim ``scope``: None when the caller now owns a ``running`` record
+        (none was live at ``now``), else the live record that exists."""
+
+    async def idempotency_complete(
+        self, scope: str, fingerprint: str, status: int,
+        headers: Sequence[tuple[str, str]], body: Optional[bytes], expires_at: float,
+    ) -> None:
+        """Store the response of the claimed request (``body`` None: ``unavailable``)."""
+
+    async def idempotency_release(self, scope: str, fingerprint: str) -> None:
+        """Drop a ``running`` claim (the request failed; a retry may run it)."""
+
+    async def idempotency_purge(self, now: float) -> int:
+        """Delete records expired at ``now``; returns how many."""
 
 
 def open_store(url: str) -> Store:

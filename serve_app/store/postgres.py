@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.policy_postgres import POLICY_MIGRATIONS, PostgresPolicyTables
 from serve_app.store.rows import (
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
@@ -75,6 +76,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
+_MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
+
 _COLUMN_LIST = ", ".join(LEDGER_COLUMNS)
 # One statement per batch: the columns arrive as arrays and are zipped back into rows by
 # unnest, kept in batch order (so the first of two equal event ids wins, as in SQLite);
@@ -99,7 +102,7 @@ _WINDOW_SQL = (
 )
 
 
-class PostgresStore:
+class PostgresStore(PostgresPolicyTables):
     """The :class:`~serve_app.store.base.Store` on a PostgreSQL database.
 
     Every call borrows a pooled connection; a batch append is one statement, so it is

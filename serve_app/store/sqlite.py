@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.policy_sqlite import POLICY_MIGRATIONS, SQLitePolicyTables
 from serve_app.store.rows import (
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
@@ -72,6 +73,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
+_MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
+
 _INSERT_SQL = (
     f"INSERT INTO ledger ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))}) "
     "ON CONFLICT (event_id) DO NOTHING"
@@ -81,7 +84,7 @@ _WINDOW_SQL = (
 )
 
 
-class SQLiteStore:
+class SQLiteStore(SQLitePolicyTables):
     """The :class:`~serve_app.store.base.Store` on one SQLite file.
 
     Durability: WAL journal with ``synchronous=FULL``. In WAL mode, NORMAL skips the fsync

@@ -19,6 +19,7 @@ import pytest
 
 from serve_app.protocol.metrics import LedgerEntry, RequestEvent
 from serve_app.store import Store
+from serve_app.store.policy_rows import ApiKeyRow
 from serve_app.store.postgres import PostgresStore
 from serve_app.store.rows import EVENT_COLUMNS, LedgerTotalsRow
 from serve_app.store.sqlite import SQLiteStore
@@ -303,6 +304,80 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
         await store.ledger_append([entry()])
         with sqlite3.connect(tmp_path / "troupe.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert conn.execute(
+                "SELECT version FROM schema_version WHERE component = 'ledger'"
+            ).fetchall() == [(1,)]
     finally:
         await store.close()
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+def _key(key_id: str, **fields: object) -> ApiKeyRow:
+    fields.setdefault("name", f"name of {key_id}")
+    fields.setdefault("secret_hash", "ab" * 32)
+    fields.setdefault("role", "workspace")
+    return ApiKeyRow(key_id=key_id, **fields)  # type: ignore[arg-type]
+
+
+async def test_keys_round_trip_and_revoke(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.open()
+    scoped = _key("k2", role="models", models=("m-a", "org/m-b"), created_at=20.0,
+                  limits={"requests_per_minute": 5}, expires_at=1e10)
+    await store.key_create(_key("k1", role="admin", created_at=10.0))
+    await store.key_create(scoped)
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        await store.key_create(_key("k1"))
+    with pytest.raises(ValueError):
+        await store.key_create(_key("k3", role="superuser"))
+    keys = await store.key_list()
+    assert [k.key_id for k in keys] == ["k1", "k2"]
+    assert keys[1] == scoped
+    assert await store.key_revoke("k2", 30.0) is True
+    assert await store.key_revoke("k2", 40.0) is False  # already revoked: first time kept
+    assert await store.key_revoke("nope", 40.0) is False
+    other = make_store()  # another replica sees the revocation
+    await other.open()
+    assert [k.revoked_at for k in await other.key_list()] == [None, 30.0]
+
+
+# --- idempotency ---------------------------------------------------------------------------
+
+
+async def test_idempotency_claim_complete_replay(make_store: StoreFactory) -> None:
+    first, second = make_store(), make_store()  # two gateway replicas
+    await first.open()
+    await second.open()
+    assert await first.idempotency_claim("k1:abc", "fp1", now=100.0, lock_until=160.0) is None
+    running = await second.idempotency_claim("k1:abc", "fp1", now=101.0, lock_until=161.0)
+    assert running is not None and running.state == "running" and running.status is None
+    body = b'{"ok": true}\x00\xff'
+    await first.idempotency_complete("k1:abc", "fp1", 200, [("content-type", "application/json")],
+                                     body, expires_at=1000.0)
+    done = await second.idempotency_claim("k1:abc", "fp2", now=102.0, lock_until=162.0)
+    assert done is not None
+    assert (done.state, done.status, done.fingerprint, done.body) == ("done", 200, "fp1", body)
+    assert done.headers == (("content-type", "application/json"),)
+    # Expired: the next claim takes it over.
+    assert await second.idempotency_claim("k1:abc", "fp3", now=1000.0, lock_until=1060.0) is None
+    assert (await first.idempotency_claim("k1:abc", "fp3", 1001.0, 1061.0)).fingerprint == "fp3"
+
+
+async def test_idempotency_concurrent_claims_have_one_winner(store: Store) -> None:
+    results = await asyncio.gather(*(
+        store.idempotency_claim("race", f"fp{i}", now=5.0, lock_until=50.0) for i in range(20)))
+    assert sum(r is None for r in results) == 1
+
+
+async def test_idempotency_release_unavailable_and_purge(store: Store) -> None:
+    assert await store.idempotency_claim("a", "fp", 1.0, 10.0) is None
+    await store.idempotency_release("a", "fp")
+    assert await store.idempotency_claim("a", "fp", 2.0, 10.0) is None  # claimable again
+    await store.idempotency_complete("a", "fp", 200, [], None, expires_at=20.0)
+    big = await store.idempotency_claim("a", "fp", 3.0, 10.0)
+    assert big is not None and big.state == "unavailable" and big.body is None
+    assert await store.idempotency_claim("b", "fp", 3.0, 30.0) is None
+    assert await store.idempotency_purge(25.0) == 1  # "a" expired at 20, "b" lives to 30
+    assert (await store.idempotency_claim("b", "x", 26.0, 60.0)).state == "running"
