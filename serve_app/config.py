@@ -17,6 +17,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.policies.settings import (
+    AuthSettings,
+    CORSSettings,
+    IdempotencySettings,
+    LimitsSettings,
+)
 from serve_app.tracing import TracingSettings
 
 __all__ = [
@@ -205,7 +211,9 @@ class DeploymentOptions(_Strict):
         30, ge=1, le=100_000, description="Concurrent requests per replica (Serve's cap)."
     )
     max_queued_requests: int = Field(
-        -1, ge=-1, description="Requests a caller may queue beyond the cap (-1: no bound)."
+        100, ge=-1,
+        description="Requests each gateway replica may queue beyond the cap; then 429 "
+        "OVERLOADED + Retry-After at once (-1: no bound).",
     )
     ray_actor_options: RayActorOptions = Field(
         default_factory=RayActorOptions, description="Resources per replica."
@@ -371,6 +379,14 @@ class TroupeSettings(_Strict):
     log_unknown_fields: bool = Field(
         True, description="Log request fields Troupe does not know (they are ignored)."
     )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and JWTs.")
+    limits: LimitsSettings = Field(
+        default_factory=LimitsSettings, description="Rate limits per key."
+    )
+    idempotency: IdempotencySettings = Field(
+        default_factory=IdempotencySettings, description="Idempotency-Key replay."
+    )
+    cors: CORSSettings = Field(default_factory=CORSSettings, description="CORS for browsers.")
 
     @field_validator("models")
     @classmethod

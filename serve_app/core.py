@@ -23,6 +23,7 @@ from serve_app.errors import (
     as_troupe_error,
 )
 from serve_app.metering import RequestInfo, RequestMeter
+from serve_app.policies.context import authorize_model, note_usage
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
     ChatMessage,
@@ -123,6 +124,7 @@ class GatewayCore:
                 param="model",
                 details={"model": model_id, "available": sorted(self.models)},
             )
+        authorize_model(model_id)  # 403 for a key scoped to other models
         return model
 
     def capabilities(self, model: ModelConfig) -> list[str]:
@@ -195,6 +197,7 @@ class GatewayCore:
     def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
         self._model_in_flight[meter.model] -= 1
         self._report_in_flight(meter.model)
+        note_usage(meter.prompt_tokens + meter.completion_tokens)  # tokens-per-minute limits
         if self.record is None:
             return
         if error is None:
