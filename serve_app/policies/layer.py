@@ -126,7 +126,7 @@ class PolicyLayer:
 
     def auth_required(self) -> bool:
         off = (self.settings.auth.mode == "auto" and self.loopback and self.jwt is None
-               and not self.keys.has_active_keys)
+               and not self.keys.keys)  # any key ever made, even revoked
         if off != self._auth_was_off:
             self._auth_was_off = off
             if off:
