@@ -1,0 +1,229 @@
+"""Policies on a real Serve app with two gateway replicas: keys, cluster-wide rate limits,
+backpressure with Retry-After, idempotency across replicas, WebSocket auth.
+
+Its own app (route prefix /pol, its own state store), deleted at module end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from serve_app.policies.keys import mint_key
+from serve_app.store.sqlite import SQLiteStore
+
+PREFIX = "/pol"
+LIMIT = 100          # requests per "minute" ...
+MINUTE_S = 5.0       # ... of 5 s, so a test sees whole windows quickly
+
+MODELS = [
+    {"id": "fast", "engine": {"type": "mock", "token_delay_ms": 0, "min_output_tokens": 1,
+                              "max_output_tokens": 2},
+     "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.1}}},
+    {"id": "other", "engine": {"type": "mock", "token_delay_ms": 0},
+     "deployment": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.05}}},
+    # Slow, with a small cap and queue: floods must get 429 OVERLOADED at once.
+    {"id": "slow", "engine": {"type": "mock", "token_delay_ms": 50, "ignore_eos": True},
+     "default_max_tokens": 10,
+     "deployment": {"max_ongoing_requests": 2, "max_queued_requests": 2,
+                    "ray_actor_options": {"num_cpus": 0.05}}},
+]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = tmp_path_factory.mktemp("policies") / "state.db"
+    made: dict[str, Any] = {"path": str(path)}
+
+    async def create() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        for name, role, extra in [
+            ("admin", "admin", {}),
+            ("user", "workspace", {}),
+            ("scoped", "models", {"models": ("fast",)}),
+            ("limited", "workspace", {"limits": {"requests_per_minute": LIMIT}}),
+        ]:
+            token, row = mint_key(name, role, **extra)
+            await store.key_create(row)
+            made[name] = token
+        await store.close()
+
+    asyncio.run(create())
+    return made
+
+
+@pytest.fixture(scope="module")
+def url(serve_instance: int, keys: dict[str, Any]) -> Iterator[str]:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = {
+        "models": MODELS,
+        "gateway": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+        "metrics": {"store_url": "sqlite:///" + keys["path"].lstrip("/"),
+                    "flush_interval_s": 0.2, "serve_poll_interval_s": 0},
+        "limits": {"minute_s": MINUTE_S},
+        "auth": {"key_refresh_s": 0.5},
+    }
+    serve.run(build_app(args), name="policies", route_prefix=PREFIX)
+    base = f"http://127.0.0.1:{serve_instance}{PREFIX}"
+    try:
+        yield base
+    finally:
+        serve.delete("policies")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def chat(model: str = "fast") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def test_keys_and_scopes(url: str, keys: dict[str, Any]) -> None:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 401 and r.json()["error"]["code"] == "authentication_failed"
+        r = c.post("/inference", json={"model": "fast", "prompt": "x"}, headers=bearer("trp_x_y"))
+        assert r.status_code == 401 and r.json()["error"]["code"] == "AUTHENTICATION_FAILED"
+        assert c.post("/v1/chat/completions", json=chat(), headers=bearer(keys["user"])).status_code == 200
+        assert c.post("/v1/chat/completions", json=chat(),
+                      headers={"x-api-key": keys["scoped"]}).status_code == 200
+        r = c.post("/v1/chat/completions", json=chat("other"), headers=bearer(keys["scoped"]))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "authorization_failed"
+        assert c.get("/admin/keys", headers=bearer(keys["user"])).status_code == 403
+        assert c.get("/metrics", headers=bearer(keys["user"])).status_code == 403
+        # A key made on one replica and revoked there is refused by both within the refresh.
+        made = c.post("/admin/keys", json={"name": "tmp"}, headers=bearer(keys["admin"])).json()
+        assert c.delete(f"/admin/keys/{made['id']}", headers=bearer(keys["admin"])).status_code == 200
+        time.sleep(1.2)  # key_refresh_s is 0.5: every replica reloaded since
+        codes = {c.post("/v1/chat/completions", json=chat(), headers=bearer(made["key"])).status_code
+                 for _ in range(8)}
+        assert codes == {401}
+
+
+async def test_rate_limit_is_exact_across_two_replicas(url: str, keys: dict[str, Any]) -> None:
+    admitted: collections.Counter[int] = collections.Counter()
+    refused = 0
+    retry_after_ok = True
+    stop = time.monotonic() + 2.6 * MINUTE_S
+    async with httpx.AsyncClient(base_url=url, timeout=30,
+                                 limits=httpx.Limits(max_connections=16)) as c:
+        async def worker() -> None:
+            nonlocal refused, retry_after_ok
+            while time.monotonic() < stop:
+                r = await c.post("/v1/chat/completions", json=chat(), headers=bearer(keys["limited"]))
+                if r.status_code == 200:
+                    assert r.headers["x-ratelimit-limit"] == str(LIMIT)
+                    admitted[int(r.headers["x-ratelimit-reset"])] += 1
+                else:
+                    assert r.status_code == 429, r.text
+                    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                    retry_after_ok &= 1 <= int(r.headers["retry-after"]) <= MINUTE_S + 1
+                    refused += 1
+
+        await asyncio.gather(*(worker() for _ in range(12)))
+    # Whole windows only: the first and last were cut by the test's start and end.
+    windows = sorted(admitted)
+    full = [admitted[w] for w in windows[1:-1]]
+    assert full, admitted
+    assert refused > 0 and retry_after_ok
+    for count in full:
+        assert LIMIT * 0.95 <= count <= LIMIT, (admitted, refused)
+
+
+async def test_backpressure_prompt_429_while_admitted_finish(url: str, keys: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 limits=httpx.Limits(max_connections=40)) as c:
+        async def one() -> tuple[int, float, httpx.Response]:
+            started = time.monotonic()
+            r = await c.post("/inference", json={"model": "slow", "prompt": "x"},
+                             headers=bearer(keys["user"]))
+            return r.status_code, time.monotonic() - started, r
+
+        results = await asyncio.gather(*(one() for _ in range(30)))
+    ok = [r for r in results if r[0] == 200]
+    overloaded = [r for r in results if r[0] == 429]
+    assert ok and overloaded and len(ok) + len(overloaded) == len(results), [r[0] for r in results]
+    for _status, elapsed, response in overloaded:
+        assert response.json()["error"]["code"] == "OVERLOADED"
+        assert int(response.headers["retry-after"]) >= 1
+        assert elapsed < 2.0  # at once, not after the queue drained
+    assert all(r[2].json()["finish_reason"] == "length" for r in ok)
+
+
+def test_idempotency_across_replicas(url: str, keys: dict[str, Any]) -> None:
+    h = {**bearer(keys["user"]), "idempotency-key": f"order-{time.time_ns()}"}
+    body = {"model": "fast", "prompt": "hello", "max_tokens": 2}
+    with httpx.Client(base_url=url, timeout=30) as c:
+        first = c.post("/inference", json=body, headers=h)
+        assert first.status_code == 200
+        # Several connections: Serve spreads them over both gateway replicas.
+        for _ in range(6):
+            with httpx.Client(base_url=url, timeout=30) as other:
+                again = other.post("/inference", json=body, headers=h)
+                assert again.status_code == 200 and again.json() == first.json()
+                assert again.headers["idempotent-replayed"] == "true"
+        r = c.post("/inference", json={**body, "prompt": "changed"}, headers=h)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+
+    async def in_progress() -> None:
+        hs = {**bearer(keys["user"]), "idempotency-key": f"slow-{time.time_ns()}"}
+        slow = {"model": "slow", "prompt": "x"}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as a, \
+                httpx.AsyncClient(base_url=url, timeout=30) as b:
+            running = asyncio.create_task(a.post("/inference", json=slow, headers=hs))
+            await asyncio.sleep(0.15)
+            busy = await b.post("/inference", json=slow, headers=hs)
+            assert busy.status_code == 409, busy.text
+            assert busy.json()["error"]["code"] == "IDEMPOTENCY_IN_PROGRESS"
+            assert (await running).status_code == 200
+
+    asyncio.run(in_progress())
+
+
+async def test_websocket_auth(url: str, keys: dict[str, Any]) -> None:
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    inference = json.dumps({"type": "inference", "id": "r1", "model": "fast", "prompt": "x",
+                            "max_tokens": 2})
+    async with connect(ws_url) as ws:  # no key: must authenticate first
+        await ws.send(inference)
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert msg["type"] == "error" and msg["error"]["code"] == "AUTHENTICATION_FAILED"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    async with connect(ws_url) as ws:
+        await ws.send(json.dumps({"type": "auth", "token": keys["scoped"]}))
+        ok = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert ok["type"] == "auth.ok"
+        await ws.send(inference)
+        kinds = []
+        while not kinds or kinds[-1] not in ("complete", "error"):
+            kinds.append(json.loads(await asyncio.wait_for(ws.recv(), 10))["type"])
+        assert kinds[-1] == "complete"
+        await ws.send(json.dumps({"type": "inference", "id": "r2", "model": "other", "prompt": "x"}))
+        denied = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert denied["error"]["code"] == "AUTHORIZATION_FAILED"
+    async with connect(ws_url, additional_headers=bearer(keys["user"])) as ws:
+        await ws.send(inference)
+        while (msg := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] == "token":
+            pass
+        assert msg["type"] == "complete"
+    # A browser page from an Origin not allowed: the handshake is refused (HTTP 403).
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(ws_url, additional_headers=bearer(keys["user"]),
+                           origin="https://evil.example"):
+            pass
+    assert refused.value.response.status_code == 403
