@@ -227,3 +227,22 @@ async def test_websocket_auth(url: str, keys: dict[str, Any]) -> None:
                            origin="https://evil.example"):
             pass
     assert refused.value.response.status_code == 403
+
+
+def test_usage_shows_a_key_its_own_and_admin_everything(url: str, keys: dict[str, Any]) -> None:
+    from tests.conftest import wait_until
+
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for name in ("user", "scoped"):
+            assert c.post("/v1/chat/completions", json=chat(),
+                          headers=bearer(keys[name])).status_code == 200
+
+        def groups(name: str) -> set[str]:
+            r = c.get("/v1/usage?group_by=key&window_s=3600", headers=bearer(keys[name]))
+            assert r.status_code == 200, r.text
+            return {g["group"] for g in r.json()["groups"]}
+
+        user_id = keys["user"].split("_")[1]
+        scoped_id = keys["scoped"].split("_")[1]
+        assert wait_until(lambda: groups("user") == {user_id}, timeout=10)
+        assert wait_until(lambda: {user_id, scoped_id} <= groups("admin"), timeout=10)
