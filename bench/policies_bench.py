@@ -49,8 +49,13 @@ _counter = itertools.count()
 
 
 def side_args(on: bool, state: Path) -> dict[str, Any]:
+    # Two apps on a 2-CPU Ray: 0.4 CPU per replica leaves room for the actors.
+    model = {**TROUPE_ARGS["models"][0],
+             "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.4}}}
     args: dict[str, Any] = {
         **TROUPE_ARGS,
+        "models": [model],
+        "gateway": {"ray_actor_options": {"num_cpus": 0.4}},
         "metrics": {"store_url": "sqlite:///" + str(state / f"{'on' if on else 'off'}.db").lstrip("/")},
     }
     if on:
@@ -111,14 +116,17 @@ def wait_ready(url: str, headers: dict[str, str], timeout_s: float) -> None:
 
     deadline = time.monotonic() + timeout_s
     body = {"model": "mock-5ms", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+    last: Any = None
     while time.monotonic() < deadline:
         try:
-            if httpx.post(url, json=body, headers=headers, timeout=10).status_code == 200:
+            r = httpx.post(url, json=body, headers=headers, timeout=10)
+            if r.status_code == 200:
                 return
-        except httpx.HTTPError:
-            pass
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
         time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready")
+    raise RuntimeError(f"{url} not ready: {last}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

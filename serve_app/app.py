@@ -167,8 +167,11 @@ def policy_layer(settings: TroupeSettings, core: GatewayCore) -> Any:
 
     # Always created: a key's own limits may apply even when the defaults set none.
     quota = quota_actor_handle(settings)
-    return PolicyLayer(settings, open_store(settings.metrics.resolved_store_url()), quota,
-                       bind_host=_serve_bind_host(), on_rejected=core.reject)
+    store = open_store(settings.metrics.resolved_store_url())
+    if hasattr(store, "synchronous"):
+        store.synchronous = "NORMAL"  # SQLite: no fsync per idempotency write (see SQLiteStore)
+    return PolicyLayer(settings, store, quota, bind_host=_serve_bind_host(),
+                       on_rejected=core.reject)
 
 
 class Gateway:

@@ -30,6 +30,7 @@ __all__ = ["RateLimiter", "Admission", "QuotaClient"]
 logger = logging.getLogger("troupe.limits")
 
 FLUSH_INTERVAL_S = 0.5
+QUOTA_TIMEOUT_S = 2.0  # an actor that cannot answer must not hang requests
 
 
 class QuotaClient:
@@ -42,7 +43,8 @@ class QuotaClient:
     async def call(self, method: str, *args: Any) -> Any:
         fn = getattr(self.target, method)
         if self.remote:
-            return await fn.remote(*args)
+            async with asyncio.timeout(QUOTA_TIMEOUT_S):
+                return await fn.remote(*args)
         return fn(*args)
 
 

@@ -108,6 +108,10 @@ class SQLiteStore(SQLitePolicyTables):
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lifecycle = asyncio.Lock()
+        #: FULL (the default) fsyncs every commit. The gateway's policy store sets NORMAL:
+        #: idempotency records are written twice per request, and WAL + NORMAL still
+        #: survives a process crash (only an OS crash or power loss may drop the last few).
+        self.synchronous = "FULL"
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -179,7 +183,7 @@ class SQLiteStore(SQLitePolicyTables):
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             _migrate(conn)
         except BaseException:
