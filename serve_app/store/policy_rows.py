@@ -19,6 +19,14 @@ __all__ = [
     "key_to_row",
     "row_to_key",
     "idempotency_from_row",
+    "BATCH_JOB_COLUMNS",
+    "BATCH_ITEM_COLUMNS",
+    "BatchJobRow",
+    "BatchItemRow",
+    "job_to_row",
+    "row_to_job",
+    "item_to_row",
+    "row_to_item",
 ]
 
 KEY_COLUMNS: tuple[str, ...] = (
@@ -112,3 +120,86 @@ def idempotency_from_row(row: Sequence[Any]) -> IdempotencyRow:
         body=None if body is None else bytes(body),
         created_at=float(created_at), expires_at=float(expires_at),
     )
+
+
+# --- batch jobs ------------------------------------------------------------------------------
+
+BATCH_JOB_COLUMNS: tuple[str, ...] = (
+    "job_id", "key_id", "model", "status", "params", "webhook_url", "created_at",
+    "completed_at", "webhook_state", "webhook_attempts", "webhook_next_at",
+    "webhook_lease_until", "webhook_error",
+)
+BATCH_ITEM_COLUMNS: tuple[str, ...] = (
+    "job_id", "item_id", "position", "request", "state", "attempts", "lease_until",
+    "worker", "result",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchJobRow:
+    """A batch job. ``status``: queued, running, completed. ``webhook_state``: none,
+    pending, delivered, failed. ``counts``: items per state (filled by ``batch_get``)."""
+
+    job_id: str
+    key_id: str
+    model: str
+    status: str
+    params: dict[str, Any]
+    webhook_url: Optional[str]
+    created_at: float
+    completed_at: Optional[float] = None
+    webhook_state: str = "none"
+    webhook_attempts: int = 0
+    webhook_next_at: float = 0.0
+    webhook_lease_until: float = 0.0
+    webhook_error: Optional[str] = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItemRow:
+    """One request of a batch. ``state``: pending, running, succeeded, failed."""
+
+    job_id: str
+    item_id: str
+    position: int
+    request: dict[str, Any]
+    state: str = "pending"
+    attempts: int = 0
+    lease_until: float = 0.0
+    worker: Optional[str] = None
+    result: Optional[dict[str, Any]] = None
+
+
+def job_to_row(job: BatchJobRow) -> tuple[Any, ...]:
+    return (job.job_id, job.key_id, job.model, job.status, json.dumps(job.params),
+            job.webhook_url, float(job.created_at), job.completed_at, job.webhook_state,
+            int(job.webhook_attempts), float(job.webhook_next_at),
+            float(job.webhook_lease_until), job.webhook_error)
+
+
+def row_to_job(row: Sequence[Any], counts: Optional[dict[str, int]] = None) -> BatchJobRow:
+    values = dict(zip(BATCH_JOB_COLUMNS, row, strict=True))
+    values["params"] = json.loads(values["params"])
+    for name in ("created_at", "webhook_next_at", "webhook_lease_until"):
+        values[name] = float(values[name])
+    if values["completed_at"] is not None:
+        values["completed_at"] = float(values["completed_at"])
+    values["webhook_attempts"] = int(values["webhook_attempts"])
+    return BatchJobRow(**values, counts=dict(counts or {}))
+
+
+def item_to_row(item: BatchItemRow) -> tuple[Any, ...]:
+    return (item.job_id, item.item_id, int(item.position), json.dumps(item.request),
+            item.state, int(item.attempts), float(item.lease_until), item.worker,
+            None if item.result is None else json.dumps(item.result))
+
+
+def row_to_item(row: Sequence[Any]) -> BatchItemRow:
+    values = dict(zip(BATCH_ITEM_COLUMNS, row, strict=True))
+    values["request"] = json.loads(values["request"])
+    values["result"] = None if values["result"] is None else json.loads(values["result"])
+    values["position"] = int(values["position"])
+    values["attempts"] = int(values["attempts"])
+    values["lease_until"] = float(values["lease_until"])
+    return BatchItemRow(**values)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.batch_tables import SQLITE_BATCH_MIGRATIONS, SQLiteBatchTables
 from serve_app.store.policy_sqlite import POLICY_MIGRATIONS, SQLitePolicyTables
 from serve_app.store.rows import (
     LEDGER_COLUMNS,
@@ -74,6 +75,7 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 _MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
+_MIGRATIONS.update(SQLITE_BATCH_MIGRATIONS)  # batch jobs
 
 _INSERT_SQL = (
     f"INSERT INTO ledger ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))}) "
@@ -84,7 +86,7 @@ _WINDOW_SQL = (
 )
 
 
-class SQLiteStore(SQLitePolicyTables):
+class SQLiteStore(SQLitePolicyTables, SQLiteBatchTables):
     """The :class:`~serve_app.store.base.Store` on one SQLite file.
 
     Durability: WAL journal with ``synchronous=FULL``. In WAL mode, NORMAL skips the fsync
