@@ -65,6 +65,10 @@ def build_fastapi_app(
         from serve_app.routes.admin_keys import build_admin_keys_router
 
         app.include_router(build_admin_keys_router(policies))
+        if policies.batch is not None:
+            from serve_app.routes.batch import build_batch_router
+
+            app.include_router(build_batch_router(policies.batch))
         inner = PolicyMiddleware(app, policies)  # one place for auth, limits, idempotency
     traced_app: Any = TracingMiddleware(inner)
     cors = core.settings.cors
@@ -171,7 +175,7 @@ def policy_layer(settings: TroupeSettings, core: GatewayCore) -> Any:
     if hasattr(store, "synchronous"):
         store.synchronous = "NORMAL"  # SQLite: no fsync per idempotency write (see SQLiteStore)
     return PolicyLayer(settings, store, quota, bind_host=_serve_bind_host(),
-                       on_rejected=core.reject)
+                       on_rejected=core.reject, core=core)
 
 
 class Gateway:
@@ -210,6 +214,11 @@ class Gateway:
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(self.core, behind_serve_proxy=True,
                                  metrics_actor=self.metrics_actor, policies=self.policies)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; also starts the policy layer's background work
+        (key refresh, batch worker) on a replica that has not served a request yet."""
+        await self.policies.ready()
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
         if self.recorder is not None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.policies.settings import (
     AuthSettings,
+    BatchSettings,
     CORSSettings,
     IdempotencySettings,
     LimitsSettings,
@@ -387,6 +388,7 @@ class TroupeSettings(_Strict):
         default_factory=IdempotencySettings, description="Idempotency-Key replay."
     )
     cors: CORSSettings = Field(default_factory=CORSSettings, description="CORS for browsers.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs.")
 
     @field_validator("models")
     @classmethod

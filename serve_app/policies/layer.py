@@ -93,7 +93,8 @@ class PolicyLayer:
 
     def __init__(self, settings: Any, store: Any, quota: Any = None,
                  bind_host: Optional[str] = None,
-                 on_rejected: Optional[Callable[[str, TroupeError, str], None]] = None) -> None:
+                 on_rejected: Optional[Callable[[str, TroupeError, str], None]] = None,
+                 core: Any = None) -> None:
         self.settings = settings
         self.store = store
         self.keys = KeyCache(store, settings.auth.key_refresh_s)
@@ -107,6 +108,16 @@ class PolicyLayer:
         self.lock_s = settings.gateway.request_timeout_s + 30
         self._ready: Optional[asyncio.Future] = None
         self._auth_was_off: Optional[bool] = None
+        #: Batch jobs run by this replica (needs the core; None in core-less tests).
+        self.batch = None
+        if core is not None and settings.batch.enabled:
+            import os
+            import socket
+
+            from serve_app.batch import BatchRunner
+
+            self.batch = BatchRunner(core, store, settings.batch,
+                                     f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}")
 
     async def ready(self) -> None:
         """Open the store and load keys once (the first request waits for it)."""
@@ -118,9 +129,13 @@ class PolicyLayer:
         await self.store.open()
         await self.keys.refresh()
         self.keys.start()
+        if self.batch is not None:
+            self.batch.start()  # resumes stored jobs after a restart
         self.auth_required()  # logs the notice when auth is off
 
     async def close(self) -> None:
+        if self.batch is not None:
+            await self.batch.stop()
         await self.keys.stop()
         await self.store.close()
 

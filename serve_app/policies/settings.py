@@ -16,6 +16,7 @@ __all__ = [
     "LimitsSettings",
     "IdempotencySettings",
     "CORSSettings",
+    "BatchSettings",
 ]
 
 
@@ -138,3 +139,32 @@ class CORSSettings(_Strict):
         description="Request headers a browser may send.",
     )
     max_age_s: int = Field(600, ge=0, description="How long browsers cache a preflight.")
+
+
+class BatchSettings(_Strict):
+    """Batch jobs (POST /batch): stored in the state store, run by the gateway replicas."""
+
+    enabled: bool = Field(True, description="Serve /batch and run stored jobs.")
+    max_requests: int = Field(1000, ge=1, le=100_000, description="Requests per job.")
+    concurrency: int = Field(4, ge=1, le=256, description="Batch requests in flight per replica.")
+    poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often replicas look for work.")
+    item_lease_s: Optional[float] = Field(
+        None, gt=0,
+        description="How long a claimed request is held before another replica may take it "
+        "over (a replica that died); default gateway.request_timeout_s + 30.",
+    )
+    webhook_secret_env: str = Field(
+        "TROUPE_WEBHOOK_SECRET", description="Environment variable with the signing secret."
+    )
+    webhook_secret_file: Optional[str] = Field(
+        None, description="File holding the signing secret (instead of the variable)."
+    )
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts or networks (CIDR) webhooks may reach although private.",
+    )
+    webhook_max_attempts: int = Field(6, ge=1, le=20, description="Deliveries tried.")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, le=3600, description="First retry delay; doubles each attempt."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Per delivery attempt.")

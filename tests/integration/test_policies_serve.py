@@ -24,6 +24,7 @@ from serve_app.store.sqlite import SQLiteStore
 PREFIX = "/pol"
 LIMIT = 100          # requests per "minute" ...
 MINUTE_S = 5.0       # ... of 5 s, so a test sees whole windows quickly
+WEBHOOK_SECRET = "whsec_integration_0123456789abcdef"
 
 MODELS = [
     {"id": "fast", "engine": {"type": "mock", "token_delay_ms": 0, "min_output_tokens": 1,
@@ -31,6 +32,10 @@ MODELS = [
      "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.1}}},
     {"id": "other", "engine": {"type": "mock", "token_delay_ms": 0},
      "deployment": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.05}}},
+    # Batch jobs: each request takes ~0.3 s, so a restart lands mid-job.
+    {"id": "batchy", "engine": {"type": "mock", "token_delay_ms": 30, "ignore_eos": True},
+     "default_max_tokens": 10,
+     "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.05}}},
     # Slow, with a small cap and queue: floods must get 429 OVERLOADED at once.
     {"id": "slow", "engine": {"type": "mock", "token_delay_ms": 50, "ignore_eos": True},
      "default_max_tokens": 10,
@@ -42,7 +47,9 @@ MODELS = [
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("policies") / "state.db"
-    made: dict[str, Any] = {"path": str(path)}
+    secret = path.parent / "webhook-secret"
+    secret.write_text(WEBHOOK_SECRET)
+    made: dict[str, Any] = {"path": str(path), "secret_file": str(secret)}
 
     async def create() -> None:
         store = SQLiteStore(path)
@@ -75,6 +82,8 @@ def url(serve_instance: int, keys: dict[str, Any]) -> Iterator[str]:
                     "flush_interval_s": 0.2, "serve_poll_interval_s": 0},
         "limits": {"minute_s": MINUTE_S},
         "auth": {"key_refresh_s": 0.5},
+        "batch": {"poll_interval_s": 0.2, "item_lease_s": 3, "concurrency": 2,
+                  "webhook_secret_file": keys["secret_file"], "webhook_backoff_s": 0.5},
     }
     serve.run(build_app(args), name="policies", route_prefix=PREFIX)
     base = f"http://127.0.0.1:{serve_instance}{PREFIX}"
@@ -246,3 +255,99 @@ def test_usage_shows_a_key_its_own_and_admin_everything(url: str, keys: dict[str
         scoped_id = keys["scoped"].split("_")[1]
         assert wait_until(lambda: groups("user") == {user_id}, timeout=10)
         assert wait_until(lambda: {user_id, scoped_id} <= groups("admin"), timeout=10)
+
+
+
+def test_batch_survives_gateway_restart_each_request_once(url: str, keys: dict[str, Any]) -> None:
+    import ray
+    from aiohttp import web
+
+    from serve_app.webhooks import verify_signature
+    from tests.conftest import wait_until
+
+    received: list[tuple[bytes, str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        received.append((await request.read(), request.headers.get("Troupe-Signature", "")))
+        return web.Response(status=200)
+
+    import threading
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port_box: list[int] = []
+
+    async def serve_hook() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/hook", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_box.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return runner
+
+    def run_loop() -> None:
+        asyncio.set_event_loop(loop)
+        runner = loop.run_until_complete(serve_hook())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=run_loop, daemon=True)
+    thread.start()
+    ready.wait(10)
+    hook = f"http://127.0.0.1:{port_box[0]}/hook"
+    n = 16
+    try:
+        with httpx.Client(base_url=url, timeout=30, headers=bearer(keys["user"])) as c:
+            r = c.post("/batch", json={"model": "batchy", "webhook_url": hook,
+                                       "requests": [{"id": f"q{i}", "prompt": f"p{i}"}
+                                                    for i in range(n)]})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+
+            def done_count() -> int:
+                try:
+                    return c.get(f"/batch/{job_id}").json()["counts"]["succeeded"]
+                except (httpx.HTTPError, KeyError, ValueError):
+                    return 0
+
+            wait_until(lambda: done_count() >= 3, timeout=30, interval=0.1)
+            before = {x["id"]: x for x in c.get(f"/batch/{job_id}/results").json()["data"]
+                      if x["state"] == "succeeded"}
+            # Restart every gateway replica mid-job (Serve starts new ones).
+            killed = 0
+            for actor in ray.util.list_named_actors(all_namespaces=True):
+                if actor["name"].startswith("SERVE_REPLICA::policies#Gateway#"):
+                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]),
+                             no_restart=True)
+                    killed += 1
+            assert killed == 2
+            assert len(before) < n  # the restart came mid-job
+
+            def finished() -> bool:
+                try:
+                    return c.get(f"/batch/{job_id}").json()["status"] == "completed"
+                except (httpx.HTTPError, ValueError, KeyError):
+                    return False
+
+            wait_until(finished, timeout=60, interval=0.2)
+            results = c.get(f"/batch/{job_id}/results").json()["data"]
+        assert [x["id"] for x in results] == [f"q{i}" for i in range(n)]
+        assert all(x["state"] == "succeeded" for x in results)
+        # Finished before the restart: never run again (one attempt, same result).
+        for rid, old in before.items():
+            new = next(x for x in results if x["id"] == rid)
+            assert new["attempts"] == 1 and new["text"] == old["text"]
+        # Only requests in flight at the restart (at most 2 replicas x 2) ran twice.
+        assert sum(x["attempts"] for x in results) <= n + 4
+        wait_until(lambda: received, timeout=30, interval=0.1)
+        body, signature = received[0]
+        assert verify_signature(WEBHOOK_SECRET, body, signature)
+        assert json.loads(body)["data"]["id"] == job_id
+        assert not verify_signature(WEBHOOK_SECRET, body + b"x", signature)
+        assert len(received) == 1
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

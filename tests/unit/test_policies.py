@@ -35,14 +35,16 @@ JWT_SECRET = "unit-test-jwt-secret-0123456789abcdef"
 
 
 class PolicyGateway:
-    def __init__(self, tmp: Path, bind_host: str = "127.0.0.1", **sections: Any) -> None:
+    def __init__(self, tmp: Path, bind_host: str = "127.0.0.1", with_core: bool = False,
+                 **sections: Any) -> None:
         self.settings = load_settings({"models": MODELS, **sections})
         self.deployments = {m.id: LLMDeployment(m) for m in self.settings.models}
         handles = {mid: FakeHandle(FakeReplica(dep)) for mid, dep in self.deployments.items()}
         self.core = GatewayCore(self.settings, handles)
         self.store = SQLiteStore(tmp / "state.db")
         self.quota = QuotaActor()
-        self.layer = PolicyLayer(self.settings, self.store, self.quota, bind_host=bind_host)
+        self.layer = PolicyLayer(self.settings, self.store, self.quota, bind_host=bind_host,
+                                 core=self.core if with_core else None)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=build_fastapi_app(self.core, policies=self.layer)),
             base_url="http://troupe.test")
