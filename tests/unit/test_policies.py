@@ -316,3 +316,26 @@ async def test_cors_preflight(tmp_path: Path) -> None:
         assert "access-control-allow-origin" not in r.headers
     finally:
         await gateway.close()
+
+
+async def test_jwt_rs256(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "issuer.pem").write_bytes(pem)
+    gateway = PolicyGateway(tmp_path, auth={"jwt": {
+        "algorithm": "RS256", "public_key_file": str(tmp_path / "issuer.pem"),
+        "issuer": "https://issuer.test"}})
+    try:
+        claims = {"sub": "svc", "exp": time.time() + 60, "iss": "https://issuer.test"}
+        good = jwt.encode(claims, private, algorithm="RS256")
+        body = chat_body(model="mock-fast")
+        assert (await gateway.post("/v1/chat/completions", good, json=body)).status_code == 200
+        wrong_issuer = jwt.encode({**claims, "iss": "https://other"}, private, algorithm="RS256")
+        assert_openai_error(await gateway.post("/v1/chat/completions", wrong_issuer, json=body),
+                            401, "authentication_failed")
+    finally:
+        await gateway.close()
