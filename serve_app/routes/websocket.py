@@ -25,7 +25,7 @@ from serve_app.core import GatewayCore
 from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError, as_troupe_error
 from serve_app.http import request_id_of_scope
 from serve_app.metering import RequestInfo
-from serve_app.policies.context import PRINCIPAL
+from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
@@ -213,7 +213,20 @@ class WebSocketSession:
             await self.send(self.error(err, body.id))
             return
         self.core.note_unknown_fields("/ws", [n for n in unknown_fields(body) if n != "type"])
+        admission = None
+        limiter = getattr(self.policy, "limiter", None)
+        if limiter is not None and self.principal is not None:
+            try:  # each inference message counts against the key's rate limits
+                admission = await limiter.admit(self.principal)
+            except TroupeError as err:
+                await self.send(self.error(err, body.id))
+                return
+        tally = UsageTally()
+        usage_token = USAGE.set(tally)  # the task's copy of the context counts its tokens
         task = asyncio.create_task(self.run_inference(body))
+        USAGE.reset(usage_token)
+        if admission is not None:
+            task.add_done_callback(lambda _t, a=admission: limiter.finish(a, tally.tokens))
         self.tasks[body.id] = task
         task.add_done_callback(lambda _t, rid=body.id: self._forget(rid))
 

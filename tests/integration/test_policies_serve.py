@@ -351,3 +351,24 @@ def test_batch_survives_gateway_restart_each_request_once(url: str, keys: dict[s
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+async def test_websocket_inference_counts_against_rate_limit(url: str, keys: dict[str, Any]) -> None:
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    codes = []
+    async with connect(ws_url, additional_headers=bearer(keys["limited"])) as ws:
+        # Start just after a window begins, so every message is admitted within one window.
+        await asyncio.sleep(MINUTE_S - time.time() % MINUTE_S + 0.1)
+        for i in range(LIMIT + 20):
+            await ws.send(json.dumps({"type": "inference", "id": f"w{i}", "model": "fast",
+                                      "prompt": "x", "max_tokens": 1}))
+        terminal: dict[str, str] = {}
+        while len(terminal) < LIMIT + 20:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if msg["type"] == "complete":
+                terminal[msg["id"]] = "ok"
+            elif msg["type"] == "error":
+                terminal[msg["id"]] = msg["error"]["code"]
+        codes = list(terminal.values())
+    assert codes.count("ok") == LIMIT
+    assert codes.count("RATE_LIMIT_EXCEEDED") == 20
