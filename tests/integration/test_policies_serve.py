@@ -148,6 +148,8 @@ async def test_rate_limit_is_exact_across_two_replicas(url: str, keys: dict[str,
     windows = sorted(admitted)
     full = [admitted[w] for w in windows[1:-1]]
     assert full, admitted
+    print(f"admitted per {MINUTE_S:.0f}s window (limit {LIMIT}): {dict(sorted(admitted.items()))}, "
+          f"refused {refused}")
     assert refused > 0 and retry_after_ok
     for count in full:
         assert LIMIT * 0.95 <= count <= LIMIT, (admitted, refused)
