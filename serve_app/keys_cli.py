@@ -1,4 +1,5 @@
-"""``troupe keys create|list|revoke``: manage API keys directly in the state store.
+"""``troupe keys create|list|revoke`` (API keys, directly in the state store) and
+``troupe webhooks verify`` (check a received batch webhook's signature).
 
 The store is the one the gateway uses: ``--store URL``, else the config's
 ``metrics.store_url``, else the default ($TROUPE_STATE_DIR/troupe.db). Gateways pick up
@@ -93,6 +94,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook_verify(args: argparse.Namespace) -> int:
+    """Check a received webhook: exit 0 when the signature is valid and fresh."""
+    import os
+
+    from serve_app.webhooks import verify_signature
+
+    secret = os.environ.get(args.secret_env, "")
+    if not secret:
+        print(f"troupe: ${args.secret_env} is empty", file=sys.stderr)
+        return 2
+    body = Path(args.body_file).read_bytes() if args.body_file != "-" else sys.stdin.buffer.read()
+    ok = verify_signature(secret, body, args.signature, tolerance_s=args.tolerance)
+    print("valid" if ok else "INVALID (tampered body, wrong secret or stale timestamp)")
+    return 0 if ok else 1
+
+
 def add_keys_parser(sub: Any) -> None:
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     keys.add_argument("--store", help="state store URL (sqlite:///… or postgresql://…)")
@@ -112,5 +129,13 @@ def add_keys_parser(sub: Any) -> None:
     revoke = ksub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     keys.set_defaults(func=cmd_keys)
+    hooks = sub.add_parser("webhooks", help="verify a received batch webhook")
+    hsub = hooks.add_subparsers(dest="webhooks_command", required=True)
+    verify = hsub.add_parser("verify", help="check a Troupe-Signature against a body")
+    verify.add_argument("--signature", required=True, help="the Troupe-Signature header value")
+    verify.add_argument("--body-file", default="-", help="the raw body (default: stdin)")
+    verify.add_argument("--secret-env", default="TROUPE_WEBHOOK_SECRET")
+    verify.add_argument("--tolerance", type=float, default=300.0, help="seconds")
+    verify.set_defaults(func=cmd_webhook_verify)
 
 

@@ -47,3 +47,16 @@ def test_model_role_needs_models(tmp_path: Path, capsys) -> None:
     url = f"sqlite:///{tmp_path}/state.db"
     assert main(["keys", "--store", url, "create", "--name", "x", "--role", "models"]) == 2
     assert "models" in capsys.readouterr().err
+
+
+def test_webhooks_verify(tmp_path: Path, monkeypatch, capsys) -> None:
+    from serve_app.webhooks import sign_payload
+
+    monkeypatch.setenv("TROUPE_WEBHOOK_SECRET", "s3cret-0123456789")
+    body = tmp_path / "body.json"
+    body.write_bytes(b'{"type": "batch.completed"}')
+    header = sign_payload("s3cret-0123456789", body.read_bytes())
+    assert main(["webhooks", "verify", "--signature", header, "--body-file", str(body)]) == 0
+    body.write_bytes(b'{"type": "batch.completed", "x": 1}')
+    assert main(["webhooks", "verify", "--signature", header, "--body-file", str(body)]) == 1
+    assert "INVALID" in capsys.readouterr().out

@@ -155,3 +155,32 @@ async def test_batch_bad_input_is_400(tmp_path: Path) -> None:
         assert_native_error(await gw.get("/batch/batch_nope"), 404, "NOT_FOUND")
     finally:
         await gw.close()
+
+
+async def test_send_time_resolver_drops_refused_addresses() -> None:
+    """A host that passed the check but now resolves to a private address (DNS rebinding)
+    gets no connection: the resolver returns only addresses that pass again."""
+    from serve_app.webhooks import SafeResolver
+
+    class Rebinding:
+        def __init__(self, answers: list[str]) -> None:
+            self.answers = answers
+
+        async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict]:
+            return [{"hostname": host, "host": a, "port": port, "family": family, "proto": 0,
+                     "flags": 0} for a in self.answers]
+
+        async def close(self) -> None:
+            pass
+
+    resolver = SafeResolver("https", [])
+    resolver._inner = Rebinding(["10.0.0.7"])
+    with pytest.raises(OSError, match="refused"):
+        await resolver.resolve("hooks.example", 443)
+    resolver._inner = Rebinding(["10.0.0.7", "8.8.4.4"])
+    assert [r["host"] for r in await resolver.resolve("hooks.example", 443)] == ["8.8.4.4"]
+    plain = SafeResolver("http", [])
+    plain._inner = Rebinding(["8.8.4.4"])  # plain http: loopback only, even to public hosts
+    with pytest.raises(OSError):
+        await plain.resolve("localhost", 80)
+    await resolver.close()
