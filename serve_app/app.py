@@ -23,6 +23,7 @@ from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.playground import build_playground_router
 from serve_app.routes.websocket import build_ws_router
+from serve_app.voice import build_voice_router
 from serve_app.tracing import (
     ActorSpanSink,
     TracingMiddleware,
@@ -58,6 +59,7 @@ def build_fastapi_app(
     app.include_router(build_ws_router(core))
     app.include_router(build_observability_router(core, metrics_actor))
     app.include_router(build_modalities_router(core))
+    app.include_router(build_voice_router(core))
     app.include_router(build_playground_router())
     # Outermost, so even errors answered by Starlette's last-resort handler carry the id;
     # tracing inside it, so the request span has the id.
