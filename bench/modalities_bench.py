@@ -179,6 +179,18 @@ async def handle_closed_loop(make_call: Any, concurrency: int, seconds: float) -
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1)}
 
 
+def troupe_stats() -> dict[str, Any]:
+    """The Troupe embeddings replica's counters (called in a loop: with direct ingress,
+    handles only work inside one)."""
+    from ray import serve
+
+    async def get() -> dict[str, Any]:
+        handle = serve.get_deployment_handle("Embeddings_all-minilm-l6-v2", app_name="troupe")
+        return await handle.stats.remote()
+
+    return asyncio.run(get())
+
+
 def handle_runs(rounds: int, concurrency: int, seconds: float) -> dict[str, Any]:
     from ray import serve
 
@@ -200,7 +212,7 @@ def handle_runs(rounds: int, concurrency: int, seconds: float) -> dict[str, Any]
             res = asyncio.run(handle_closed_loop(calls[side], concurrency, seconds))
             runs[side].append(res)
             print("handle", side, res, flush=True)
-    stats = troupe.stats.remote().result(timeout_s=10)
+    stats = troupe_stats()
     med = {s: round(statistics.median(x["req_per_s"] for x in v), 1) for s, v in runs.items()}
     return {"runs": runs, "troupe_req_per_s": med["troupe"], "bare_req_per_s": med["bare"],
             "speedup": round(med["troupe"] / med["bare"], 2) if med["bare"] else None,
@@ -279,9 +291,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="Runs per side (alternating).")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-cpus", type=float, default=2)
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress) for both sides.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    prepare_environment(False)
+    prepare_environment(args.throughput_optimized)
     import ray
     from ray import serve
 
@@ -310,8 +324,7 @@ def main() -> int:
                 print(side, res, flush=True)
         report["embeddings_runs"] = runs
         med = {s: round(statistics.median(x["req_per_s"] for x in v), 1) for s, v in runs.items()}
-        http_batch = serve.get_deployment_handle(
-            "Embeddings_all-minilm-l6-v2", app_name="troupe").stats.remote().result(timeout_s=10)
+        http_batch = troupe_stats()
         report["embeddings"] = {
             "troupe_largest_batch": http_batch.get("largest_batch"),
             "troupe_req_per_s": med["troupe"], "bare_req_per_s": med["bare"],
@@ -328,13 +341,13 @@ def main() -> int:
     report["load_avg_at_end"] = os.getloadavg()
     print(json.dumps({k: report[k] for k in ("embeddings", "embeddings_handle")}, indent=2))
     RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + ("-tpo" if args.throughput_optimized else "")
     (RESULTS / f"{stamp}-modalities.json").write_text(json.dumps(report, indent=2))
     e, b, s = report["embeddings"], report["embeddings_in_process_batch32"], report["speech"]
     h = report["embeddings_handle"]
     md = f"""# Modality benchmarks ({report['started']})
 
-Machine: {report['host']}, Ray num_cpus={args.num_cpus}, load average at start {report['load_avg_at_start'][0]:.1f}
+Machine: {report['host']}, Ray num_cpus={args.num_cpus}, RAY_SERVE_THROUGHPUT_OPTIMIZED={int(args.throughput_optimized)}, load average at start {report['load_avg_at_start'][0]:.1f}
 (shared 2-core machine; other engineers' jobs ran too). Every model pinned to 1 thread.
 
 ## Embeddings: {args.concurrency} concurrent single-sentence requests, all-MiniLM-L6-v2 on CPU
