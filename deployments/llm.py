@@ -109,6 +109,7 @@ class LLMDeployment:
                         _WIRE_FINISH[out.finish_reason],
                         prompt_tokens,
                         completion,
+                        stop_sequence=out.stop_sequence,
                     )
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
@@ -165,6 +166,7 @@ class LLMDeployment:
                         chunk.prompt_tokens,
                         chunk.completion_tokens,
                         queue_ms,
+                        chunk.stop_sequence,
                     )
         finally:
             await stream.aclose()

@@ -17,11 +17,13 @@ from actors.names import METRICS_ACTOR, NAMESPACE
 from serve_app.config import ModelConfig, TroupeSettings, load_settings
 from serve_app.core import VERSION, GatewayCore
 from serve_app.http import RequestIdMiddleware, install_error_handlers
+from serve_app.routes.anthropic_api import build_anthropic_router
 from serve_app.routes.modalities import build_modalities_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.playground import build_playground_router
+from serve_app.routes.responses_api import build_responses_router
 from serve_app.routes.websocket import build_ws_router
 from serve_app.voice import build_voice_router
 from serve_app.tracing import (
@@ -55,6 +57,8 @@ def build_fastapi_app(
     )
     install_error_handlers(app, on_rejected=core.reject)
     app.include_router(build_openai_router(core))
+    app.include_router(build_responses_router(core))
+    app.include_router(build_anthropic_router(core))
     app.include_router(build_native_router(core))
     app.include_router(build_ws_router(core))
     app.include_router(build_observability_router(core, metrics_actor))

@@ -360,6 +360,11 @@ class GatewayOptions(_Strict):
         300, gt=0, description="Longest gap between stream chunks before TIMEOUT."
     )
     request_timeout_s: float = Field(600, gt=0, description="Longest non-stream request.")
+    sse_keepalive_s: Optional[float] = Field(
+        15.0, gt=0,
+        description="Send an SSE comment line when a stream has been silent this long "
+        "(keeps proxies from closing idle streams); null disables.",
+    )
     health_timeout_s: float = Field(2.0, gt=0, description="Per-model wait in GET /health.")
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 beyond)."

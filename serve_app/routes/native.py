@@ -135,7 +135,8 @@ def build_native_router(core: GatewayCore) -> APIRouter:
         first, rest = await peek_stream(
             core.stream(body.model, _request(body, request_id), RequestInfo("/inference/stream", True))
         )
-        return SSEResponse(_native_events(first, rest, request_id))
+        return SSEResponse(_native_events(first, rest, request_id),
+                           keepalive_s=core.settings.gateway.sse_keepalive_s)
 
     return router
 

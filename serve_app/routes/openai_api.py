@@ -107,7 +107,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         info = RequestInfo("/v1/chat/completions", stream=bool(body.stream))
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
-            return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id))
+            return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         return JSONResponse(
             {
@@ -142,7 +143,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         info = RequestInfo("/v1/completions", stream=bool(body.stream))
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
-            return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo))
+            return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         return JSONResponse(
             {
