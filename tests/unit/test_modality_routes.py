@@ -262,6 +262,10 @@ async def test_unload_then_409_then_load(mgw) -> None:
     assert err["code"] == "model_not_loaded" and "POST /models/emb/load" in err["message"]
     native = {m["id"]: m for m in (await mgw.get("/models")).json()["data"]}
     assert native["emb"]["loaded"] is False and native["tts"]["loaded"] is True
+    health = await mgw.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"  # unloaded on purpose
+    emb = next(m for m in health.json()["models"] if m["id"] == "emb")
+    assert (emb["loaded"], emb["status"]) == (False, "unloaded")
     assert (await mgw.post("/models/emb/load")).json()["loaded"] is True
     assert (await mgw.post("/v1/embeddings", json={"model": "emb", "input": "x"})).status_code == 200
 
