@@ -8,6 +8,8 @@ remote work when the caller goes away, and reports engine-side health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
@@ -24,6 +26,7 @@ from serve_app.errors import (
 )
 from serve_app.metering import RequestInfo, RequestMeter
 from serve_app.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
+from serve_app.policies.context import authorize_model, note_usage
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
     ChatMessage,
@@ -129,6 +132,7 @@ class GatewayCore(ModalityCalls):
                 param="model",
                 details={"model": model_id, "available": sorted(self.models)},
             )
+        authorize_model(model_id)  # 403 for a key scoped to other models
         return model
 
     def capabilities(self, model: ModelConfig) -> list[str]:
@@ -201,6 +205,7 @@ class GatewayCore(ModalityCalls):
     def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
         self._model_in_flight[meter.model] -= 1
         self._report_in_flight(meter.model)
+        note_usage(meter.prompt_tokens + meter.completion_tokens)  # tokens-per-minute limits
         if self.record is None:
             return
         if error is None:
@@ -220,6 +225,12 @@ class GatewayCore(ModalityCalls):
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
         self.admit(model_id, "text", info.route)
+        if request.start_within_s is not None:  # flex first, standard after the window
+            from serve_app.deadline import complete_with_deadline
+
+            return await complete_with_deadline(self, model_id, request, info)
+        if request.service_tier is not None and info.tier == "default":
+            info = dataclasses.replace(info, tier=request.service_tier)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
@@ -253,6 +264,17 @@ class GatewayCore(ModalityCalls):
     ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
         self.admit(model_id, "text", info.route)
+        if request.start_within_s is not None:  # flex first, standard after the window
+            from serve_app.deadline import stream_with_deadline
+
+            async with contextlib.aclosing(
+                stream_with_deadline(self, model_id, request, info)
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        if request.service_tier is not None and info.tier == "default":
+            info = dataclasses.replace(info, tier=request.service_tier)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None

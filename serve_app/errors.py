@@ -4,13 +4,18 @@
 
     TroupeError                      (500 INTERNAL_ERROR)
      ├── InvalidRequest              400 INVALID_REQUEST
-     │    └── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
+     │    ├── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
+     │    └── ContentFiltered        400 CONTENT_FILTERED
      ├── AuthenticationFailed        401 AUTHENTICATION_FAILED
+     ├── PaymentRequired             402 PAYMENT_REQUIRED
      ├── AuthorizationFailed         403 AUTHORIZATION_FAILED
      ├── NotFound                    404 NOT_FOUND
      │    └── ModelNotFound          404 MODEL_NOT_FOUND
      ├── MethodNotAllowed            405 METHOD_NOT_ALLOWED
      ├── ModelNotLoaded              409 MODEL_NOT_LOADED
+     ├── IdempotencyInProgress       409 IDEMPOTENCY_IN_PROGRESS
+     ├── IdempotencyReplayUnavailable 409 IDEMPOTENCY_REPLAY_UNAVAILABLE
+     ├── IdempotencyKeyReused        422 IDEMPOTENCY_KEY_REUSED
      ├── RequestTooLarge             413 REQUEST_TOO_LARGE
      ├── RateLimitExceeded           429 RATE_LIMIT_EXCEEDED
      ├── Overloaded                  429 OVERLOADED  (503 when no replica exists)
@@ -40,6 +45,8 @@ __all__ = [
     "TroupeError",
     "InvalidRequest",
     "ContextLengthExceeded",
+    "ContentFiltered",
+    "PaymentRequired",
     "AuthenticationFailed",
     "AuthorizationFailed",
     "NotFound",
@@ -47,6 +54,9 @@ __all__ = [
     "MethodNotAllowed",
     "ModelNotLoaded",
     "RequestTooLarge",
+    "IdempotencyInProgress",
+    "IdempotencyReplayUnavailable",
+    "IdempotencyKeyReused",
     "RateLimitExceeded",
     "Overloaded",
     "InferenceFailed",
@@ -114,6 +124,14 @@ class ContextLengthExceeded(InvalidRequest):
     status, code, openai_type = 400, "CONTEXT_LENGTH_EXCEEDED", "invalid_request_error"
 
 
+class ContentFiltered(InvalidRequest):
+    status, code, openai_type = 400, "CONTENT_FILTERED", "invalid_request_error"
+
+
+class PaymentRequired(TroupeError):
+    status, code, openai_type = 402, "PAYMENT_REQUIRED", "insufficient_quota"
+
+
 class AuthenticationFailed(TroupeError):
     status, code, openai_type = 401, "AUTHENTICATION_FAILED", "authentication_error"
 
@@ -140,6 +158,18 @@ class ModelNotLoaded(TroupeError):
 
 class RequestTooLarge(TroupeError):
     status, code, openai_type = 413, "REQUEST_TOO_LARGE", "invalid_request_error"
+
+
+class IdempotencyInProgress(TroupeError):
+    status, code, openai_type = 409, "IDEMPOTENCY_IN_PROGRESS", "invalid_request_error"
+
+
+class IdempotencyReplayUnavailable(TroupeError):
+    status, code, openai_type = 409, "IDEMPOTENCY_REPLAY_UNAVAILABLE", "invalid_request_error"
+
+
+class IdempotencyKeyReused(TroupeError):
+    status, code, openai_type = 422, "IDEMPOTENCY_KEY_REUSED", "invalid_request_error"
 
 
 class RateLimitExceeded(TroupeError):

@@ -16,7 +16,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.batch_tables import POSTGRES_BATCH_MIGRATIONS, PostgresBatchTables
+from serve_app.store.policy_postgres import POLICY_MIGRATIONS, PostgresPolicyTables
 from serve_app.store.rows import (
+    CredentialRow,
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
     LedgerTotalsRow,
@@ -73,7 +76,22 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
             "CREATE INDEX ledger_ts ON ledger (ts)",
         ),
     ),
+    "credentials": (
+        (
+            """
+            CREATE TABLE credentials (
+                name        TEXT COLLATE "C" PRIMARY KEY,
+                secret      TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                updated_at  DOUBLE PRECISION NOT NULL
+            )
+            """,
+        ),
+    ),
 }
+
+_MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
+_MIGRATIONS.update(POSTGRES_BATCH_MIGRATIONS)  # batch jobs
 
 _COLUMN_LIST = ", ".join(LEDGER_COLUMNS)
 # One statement per batch: the columns arrive as arrays and are zipped back into rows by
@@ -99,7 +117,7 @@ _WINDOW_SQL = (
 )
 
 
-class PostgresStore:
+class PostgresStore(PostgresPolicyTables, PostgresBatchTables):
     """The :class:`~serve_app.store.base.Store` on a PostgreSQL database.
 
     Every call borrows a pooled connection; a batch append is one statement, so it is
@@ -165,6 +183,30 @@ class PostgresStore:
     async def ledger_count(self) -> int:
         """Number of ledger entries."""
         return int(await self._require_pool().fetchval("SELECT COUNT(*) FROM ledger"))
+
+    async def credential_put(self, row: CredentialRow) -> None:
+        """Insert or replace one admin-set credential."""
+        await self._require_pool().execute(
+            "INSERT INTO credentials (name, secret, fingerprint, updated_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET "
+            "secret = excluded.secret, fingerprint = excluded.fingerprint, "
+            "updated_at = excluded.updated_at",
+            row.name, row.secret, row.fingerprint, float(row.updated_at),
+        )
+
+    async def credential_list(self) -> list[CredentialRow]:
+        """Every admin-set credential, ordered by name."""
+        rows = await self._require_pool().fetch(
+            "SELECT name, secret, fingerprint, updated_at FROM credentials ORDER BY name"
+        )
+        return [CredentialRow(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    async def credential_delete(self, name: str) -> bool:
+        """Forget one admin-set credential; False when there was none."""
+        status = await self._require_pool().execute(
+            "DELETE FROM credentials WHERE name = $1", name
+        )
+        return status.split()[-1] != "0"
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:

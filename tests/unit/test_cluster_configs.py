@@ -153,3 +153,17 @@ def test_nodes_install_troupe_with_the_gpu_extra_from_the_synced_repo(cluster):
     assert cluster["setup_commands"] == [f'pip install --no-cache-dir "{target}[gpu]"']
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("ray start" in cmd for cmd in cluster[key]), key
+
+
+def test_remote_config_is_valid_troupe_settings_and_serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.config import load_settings
+
+    raw = yaml.safe_load((REPO / "config" / "remote.yaml").read_text())
+    ServeDeploySchema.model_validate(raw)
+    settings = load_settings(raw["applications"][0]["args"])
+    assert {m.engine.type for m in settings.models} == {"openai", "anthropic", "gemini"}
+    assert all(m.run_in == "gateway" for m in settings.models)
+    assert settings.credential_envs() == {
+        "openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}
