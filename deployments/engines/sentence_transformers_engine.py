@@ -7,6 +7,7 @@ L2-normalised. Token arrays are decoded back to text with the model's own tokeni
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib.util
 import os
 from typing import Any, Sequence, Union
@@ -35,6 +36,7 @@ class SentenceTransformersEngine:
         self.model_id = model_id
         self.config = config
         self.model: Any = None
+        self._tokenizer: Any = None
         self.dimensions = 0
         self.max_input_tokens = 0
         # One forward pass at a time per replica; Serve's batching fills it.
@@ -51,15 +53,18 @@ class SentenceTransformersEngine:
         torch.set_num_threads(self.config.num_threads)
         path = self.config.model_path or bundled_minilm_path()
         self.model = SentenceTransformer(path, device=self.config.device)
+        # Token counting and decoding run on the event loop while encode() runs in a worker
+        # thread; a fast tokenizer's padding state is not thread-safe, so they get a copy.
+        self._tokenizer = copy.deepcopy(self.model.tokenizer)
         self.dimensions = int(self.model.get_embedding_dimension())
         self.max_input_tokens = int(self.model.max_seq_length)
 
     def _texts(self, inputs: Sequence[Union[str, list[int]]]) -> list[str]:
-        tok = self.model.tokenizer
+        tok = self._tokenizer
         return [x if isinstance(x, str) else tok.decode(x, skip_special_tokens=True) for x in inputs]
 
     def count_tokens(self, inputs: Sequence[Union[str, list[int]]]) -> list[int]:
-        tok = self.model.tokenizer
+        tok = self._tokenizer
         texts = [x for x in inputs if isinstance(x, str)]
         counts = iter(len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]) if texts else iter(())
         return [next(counts) if isinstance(x, str) else len(x) + 2 for x in inputs]

@@ -54,15 +54,16 @@ def build_native_router(core: GatewayCore) -> APIRouter:
             models.append(
                 {
                     "id": model_id,
-                    "loaded": s.get("status") == "ok",
-                    "status": s.get("status", "unavailable"),
+                    "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
+                    "status": "unloaded" if model_id in core.unloaded else s.get("status", "unavailable"),
                     "engine": model.engine.type,
                     "active_requests": s.get("active_requests"),
                     "reason": s.get("reason"),
                     **({"remote": s["remote"]} if "remote" in s else {}),
                 }
             )
-        healthy = all(m["loaded"] for m in models)
+        # a model unloaded on purpose (POST /models/{id}/unload) does not make us unhealthy
+        healthy = all(m["loaded"] or m["status"] == "unloaded" for m in models)
         return JSONResponse(
             {
                 "status": "ok" if healthy else "degraded",

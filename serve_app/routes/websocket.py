@@ -29,6 +29,7 @@ from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
+from serve_app.voice import VoiceSocket, run_voice_end
 from serve_app.tracing import (
     ATTR_MODEL,
     ATTR_REQUEST_ID,
@@ -70,6 +71,8 @@ class WebSocketSession:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancel_requested: set[str] = set()
         self.closed = False
+        #: voice.start / binary frames / voice.end (serve_app/voice.py)
+        self.voice = VoiceSocket(core, self.send, self.send_bytes, self.socket_id)
         state = websocket.scope.get("state", {})
         #: The policy layer, when auth must come in the first message (no header sent).
         self.policy = state.get("policy")
@@ -84,6 +87,30 @@ class WebSocketSession:
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.closed = True
 
+    async def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            await self.ws.send_bytes(data)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.closed = True
+
+    async def voice_message(self, kind: str, data: dict[str, Any]) -> None:
+        """voice.start opens an utterance; voice.end runs the pipeline as a task."""
+        vid = data.get("id") if isinstance(data.get("id"), str) else None
+        try:
+            if kind == "voice.start":
+                self.voice.start(data)
+                return
+            task = asyncio.create_task(run_voice_end(
+                self.voice, data, lambda err, rid: self.send(self.error(err, rid))))
+        except TroupeError as err:
+            await self.send(self.error(err, vid))
+            return
+        key = f"voice:{vid}"
+        self.tasks[key] = task
+        task.add_done_callback(lambda _t, k=key: self._forget(k))
+
     async def run(self) -> None:
         await self.ws.accept()
         try:
@@ -94,6 +121,12 @@ class WebSocketSession:
                 raw = message.get("text")
                 if raw is None:
                     raw = message.get("bytes") or b""
+                    if self.voice.open:  # an utterance's audio frame
+                        try:
+                            self.voice.add(raw)
+                        except TroupeError as err:
+                            await self.send(self.error(err))
+                        continue
                 await self.dispatch(raw)
                 if self.closed:
                     break
@@ -147,6 +180,8 @@ class WebSocketSession:
             await self.start_inference(data)
         elif kind == "cancel":
             await self.cancel(data)
+        elif kind in ("voice.start", "voice.end"):
+            await self.voice_message(kind, data)
         else:
             await self.send(self.error(InvalidRequest(
                 f"Unknown message type {kind!r}. Send one of: auth, inference, cancel, ping."

@@ -142,3 +142,46 @@ def test_unload_then_load(http: httpx.Client, client: OpenAI, ledger_path: str) 
     assert json.load(open(state_file)) == {"mock-image": True}
     wait_until(lambda: http.post("/v1/images/generations", json={"model": "mock-image", "prompt": "x"})
                .status_code == 200, timeout=10)
+
+
+def test_voice_pipeline_http_and_websocket(base_url: str, http: httpx.Client) -> None:
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    r = http.post("/voice/pipeline?llm=mock-5ms&max_tokens=6", content=_wav(1.0),
+                  headers={"content-type": "audio/wav"})
+    assert r.status_code == 200, r.text
+    assert r.json()["transcript"] == "hello from the mock transcriber"
+    assert len(r.json()["reply"].split()) == 6
+    assert decode_audio(base64.b64decode(r.json()["audio"])).size > 0
+
+    async def scenario() -> list:
+        events: list = []
+        async with connect(base_url.replace("http://", "ws://") + "/ws") as ws:
+            await ws.send(json.dumps({"type": "voice.start", "id": "v1", "format": "pcm",
+                                      "sample_rate": 16000, "llm": "mock-5ms", "max_tokens": 6}))
+            pcm = (np.sin(np.arange(16000) / 10) * 8000).astype("<i2").tobytes()
+            for i in range(0, len(pcm), 8000):
+                await ws.send(pcm[i:i + 8000])  # binary frames
+            await ws.send(json.dumps({"type": "voice.end", "id": "v1"}))
+            while True:
+                msg = await asyncio.wait_for(ws.recv(), 30)
+                if isinstance(msg, bytes):
+                    events.append(("bytes", len(msg)))
+                    continue
+                data = json.loads(msg)
+                events.append((data["type"], data))
+                if data["type"] in ("complete", "error"):
+                    return events
+
+    events = asyncio.run(scenario())
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "transcript" and events[0][1]["text"] == "hello from the mock transcriber"
+    assert kinds[-1] == "complete", events[-1]
+    assert "token" in kinds and kinds.index("token") < kinds.index("audio.start")
+    start, end = kinds.index("audio.start"), kinds.index("audio.end")
+    frames = [n for k, n in events[start:end] if k == "bytes"]
+    assert frames and sum(frames) == 2 * int(22050 * 0.05) * 6  # pcm, 6 words of the mock voice
+    assert events[start][1]["format"] == "pcm" and events[start][1]["sample_rate"] == 22050
+    assert len(events[-1][1]["reply"].split()) == 6

@@ -116,6 +116,22 @@ def test_all_five_bundled_models_serve_their_routes(local_url: str) -> None:
     assert Image.open(io.BytesIO(base64.b64decode(img.data[0].b64_json))).size == (128, 128)
 
 
+def test_voice_pipeline_round_trip_with_bundled_models(local_url: str) -> None:
+    """Piper speaks a question; /voice/pipeline hears it (Whisper), SmolLM2 answers, Piper speaks."""
+    import base64
+
+    client = OpenAI(base_url=local_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    question = client.audio.speech.create(model="piper-joe", voice="alloy", response_format="wav",
+                                          input="What is the capital of France?")
+    r = httpx.post(local_url + "/voice/pipeline?llm=smollm2-135m&max_tokens=24", content=question.content,
+                   headers={"content-type": "audio/wav"}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "capital" in body["transcript"].lower() and "france" in body["transcript"].lower()
+    assert "Paris" in body["reply"]
+    assert body["audio_seconds"] > 0.5 and len(base64.b64decode(body["audio"])) > 20000
+
+
 def test_responses_and_anthropic_messages_with_smollm2(local_url: str) -> None:
     from anthropic import Anthropic
 

@@ -262,6 +262,10 @@ async def test_unload_then_409_then_load(mgw) -> None:
     assert err["code"] == "model_not_loaded" and "POST /models/emb/load" in err["message"]
     native = {m["id"]: m for m in (await mgw.get("/models")).json()["data"]}
     assert native["emb"]["loaded"] is False and native["tts"]["loaded"] is True
+    health = await mgw.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"  # unloaded on purpose
+    emb = next(m for m in health.json()["models"] if m["id"] == "emb")
+    assert (emb["loaded"], emb["status"]) == (False, "unloaded")
     assert (await mgw.post("/models/emb/load")).json()["loaded"] is True
     assert (await mgw.post("/v1/embeddings", json={"model": "emb", "input": "x"})).status_code == 200
 
@@ -291,3 +295,33 @@ def test_model_state_actor_persists_to_file(tmp_path) -> None:
     ModelStateActor(path).set("emb", False)
     assert ModelStateActor(path).get_all() == {"emb": False}
     assert json.loads(open(path).read()) == {"emb": False}
+
+
+# ----------------------------------------------------------------------- voice
+
+
+async def test_voice_pipeline_round_trip(mgw) -> None:
+    r = await mgw.post("/voice/pipeline?max_tokens=8&voice=nova", content=_wav(1.0),
+                       headers={"content-type": "audio/wav"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["transcript"] == "hello from the mock"
+    assert len(body["reply"].split()) == 8 and body["usage"]["completion_tokens"] == 8
+    assert body["models"] == {"asr": "asr", "llm": "mock-fast", "tts": "tts"}
+    audio = decode_audio(base64.b64decode(body["audio"]))
+    assert abs(audio.size / 16000 - 8 * 0.05) < 0.05  # the mock voice: 0.05 s per word
+    routes = {e.route for e in mgw.events}
+    assert routes == {"/voice/pipeline"} and {e.model for e in mgw.events} == {"asr", "mock-fast", "tts"}
+
+
+@pytest.mark.parametrize("query,content,status,words", [
+    ("", b"", 400, "empty"),
+    ("", b"definitely not audio" * 50, 400, "not usable audio"),
+    ("?llm=emb", b"RIFF", 400, "text-generation"),
+    ("?tts=asr", b"RIFF", 400, "text-to-speech"),
+    ("?voice=darth", None, 400, "voice"),
+])
+async def test_voice_pipeline_bad_input(mgw, query, content, status, words) -> None:
+    r = await mgw.post("/voice/pipeline" + query, content=_wav(0.5) if content is None else content)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
