@@ -60,8 +60,11 @@ system-test-deps:
 	  if [ $$made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi; \
 	fi
 
+# tests/cluster starts its own multi-node Ray cluster, so it runs in a second pytest
+# process (the first one's session Ray is a private single-node one).
 test: install-dev models system-test-deps
-	$(BIN)/python -m pytest tests -p no:cacheprovider -q -rs --durations=25
+	$(BIN)/python -m pytest tests --ignore=tests/cluster -p no:cacheprovider -q -rs --durations=25
+	$(BIN)/python -m pytest tests/cluster -p no:cacheprovider -q -rs --durations=10
 
 test-fast: install-dev
 	$(BIN)/python -m pytest tests/unit -p no:cacheprovider -q

@@ -180,6 +180,15 @@ class AutoscalingOptions(_Strict):
     )
     upscale_delay_s: float = Field(10, ge=0, description="Sustained load before scaling up.")
     downscale_delay_s: float = Field(120, ge=0, description="Sustained idle before scaling down.")
+    look_back_period_s: Optional[float] = Field(
+        None, gt=0, description="Window the autoscaler averages load over (Serve's default: 30)."
+    )
+    cold_start_timeout_s: float = Field(
+        60, gt=0, le=3600,
+        description="How long a request waits for a replica (e.g. after scale to zero) "
+        "before it gets 503 OVERLOADED + Retry-After. Not a Serve option: the gateway "
+        "applies it.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingOptions":
@@ -188,7 +197,7 @@ class AutoscalingOptions(_Strict):
         return self
 
     def to_serve(self) -> dict[str, Any]:
-        out = self.model_dump(exclude_none=True)
+        out = self.model_dump(exclude_none=True, exclude={"cold_start_timeout_s"})
         return out
 
 

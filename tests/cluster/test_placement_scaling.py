@@ -1,0 +1,146 @@
+"""Placement and autoscaling of Troupe's deployments across (declared) GPU nodes.
+
+One Troupe app on the local cluster (see conftest): mock engines whose replicas reserve
+GPUs exactly as the vLLM deployments in config/gpu.yaml do.
+
+* ``chat``: one GPU per replica, autoscaling 0..2 (scale to zero, short delays);
+* ``tp2``: a tensor-parallel replica: two ``{GPU: 1}`` bundles, ``STRICT_PACK``;
+* ``nowhere``: needs 4 GPUs per replica, which no node has: its cold start never ends,
+  so a request must give up after ``cold_start_timeout_s`` with 503 + Retry-After.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.cluster.conftest import (
+    HEAD_RESOURCE,
+    LocalCluster,
+    deploy_troupe,
+    gateway_options,
+    metric_value,
+    sse_events,
+    undeploy,
+)
+from tests.conftest import wait_until
+
+CHAT_DEPLOYMENT = "LLM_chat"
+TP_DEPLOYMENT = "LLM_tp2"
+
+AUTOSCALING = {
+    "min_replicas": 0,
+    "max_replicas": 2,
+    "initial_replicas": 0,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.5,
+    "downscale_delay_s": 3,
+    "look_back_period_s": 1,
+    "cold_start_timeout_s": 60,
+}
+
+MODELS: list[dict[str, Any]] = [
+    {
+        "id": "chat",
+        "engine": {"type": "mock", "token_delay_ms": 20, "min_output_tokens": 20,
+                   "max_output_tokens": 20},
+        "deployment": {
+            "max_ongoing_requests": 4,
+            "ray_actor_options": {"num_cpus": 0.05, "num_gpus": 1},
+            "autoscaling": AUTOSCALING,
+        },
+    },
+    {
+        "id": "tp2",
+        "engine": {"type": "mock", "token_delay_ms": 1},
+        "deployment": {
+            "num_replicas": 1,
+            "max_ongoing_requests": 8,
+            "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
+            "placement_group_bundles": [{"GPU": 1, "CPU": 0.05}, {"GPU": 1, "CPU": 0.05}],
+            "placement_group_strategy": "STRICT_PACK",
+        },
+    },
+    {
+        "id": "nowhere",
+        "engine": {"type": "mock", "token_delay_ms": 1},
+        "deployment": {
+            "max_ongoing_requests": 4,
+            "ray_actor_options": {"num_cpus": 0.05, "num_gpus": 4},
+            "autoscaling": {**AUTOSCALING, "max_replicas": 1, "cold_start_timeout_s": 1.5},
+        },
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def app(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory):
+    ledger = tmp_path_factory.mktemp("state") / "ledger.db"
+    deploy_troupe(local_cluster, {
+        "models": MODELS,
+        "gateway": gateway_options(),
+        "metrics": {"store_url": "sqlite:///" + str(ledger).lstrip("/"),
+                    "flush_interval_s": 0.1, "serve_poll_interval_s": 0},
+    })
+    local_cluster.wait_replicas(TP_DEPLOYMENT, 1, timeout=60)
+    yield local_cluster
+    undeploy()
+
+
+def _chat(client: httpx.Client, model: str = "chat", max_tokens: int = 8) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={
+        "model": model, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hello"}],
+    })
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def test_head_runs_the_gateway_and_metrics_actor_and_no_model_replica(app: LocalCluster):
+    by_role: dict[str, list[str]] = {}
+    for actor in app.alive_actors():
+        name = actor.get("Name") or actor["ActorClassName"]
+        by_role.setdefault(app.role_of(actor["Address"]["NodeID"]), []).append(name)
+    head = by_role["head"]
+    assert any(n.startswith("SERVE_REPLICA::troupe#Gateway#") for n in head), head
+    assert "troupe-metrics" in head, head
+    assert not [n for n in head if n.startswith("SERVE_REPLICA::troupe#LLM_")], head
+    # Nothing of Troupe's own runs anywhere else but model replicas.
+    for role, names in by_role.items():
+        if role != "head":
+            assert all(n.startswith("SERVE_REPLICA::troupe#LLM_") for n in names
+                       if n.startswith("SERVE_REPLICA::troupe#") or n == "troupe-metrics"), names
+
+
+def test_the_gateway_holds_the_head_only_resource(app: LocalCluster):
+    import ray
+
+    head_total = ray.cluster_resources()[HEAD_RESOURCE]
+    assert head_total == 1  # declared by the head node only
+    wait_until(lambda: ray.available_resources().get(HEAD_RESOURCE, 0) < head_total,
+               timeout=10)
+
+
+def test_a_tensor_parallel_replica_packs_its_bundles_on_one_gpu_node(app: LocalCluster):
+    import ray
+    from ray.util import placement_group_table
+
+    [replica_role] = app.replica_roles(TP_DEPLOYMENT)
+    groups = [
+        g for g in placement_group_table().values()
+        if g["state"] == "CREATED" and len(g["bundles"]) == 2
+        and all(b.get("GPU") == 1 for b in g["bundles"].values())
+    ]
+    [group] = groups
+    assert group["strategy"] == "STRICT_PACK"
+    bundle_roles = {app.role_of(n) for n in group["bundles_to_node_id"].values()}
+    # Both bundles on the one node with two GPUs; the replica actor sits there too.
+    assert bundle_roles == {"gpu-tp"} and replica_role == "gpu-tp"
+    assert ray.available_resources().get("GPU", 0) <= 2  # gpu-tp's two GPUs are taken
+
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        assert _chat(client, "tp2").status_code == 200
