@@ -352,7 +352,9 @@ class MetricsSettings(_Strict):
         100_000, ge=1, description="Events a replica keeps while the actor is unreachable."
     )
     histogram_buckets_ms: Optional[dict[str, list[float]]] = Field(
-        None, description="Bucket bounds per histogram (queue_wait, ttft, inter_token, e2e)."
+        None,
+        description="Bucket bounds per histogram (queue_wait, ttft, inter_token, e2e, "
+        "cold_start_ttft)."
     )
     actor_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the metrics actor.")
     serve_poll_interval_s: float = Field(

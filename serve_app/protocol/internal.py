@@ -103,6 +103,8 @@ class TextChunk:
     completion_tokens: int = 0
     #: Set on the first chunk only: ms between the gateway's dispatch and the replica start.
     queue_ms: Optional[float] = None
+    #: First chunk only: the request was sent before its replica was up (a cold start).
+    cold_start: bool = False
 
     def usage(self) -> dict[str, int]:
         """OpenAI-style usage of a final chunk."""

@@ -56,7 +56,7 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                     "reason": s.get("reason"),
                 }
             )
-        healthy = all(m["loaded"] for m in models)
+        healthy = all(m["loaded"] or m["status"] == "scaled_to_zero" for m in models)
         return JSONResponse(
             {
                 "status": "ok" if healthy else "degraded",

@@ -12,6 +12,7 @@ GPUs exactly as the vLLM deployments in config/gpu.yaml do.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 from typing import Any
 
 import httpx
@@ -144,3 +145,90 @@ def test_a_tensor_parallel_replica_packs_its_bundles_on_one_gpu_node(app: LocalC
 
     with httpx.Client(base_url=app.url, timeout=30) as client:
         assert _chat(client, "tp2").status_code == 200
+
+
+# --------------------------------------------------------------------------- autoscaling
+
+
+def _cold_starts(client: httpx.Client) -> float:
+    return metric_value(client.get("/metrics").text, "troupe_cold_start_ttft_seconds_count",
+                        {"model": "chat"})
+
+
+def _load(url: str, stop: Any) -> int:
+    """One client streaming chat requests back to back until ``stop`` is set."""
+    done = 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not stop.is_set():
+            with client.stream("POST", "/inference/stream", json={
+                "model": "chat", "prompt": "load", "max_tokens": 20,
+            }) as response:
+                assert response.status_code == 200
+                events = list(sse_events(response))
+            assert events[-1].get("done") is True, events[-1]
+            done += 1
+    return done
+
+
+def test_scales_from_zero_up_across_gpu_nodes_and_back_to_zero(app: LocalCluster):
+    import threading
+
+    assert app.running_replicas(CHAT_DEPLOYMENT) == 0  # initial_replicas: 0
+    with httpx.Client(base_url=app.url, timeout=90) as client:
+        # /health reports the model as scaled to zero without waking it up.
+        health = client.get("/health")
+        assert health.status_code == 200, health.text
+        [chat] = [m for m in health.json()["models"] if m["id"] == "chat"]
+        assert chat["status"] == "scaled_to_zero" and not chat["loaded"]
+        assert app.running_replicas(CHAT_DEPLOYMENT) == 0
+
+        # Cold start: the request waits for a replica (bounded), then is served.
+        assert _chat(client).status_code == 200
+        assert app.replica_roles(CHAT_DEPLOYMENT) in (["gpu-a"], ["gpu-b"])
+        wait_until(lambda: _cold_starts(client) == 1, timeout=10, interval=0.2)
+
+        # Load: four streams back to back, target one per replica -> max_replicas (2).
+        # One GPU each, so the two replicas must be on the two single-GPU nodes.
+        stop = threading.Event()
+        with cf.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(_load, app.url, stop) for _ in range(4)]
+            try:
+                app.wait_replicas(CHAT_DEPLOYMENT, 2, timeout=60)
+            finally:
+                stop.set()
+            served = sum(f.result(timeout=60) for f in clients)
+        assert served >= 4
+        assert app.replica_roles(CHAT_DEPLOYMENT) == ["gpu-a", "gpu-b"]
+
+        # Idle: back to zero replicas, GPUs released.
+        app.wait_replicas(CHAT_DEPLOYMENT, 0, timeout=60)
+
+        # The next request after zero is another (measured) cold start.
+        started = time.monotonic()
+        response = _chat(client)
+        cold_s = time.monotonic() - started
+        assert response.status_code == 200, response.text
+        wait_until(lambda: _cold_starts(client) == 2, timeout=10, interval=0.2)
+        print(f"cold start from zero: {cold_s:.2f}s to the whole answer")
+
+
+def test_no_replica_within_the_cold_start_timeout_answers_503_with_retry_after(
+    app: LocalCluster,
+):
+    # "nowhere" wants 4 GPUs per replica: its replica can never start here.
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        started = time.monotonic()
+        response = _chat(client, "nowhere")
+        waited = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "2"
+        error = response.json()["error"]
+        assert error["code"] == "overloaded"
+        assert "cold_start_timeout_s" in error["message"]
+        assert 1.5 <= waited < 10
+
+        # The native stream route says the same before any event is sent.
+        response = client.post("/inference/stream", json={"model": "nowhere", "prompt": "x"})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "OVERLOADED"
+        assert response.json()["error"]["details"]["reason"] == "cold_start"
