@@ -151,3 +151,38 @@ def test_nodes_install_troupe_with_the_gpu_extra_from_the_synced_repo(cluster):
     assert cluster["setup_commands"] == [f'pip install --no-cache-dir "{target}[gpu]"']
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("ray start" in cmd for cmd in cluster[key]), key
+
+
+# --------------------------------------------------------------------------- head-only placement
+
+HEAD_RESOURCE = "troupe_head"
+
+
+def test_only_the_head_declares_the_head_resource(cluster):
+    types = cluster["available_node_types"]
+    assert types[cluster["head_node_type"]]["resources"][HEAD_RESOURCE] == 1
+    for name, node_type in types.items():
+        if name != cluster["head_node_type"]:
+            assert HEAD_RESOURCE not in node_type["resources"], name
+
+
+def test_the_gateway_asks_for_the_head_and_no_model_does(settings, cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+    gateway = settings.gateway.ray_actor_options.to_ray()
+    assert 0 < gateway["resources"][HEAD_RESOURCE] <= head[HEAD_RESOURCE] / 10
+    assert gateway["num_cpus"] <= head["CPU"]
+    for model in settings.models:
+        options = model.deployment.to_serve()
+        assert HEAD_RESOURCE not in options["ray_actor_options"].get("resources", {}), model.id
+        for bundle in options.get("placement_group_bundles") or []:
+            assert HEAD_RESOURCE not in bundle, model.id
+
+
+def test_every_model_has_bounded_cold_starts_and_scaling_delays(settings):
+    for model in settings.models:
+        auto = model.deployment.autoscaling
+        # A cold start can include a new GPU node: minutes, but bounded.
+        assert 60 <= auto.cold_start_timeout_s <= 900, model.id
+        assert auto.upscale_delay_s > 0 and auto.downscale_delay_s >= 60, model.id
+        serve_options = model.deployment.to_serve()["autoscaling_config"]
+        assert "cold_start_timeout_s" not in serve_options  # Troupe's, not Serve's
