@@ -195,9 +195,11 @@ def test_scales_from_zero_up_across_gpu_nodes_and_back_to_zero(app: LocalCluster
         # One GPU each, so the two replicas must be on the two single-GPU nodes.
         stop = threading.Event()
         with cf.ThreadPoolExecutor(4) as pool:
+            load_at = time.monotonic()
             clients = [pool.submit(_load, app.url, stop) for _ in range(4)]
             try:
                 app.wait_replicas(CHAT_DEPLOYMENT, 2, timeout=60)
+                up_s = time.monotonic() - load_at
             finally:
                 stop.set()
             served = sum(f.result(timeout=60) for f in clients)
@@ -207,7 +209,9 @@ def test_scales_from_zero_up_across_gpu_nodes_and_back_to_zero(app: LocalCluster
         assert len(set(roles)) == 2 and not {"head", "gpu-tp"} & set(roles), roles
 
         # Idle: back to zero replicas, GPUs released.
+        idle_at = time.monotonic()
         app.wait_replicas(CHAT_DEPLOYMENT, 0, timeout=60)
+        down_s = time.monotonic() - idle_at
 
         # The next request after zero is another (measured) cold start.
         started = time.monotonic()
@@ -215,7 +219,11 @@ def test_scales_from_zero_up_across_gpu_nodes_and_back_to_zero(app: LocalCluster
         cold_s = time.monotonic() - started
         assert response.status_code == 200, response.text
         wait_until(lambda: _cold_starts(client) == 2, timeout=10, interval=0.2)
-        print(f"cold start from zero: {cold_s:.2f}s to the whole answer")
+        ttft_sum = metric_value(client.get("/metrics").text,
+                                "troupe_cold_start_ttft_seconds_sum", {"model": "chat"})
+        print(f"1 -> 2 replicas {up_s:.1f}s after the load began; 2 -> 0 {down_s:.1f}s after "
+              f"it stopped; cold start from zero: {cold_s:.2f}s to the whole answer, "
+              f"mean cold-start TTFT of the two {ttft_sum / 2:.2f}s")
 
 
 def test_no_replica_within_the_cold_start_timeout_answers_503_with_retry_after(

@@ -68,7 +68,7 @@ def smollm2():
     kwargs = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, torch_dtype=torch.float32, **kwargs
+        folder, local_files_only=True, **kwargs
     )
     return tokenizer, model.eval()
 
