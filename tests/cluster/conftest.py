@@ -35,16 +35,7 @@ import pytest
 
 from tests.conftest import free_port, wait_until
 
-# Set before any raylet starts: every node and worker process inherits them.
-os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# The workers import this worktree's code (the driver's own sys.path is not enough).
 _REPO = str(Path(__file__).resolve().parents[2])
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p
-)
-
 HEAD_RESOURCE = "troupe_head"
 GPU_NODES = {"gpu-a": 1, "gpu-b": 1, "gpu-tp": 2}
 
@@ -154,6 +145,14 @@ def local_cluster() -> Iterator[LocalCluster]:
 
     if ray.is_initialized():
         pytest.skip("a Ray driver is already connected in this process")
+    # Set before any raylet starts: every node and worker process inherits them.
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # The workers import this checkout's code (the driver's own sys.path is not enough).
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p
+    )
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

@@ -301,3 +301,31 @@ def test_status_counts_queued_requests_while_a_model_cold_starts(app: LocalClust
             timeout=2.5, interval=0.05,
         )
         assert [f.result(timeout=10).status_code for f in waiting] == [503, 503]
+
+
+def test_troupe_status_command_on_the_cluster(app: LocalCluster, tmp_path):
+    """The CLI end to end: its own driver joins the cluster, reads Serve and /metrics."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "http_options": {"host": "127.0.0.1", "port": app.http_port},
+        "applications": [{"name": "troupe", "route_prefix": "/",
+                          "import_path": "serve_app.app:build_app",
+                          "args": {"models": MODELS, "gateway": gateway_options()}}],
+    }))
+    out = subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", "status", str(config),
+         "--address", app.cluster.address, "--json"],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["deployment"]: r for r in json.loads(out.stdout)}
+    assert rows[TP_DEPLOYMENT]["gpus_in_use"] == 2
+    assert rows["LLM_nowhere"]["autoscaling"]["cold_start_timeout_s"] == 3
+    assert rows["Gateway"]["in_flight"] == 0  # read from the gateway's /metrics
