@@ -14,7 +14,8 @@
 #       > /tmp/smollm2.gguf
 #   PYTHONPATH=.cache/gpu-bundle/part2 TROUPE_GAN_DIR=.cache/gpu-bundle/part1 \
 #   TROUPE_SMOLLM2_GGUF=/tmp/smollm2.gguf HF_HUB_OFFLINE=1 \
-#   python -m pytest --noconftest -p no:cacheprovider tests/gpu/test_torch_cuda.py -q -rs -s
+#   python -m pytest -c tests/gpu/device-pytest.ini --rootdir . --noconftest \
+#       -p no:cacheprovider tests/gpu/test_torch_cuda.py -q -rs -s
 #
 # The machine must already have torch (CUDA), transformers (with tokenizers, safetensors,
 # numpy) and pytest; nothing here imports Ray, pydantic or Troupe's packages.

@@ -14,7 +14,11 @@ weights the engines load and check what running them on ``cuda`` must keep.
 
 Each part skips itself when CUDA, transformers or its weights are missing::
 
-    TROUPE_SMOLLM2_DIR=/path/to/smollm2 python -m pytest tests/gpu/test_torch_cuda.py -q -rs
+    TROUPE_SMOLLM2_DIR=/path/to/smollm2 python -m pytest -c tests/gpu/device-pytest.ini \
+        --rootdir . --noconftest -p no:cacheprovider tests/gpu/test_torch_cuda.py -q -rs -s
+
+(the ini and ``--noconftest`` keep pytest from importing pydantic, httpx or Ray).
+tests/gpu/make_device_bundle.sh packs the weights for a machine without them.
 """
 
 from __future__ import annotations
