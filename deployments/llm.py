@@ -114,6 +114,7 @@ class LLMDeployment:
                         _WIRE_FINISH[out.finish_reason],
                         prompt_tokens,
                         completion,
+                        stop_sequence=out.stop_sequence,
                     )
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
@@ -173,7 +174,8 @@ class LLMDeployment:
                         chunk.prompt_tokens,
                         chunk.completion_tokens,
                         queue_ms,
-                        cold_start,
+                        stop_sequence=chunk.stop_sequence,
+                        cold_start=cold_start,
                     )
         finally:
             await stream.aclose()

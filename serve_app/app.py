@@ -17,10 +17,13 @@ from actors.names import METRICS_ACTOR, NAMESPACE
 from serve_app.config import ModelConfig, TroupeSettings, load_settings
 from serve_app.core import VERSION, GatewayCore
 from serve_app.http import RequestIdMiddleware, install_error_handlers
+from serve_app.routes.anthropic_api import build_anthropic_router
+from serve_app.routes.modalities import build_modalities_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.playground import build_playground_router
+from serve_app.routes.responses_api import build_responses_router
 from serve_app.routes.websocket import build_ws_router
 from serve_app.tracing import (
     ActorSpanSink,
@@ -49,12 +52,16 @@ def build_fastapi_app(
         description="Inference gateway on Ray Serve: OpenAI-compatible, REST and WebSocket.",
         docs_url="/docs",
         redoc_url=None,
+        lifespan=core.lifespan,  # follows load/unload state (serve_app/modalities.py)
     )
     install_error_handlers(app, on_rejected=core.reject)
     app.include_router(build_openai_router(core))
+    app.include_router(build_responses_router(core))
+    app.include_router(build_anthropic_router(core))
     app.include_router(build_native_router(core))
     app.include_router(build_ws_router(core))
     app.include_router(build_observability_router(core, metrics_actor))
+    app.include_router(build_modalities_router(core))
     app.include_router(build_playground_router())
     # Outermost, so even errors answered by Starlette's last-resort handler carry the id;
     # tracing inside it, so the request span has the id.
@@ -139,11 +146,14 @@ class Gateway:
                 max_buffer=parsed.metrics.max_buffer,
                 gauge_sink=actor_gauge_sink(self.metrics_actor),
             )
+        from serve_app.modality_app import model_state_backend
+
         self.core = GatewayCore(
             parsed,
             handles,
             record=self.recorder.record if self.recorder else None,
             gauge=self.recorder.set_gauge if self.recorder else None,
+            model_state=model_state_backend(parsed),
         )
         setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
 
@@ -155,13 +165,23 @@ class Gateway:
             await self.recorder.close()
 
 
+def _setup_model_replica(tracing: Optional[dict[str, Any]], metrics_enabled: bool) -> None:
+    setup_tracing(TracingSettings.model_validate(tracing or {}), "model", _span_sink(metrics_enabled))
+
+
 def model_deployment(model: ModelConfig):
     """The Serve deployment (not yet bound) for one configured model."""
     from ray import serve
 
+    from deployments.lifecycle import TextLifecycle
     from deployments.llm import LLMDeployment
 
-    class TextModel(LLMDeployment):
+    if model.modality != "text":
+        from serve_app.modality_app import modality_deployment
+
+        return modality_deployment(model, _setup_model_replica)
+
+    class TextModel(TextLifecycle, LLMDeployment):
         async def __init__(  # type: ignore[misc]
             self,
             model_config: dict[str, Any],

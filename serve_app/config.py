@@ -17,6 +17,20 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.modality_config import (
+    DiffusersEngineConfig,
+    FasterWhisperEngineConfig,
+    GANImageEngineConfig,
+    MockEmbeddingsEngineConfig,
+    MockImageEngineConfig,
+    MockSpeechEngineConfig,
+    MockTranscriptionEngineConfig,
+    PiperEngineConfig,
+    SentenceTransformersEngineConfig,
+    VLLMPoolingEngineConfig,
+    check_engine_fits,
+    engine_type_for,
+)
 from serve_app.tracing import TracingSettings
 
 __all__ = [
@@ -142,7 +156,14 @@ class OpenAIEngineConfig(_EngineConfig):
 
 
 EngineConfig = Annotated[
-    Union[MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig, OpenAIEngineConfig],
+    Union[
+        MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig, OpenAIEngineConfig,
+        # the other modalities (serve_app/modality_config.py)
+        MockEmbeddingsEngineConfig, SentenceTransformersEngineConfig, VLLMPoolingEngineConfig,
+        MockSpeechEngineConfig, PiperEngineConfig,
+        MockTranscriptionEngineConfig, FasterWhisperEngineConfig,
+        MockImageEngineConfig, GANImageEngineConfig, DiffusersEngineConfig,
+    ],
     Field(discriminator="type"),
 ]
 
@@ -291,7 +312,11 @@ class ModelConfig(_Strict):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
         description="Model id clients send (e.g. 'smollm2-135m').",
     )
-    modality: Literal["text"] = Field("text", description="What the model does.")
+    modality: Literal["text", "embeddings", "speech", "transcription", "image"] = Field(
+        "text",
+        description="What the model does: text (chat/completions), embeddings, speech "
+        "(text-to-speech), transcription (speech-to-text) or image (image generation).",
+    )
     engine: EngineConfig = Field(..., description="Engine and its options.")
     deployment: DeploymentOptions = Field(
         default_factory=DeploymentOptions, description="Replicas, caps and resources."
@@ -302,6 +327,20 @@ class ModelConfig(_Strict):
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="Token prices.")
     description: str = Field("", description="Shown in GET /models.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _modality_mock(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            engine = engine_type_for(data.get("modality", "text"), data.get("engine"))
+            if engine is not data.get("engine"):
+                data = {**data, "engine": engine}
+        return data
+
+    @model_validator(mode="after")
+    def _engine_fits_modality(self) -> "ModelConfig":
+        check_engine_fits(self.modality, self.engine.type)
+        return self
+
     @property
     def provider(self) -> str:
         """Who serves it: "local" for engines on our replicas, else the remote provider."""
@@ -311,7 +350,8 @@ class ModelConfig(_Strict):
     def deployment_name(self) -> str:
         """Serve deployment names may not contain '/' or '#'."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.id)
-        return f"LLM_{safe}"
+        prefix = {"text": "LLM"}.get(self.modality, self.modality.capitalize())
+        return f"{prefix}_{safe}"
 
 
 class GatewayOptions(_Strict):
@@ -329,6 +369,11 @@ class GatewayOptions(_Strict):
         300, gt=0, description="Longest gap between stream chunks before TIMEOUT."
     )
     request_timeout_s: float = Field(600, gt=0, description="Longest non-stream request.")
+    sse_keepalive_s: Optional[float] = Field(
+        15.0, gt=0,
+        description="Send an SSE comment line when a stream has been silent this long "
+        "(keeps proxies from closing idle streams); null disables.",
+    )
     health_timeout_s: float = Field(2.0, gt=0, description="Per-model wait in GET /health.")
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 beyond)."

@@ -23,6 +23,7 @@ from serve_app.errors import (
     as_troupe_error,
 )
 from serve_app.metering import RequestInfo, RequestMeter
+from serve_app.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
     ChatMessage,
@@ -39,7 +40,10 @@ logger = logging.getLogger("troupe.gateway")
 
 VERSION = "0.1.0"
 
-_CAPABILITIES = {"text": ["text-generation", "chat", "completions", "streaming"]}
+_CAPABILITIES = {
+    "text": ["text-generation", "chat", "completions", "streaming"],
+    **MODALITY_CAPABILITIES,
+}
 
 
 def _translate(exc: BaseException, model_id: str) -> TroupeError:
@@ -130,7 +134,7 @@ def _router_replicas(handle: Any) -> Optional[int]:
     return 0 if pending is None else len(pending)
 
 
-class GatewayCore:
+class GatewayCore(ModalityCalls):
     """Shared gateway state: settings, model handles, in-flight accounting.
 
     Args:
@@ -145,8 +149,10 @@ class GatewayCore:
         handles: dict[str, Any],
         record: Optional[Callable[[RequestEvent], None]] = None,
         gauge: Optional[Callable[[str, dict[str, str], float], None]] = None,
+        model_state: Optional[ModelStateBackend] = None,
     ) -> None:
         self.settings = settings
+        self._init_modalities(model_state)  # load/unload state (serve_app/modalities.py)
         #: Where finished-request events go (the metrics recorder's O(1) ``record``).
         self.record = record
         #: Where the in-flight gauge goes (the recorder sends only changed values).
@@ -268,6 +274,7 @@ class GatewayCore:
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
+        self.admit(model_id, "text", info.route)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
@@ -301,6 +308,7 @@ class GatewayCore:
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
+        self.admit(model_id, "text", info.route)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None

@@ -18,9 +18,9 @@
      ├── Timeout                     504 TIMEOUT
      └── InternalError               500 INTERNAL_ERROR
 
-The wire shapes (OpenAI, native) are produced here and nowhere else: routes raise, the
-gateway's exception handlers and stream encoders call :func:`openai_error_body` or
-:func:`native_error_body`. Never pick a status by reading message text.
+The wire shapes (OpenAI, Anthropic, native) are produced here and nowhere else: routes raise, the
+gateway's exception handlers and stream encoders call :func:`openai_error_body`,
+:func:`anthropic_error_body` or :func:`native_error_body`. Never pick a status by reading message text.
 
 Errors cross Ray handles (raised in a model replica, caught at the gateway), so every
 class pickles with its keyword fields intact.
@@ -31,6 +31,9 @@ from __future__ import annotations
 import math
 import time
 from typing import Any, Optional
+
+from serve_app.protocol.anthropic import ANTHROPIC_ERROR_TYPES
+from serve_app.protocol.anthropic import error_envelope as anthropic_envelope
 
 __all__ = [
     "TroupeError",
@@ -50,6 +53,8 @@ __all__ = [
     "InternalError",
     "openai_error_body",
     "native_error_body",
+    "anthropic_error_type",
+    "anthropic_error_body",
     "as_troupe_error",
 ]
 
@@ -197,3 +202,19 @@ def native_error_body(err: TroupeError, request_id: Optional[str] = None) -> dic
         "request_id": request_id,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def anthropic_error_type(err: TroupeError) -> str:
+    """Anthropic's error ``type`` for ``err``: by its fixed status (Anthropic's table);
+    ``Overloaded`` is ``overloaded_error`` whether it answers 429 or 503."""
+    if isinstance(err, Overloaded):
+        return "overloaded_error"
+    known = ANTHROPIC_ERROR_TYPES.get(err.status)
+    if known is not None:
+        return known
+    return "invalid_request_error" if err.status < 500 else "api_error"
+
+
+def anthropic_error_body(err: TroupeError, request_id: Optional[str] = None) -> dict[str, Any]:
+    """Anthropic's envelope: ``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
+    return anthropic_envelope(anthropic_error_type(err), err.message, request_id)

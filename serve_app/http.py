@@ -25,6 +25,7 @@ from serve_app.errors import (
     NotFound,
     RequestTooLarge,
     TroupeError,
+    anthropic_error_body,
     as_troupe_error,
     native_error_body,
     openai_error_body,
@@ -39,6 +40,7 @@ __all__ = [
     "read_json",
     "parse_body",
     "is_openai_path",
+    "is_anthropic_path",
     "route_label",
     "error_response",
     "error_event_data",
@@ -179,15 +181,26 @@ def is_openai_path(scope: Scope) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
+def is_anthropic_path(scope: Scope) -> bool:
+    """``/v1/messages`` (Anthropic's shape) answers errors in Anthropic's envelope."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_response(
     err: TroupeError, scope: Scope, extra_headers: Optional[dict[str, str]] = None
 ) -> JSONResponse:
     record_error(current_span(), err)  # the request's span carries the Troupe code
     request_id = scope.get("state", {}).get("request_id")
-    body = (
-        openai_error_body(err, request_id) if is_openai_path(scope)
-        else native_error_body(err, request_id)
-    )
+    if is_anthropic_path(scope):
+        body = anthropic_error_body(err, request_id)
+    elif is_openai_path(scope):
+        body = openai_error_body(err, request_id)
+    else:
+        body = native_error_body(err, request_id)
     return JSONResponse(
         body, status_code=err.status, headers={**err.headers(), **(extra_headers or {})}
     )

@@ -40,6 +40,33 @@ MOCK_MODELS: list[dict[str, Any]] = [
         "engine": {"type": "mock", "token_delay_ms": 1, "context_length": 32},
         "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}},
     },
+    # The other modalities (mock engines; tests/integration/test_modalities.py).
+    {
+        # 20 ms per forward pass, so concurrent callers pile up and Serve batches them.
+        "id": "mock-embeddings",
+        "modality": "embeddings",
+        "engine": {"type": "mock", "dimensions": 384, "delay_ms": 20, "max_batch_size": 32,
+                   "batch_wait_timeout_s": 0.01},
+        "deployment": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.05}},
+    },
+    {
+        "id": "mock-speech",
+        "modality": "speech",
+        "engine": {"type": "mock"},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.05}},
+    },
+    {
+        "id": "mock-transcription",
+        "modality": "transcription",
+        "engine": {"type": "mock", "text": "hello from the mock transcriber"},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.05}},
+    },
+    {
+        "id": "mock-image",
+        "modality": "image",
+        "engine": {"type": "mock"},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.05}},
+    },
 ]
 
 APP_ARGS: dict[str, Any] = {

@@ -96,7 +96,7 @@ class MockTextEngine:
         if event is not None:
             event.set()
 
-    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str]:
+    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str, Optional[str]]:
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
         sp = request.sampling
@@ -116,19 +116,21 @@ class MockTextEngine:
         else:
             count, finish = natural, "stop"
         tokens = mock_completion_tokens(prompt, sp.seed, sp.temperature, count)
+        matched: Optional[str] = None
         if sp.stop:
             text = ""
             for i, tok in enumerate(tokens):
                 text += tok
-                hit = min((p for p in (text.find(s) for s in sp.stop) if p >= 0), default=-1)
-                if hit >= 0:
+                hits = [(p, s) for s in sp.stop if (p := text.find(s)) >= 0]
+                if hits:
+                    hit, matched = min(hits, key=lambda h: h[0])
                     tokens = _cut_tokens(tokens[: i + 1], hit)
                     finish = "stop"
                     break
-        return prompt_tokens, tokens, finish
+        return prompt_tokens, tokens, finish, matched
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
-        prompt_tokens, tokens, finish = self._plan(request)
+        prompt_tokens, tokens, finish, matched = self._plan(request)
         abort = asyncio.Event()
         self._active[request.request_id] = abort
         try:
@@ -142,7 +144,7 @@ class MockTextEngine:
             sent = 0
             total = len(tokens)
             if total == 0:
-                yield EngineOutput("", 0, prompt_tokens, finish)
+                yield EngineOutput("", 0, prompt_tokens, finish, matched)
                 return
             while sent < total:
                 if abort.is_set():
@@ -169,6 +171,7 @@ class MockTextEngine:
                     ready - sent,
                     prompt_tokens,
                     finish if done else None,
+                    matched if done else None,
                 )
                 sent = ready
         finally:

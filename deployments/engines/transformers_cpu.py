@@ -284,13 +284,20 @@ class StopStringTracker:
     cut right before it.
     """
 
-    __slots__ = ("stops", "holdback", "sent", "stopped")
+    __slots__ = ("stops", "holdback", "sent", "stopped", "matched")
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
         self.stops = tuple(s for s in stops if s)
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.sent = ""
         self.stopped = False
+        #: The stop string found (reported as the output's ``stop_sequence``).
+        self.matched: Optional[str] = None
+
+    def _stop_at(self, full: str, hit: int) -> int:
+        self.stopped = True
+        self.matched = next(s for s in self.stops if full.startswith(s, hit))
+        return hit
 
     def update(self, full: str) -> tuple[str, bool]:
         """Feed the whole output decoded so far; returns (new text to stream, stop hit)."""
@@ -299,8 +306,7 @@ class StopStringTracker:
         # A stop string cannot start inside text already sent (that is what holdback buys).
         hit = find_stop(full, self.stops, max(0, min(len(self.sent), len(full))))
         if hit is not None:
-            self.stopped = True
-            return self._advance(full, hit), True
+            return self._advance(full, self._stop_at(full, hit)), True
         end = len(full)
         while end > 0 and full[end - 1] == "\ufffd":
             end -= 1
@@ -312,8 +318,7 @@ class StopStringTracker:
             return ""
         hit = find_stop(full, self.stops, max(0, min(len(self.sent), len(full))))
         if hit is not None:
-            self.stopped = True
-            return self._advance(full, hit)
+            return self._advance(full, self._stop_at(full, hit))
         return self._advance(full, len(full))
 
     def _advance(self, full: str, end: int) -> str:
@@ -575,7 +580,8 @@ class TransformersTextEngine:
                         await asyncio.shield(asyncio.wrap_future(job.future))
                 if error is not None:
                     raise error
-                yield EngineOutput("".join(parts), count, prompt_tokens, finish)  # type: ignore[arg-type]
+                matched = job.tracker.matched if finish == "stop" else None
+                yield EngineOutput("".join(parts), count, prompt_tokens, finish, matched)  # type: ignore[arg-type]
                 if finish is not None:
                     return
         finally:

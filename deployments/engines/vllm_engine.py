@@ -447,7 +447,12 @@ class VLLMTextEngine:
                 finished = reason is not None
                 # An aborted request ends here even if this vLLM emits no final ABORT output.
                 final = self._finish_reason(reason, request_id) if finished else "abort"
-                yield EngineOutput(completion.text, len(completion.token_ids), prompt_tokens, final)
+                # vLLM's stop_reason is the matched stop string (or a stop token id).
+                matched = completion.stop_reason
+                yield EngineOutput(
+                    completion.text, len(completion.token_ids), prompt_tokens, final,
+                    matched if final == "stop" and isinstance(matched, str) else None,
+                )
                 return
         finally:
             self._active.pop(request_id, None)

@@ -86,6 +86,9 @@ class EngineOutput:
     num_tokens: int
     prompt_tokens: int
     finish_reason: Optional[EngineFinishReason] = None
+    #: On a ``stop`` finish: the stop string that ended the output (None for EOS, or when
+    #: the engine cannot tell, e.g. an upstream that does not say).
+    stop_sequence: Optional[str] = None
 
 
 @dataclass(slots=True)
@@ -103,6 +106,8 @@ class TextChunk:
     completion_tokens: int = 0
     #: Set on the first chunk only: ms between the gateway's dispatch and the replica start.
     queue_ms: Optional[float] = None
+    #: Final chunk only: the stop string that ended the output (see EngineOutput).
+    stop_sequence: Optional[str] = None
     #: First chunk only: the request was sent before its replica was up (a cold start).
     cold_start: bool = False
 

@@ -80,8 +80,9 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                 {
                     "id": model_id,
                     "modality": model.modality,
-                    "loaded": s.get("status") == "ok",
+                    "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
                     "capabilities": core.capabilities(model),
+                    **core.modality_card(model),
                     "context_length": s.get("context_length"),
                     "engine": model.engine.type,
                     "description": model.description,
@@ -134,7 +135,8 @@ def build_native_router(core: GatewayCore) -> APIRouter:
         first, rest = await peek_stream(
             core.stream(body.model, _request(body, request_id), RequestInfo("/inference/stream", True))
         )
-        return SSEResponse(_native_events(first, rest, request_id))
+        return SSEResponse(_native_events(first, rest, request_id),
+                           keepalive_s=core.settings.gateway.sse_keepalive_s)
 
     return router
 

@@ -47,8 +47,13 @@ async def peek_stream(
     return first, chunks
 
 
-def _model_card(model_id: str, created: int) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
+def _model_card(model_id: str, created: int, core: Optional[GatewayCore] = None) -> dict[str, Any]:
+    card = {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
+    if core is not None:  # Troupe extension: what the model does
+        model = core.models[model_id]
+        card["modality"] = model.modality
+        card["capabilities"] = core.capabilities(model)
+    return card
 
 
 def _admit(
@@ -82,13 +87,13 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
     @router.get("/models")
     async def list_models() -> JSONResponse:
         return JSONResponse(
-            {"object": "list", "data": [_model_card(mid, created) for mid in core.models]}
+            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]}
         )
 
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
         core.resolve(model_id)
-        return JSONResponse(_model_card(model_id, created))
+        return JSONResponse(_model_card(model_id, created, core))
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -102,7 +107,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         info = RequestInfo("/v1/chat/completions", stream=bool(body.stream))
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
-            return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id))
+            return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         return JSONResponse(
             {
@@ -137,7 +143,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
         info = RequestInfo("/v1/completions", stream=bool(body.stream))
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
-            return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo))
+            return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         return JSONResponse(
             {

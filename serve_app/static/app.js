@@ -144,16 +144,39 @@
       }
       box.append(ul);
     }
-    const chatModels = models.filter((m) => (m.capabilities || []).some((c) => MODALITY_SECTIONS[0][1].includes(c)));
-    const select = $("model");
+    const inSection = (i) => models.filter((m) => (m.capabilities || []).some((c) => MODALITY_SECTIONS[i][1].includes(c)));
+    fillSelect("model", inSection(0));
+    fillSelect("tts-model", inSection(1));
+    fillSelect("asr-model", inSection(2));
+    fillSelect("img-model", inSection(3));
+    state.models = new Map(models.map((m) => [m.id, m]));
+    updateImageSizes();
+  }
+
+  function fillSelect(id, members) {
+    const select = $(id);
     const previous = select.value;
     select.replaceChildren();
-    for (const m of chatModels) {
+    for (const m of members) {
       const opt = el("option", null, m.id + (m.loaded === false ? " (not loaded)" : ""));
       opt.value = m.id;
       select.append(opt);
     }
-    if (chatModels.some((m) => m.id === previous)) select.value = previous;
+    if (members.some((m) => m.id === previous)) select.value = previous;
+    const go = { "tts-model": "tts-go", "asr-model": "asr-go", "img-model": "img-go" }[id];
+    if (go) $(go).disabled = members.length === 0;
+    if (id === "asr-model") $("asr-record").disabled = members.length === 0;
+  }
+
+  // The sizes an image model offers, when /models lists them.
+  function updateImageSizes() {
+    const m = state.models && state.models.get($("img-model").value);
+    const sizes = m && (m.sizes || m.image_sizes || (m.image && m.image.sizes));
+    if (!Array.isArray(sizes) || !sizes.length) return;
+    const select = $("img-size");
+    const previous = select.value;
+    select.replaceChildren(...sizes.map((s) => el("option", null, String(s))));
+    if (sizes.map(String).includes(previous)) select.value = previous;
   }
 
   // ---------------------------------------------------------------- WebSocket
@@ -364,6 +387,124 @@
     note(reply, "error", "Error — " + text);
   }
 
+  // ---------------------------------------------------------------- speech, transcription, images
+  // POST with the key; an error answer becomes an HttpProblem with a message a person can act on.
+  async function postFor(path, init) {
+    let resp;
+    try {
+      resp = await fetch(path, { method: "POST", ...init, headers: { ...authHeaders(), ...(init.headers || {}) } });
+    } catch (e) {
+      throw new HttpProblem("The Troupe server is unreachable (" + location.host + "). Is it running?", "unreachable");
+    }
+    if (resp.ok) return resp;
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    const err = (body && body.error) || {};
+    const msg = err.message || resp.statusText;
+    if (resp.status === 401) throw new HttpProblem("The API key was rejected (HTTP 401). Check the key and press “Use key”.", "auth");
+    if (resp.status === 403) throw new HttpProblem("This API key may not use this (HTTP 403): " + msg, "auth");
+    if (resp.status === 429) {
+      throw new HttpProblem((err.code === "OVERLOADED" ? "The model is busy. " : "Rate limit reached. ")
+        + retryText(parseFloat(resp.headers.get("Retry-After"))), "rate");
+    }
+    throw new HttpProblem(`HTTP ${resp.status}: ${msg}`, "http");
+  }
+  async function runTask(prefix, work) {
+    const status = $(prefix + "-status");
+    const go = $(prefix + "-go");
+    go.disabled = true;
+    status.textContent = "Working…";
+    const started = performance.now();
+    try {
+      const detail = await work();
+      status.textContent = `Done in ${fmt(performance.now() - started, 0)} ms` + (detail ? " · " + detail : "");
+    } catch (e) {
+      if (!(e instanceof HttpProblem)) throw e;
+      status.textContent = "Error — " + e.message;
+      if (e.kind !== "http") reportHttp(e, prefix);
+    } finally {
+      go.disabled = false;
+    }
+  }
+
+  function speak() {
+    return runTask("tts", async () => {
+      const body = { model: $("tts-model").value, voice: $("tts-voice").value,
+        input: $("tts-text").value, response_format: "wav" };
+      const resp = await postFor("/v1/audio/speech", { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      const blob = await resp.blob();
+      const audio = $("tts-audio");
+      if (audio.src) URL.revokeObjectURL(audio.src);
+      audio.src = URL.createObjectURL(blob);
+      audio.play().catch(() => { /* autoplay may be refused; the controls remain */ });
+      clearBanner("tts");
+      return `${Math.round(blob.size / 1024)} KiB audio`;
+    });
+  }
+
+  function transcribe(blob, filename) {
+    return runTask("asr", async () => {
+      const form = new FormData();
+      form.append("file", blob, filename);
+      form.append("model", $("asr-model").value);
+      form.append("response_format", "json");
+      const resp = await postFor("/v1/audio/transcriptions", { body: form });
+      const out = await resp.json();
+      $("asr-text").textContent = out.text || "(no speech recognised)";
+      clearBanner("asr");
+      return `${Math.round(blob.size / 1024)} KiB in`;
+    });
+  }
+  function transcribeFile() {
+    const file = $("asr-file").files[0];
+    if (!file) { $("asr-status").textContent = "Choose an audio file first, or record."; return; }
+    transcribe(file, file.name);
+  }
+  async function toggleRecording() {
+    const button = $("asr-record");
+    if (state.recorder) { state.recorder.stop(); return; }
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (e) {
+      $("asr-status").textContent = "No microphone access: " + (e.message || e.name);
+      return;
+    }
+    const recorder = new MediaRecorder(stream);
+    const parts = [];
+    recorder.ondataavailable = (ev) => { if (ev.data && ev.data.size) parts.push(ev.data); };
+    recorder.onstop = () => {
+      stream.getTracks().forEach((t) => t.stop());
+      state.recorder = null;
+      button.textContent = "Record microphone";
+      button.setAttribute("aria-pressed", "false");
+      const type = recorder.mimeType || "audio/webm";
+      transcribe(new Blob(parts, { type }), type.includes("ogg") ? "recording.ogg" : "recording.webm");
+    };
+    state.recorder = recorder;
+    recorder.start();
+    button.textContent = "Stop and transcribe";
+    button.setAttribute("aria-pressed", "true");
+    $("asr-status").textContent = "Recording…";
+  }
+
+  function generateImage() {
+    return runTask("img", async () => {
+      const body = { model: $("img-model").value, prompt: $("img-prompt").value,
+        size: $("img-size").value, n: 1, response_format: "b64_json" };
+      const resp = await postFor("/v1/images/generations", { headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+      const out = await resp.json();
+      const b64 = out.data && out.data[0] && out.data[0].b64_json;
+      if (!b64) throw new HttpProblem("The server returned no image.", "http");
+      const img = $("img-out");
+      img.src = "data:image/png;base64," + b64;
+      img.alt = "Generated from: " + body.prompt;
+      img.hidden = false;
+      clearBanner("img");
+      return body.size;
+    });
+  }
+
   // ---------------------------------------------------------------- usage
   async function refreshUsage() {
     let body;
@@ -472,6 +613,11 @@
       if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); send(); }
     });
     $("stop").addEventListener("click", stop);
+    $("tts-form").addEventListener("submit", (ev) => { ev.preventDefault(); speak(); });
+    $("asr-form").addEventListener("submit", (ev) => { ev.preventDefault(); transcribeFile(); });
+    $("asr-record").addEventListener("click", toggleRecording);
+    $("img-form").addEventListener("submit", (ev) => { ev.preventDefault(); generateImage(); });
+    $("img-model").addEventListener("change", updateImageSizes);
     $("clear").addEventListener("click", () => {
       stop();
       state.conversation = [];

@@ -87,3 +87,30 @@ def test_websocket_cancel_stops_smollm2_mid_generation(local_url: str) -> None:
     while active(local_url, "smollm2-135m") != 0:
         assert time.monotonic() < deadline, "engine still generating 1 s after cancel"
         time.sleep(0.02)
+
+
+def test_all_five_bundled_models_serve_their_routes(local_url: str) -> None:
+    """`make run`'s config: every bundled model is loaded and answers its OpenAI route."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    models = {m["id"]: m for m in httpx.get(local_url + "/models", timeout=30).json()["data"]}
+    expected = {"smollm2-135m": "text-generation", "all-minilm-l6-v2": "embeddings",
+                "piper-joe": "text-to-speech", "whisper-tiny-en": "speech-to-text",
+                "dcgan-faces": "image-generation"}
+    for model_id, capability in expected.items():
+        assert models[model_id]["loaded"] is True, models[model_id]
+        assert capability in models[model_id]["capabilities"]
+    assert "does NOT follow text" in models["dcgan-faces"]["description"]
+    client = OpenAI(base_url=local_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    emb = client.embeddings.create(model="all-minilm-l6-v2", input=["a cat", "a kitten"])
+    assert len(emb.data[0].embedding) == 384
+    speech = client.audio.speech.create(model="piper-joe", voice="alloy",
+                                        input="Good morning. The weather is sunny today.")
+    text = client.audio.transcriptions.create(model="whisper-tiny-en",
+                                              file=("speech.mp3", speech.content, "audio/mpeg"))
+    assert "morning" in text.text.lower() and "weather" in text.text.lower(), text.text
+    img = client.images.generate(model="dcgan-faces", prompt="a face", size="128x128")
+    assert Image.open(io.BytesIO(base64.b64decode(img.data[0].b64_json))).size == (128, 128)

@@ -127,6 +127,7 @@ async def test_abort_running_and_queued(engine):
 async def test_stop_strings_are_trimmed(engine):
     text, outs = await collect(engine, chat("stop1", stop=("Paris",)))
     assert outs[-1].finish_reason == "stop"
+    assert outs[-1].stop_sequence == "Paris"
     assert "Paris" not in text and text.rstrip().endswith("is")
     # A stop string spanning several tokens never leaks a prefix into the stream.
     text2, outs2 = await collect(engine, chat("stop2", stop=("of France",)))

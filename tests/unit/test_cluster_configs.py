@@ -42,7 +42,7 @@ def settings(serve_config):
 
 
 def test_gpu_config_is_valid_troupe_settings(settings):
-    engines = {m.id: m.engine for m in settings.models}
+    engines = {m.id: m.engine for m in settings.models if m.modality == "text"}
     assert {e.type for e in engines.values()} == {"vllm"}
     assert sorted(e.tensor_parallel_size for e in engines.values()) == [1, 2]
     assert all(e.model.startswith("/models/") for e in engines.values())  # local weights
@@ -66,6 +66,8 @@ def test_each_vllm_replica_reserves_exactly_its_tensor_parallel_gpus(settings):
     from deployments.engines.vllm_engine import placement_bundles
 
     for model in settings.models:
+        if model.modality != "text":  # other modalities reserve GPUs without placement groups
+            continue
         tp = model.engine.tensor_parallel_size
         options = model.deployment.to_serve()
         actor = options["ray_actor_options"]
@@ -123,6 +125,7 @@ def test_head_is_cpu_only_and_workers_have_gpus(cluster):
     assert {name: t["resources"]["GPU"] for name, t in workers.items()} == {
         "gpu-1x": 1,
         "gpu-4x": 4,
+        "cpu-8x": 0,  # CPU-only model replicas (troupe_worker)
     }
     assert all(t["min_workers"] == 0 for t in workers.values())
 
@@ -186,3 +189,20 @@ def test_every_model_has_bounded_cold_starts_and_scaling_delays(settings):
         assert auto.upscale_delay_s > 0 and auto.downscale_delay_s >= 60, model.id
         serve_options = model.deployment.to_serve()["autoscaling_config"]
         assert "cold_start_timeout_s" not in serve_options  # Troupe's, not Serve's
+
+
+def test_no_model_replica_can_be_placed_on_the_head(settings, cluster):
+    """Every replica needs a GPU or a custom resource the head lacks, and some worker
+    node type offers all of it."""
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]["resources"]
+    workers = [t["resources"] for name, t in types.items() if name != cluster["head_node_type"]]
+    for model in settings.models:
+        options = model.deployment.to_serve()
+        actor = options["ray_actor_options"]
+        demands = [{"GPU": actor["num_gpus"], **actor.get("resources", {})},
+                   *(options.get("placement_group_bundles") or [])]
+        needs = {k: v for d in demands for k, v in d.items() if k != "CPU" and v}
+        assert any(head.get(k, 0) < v for k, v in needs.items()), (
+            f"{model.id} could run on the head: it needs only {needs or 'CPU'}")
+        assert any(all(w.get(k, 0) >= v for k, v in needs.items()) for w in workers), model.id

@@ -178,6 +178,7 @@ async def test_earliest_of_several_stop_strings_wins() -> None:
         engine(ignore_eos=True), request(max_tokens=30, temperature=0, stop=(late, early))
     )
     assert text_of(outputs) == full[: full.find(early)]
+    assert outputs[-1].stop_sequence == early  # the string that matched is reported
 
 
 async def test_absent_stop_string_changes_nothing() -> None:

@@ -94,7 +94,13 @@ def test_tracker_flush_checks_the_tail():
     tracker = StopStringTracker(("END",))
     assert tracker.update("abEN") == ("ab", False)
     assert tracker.flush("abEND") == ""
-    assert tracker.stopped
+    assert tracker.stopped and tracker.matched == "END"
+
+
+def test_tracker_reports_the_earliest_stop_string():
+    tracker = StopStringTracker(("END", "STOP"))
+    assert tracker.update("go STOP now END") == ("go ", True)
+    assert tracker.matched == "STOP"
 
 
 # --------------------------------------------------------------------------- the cache

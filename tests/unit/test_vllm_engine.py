@@ -72,6 +72,7 @@ class FakeCompletion:
         self.text = text
         self.token_ids = token_ids
         self.finish_reason = finish_reason
+        self.stop_reason: Any = None  # vLLM: the matched stop string, a stop token id, or None
 
 
 class FakeRequestOutput:
@@ -117,6 +118,7 @@ class FakeAsyncLLM:
         script: Optional[list[list[str]]] = None,
         finish: Optional[str] = "stop",
         emits_abort_output: bool = True,
+        stop_reason: Any = None,
         reject_with: Optional[BaseException] = None,
         tokenizer: Optional[FakeTokenizer] = None,
     ) -> None:
@@ -126,6 +128,7 @@ class FakeAsyncLLM:
         self.script = script if script is not None else [["Hello"], [" big", " wide"], [" world"]]
         self.finish = finish
         self.emits_abort_output = emits_abort_output
+        self.stop_reason = stop_reason
         self.reject_with = reject_with
         self.submitted: list[Submission] = []
         self.aborted: list[str] = []
@@ -160,7 +163,10 @@ class FakeAsyncLLM:
                     return
                 last = i == len(self.script) - 1
                 reason = self.finish if last else None
-                yield self._output(request_id, prompt_ids, step, reason)
+                output = self._output(request_id, prompt_ids, step, reason)
+                if reason is not None:
+                    output.outputs[0].stop_reason = self.stop_reason
+                yield output
                 if reason is not None:
                     return
             await aborted.wait()
@@ -387,6 +393,13 @@ async def test_finish_reasons_are_mapped(vllm_reason, ours):
     engine, _ = await started_engine(script=[["x"]], finish=vllm_reason)
     outputs = [o async for o in engine.generate(chat())]
     assert outputs[-1].finish_reason == ours
+
+
+@pytest.mark.parametrize("stop_reason,reported", [("\n\n", "\n\n"), (2, None), (None, None)])
+async def test_the_matched_stop_string_is_reported(stop_reason, reported):
+    engine, _ = await started_engine(script=[["x"]], finish="stop", stop_reason=stop_reason)
+    outputs = [o async for o in engine.generate(chat())]
+    assert outputs[-1].stop_sequence == reported  # a stop token id is not a stop string
 
 
 async def test_an_engine_error_finish_is_raised_not_reported_as_stop():

@@ -1,0 +1,135 @@
+"""The embeddings deployment: a plain class over one :class:`EmbeddingEngine`.
+
+Each request is checked on its own (empty or oversized inputs, ``dimensions``), then
+joins a batch: the app builder wraps :meth:`EmbeddingDeployment.embed_batch` with Serve's
+``@serve.batch`` (see ``serve_app.app``), so concurrent small requests from different
+callers share one forward pass. Without Serve, each request is its own batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Optional
+
+import numpy as np
+
+from deployments.engines.modality_base import EmbeddingEngine, create_modality_engine
+from deployments.lifecycle import EngineHost
+from serve_app.config import ModelConfig
+from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
+from serve_app.protocol.modalities import EmbeddingRequest, EmbeddingResult
+
+__all__ = ["EmbeddingDeployment", "EMBEDDINGS_EXAMPLE"]
+
+logger = logging.getLogger("troupe.embeddings")
+
+EMBEDDINGS_EXAMPLE = '{"model": "all-minilm-l6-v2", "input": ["The food was delicious."]}'
+
+
+class EmbeddingDeployment(EngineHost):
+    """Serves one embedding model.
+
+    Args:
+        model: the model's config.
+        engine: an engine instance to use (tests); default: built from config.
+    """
+
+    def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[EmbeddingEngine] = None):
+        super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
+        #: How a checked request is run; the builder swaps in a Serve-batched callable.
+        self.run_one: Callable[[EmbeddingRequest], Awaitable[EmbeddingResult]] = self._unbatched
+        #: Most requests one engine call has served (shows Serve's batching at work).
+        self.largest_batch = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "largest_batch": self.largest_batch}
+
+    async def _unbatched(self, request: EmbeddingRequest) -> EmbeddingResult:
+        return (await self.embed_batch([request]))[0]
+
+    def check(self, request: EmbeddingRequest, engine: EmbeddingEngine) -> None:
+        """Per-request validation (before batching, so one bad request fails alone)."""
+        cfg = self.model.engine
+        if not request.inputs:
+            raise InvalidRequest(
+                f"input is empty. Send a string or a list of strings, e.g. {EMBEDDINGS_EXAMPLE}",
+                param="input",
+            )
+        if len(request.inputs) > cfg.max_inputs:
+            raise InvalidRequest(
+                f"input has {len(request.inputs)} items; model {self.model.id!r} takes at most "
+                f"{cfg.max_inputs} per request. Split it into several requests.",
+                param="input",
+            )
+        for i, item in enumerate(request.inputs):
+            if (isinstance(item, str) and not item.strip()) or (isinstance(item, list) and not item):
+                raise InvalidRequest(
+                    f"input[{i}] is empty; every input needs some text, e.g. {EMBEDDINGS_EXAMPLE}",
+                    param="input",
+                )
+        counts = engine.count_tokens(request.inputs)
+        for i, n in enumerate(counts):
+            if n > engine.max_input_tokens:
+                raise ContextLengthExceeded(
+                    f"input[{i}] has {n} tokens; model {self.model.id!r} embeds at most "
+                    f"{engine.max_input_tokens} tokens per input. Split or shorten it.",
+                    param="input",
+                    details={"index": i, "tokens": n, "max_tokens": engine.max_input_tokens},
+                )
+        if request.dimensions is not None:
+            if not engine.supports_dimensions:
+                raise InvalidRequest(
+                    f"Model {self.model.id!r} does not support `dimensions` (its vectors have "
+                    f"{engine.dimensions}). Omit the field.",
+                    param="dimensions",
+                )
+            if not 1 <= request.dimensions <= engine.dimensions:
+                raise InvalidRequest(
+                    f"dimensions={request.dimensions} is out of range: model {self.model.id!r} "
+                    f"gives 1..{engine.dimensions}.",
+                    param="dimensions",
+                )
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        """Check one request, then run it (in a cross-caller batch under Serve)."""
+        engine = await self._ready_engine()
+        self.check(request, engine)
+        queue_ms = self.queue_ms(request.dispatched_at)
+        with self._counting():
+            result = await self.run_one(request)
+        result.queue_ms = queue_ms
+        return result
+
+    async def embed_batch(self, requests: list[EmbeddingRequest]) -> list[EmbeddingResult]:
+        """One engine call for every input of every request, split back per request."""
+        engine = await self._ready_engine()
+        self.largest_batch = max(self.largest_batch, len(requests))
+        flat = [item for r in requests for item in r.inputs]
+        try:
+            out = await engine.embed(flat)
+        except Exception as exc:
+            logger.exception("embedding engine failed on model %s", self.model.id)
+            raise InferenceFailed(
+                f"Model {self.model.id!r} failed while embedding: {type(exc).__name__}. Retry the request.",
+                details={"exception": type(exc).__name__},
+            ) from None
+        results: list[EmbeddingResult] = []
+        start = 0
+        for r in requests:
+            end = start + len(r.inputs)
+            vectors = np.asarray(out.vectors[start:end], dtype=np.float32)
+            dims = vectors.shape[1]
+            if r.dimensions is not None and r.dimensions < dims:
+                vectors = vectors[:, : r.dimensions]
+                norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+                vectors = vectors / np.where(norms == 0, 1.0, norms)
+                dims = r.dimensions
+            results.append(
+                EmbeddingResult(
+                    [v.astype("<f4").tobytes() for v in vectors],
+                    dims,
+                    int(sum(out.token_counts[start:end])),
+                )
+            )
+            start = end
+        return results

@@ -1,0 +1,310 @@
+"""The gateway's calls to the non-text model deployments, and model load/unload state.
+
+:class:`ModalityCalls` is mixed into :class:`serve_app.core.GatewayCore`: it checks that a
+model serves the route's modality and is loaded, calls the model's deployment over its
+handle, meters the request (usage, latency, errors) through the same recorder as text,
+and turns Ray failures into Troupe errors (``core._translate``).
+
+Load/unload state lives in a :class:`ModelStateBackend`: in memory (tests, one process)
+or the named :class:`actors.model_state.ModelStateActor`, which persists it so a redeploy
+of the same config keeps unloaded models unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from serve_app.config import ModelConfig
+from serve_app.errors import InvalidRequest, ModelNotLoaded, Timeout, TroupeError
+from serve_app.metering import RequestInfo, RequestMeter
+from serve_app.protocol.modalities import (
+    AudioChunk,
+    EmbeddingRequest,
+    EmbeddingResult,
+    ImageRequest,
+    ImageResult,
+    SpeechRequest,
+    TranscriptionRequest,
+    TranscriptionResult,
+)
+
+__all__ = [
+    "ModalityCalls",
+    "ModelStateBackend",
+    "MemoryModelState",
+    "MODALITY_CAPABILITIES",
+    "MODALITY_NOUN",
+]
+
+logger = logging.getLogger("troupe.modalities")
+
+#: Capabilities shown in /models, per modality (text's are in core.py).
+MODALITY_CAPABILITIES: dict[str, list[str]] = {
+    "embeddings": ["embeddings"],
+    "speech": ["text-to-speech", "streaming"],
+    "transcription": ["speech-to-text"],
+    "image": ["image-generation"],
+}
+#: The capability a route needs, per modality (also names the model kind in errors).
+MODALITY_NOUN = {
+    "text": "text-generation",
+    "embeddings": "embeddings",
+    "speech": "text-to-speech",
+    "transcription": "speech-to-text",
+    "image": "image-generation",
+}
+#: A route that serves each modality (for "use this instead" hints).
+MODALITY_ROUTE = {
+    "text": "POST /v1/chat/completions",
+    "embeddings": "POST /v1/embeddings",
+    "speech": "POST /v1/audio/speech",
+    "transcription": "POST /v1/audio/transcriptions",
+    "image": "POST /v1/images/generations",
+}
+
+
+class ModelStateBackend(Protocol):
+    """Where load/unload state is kept (model id -> loaded)."""
+
+    async def get_all(self) -> dict[str, bool]: ...
+
+    async def set(self, model_id: str, loaded: bool) -> None: ...
+
+
+class MemoryModelState:
+    """Load state in this process only (tests; a single gateway without Ray)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, bool] = {}
+
+    async def get_all(self) -> dict[str, bool]:
+        return dict(self.state)
+
+    async def set(self, model_id: str, loaded: bool) -> None:
+        self.state[model_id] = loaded
+
+
+class ModalityCalls:
+    """Mixin of GatewayCore (uses its settings, models, handles, meters and counters)."""
+
+    #: Model ids unloaded by POST /models/{id}/unload (refreshed from the state backend).
+    unloaded: set[str]
+    model_state: ModelStateBackend
+
+    def _init_modalities(self, model_state: Optional[ModelStateBackend] = None) -> None:
+        self.unloaded = set()
+        self.model_state = model_state or MemoryModelState()
+
+    # ------------------------------------------------------------------ admission
+
+    def admit(self, model_id: str, modality: str, route: str) -> ModelConfig:
+        """Resolve ``model_id`` and check it serves ``modality`` and is loaded."""
+        model = self.resolve(model_id)  # type: ignore[attr-defined]
+        if model.modality != modality:
+            need = MODALITY_NOUN[modality]
+            fitting = sorted(m.id for m in self.models.values() if m.modality == modality)  # type: ignore[attr-defined]
+            raise InvalidRequest(
+                f"Model {model_id!r} is a {MODALITY_NOUN[model.modality]} model "
+                f"(capabilities: {', '.join(self.capabilities(model))}); {route} needs a "  # type: ignore[attr-defined]
+                f"{need} model"
+                + (f", e.g. {', '.join(fitting)}" if fitting else " (none is configured here)")
+                + f". {model_id!r} is served by {MODALITY_ROUTE[model.modality]}.",
+                param="model",
+                details={"model": model_id, "modality": model.modality, "needs": need,
+                         "models": fitting},
+            )
+        self.check_loaded(model_id)
+        return model
+
+    def check_loaded(self, model_id: str) -> None:
+        if model_id in self.unloaded:
+            raise ModelNotLoaded(
+                f"Model {model_id!r} is configured but unloaded. Load it with "
+                f"POST /models/{model_id}/load (admin), then retry.",
+                details={"model": model_id, "load": f"POST /models/{model_id}/load"},
+            )
+
+    # ------------------------------------------------------------------ calls
+
+    async def _unary(self, model_id: str, method: str, request: Any, info: RequestInfo,
+                     meter_result: Any = None) -> Any:
+        """One handle call with metering, the total timeout and error translation."""
+        from serve_app.core import _translate, _wait_for_replica
+
+        self.in_flight += 1  # type: ignore[attr-defined]
+        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)  # type: ignore[attr-defined]
+        error: Optional[TroupeError] = None
+        self._dispatch(model_id, request)  # type: ignore[attr-defined]
+        response = getattr(self._handles[model_id], method).remote(request)  # type: ignore[attr-defined]
+        timeout = self.settings.gateway.request_timeout_s  # type: ignore[attr-defined]
+        try:
+            await _wait_for_replica(response, self.models[model_id])  # type: ignore[attr-defined]
+            async with asyncio.timeout(timeout):
+                result = await response
+            if meter_result is not None:
+                meter_result(meter, result)
+            meter.finish_reason = "stop"
+            return result
+        except TimeoutError:
+            response.cancel()
+            error = Timeout(f"Model {model_id!r} did not finish within {timeout:.0f}s.",
+                            details={"phase": "total"})
+            raise error from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:
+            error = _translate(exc, model_id)
+            raise error from None
+        finally:
+            self.in_flight -= 1  # type: ignore[attr-defined]
+            self._close_meter(meter, error)  # type: ignore[attr-defined]
+
+    async def embed(self, model_id: str, request: EmbeddingRequest, info: RequestInfo) -> EmbeddingResult:
+        def usage(meter: RequestMeter, result: EmbeddingResult) -> None:
+            meter.prompt_tokens = result.prompt_tokens
+            meter.queue_ms = result.queue_ms
+
+        return await self._unary(model_id, "embed", request, info, usage)
+
+    async def transcribe(self, model_id: str, request: TranscriptionRequest,
+                         info: RequestInfo) -> TranscriptionResult:
+        return await self._unary(model_id, "transcribe", request, info)
+
+    async def generate_images(self, model_id: str, request: ImageRequest,
+                              info: RequestInfo) -> ImageResult:
+        return await self._unary(model_id, "generate", request, info)
+
+    async def speak(self, model_id: str, request: SpeechRequest,
+                    info: RequestInfo) -> AsyncIterator[AudioChunk]:
+        """Stream encoded audio; closing this generator cancels the synthesis."""
+        from serve_app.core import _translate, _wait_for_replica
+
+        self.in_flight += 1  # type: ignore[attr-defined]
+        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)  # type: ignore[attr-defined]
+        error: Optional[TroupeError] = None
+        self._dispatch(model_id, request)  # type: ignore[attr-defined]
+        generator = self._stream_handles[model_id].synthesize.remote(request)  # type: ignore[attr-defined]
+        idle = self.settings.gateway.stream_idle_timeout_s  # type: ignore[attr-defined]
+        finished = False
+        try:
+            await _wait_for_replica(generator, self.models[model_id])  # type: ignore[attr-defined]
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await generator.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except TimeoutError:
+                    raise Timeout(f"Model {model_id!r} sent no audio for {idle:.0f}s.",
+                                   details={"phase": "idle"}) from None
+                if meter.ttft_ms is None:  # time to first audio
+                    meter.ttft_ms = (time.perf_counter() - meter.started) * 1000.0
+                if chunk.last:
+                    meter.finish_reason = "stop"
+                    finished = True
+                yield chunk
+        except TroupeError as exc:
+            error = exc
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            error = _translate(exc, model_id)
+            raise error from None
+        finally:
+            self.in_flight -= 1  # type: ignore[attr-defined]
+            if not finished:
+                generator.cancel()
+            self._close_meter(meter, error)  # type: ignore[attr-defined]
+
+    async def voices(self, model_id: str) -> dict[str, Any]:
+        from serve_app.core import _translate
+
+        try:
+            return await self._handles[model_id].voices.remote()  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _translate(exc, model_id) from None
+
+    # ------------------------------------------------------------ load / unload
+
+    async def refresh_model_state(self) -> None:
+        """Adopt the persisted load state (another gateway replica, or a redeploy)."""
+        state = await self.model_state.get_all()
+        self.unloaded = {mid for mid, loaded in state.items() if not loaded and mid in self.models}  # type: ignore[attr-defined]
+
+    async def unload_model(self, model_id: str) -> dict[str, Any]:
+        """Mark unloaded (requests get 409 at once), then free the replica's engine."""
+        from serve_app.core import _translate
+
+        self.resolve(model_id)  # type: ignore[attr-defined]
+        await self.model_state.set(model_id, False)
+        self.unloaded.add(model_id)
+        try:
+            freed = await self._handles[model_id].unload.remote()  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _translate(exc, model_id) from None
+        return {"id": model_id, "loaded": False, "memory": freed}
+
+    async def load_model(self, model_id: str) -> dict[str, Any]:
+        """Start the engine again, then accept requests."""
+        from serve_app.core import _translate
+
+        self.resolve(model_id)  # type: ignore[attr-defined]
+        try:
+            info = await self._handles[model_id].load.remote()  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _translate(exc, model_id) from None
+        await self.model_state.set(model_id, True)
+        self.unloaded.discard(model_id)
+        return {"id": model_id, "loaded": True, "memory": info}
+
+    async def apply_model_state(self) -> None:
+        """At start: replicas of models persisted as unloaded free their engines."""
+        await self.refresh_model_state()
+        for model_id in sorted(self.unloaded):
+            try:
+                await self._handles[model_id].unload.remote()  # type: ignore[attr-defined]
+            except Exception:  # a replica not up yet: the next sync retries
+                logger.warning("could not unload %s at start; will retry", model_id)
+
+    def modality_card(self, model: ModelConfig) -> dict[str, Any]:
+        """Extra /models fields of a non-text model (what it offers and cannot do)."""
+        card: dict[str, Any] = {}
+        engine = model.engine
+        if model.modality == "image":
+            card["sizes"] = list(engine.sizes)  # type: ignore[union-attr]
+            card["follows_prompt"] = engine.type == "diffusers"
+        return card
+
+    async def start_model_state_sync(self, interval_s: float = 2.0) -> None:
+        """Adopt persisted load state now, then keep following it (other replicas' changes)."""
+
+        async def loop() -> None:
+            first = True
+            while True:
+                try:
+                    if first:
+                        await self.apply_model_state()
+                        first = False
+                    else:
+                        await self.refresh_model_state()
+                except Exception:  # the state actor restarting: keep the last known state
+                    logger.warning("model state sync failed; retrying", exc_info=True)
+                await asyncio.sleep(interval_s)
+
+        self._model_state_task = asyncio.get_running_loop().create_task(loop())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The ASGI app's lifespan: follow the model state while the app runs."""
+        await self.start_model_state_sync()
+        try:
+            yield
+        finally:
+            self._model_state_task.cancel()

@@ -1,0 +1,343 @@
+"""OpenAI Responses API wire types: the request model, the response object and stream events.
+
+Pure data (pydantic and orjson only, no gateway imports). Text in, text out: ``input`` is
+a string or a list of message items whose content is a string or ``input_text`` /
+``output_text`` parts. What needs state or tools the gateway does not have is refused
+with a 400 naming the field: ``tools``, ``previous_response_id``, ``conversation``,
+``background``, non-text input parts and non-message items, structured ``text.format``.
+``store`` is accepted and ignored (nothing is stored; responses say ``"store": false``).
+
+Streamed events, in order (SSE ``event:`` name = the JSON ``type``, each with a
+``sequence_number`` counting from 0)::
+
+    response.created · response.in_progress · response.output_item.added ·
+    response.content_part.added · response.output_text.delta … · response.output_text.done ·
+    response.content_part.done · response.output_item.done ·
+    response.completed | response.incomplete (max_output_tokens hit)
+
+An error after the stream started is an ``error`` event followed by ``response.failed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Literal, Optional, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+__all__ = [
+    "RESPONSES_EXAMPLE",
+    "InputPart",
+    "InputMessage",
+    "ResponsesRequest",
+    "response_id",
+    "response_object",
+    "status_of",
+    "ResponseStreamEncoder",
+]
+
+RESPONSES_EXAMPLE = (
+    '{"model": "smollm2-135m", "input": "Write a haiku about actors.", '
+    '"max_output_tokens": 64}'
+)
+
+#: Content part types that carry plain text (``output_text`` appears in replayed history).
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class InputPart(_Lenient):
+    """One content part; only text parts can be served by text models."""
+
+    type: str
+    text: Optional[str] = None
+
+
+class InputMessage(_Lenient):
+    """A message item of ``input``: ``{"role", "content"}``, optionally ``"type": "message"``."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Union[str, list[InputPart]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value):
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if part.type not in _TEXT_PARTS:
+                    raise ValueError(
+                        f"content part {i} has type {part.type!r}; this gateway's text "
+                        "models accept only 'input_text' (and 'output_text' in history)"
+                    )
+                if part.text is None:
+                    raise ValueError(f"content part {i} of type {part.type!r} needs 'text'")
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text or "" for p in self.content)
+
+
+_MESSAGE_ITEMS = TypeAdapter(list[InputMessage])
+
+
+class _TextFormat(_Lenient):
+    type: Literal["text"] = "text"
+
+
+class _TextOptions(_Lenient):
+    format: Optional[_TextFormat] = None
+
+
+_REFUSED = {
+    "previous_response_id": "responses are not stored here, so there is nothing to continue; "
+    "send the earlier turns in 'input' instead",
+    "conversation": "conversations are not stored here; send the earlier turns in 'input'",
+    "background": "background responses are not supported; omit 'background' or set it false",
+}
+
+
+class ResponsesRequest(_Lenient):
+    """``POST /v1/responses`` (text only)."""
+
+    model: str = Field(..., min_length=1, max_length=256)
+    input: Union[str, list[InputMessage]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stream: Optional[bool] = False
+    store: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    text: Optional[_TextOptions] = None
+    previous_response_id: Optional[str] = None
+    conversation: Optional[Any] = None
+    background: Optional[bool] = None
+    user: Optional[str] = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_or_message_items(cls, value):
+        # Validated here, before the str|list union, so a bad item yields one error that
+        # names the item instead of one error per union branch.
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError('input is empty; send the text to answer, e.g. "input": "Hello"')
+            return value
+        if not isinstance(value, list):
+            raise ValueError(
+                "input must be a string or a list of message items, not "
+                f"{type(value).__name__}"
+            )
+        if not value:
+            raise ValueError("input is an empty list; send at least one message item")
+        for i, item in enumerate(value):
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if isinstance(item, dict) and kind != "message":
+                raise ValueError(
+                    f"input item {i} has type {kind!r}; this gateway accepts only message "
+                    'items, e.g. {"role": "user", "content": "Hello"}'
+                )
+        try:
+            return _MESSAGE_ITEMS.validate_python(value)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"input item {where}: {first['msg'].removeprefix('Value error, ')}") from None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value):
+        if value:
+            raise ValueError(
+                "tools are not supported by this gateway's text models; remove 'tools'"
+            )
+        return value
+
+    @field_validator("previous_response_id", "conversation", "background")
+    @classmethod
+    def _stateless(cls, value, info):
+        if value:
+            raise ValueError(_REFUSED[info.field_name])
+        return value
+
+    def turns(self) -> Iterator[tuple[str, str]]:
+        """``(role, text)`` turns: ``instructions`` first as the system prompt;
+        ``developer`` is served as ``system``."""
+        if self.instructions:
+            yield "system", self.instructions
+        if isinstance(self.input, str):
+            yield "user", self.input
+            return
+        for item in self.input:
+            yield ("system" if item.role == "developer" else item.role), item.text()
+
+
+def response_id(request_id: str) -> str:
+    """A ``resp_…`` id derived from the gateway's request id (so logs line up)."""
+    return "resp_" + request_id.removeprefix("req_").replace("-", "")
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def _message_item(item_id: str, text: Optional[str], status: str) -> dict[str, Any]:
+    content = [] if text is None else [
+        {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    ]
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def response_object(
+    resp_id: str,
+    created_at: int,
+    body: ResponsesRequest,
+    status: str,
+    text: Optional[str] = None,
+    usage: Optional[tuple[int, int]] = None,
+    error: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The ``response`` object; ``text`` None means no output item yet.
+
+    ``status`` is one of ``in_progress``, ``completed``, ``incomplete`` (max_output_tokens
+    hit) or ``failed`` (then ``error`` is ``{"code", "message"}``).
+    """
+    output = []
+    if text is not None:
+        item_status = "completed" if status == "completed" else "incomplete"
+        output.append(_message_item("msg_" + resp_id.removeprefix("resp_"), text, item_status))
+    return {
+        "id": resp_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "error": error,
+        "incomplete_details": (
+            {"reason": "max_output_tokens"} if status == "incomplete" else None
+        ),
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "model": body.model,
+        "output": output,
+        "parallel_tool_calls": False,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": False,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "none",
+        "tools": [],
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "truncation": "disabled",
+        "usage": None if usage is None else _usage(*usage),
+        "user": body.user,
+        "metadata": body.metadata or {},
+    }
+
+
+def status_of(finish_reason: str) -> str:
+    """The response ``status`` for an internal finish reason."""
+    return {"stop": "completed", "length": "incomplete"}.get(finish_reason, "failed")
+
+
+class ResponseStreamEncoder:
+    """Builds the SSE events of one streamed response as ``(event name, JSON text)`` pairs,
+    numbering them with ``sequence_number`` in the order they are built."""
+
+    def __init__(self, resp_id: str, created_at: int, body: ResponsesRequest) -> None:
+        self.resp_id = resp_id
+        self.created_at = created_at
+        self.body = body
+        self.item_id = "msg_" + resp_id.removeprefix("resp_")
+        self.seq = 0
+        # The part of every delta event that never changes (cheap per-token framing).
+        self._delta_head = (
+            '{"type":"response.output_text.delta","item_id":"%s","output_index":0,'
+            '"content_index":0,"logprobs":[],"delta":' % self.item_id
+        )
+
+    def _event(self, name: str, payload: dict[str, Any]) -> tuple[str, str]:
+        payload = {"type": name, "sequence_number": self.seq, **payload}
+        self.seq += 1
+        return name, orjson.dumps(payload).decode()
+
+    def _part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def start(self) -> list[tuple[str, str]]:
+        """``response.created`` … ``response.content_part.added``."""
+        pending = response_object(self.resp_id, self.created_at, self.body, "in_progress")
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return [
+            self._event("response.created", {"response": pending}),
+            self._event("response.in_progress", {"response": pending}),
+            self._event(
+                "response.output_item.added",
+                {"output_index": 0, "item": _message_item(self.item_id, None, "in_progress")},
+            ),
+            self._event(
+                "response.content_part.added",
+                {**where, "part": {"type": "output_text", "text": "", "annotations": []}},
+            ),
+        ]
+
+    def delta(self, text: str) -> tuple[str, str]:
+        seq = self.seq
+        self.seq += 1
+        return "response.output_text.delta", '%s%s,"sequence_number":%d}' % (
+            self._delta_head, orjson.dumps(text).decode(), seq,
+        )
+
+    def finish(
+        self, text: str, finish_reason: str, input_tokens: int, output_tokens: int
+    ) -> list[tuple[str, str]]:
+        """``response.output_text.done`` … ``response.completed`` (or ``.incomplete``)."""
+        status = status_of(finish_reason)
+        item_status = "completed" if status == "completed" else "incomplete"
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        final = response_object(
+            self.resp_id, self.created_at, self.body, status, text, (input_tokens, output_tokens)
+        )
+        terminal = "response.incomplete" if status == "incomplete" else "response.completed"
+        return [
+            self._event("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            self._event("response.content_part.done", {**where, "part": self._part(text)}),
+            self._event(
+                "response.output_item.done",
+                {"output_index": 0, "item": _message_item(self.item_id, text, item_status)},
+            ),
+            self._event(terminal, {"response": final}),
+        ]
+
+    def failed(
+        self, code: str, message: str, text: str, input_tokens: int, output_tokens: int
+    ) -> list[tuple[str, str]]:
+        """An ``error`` event, then ``response.failed`` carrying the same error."""
+        failed = response_object(
+            self.resp_id, self.created_at, self.body, "failed", text or None,
+            (input_tokens, output_tokens), error={"code": code, "message": message},
+        )
+        return [
+            self._event("error", {"code": code, "message": message, "param": None}),
+            self._event("response.failed", {"response": failed}),
+        ]

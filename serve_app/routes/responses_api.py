@@ -1,0 +1,126 @@
+"""``POST /v1/responses``: OpenAI's Responses API over the gateway's text models.
+
+Thin: parse -> translate to a ``GenerationRequest`` -> ``GatewayCore.complete``/``stream``
+(so usage, cost, latency and traces are recorded under the route ``/v1/responses``) ->
+encode with :mod:`serve_app.protocol.responses`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from serve_app.core import GatewayCore
+from serve_app.errors import TroupeError, as_troupe_error
+from serve_app.http import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.metering import RequestInfo
+from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.openai import unknown_fields
+from serve_app.protocol.responses import (
+    RESPONSES_EXAMPLE,
+    ResponsesRequest,
+    ResponseStreamEncoder,
+    response_id,
+    response_object,
+    status_of,
+)
+from serve_app.routes.openai_api import peek_stream
+from serve_app.routes.text_common import named, next_chunk, turns_of
+from serve_app.sse import SSEResponse
+from serve_app.tracing import current_span, record_error
+
+__all__ = ["build_responses_router", "ROUTE"]
+
+ROUTE = "/v1/responses"
+_CANCELLED = (
+    "The model stopped this response before it finished (the request was cancelled on "
+    "the server, e.g. the model was unloaded). Retry the request."
+)
+
+
+def build_responses_router(core: GatewayCore) -> APIRouter:
+    """The ``/v1/responses`` route, closed over one GatewayCore (built per replica)."""
+    router = APIRouter(prefix="/v1")
+    max_body = core.settings.gateway.max_body_bytes
+
+    @router.post("/responses")
+    async def create_response(request: Request):
+        body = parse_body(
+            ResponsesRequest,
+            await read_json(request, max_body, RESPONSES_EXAMPLE),
+            RESPONSES_EXAMPLE,
+        )
+        request_id = request_id_of(request)
+        core.note_unknown_fields(ROUTE, unknown_fields(body))
+        core.resolve(body.model)
+        gen = core.build_request(
+            request_id,
+            messages=turns_of(body.turns()),
+            max_tokens=body.max_output_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+        )
+        resp_id = response_id(request_id)
+        created_at = int(time.time())
+        info = RequestInfo(ROUTE, stream=bool(body.stream))
+        if body.stream:
+            first, rest = await peek_stream(core.stream(body.model, gen, info))
+            encoder = ResponseStreamEncoder(resp_id, created_at, body)
+            return SSEResponse(_response_events(encoder, first, rest),
+                               keepalive_s=core.settings.gateway.sse_keepalive_s)
+        result = await core.complete(body.model, gen, info)
+        status = status_of(result.finish_reason or "cancelled")
+        error = {"code": "cancelled", "message": _CANCELLED} if status == "failed" else None
+        return JSONResponse(
+            response_object(
+                resp_id, created_at, body, status, result.text,
+                (result.prompt_tokens, result.completion_tokens), error,
+            )
+        )
+
+    return router
+
+
+async def _response_events(
+    encoder: ResponseStreamEncoder, first: TextChunk, rest: AsyncIterator[TextChunk]
+) -> AsyncIterator[Any]:
+    """The Responses event sequence; a failure after the start ends it with ``error`` +
+    ``response.failed`` (never a hang, never a broken connection)."""
+    parts: list[str] = []
+    prompt_tokens = first.prompt_tokens
+    output_tokens = 0
+    chunk = first
+    try:
+        for event in encoder.start():
+            yield named(event)
+        while True:
+            if chunk.text:
+                parts.append(chunk.text)
+                yield named(encoder.delta(chunk.text))
+            output_tokens += chunk.num_tokens
+            finish = chunk.finish_reason
+            if finish is not None:
+                text = "".join(parts)
+                if finish == "cancelled":
+                    events = encoder.failed(
+                        "cancelled", _CANCELLED, text, chunk.prompt_tokens, chunk.completion_tokens
+                    )
+                else:
+                    events = encoder.finish(
+                        text, finish, chunk.prompt_tokens, chunk.completion_tokens
+                    )
+                for event in events:
+                    yield named(event)
+                return
+            chunk = await next_chunk(rest)
+    except TroupeError as exc:
+        err = as_troupe_error(exc)
+        record_error(current_span(), err)
+        for event in encoder.failed(
+            err.code.lower(), err.message, "".join(parts), prompt_tokens, output_tokens
+        ):
+            yield named(event)
+    finally:
+        await rest.aclose()
