@@ -121,3 +121,55 @@ async def test_cold_start_ttft_has_its_own_histogram():
     assert total(metrics, "troupe_cold_start_ttft_seconds_sum") == pytest.approx(4.2)
     assert total(metrics, "troupe_cold_start_ttft_seconds_bucket", le="2.5") == 0
     assert total(metrics, "troupe_cold_start_ttft_seconds_bucket", le="5.0") == 1
+
+
+# --------------------------------------------------------------------------- gateway calls
+
+
+class PendingHandle:
+    """A model handle whose every call stays queued (no replica ever takes it)."""
+
+    def __init__(self) -> None:
+        self.responses: list[PendingResponse] = []
+
+    def options(self, **_: Any) -> "PendingHandle":
+        return self
+
+    def __getattr__(self, method: str) -> Any:
+        def remote(*_: Any) -> PendingResponse:
+            self.responses.append(PendingResponse())
+            return self.responses[-1]
+
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+def _core(models: list[dict[str, Any]], handle: PendingHandle):
+    from serve_app.config import load_settings
+    from serve_app.core import GatewayCore
+
+    settings = load_settings({"models": models})
+    return GatewayCore(settings, {m.id: handle for m in settings.models})
+
+
+FAST_COLD = {"min_replicas": 0, "max_replicas": 1, "cold_start_timeout_s": 0.1}
+
+
+async def test_text_and_embedding_calls_give_up_after_the_cold_start_timeout():
+    from serve_app.metering import RequestInfo
+    from serve_app.protocol.modalities import EmbeddingRequest
+
+    handle = PendingHandle()
+    core = _core([
+        {"id": "chat", "engine": {"type": "mock"}, "deployment": {"autoscaling": FAST_COLD}},
+        {"id": "emb", "modality": "embeddings", "engine": {"type": "mock"},
+         "deployment": {"autoscaling": FAST_COLD}},
+    ], handle)
+
+    with pytest.raises(Overloaded):
+        await core.complete("chat", _request(time.time()), RequestInfo("/v1/completions"))
+    with pytest.raises(Overloaded):
+        await anext(core.stream("chat", _request(time.time()), RequestInfo("/inference/stream")))
+    with pytest.raises(Overloaded):
+        await core.embed("emb", EmbeddingRequest("e1", ["hi"]), RequestInfo("/v1/embeddings"))
+    assert len(handle.responses) == 3 and all(r.cancelled for r in handle.responses)
+    assert core.in_flight == 0
