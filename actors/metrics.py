@@ -81,7 +81,7 @@ _HISTOGRAM_HELP = {
     "inter_token": "Gap between streamed tokens, one observation per token.",
     "e2e": "End-to-end request latency at the gateway.",
     "cold_start_ttft": "Time to first token of requests that waited for their replica to "
-                       "start (scale from zero); in memory only, empty after an actor restart.",
+                       "start (scale from zero).",
 }
 
 BUILTIN_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {

@@ -111,13 +111,13 @@ def test_head_runs_the_gateway_and_metrics_actor_and_no_model_replica(app: Local
         by_role.setdefault(app.role_of(actor["Address"]["NodeID"]), []).append(name)
     head = by_role["head"]
     assert any(n.startswith("SERVE_REPLICA::troupe#Gateway#") for n in head), head
-    assert "troupe-metrics" in head, head
+    assert "troupe-metrics" in head and "troupe-model-state" in head, head
     assert not [n for n in head if n.startswith("SERVE_REPLICA::troupe#LLM_")], head
     # Nothing of Troupe's own runs anywhere else but model replicas.
     for role, names in by_role.items():
         if role != "head":
             assert all(n.startswith("SERVE_REPLICA::troupe#LLM_") for n in names
-                       if n.startswith("SERVE_REPLICA::troupe#") or n == "troupe-metrics"), names
+                       if n.startswith(("SERVE_REPLICA::troupe#", "troupe-"))), names
 
 
 def test_the_gateway_holds_the_head_only_resource(app: LocalCluster):

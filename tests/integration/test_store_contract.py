@@ -303,6 +303,6 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
         await store.ledger_append([entry()])
         with sqlite3.connect(tmp_path / "troupe.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     finally:
         await store.close()

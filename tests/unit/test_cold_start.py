@@ -173,3 +173,40 @@ async def test_text_and_embedding_calls_give_up_after_the_cold_start_timeout():
         await core.embed("emb", EmbeddingRequest("e1", ["hi"]), RequestInfo("/v1/embeddings"))
     assert len(handle.responses) == 3 and all(r.cancelled for r in handle.responses)
     assert core.in_flight == 0
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+async def test_the_cold_start_flag_is_a_ledger_column_added_to_old_files(tmp_path):
+    """A v1 ledger file (before cold starts were recorded) is migrated in place: its rows
+    read back as warm, new rows keep the flag, and a rebuilt actor counts cold starts."""
+    import sqlite3
+
+    from serve_app.store.sqlite import _MIGRATIONS, SQLiteStore
+
+    path = tmp_path / "troupe.db"
+    with sqlite3.connect(path) as conn:  # what the first schema version created
+        for statement in _MIGRATIONS["ledger"][0]:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE schema_version (component TEXT NOT NULL PRIMARY KEY,"
+                     " version INTEGER NOT NULL) STRICT")
+        conn.execute("INSERT INTO schema_version VALUES ('ledger', 1)")
+        conn.execute(
+            "INSERT INTO ledger VALUES ('old', 1000.0, 'm', '/r', 'local', 'anonymous', "
+            "'default', 200, NULL, 'stop', 0, 1, 1, 0, NULL, 5.0, 9.0, '[]', NULL, 0.0, 0, 'x')"
+        )
+    store = SQLiteStore(path)
+    actor = MetricsActor("sqlite:///" + str(path).lstrip("/"), {}, store=store)
+    await actor.record([ev("new", ttft_ms=3000.0, cold_start=True, ts=1001.0)])
+    [old, new] = await store.ledger_window(0, 2000)
+    assert (old.event.event_id, old.event.cold_start) == ("old", False)
+    assert (new.event.event_id, new.event.cold_start) == ("new", True)
+    await store.close()
+
+    rebuilt = MetricsActor("sqlite:///" + str(path).lstrip("/"), {}, store=SQLiteStore(path))
+    await rebuilt.start()
+    metrics = samples(await rebuilt.prometheus())
+    assert total(metrics, "troupe_cold_start_ttft_seconds_count") == 1
+    assert total(metrics, "troupe_ttft_seconds_count") == 2
+    await rebuilt.close()
