@@ -13,13 +13,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench clean help
+.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
 	@echo "make test    install test deps and run the whole suite"
 	@echo "make bench   Troupe vs bare Ray Serve benchmark (bench/results/)"
 	@echo "make test-vllm  the vLLM adapter on a real vLLM (CPU build; separate venv, not CI)"
+	@echo "make bench-remote  remote path: Troupe vs direct vs LiteLLM proxy (bench/results/)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +103,15 @@ test-vllm: models $(VLLM_VENV)/.installed
 
 bench: install-dev
 	$(BIN)/python -m bench.run_bench
+
+# LiteLLM lives only in its own venv, for the comparison; it is never a Troupe dependency.
+LITELLM_VENV ?= /tmp/litellm-venv
+$(LITELLM_VENV)/bin/litellm:
+	python3 -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q "litellm[proxy]"
+
+bench-remote: install-dev $(LITELLM_VENV)/bin/litellm
+	LITELLM_VENV=$(LITELLM_VENV) $(BIN)/python -m bench.remote_bench
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -191,6 +191,7 @@ class LLMDeployment:
             "engine": self.model.engine.type,
             "started": self._started,
             "pid": os.getpid(),
+            **({"remote": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
         }
 
     async def check_health(self) -> None:

@@ -19,6 +19,9 @@ from serve_app.core import VERSION, GatewayCore
 from serve_app.http import RequestIdMiddleware, install_error_handlers
 from serve_app.routes.anthropic_api import build_anthropic_router
 from serve_app.routes.modalities import build_modalities_router
+
+
+from serve_app.routes.admin import build_admin_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
@@ -38,7 +41,8 @@ logger = logging.getLogger("troupe.app")
 
 
 def build_fastapi_app(
-    core: GatewayCore, behind_serve_proxy: bool = False, metrics_actor: Any = None
+    core: GatewayCore, behind_serve_proxy: bool = False, metrics_actor: Any = None,
+    session_actor: Any = None,
 ) -> Any:
     """The gateway's ASGI app over one core (also usable without Serve, e.g. in tests).
 
@@ -63,6 +67,7 @@ def build_fastapi_app(
     app.include_router(build_observability_router(core, metrics_actor))
     app.include_router(build_modalities_router(core))
     app.include_router(build_playground_router())
+    app.include_router(build_admin_router(core, lambda: session_actor))
     # Outermost, so even errors answered by Starlette's last-resort handler carry the id;
     # tracing inside it, so the request span has the id.
     return RequestIdMiddleware(TracingMiddleware(app), trust_upstream_id=behind_serve_proxy)
@@ -133,6 +138,14 @@ class Gateway:
     def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO)
         parsed = TroupeSettings.model_validate(settings)
+        self.session_actor = None
+        if parsed.credential_envs():
+            from actors.session import install_session_client, session_actor_args
+
+            client = install_session_client(session_actor_args(parsed), _head_node_id)
+            self.session_actor = client.actor
+        self.local_handles = _in_gateway_handles(parsed)
+        handles = {**handles, **self.local_handles}
         self.metrics_actor = None
         self.recorder = None
         if parsed.metrics.enabled:
@@ -158,15 +171,30 @@ class Gateway:
         setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_fastapi_app(self.core, behind_serve_proxy=True, metrics_actor=self.metrics_actor)
+        return build_fastapi_app(
+            self.core, behind_serve_proxy=True, metrics_actor=self.metrics_actor,
+            session_actor=self.session_actor,
+        )
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
+        for handle in getattr(self, "local_handles", {}).values():  # in-gateway engines
+            await handle.shutdown.remote()
         if self.recorder is not None:
             await self.recorder.close()
 
 
 def _setup_model_replica(tracing: Optional[dict[str, Any]], metrics_enabled: bool) -> None:
     setup_tracing(TracingSettings.model_validate(tracing or {}), "model", _span_sink(metrics_enabled))
+
+
+def _in_gateway_handles(settings: TroupeSettings) -> dict[str, Any]:
+    """Handles over engines that run inside this gateway replica (``run_in: gateway``)."""
+    from deployments.llm import LLMDeployment
+    from serve_app.local_handle import LocalHandle
+
+    return {
+        m.id: LocalHandle(LLMDeployment(m)) for m in settings.models if m.run_in == "gateway"
+    }
 
 
 def model_deployment(model: ModelConfig):
@@ -187,7 +215,12 @@ def model_deployment(model: ModelConfig):
             model_config: dict[str, Any],
             tracing: Optional[dict[str, Any]] = None,
             metrics_enabled: bool = True,
+            session: Optional[dict[str, Any]] = None,
         ) -> None:
+            if session is not None:  # a remote engine: credentials from the session actor
+                from actors.session import install_session_client
+
+                install_session_client(session, _head_node_id)
             tracing_settings = TracingSettings.model_validate(tracing or {})
             setup_tracing(tracing_settings, "model", _span_sink(metrics_enabled))
             LLMDeployment.__init__(self, model_config)
@@ -219,13 +252,20 @@ def build_app(args: Optional[dict[str, Any]] = None):
     from ray import serve
 
     settings = load_settings(args)
+    session_args = None
+    if settings.credential_envs():
+        from actors.session import session_actor_args
+
+        session_args = session_actor_args(settings)
     handles = {
         model.id: model_deployment(model).bind(
             model.model_dump(mode="json", exclude_unset=True),
             settings.tracing.model_dump(mode="json"),
             settings.metrics.enabled,
+            session_args if model.provider != "local" else None,
         )
         for model in settings.models
+        if model.run_in == "deployment"
     }
     gw = settings.gateway
     gateway = serve.deployment(serve.ingress()(Gateway)).options(

@@ -39,6 +39,11 @@ __all__ = [
     "TransformersEngineConfig",
     "VLLMEngineConfig",
     "OpenAIEngineConfig",
+    "AnthropicEngineConfig",
+    "GeminiEngineConfig",
+    "RetryConfig",
+    "BreakerConfig",
+    "SessionSettings",
     "EngineConfig",
     "RayActorOptions",
     "AutoscalingOptions",
@@ -132,27 +137,131 @@ class VLLMEngineConfig(_EngineConfig):
     )
 
 
-class OpenAIEngineConfig(_EngineConfig):
-    """A remote OpenAI-compatible chat completions API (OpenAI, or any server with its shape)."""
+class RetryConfig(_Strict):
+    """Retries of a remote engine: only before the first byte reached the client."""
+
+    max_retries: int = Field(2, ge=0, le=10, description="Retries after the first attempt.")
+    backoff_base_s: float = Field(
+        0.25, ge=0, description="First backoff; doubles per retry (full jitter applied)."
+    )
+    backoff_max_s: float = Field(8.0, ge=0, description="Longest backoff between attempts.")
+    max_retry_after_s: float = Field(
+        10.0, ge=0,
+        description="Honor an upstream Retry-After up to this many seconds; a longer one "
+        "ends the request at once with RATE_LIMIT_EXCEEDED and the upstream's hint.",
+    )
+
+
+class BreakerConfig(_Strict):
+    """Circuit breaker per provider and key."""
+
+    failure_threshold: int = Field(
+        5, ge=1, description="Consecutive failures (5xx, timeouts, connection) that open it."
+    )
+    reset_timeout_s: float = Field(
+        30.0, gt=0, description="How long it stays open before half-open probes."
+    )
+    half_open_probes: int = Field(1, ge=1, description="Concurrent probes while half-open.")
+
+
+class _RemoteEngineConfig(_EngineConfig):
+    """Fields every remote provider engine shares: credentials, timeouts, resilience."""
+
+    api_key_env: str = Field("", description="Environment variable holding the API key.")
+    credential: Optional[str] = Field(
+        None,
+        description="Name of the credential in the session actor (env / secrets file / "
+        "POST /admin/credentials). Default: the provider name.",
+    )
+    context_length: int = Field(128_000, ge=16, description="Prompt + output token limit.")
+    connect_timeout_s: float = Field(10, gt=0, description="TCP/TLS connect timeout.")
+    first_byte_timeout_s: float = Field(60, gt=0, description="Wait for the response to start.")
+    idle_timeout_s: float = Field(60, gt=0, description="Longest gap between stream chunks.")
+    total_timeout_s: float = Field(600, gt=0, description="Longest whole request.")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries and backoff.")
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig, description="Circuit breaker per provider and key."
+    )
+    flex_tier: bool = Field(
+        False, description="The provider offers a cheaper flex service tier (start_within)."
+    )
+    flex_discount: float = Field(
+        0.5, ge=0, le=1, description="Fraction of the standard price saved on the flex tier."
+    )
+
+    @property
+    def credential_name(self) -> str:
+        return self.credential or self.provider
+
+
+class OpenAIEngineConfig(_RemoteEngineConfig):
+    """A remote OpenAI-compatible chat completions API (OpenAI, Azure OpenAI, or any
+    server with its shape)."""
 
     type: Literal["openai"] = Field("openai", description="Engine kind.")
     base_url: str = Field(
-        "https://api.openai.com/v1", description="API base URL (…/v1); http only for loopback."
+        "https://api.openai.com/v1",
+        description="API base URL (…/v1; for Azure the resource endpoint "
+        "https://NAME.openai.azure.com); http only for loopback.",
     )
     model: str = Field(..., min_length=1, description="The upstream model name.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="Environment variable holding the API key."
     )
     organization: Optional[str] = Field(None, description="OpenAI-Organization header.")
-    context_length: int = Field(128_000, ge=16, description="Prompt + output token limit.")
-    connect_timeout_s: float = Field(10, gt=0, description="TCP/TLS connect timeout.")
-    first_byte_timeout_s: float = Field(60, gt=0, description="Wait for the response to start.")
-    idle_timeout_s: float = Field(60, gt=0, description="Longest gap between stream chunks.")
-    total_timeout_s: float = Field(600, gt=0, description="Longest whole request.")
+    azure_deployment: Optional[str] = Field(
+        None,
+        description="Azure OpenAI deployment name: requests go to "
+        "{base_url}/openai/deployments/{name}/chat/completions?api-version=… with an "
+        "api-key header.",
+    )
+    api_version: str = Field("2024-10-21", description="Azure OpenAI api-version.")
+    flex_tier: bool = Field(
+        True, description="The upstream offers service_tier=flex (start_within tries it first)."
+    )
 
     @property
     def provider(self) -> str:
-        return "openai"
+        return "azure" if self.azure_deployment else "openai"
+
+
+class AnthropicEngineConfig(_RemoteEngineConfig):
+    """Anthropic's Messages API (``POST {base_url}/v1/messages``)."""
+
+    type: Literal["anthropic"] = Field("anthropic", description="Engine kind.")
+    base_url: str = Field("https://api.anthropic.com", description="API base URL.")
+    model: str = Field(..., min_length=1, description="The upstream model name.")
+    api_key_env: str = Field(
+        "ANTHROPIC_API_KEY", description="Environment variable holding the API key."
+    )
+    anthropic_version: str = Field("2023-06-01", description="anthropic-version header.")
+    context_length: int = Field(200_000, ge=16, description="Prompt + output token limit.")
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens sent when the request sets none (required upstream)."
+    )
+
+    @property
+    def provider(self) -> str:
+        return "anthropic"
+
+
+class GeminiEngineConfig(_RemoteEngineConfig):
+    """Google's Gemini API (generateContent / streamGenerateContent?alt=sse)."""
+
+    type: Literal["gemini"] = Field("gemini", description="Engine kind.")
+    base_url: str = Field(
+        "https://generativelanguage.googleapis.com/v1beta", description="API base URL."
+    )
+    model: str = Field(..., min_length=1, description="The upstream model name.")
+    api_key_env: str = Field(
+        "GEMINI_API_KEY", description="Environment variable holding the API key."
+    )
+    context_length: int = Field(1_000_000, ge=16, description="Prompt + output token limit.")
+    flex_tier: bool = Field(False, description="Gemini has no flex service tier.")
+
+    @property
+    def provider(self) -> str:
+        return "gemini"
 
 
 EngineConfig = Annotated[
@@ -163,6 +272,7 @@ EngineConfig = Annotated[
         MockSpeechEngineConfig, PiperEngineConfig,
         MockTranscriptionEngineConfig, FasterWhisperEngineConfig,
         MockImageEngineConfig, GANImageEngineConfig, DiffusersEngineConfig,
+        AnthropicEngineConfig, GeminiEngineConfig,
     ],
     Field(discriminator="type"),
 ]
@@ -326,6 +436,22 @@ class ModelConfig(_Strict):
     )
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="Token prices.")
     description: str = Field("", description="Shown in GET /models.")
+    flex_pool: Optional[str] = Field(
+        None,
+        description="Id of another configured model that serves this one's cheap tier for "
+        "start_within durations (e.g. spot or scale-to-zero replicas of the same weights).",
+    )
+    run_in: Literal["deployment", "gateway"] = Field(
+        "deployment",
+        description="Where the engine runs: its own Serve deployment, or inside each gateway "
+        "replica (no extra hop; only for remote engines, which hold no accelerator state).",
+    )
+
+    @model_validator(mode="after")
+    def _gateway_only_remote(self) -> "ModelConfig":
+        if self.run_in == "gateway" and self.engine.provider == "local":
+            raise ValueError("run_in: gateway is only for remote engines (openai, anthropic, gemini)")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -378,6 +504,11 @@ class GatewayOptions(_Strict):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 beyond)."
     )
+    admin_key_env: str = Field(
+        "TROUPE_ADMIN_KEY",
+        description="Environment variable holding the admin key for /admin routes "
+        "(unset: admin routes answer 403).",
+    )
 
 
 class MetricsSettings(_Strict):
@@ -413,6 +544,31 @@ class MetricsSettings(_Strict):
         return "sqlite:///" + os.path.join(os.path.abspath(base), "troupe.db").lstrip("/")
 
 
+class SessionSettings(_Strict):
+    """The session actor: provider credentials from env, a watched secrets file, the admin API."""
+
+    secrets_file: Optional[str] = Field(
+        None,
+        description="YAML/JSON mapping credential name -> API key (or {api_key: ...}); "
+        "re-read when it changes on disk (a rotated mounted secret needs no restart).",
+    )
+    poll_interval_s: float = Field(
+        0.25, gt=0, le=60, description="How often the secrets file is checked for changes."
+    )
+    store_url: Optional[str] = Field(
+        None, description="Store for admin-set credentials. Default: the metrics store URL."
+    )
+    long_poll_s: float = Field(
+        20.0, gt=0, le=300, description="How long a replica's wait for a new snapshot lasts."
+    )
+    actor_num_cpus: float = Field(0.05, ge=0, description="CPUs reserved for the session actor.")
+    actor_name: str = Field(
+        "troupe-session",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of the session actor (Troupe apps sharing a cluster use one each).",
+    )
+
+
 class TroupeSettings(_Strict):
     """The whole gateway configuration."""
 
@@ -423,6 +579,9 @@ class TroupeSettings(_Strict):
     )
     tracing: TracingSettings = Field(
         default_factory=TracingSettings, description="Request tracing (OpenTelemetry)."
+    )
+    session: SessionSettings = Field(
+        default_factory=SessionSettings, description="Provider credentials (session actor)."
     )
     log_unknown_fields: bool = Field(
         True, description="Log request fields Troupe does not know (they are ignored)."
@@ -437,6 +596,44 @@ class TroupeSettings(_Strict):
                 raise ValueError(f"duplicate model id {model.id!r}: model ids must be unique")
             seen.add(model.id)
         return models
+
+    @field_validator("models")
+    @classmethod
+    def _one_env_per_credential(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        envs: dict[str, str] = {}
+        for model in models:
+            name = getattr(model.engine, "credential_name", None)
+            if name is None:
+                continue
+            env = model.engine.api_key_env
+            if envs.setdefault(name, env) != env:
+                raise ValueError(
+                    f"credential {name!r} is read from both ${envs[name]} and ${env}: give "
+                    "one of the engines its own `credential` name"
+                )
+        return models
+
+    @model_validator(mode="after")
+    def _flex_pools_exist(self) -> "TroupeSettings":
+        ids = {m.id for m in self.models}
+        for model in self.models:
+            if model.flex_pool is not None and (
+                model.flex_pool not in ids or model.flex_pool == model.id
+            ):
+                raise ValueError(
+                    f"model {model.id!r}: flex_pool {model.flex_pool!r} must be the id of "
+                    "another configured model"
+                )
+        return self
+
+    def credential_envs(self) -> dict[str, str]:
+        """Credential name -> environment variable, over every remote model."""
+        out: dict[str, str] = {}
+        for model in self.models:
+            name = getattr(model.engine, "credential_name", None)
+            if name is not None:
+                out[name] = model.engine.api_key_env
+        return out
 
     def model(self, model_id: str) -> Optional[ModelConfig]:
         for model in self.models:

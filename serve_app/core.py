@@ -8,6 +8,8 @@ remote work when the caller goes away, and reports engine-side health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
@@ -275,6 +277,12 @@ class GatewayCore(ModalityCalls):
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
         self.admit(model_id, "text", info.route)
+        if request.start_within_s is not None:  # flex first, standard after the window
+            from serve_app.deadline import complete_with_deadline
+
+            return await complete_with_deadline(self, model_id, request, info)
+        if request.service_tier is not None and info.tier == "default":
+            info = dataclasses.replace(info, tier=request.service_tier)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
@@ -309,6 +317,17 @@ class GatewayCore(ModalityCalls):
     ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
         self.admit(model_id, "text", info.route)
+        if request.start_within_s is not None:  # flex first, standard after the window
+            from serve_app.deadline import stream_with_deadline
+
+            async with contextlib.aclosing(
+                stream_with_deadline(self, model_id, request, info)
+            ) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        if request.service_tier is not None and info.tier == "default":
+            info = dataclasses.replace(info, tier=request.service_tier)
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None

@@ -4,8 +4,10 @@
 
     TroupeError                      (500 INTERNAL_ERROR)
      ├── InvalidRequest              400 INVALID_REQUEST
-     │    └── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
+     │    ├── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
+     │    └── ContentFiltered        400 CONTENT_FILTERED
      ├── AuthenticationFailed        401 AUTHENTICATION_FAILED
+     ├── PaymentRequired             402 PAYMENT_REQUIRED
      ├── AuthorizationFailed         403 AUTHORIZATION_FAILED
      ├── NotFound                    404 NOT_FOUND
      │    └── ModelNotFound          404 MODEL_NOT_FOUND
@@ -18,9 +20,10 @@
      ├── Timeout                     504 TIMEOUT
      └── InternalError               500 INTERNAL_ERROR
 
-The wire shapes (OpenAI, Anthropic, native) are produced here and nowhere else: routes raise, the
-gateway's exception handlers and stream encoders call :func:`openai_error_body`,
-:func:`anthropic_error_body` or :func:`native_error_body`. Never pick a status by reading message text.
+The wire shapes (OpenAI, Anthropic, native) are produced here and nowhere else: routes
+raise, the gateway's exception handlers and stream encoders call
+:func:`openai_error_body`, :func:`anthropic_error_body` or :func:`native_error_body`.
+Never pick a status by reading message text.
 
 Errors cross Ray handles (raised in a model replica, caught at the gateway), so every
 class pickles with its keyword fields intact.
@@ -39,6 +42,8 @@ __all__ = [
     "TroupeError",
     "InvalidRequest",
     "ContextLengthExceeded",
+    "ContentFiltered",
+    "PaymentRequired",
     "AuthenticationFailed",
     "AuthorizationFailed",
     "NotFound",
@@ -111,6 +116,14 @@ class InvalidRequest(TroupeError):
 
 class ContextLengthExceeded(InvalidRequest):
     status, code, openai_type = 400, "CONTEXT_LENGTH_EXCEEDED", "invalid_request_error"
+
+
+class ContentFiltered(InvalidRequest):
+    status, code, openai_type = 400, "CONTENT_FILTERED", "invalid_request_error"
+
+
+class PaymentRequired(TroupeError):
+    status, code, openai_type = 402, "PAYMENT_REQUIRED", "insufficient_quota"
 
 
 class AuthenticationFailed(TroupeError):

@@ -44,6 +44,7 @@ def modality_deployment(model: ModelConfig, setup_replica: Any) -> Any:
             model_config: dict[str, Any],
             tracing: Optional[dict[str, Any]] = None,
             metrics_enabled: bool = True,
+            session: Optional[dict[str, Any]] = None,  # remote engines only; none here yet
         ) -> None:
             setup_replica(tracing, metrics_enabled)
             base.__init__(self, model_config)

@@ -182,6 +182,8 @@ def overrides_from_models(models: Iterable[Any]) -> dict[str, dict[str, Any]]:
         if model.provider != "local":
             # A remote model starts from the list price of the upstream model it calls.
             fields["list_price_of"] = model.engine.model
+            if getattr(model.engine, "flex_tier", False):
+                fields["flex_discount"] = model.engine.flex_discount
         overrides[model.id] = fields
     return overrides
 
@@ -207,8 +209,13 @@ class PriceTable:
             load_list_prices() if list_prices is None else list_prices
         )
         listed = dict(self._prices)
+        #: model -> fraction of the price saved when the flex tier served (start_within).
+        self._flex_discount: dict[str, float] = {}
         for model, raw in (overrides or {}).items():
             raw = dict(raw)
+            flex = raw.pop("flex_discount", None)
+            if flex is not None:
+                self._flex_discount[model] = min(1.0, _number(model, "flex_discount", flex))
             base_name = raw.pop("list_price_of", None) or model
             base = listed.get(base_name) or listed.get(model)
             self._prices[model] = _apply_override(model, base, raw)
@@ -248,6 +255,11 @@ class PriceTable:
         cost = price.token_cost(event.prompt_tokens, event.completion_tokens)
         estimated = event.usage_estimated
         source = price.source
+        if event.tier == "flex" and event.model in self._flex_discount:
+            # Served by the provider's flex tier: the list price minus its discount.
+            discount = self._flex_discount[event.model]
+            cost *= 1.0 - discount
+            source += f"+flex-{round(discount * 100)}%"
         if price.replica_hour_usd is not None:
             busy_s = event.replica_busy_s
             if busy_s is None:

@@ -73,10 +73,13 @@ class SSEResponse(StreamingResponse):
         loop = asyncio.get_running_loop()
         lock = asyncio.Lock()  # the stream and the timer never interleave partial sends
         last_sent = loop.time()
+        ended = False  # the last body message went out: nothing may follow it
 
         async def send_and_mark(message: Message) -> None:
-            nonlocal last_sent
+            nonlocal last_sent, ended
             async with lock:
+                if message["type"] == "http.response.body":
+                    ended = not message.get("more_body", False)
                 await send(message)
             last_sent = loop.time()
 
@@ -89,6 +92,8 @@ class SSEResponse(StreamingResponse):
                     continue
                 try:
                     async with lock:
+                        if ended:
+                            return
                         await send(
                             {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
                         )

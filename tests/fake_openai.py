@@ -37,6 +37,7 @@ __all__ = [
     "RecordedRequest",
     "reply_tokens",
     "prompt_tokens_for",
+    "fake_embedding",
 ]
 
 _VOCAB = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -49,6 +50,12 @@ def reply_tokens(prompt: str, count: Optional[int] = None) -> list[str]:
         count = 4 + digest[0] % 5  # 4..8 words
     words = [_VOCAB[(digest[i % 32] + i) % len(_VOCAB)] for i in range(count)]
     return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def fake_embedding(text: str, dims: int = 8) -> list[float]:
+    """The fake's deterministic embedding of ``text``."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((digest[i] - 128) / 128, 6) for i in range(dims)]
 
 
 def prompt_tokens_for(messages: list[dict[str, Any]]) -> int:
@@ -89,6 +96,10 @@ class Behaviour:
     send_done: bool = True
     #: When set, requests whose bearer token differs get a 401.
     expected_api_key: Optional[str] = None
+    #: Override the final finish_reason (e.g. "content_filter").
+    finish_reason: Optional[str] = None
+    #: Extra delay before the headers of a request with ``service_tier: "flex"``.
+    flex_headers_delay_s: float = 0.0
 
 
 _DEFAULT_ERRORS = {
@@ -116,7 +127,9 @@ class RecordedRequest:
     @property
     def api_key(self) -> Optional[str]:
         auth = self.headers.get("Authorization", "")
-        return auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        if auth.startswith("Bearer "):
+            return auth[len("Bearer "):]
+        return self.headers.get("api-key")  # Azure OpenAI
 
 
 class FakeOpenAI:
@@ -132,6 +145,14 @@ class FakeOpenAI:
         self.streams_started = 0
         #: Streams that ended because the client went away before the end.
         self.streams_closed_by_client = 0
+        #: When not None, the set of currently valid keys (others get 401); tests rotate it.
+        self.valid_keys: Optional[set[str]] = None
+        #: Requests answered 401 because of their key.
+        self.unauthorized = 0
+        #: (last message content, key) per chat request, in arrival order.
+        self.key_log: list[tuple[str, str]] = []
+        #: Open streams per key.
+        self.open_by_key: dict[str, int] = {}
         self.port: Optional[int] = None
         self._runner: Optional[web.AppRunner] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -160,6 +181,9 @@ class FakeOpenAI:
         self._base = Behaviour()
         self._queue.clear()
         self.requests.clear()
+        self.valid_keys = None
+        self.unauthorized = 0
+        self.key_log.clear()
         self.streams_started = 0
         self.streams_closed_by_client = 0
 
@@ -185,8 +209,7 @@ class FakeOpenAI:
         """Start on the running loop."""
         self._stopping = asyncio.Event()
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_get("/v1/models", self._models)
+        self._add_routes(app)
         # handler_cancellation: a client that disconnects cancels its handler at once,
         # so open_streams reflects the upstream connection, not the next write attempt.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -195,6 +218,13 @@ class FakeOpenAI:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
+
+    def _add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/openai/deployments/{name}/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{name}/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
 
     async def astop(self) -> None:
         if self._stopping is not None:
@@ -263,10 +293,16 @@ class FakeOpenAI:
         b = self._queue.pop(0) if self._queue else self._base
         if b.headers_delay_s:
             await asyncio.sleep(b.headers_delay_s)
+        if b.flex_headers_delay_s and isinstance(body, dict) and body.get("service_tier") == "flex":
+            await asyncio.sleep(b.flex_headers_delay_s)
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return _error(400, "invalid_request_error", None, "'messages' is required.", "messages")
-        key = (request.headers.get("Authorization") or "").removeprefix("Bearer ")
-        if b.expected_api_key is not None and key != b.expected_api_key:
+        key = self._key(request)
+        if body["messages"]:
+            self.key_log.append((str(body["messages"][-1].get("content", "")), key))
+        if ((b.expected_api_key is not None and key != b.expected_api_key)
+                or (self.valid_keys is not None and key not in self.valid_keys)):
+            self.unauthorized += 1
             return _error(401, "invalid_request_error", "invalid_api_key",
                           f"Incorrect API key provided: {key}.")
         if b.status != 200:
@@ -287,6 +323,7 @@ class FakeOpenAI:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(limit, int) and len(tokens) > limit:
             tokens, finish = tokens[:limit], "length"
+        finish = b.finish_reason or finish
         usage = {
             "prompt_tokens": prompt_tokens_for(messages),
             "completion_tokens": len(tokens),
@@ -302,15 +339,48 @@ class FakeOpenAI:
             })
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._stream(request, b, base, tokens, finish,
-                                  usage if include_usage and b.send_usage else None)
+                                  usage if include_usage and b.send_usage else None, key)
+
+    @staticmethod
+    def _key(request: web.Request) -> str:
+        auth = request.headers.get("Authorization")
+        if auth is not None:
+            return auth.removeprefix("Bearer ")
+        return request.headers.get("api-key", "")
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        self._record(request, body)
+        b = self._queue.pop(0) if self._queue else self._base
+        key = self._key(request)
+        if self.valid_keys is not None and key not in self.valid_keys:
+            self.unauthorized += 1
+            return _error(401, "invalid_request_error", "invalid_api_key", "Incorrect API key.")
+        if b.status != 200:
+            return _error(b.status, "server_error", b.error_code, b.error_message or "Error.",
+                          None, {"Retry-After": b.retry_after} if b.retry_after else None)
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            return _error(400, "invalid_request_error", None, "'input' is required.", "input")
+        return web.json_response({"object": "list", "model": body.get("model"), "data": [
+            {"object": "embedding", "index": i, "embedding": fake_embedding(str(t))}
+            for i, t in enumerate(inputs)
+        ], "usage": {"prompt_tokens": sum(len(str(t).split()) for t in inputs),
+                     "total_tokens": sum(len(str(t).split()) for t in inputs)}})
 
     async def _stream(
         self, request: web.Request, b: Behaviour, base: dict[str, Any], tokens: list[str],
-        finish: str, usage: Optional[dict[str, int]],
+        finish: str, usage: Optional[dict[str, int]], key: str = "",
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         self.open_streams += 1
+        self.open_by_key[key] = self.open_by_key.get(key, 0) + 1
         self.streams_started += 1
         finished = False
         try:
@@ -357,6 +427,7 @@ class FakeOpenAI:
             return response
         finally:
             self.open_streams -= 1
+            self.open_by_key[key] -= 1
             if not finished:
                 self.streams_closed_by_client += 1
 

@@ -57,6 +57,8 @@ _ENGINE_MODULES: dict[str, str] = {
     "transformers": "deployments.engines.transformers_cpu:TransformersTextEngine",
     "vllm": "deployments.engines.vllm_engine:VLLMTextEngine",
     "openai": "deployments.engines.remote_openai:OpenAITextEngine",
+    "anthropic": "deployments.engines.remote_anthropic:AnthropicTextEngine",
+    "gemini": "deployments.engines.remote_gemini:GeminiTextEngine",
 }
 ENGINE_KINDS = tuple(_ENGINE_MODULES)
 

@@ -71,6 +71,10 @@ class GenerationRequest:
     dispatched_at: float = 0.0
     #: W3C trace context (``traceparent``/``tracestate``) of the gateway's span.
     trace_context: Optional[dict[str, str]] = None
+    #: Remote provider service tier ("flex", "priority", ...); None: the provider default.
+    service_tier: Optional[str] = None
+    #: start_within window: try flex first, fall back to standard after this many seconds.
+    start_within_s: Optional[float] = None
 
 
 @dataclass(slots=True)

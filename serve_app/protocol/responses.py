@@ -150,7 +150,8 @@ class ResponsesRequest(_Lenient):
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"input item {where}: {first['msg'].removeprefix('Value error, ')}") from None
+            problem = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"input item {where}: {problem}") from None
 
     @field_validator("tools")
     @classmethod

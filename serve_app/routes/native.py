@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
 from serve_app.core import VERSION, GatewayCore
+from serve_app.deadline import apply_start_within
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
 from serve_app.metering import RequestInfo
@@ -24,7 +25,7 @@ __all__ = ["build_native_router", "native_request"]
 
 def native_request(core: GatewayCore, body: InferenceRequest, request_id: str) -> GenerationRequest:
     """The internal request for a native body (REST and WebSocket share the fields)."""
-    return core.build_request(
+    request = core.build_request(
         request_id,
         messages=body.messages,
         prompt=body.prompt,
@@ -34,6 +35,10 @@ def native_request(core: GatewayCore, body: InferenceRequest, request_id: str) -
         seed=body.seed,
         stop=body.stop_tuple(),
     )
+    if body.start_within is not None or body.service_tier is not None:
+        apply_start_within(core.resolve(body.model), request, body.start_within,
+                           body.service_tier)
+    return request
 
 
 def build_native_router(core: GatewayCore) -> APIRouter:
@@ -54,6 +59,7 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                     "engine": model.engine.type,
                     "active_requests": s.get("active_requests"),
                     "reason": s.get("reason"),
+                    **({"remote": s["remote"]} if "remote" in s else {}),
                 }
             )
         healthy = all(m["loaded"] or m["status"] == "scaled_to_zero" for m in models)

@@ -13,6 +13,7 @@ import orjson
 from fastapi import APIRouter, Request
 
 from serve_app.core import GatewayCore
+from serve_app.deadline import apply_start_within
 from serve_app.errors import TroupeError, as_troupe_error
 from serve_app.http import (
     JSONResponse,
@@ -65,9 +66,9 @@ def _admit(
 ) -> GenerationRequest:
     """The checks every OpenAI text route makes, then the internal request."""
     core.note_unknown_fields(route, unknown_fields(body))
-    core.resolve(body.model)
+    model = core.resolve(body.model)
     core.check_n(body.n)
-    return core.build_request(
+    request = core.build_request(
         request_id,
         max_tokens=body.output_limit(),
         temperature=body.temperature,
@@ -76,6 +77,8 @@ def _admit(
         stop=body.stop_tuple(),
         **text,
     )
+    apply_start_within(model, request, body.start_within, body.service_tier)
+    return request
 
 
 def build_openai_router(core: GatewayCore) -> APIRouter:

@@ -7,6 +7,6 @@ table, written once in portable SQL.
 """
 
 from serve_app.store.base import Store, open_store
-from serve_app.store.rows import LedgerTotalsRow
+from serve_app.store.rows import CredentialRow, LedgerTotalsRow
 
-__all__ = ["Store", "LedgerTotalsRow", "open_store"]
+__all__ = ["Store", "CredentialRow", "LedgerTotalsRow", "open_store"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol, Sequence, runtime_checkable
 
 from serve_app.protocol.metrics import LedgerEntry
-from serve_app.store.rows import LedgerTotalsRow
+from serve_app.store.rows import CredentialRow, LedgerTotalsRow
 
 __all__ = ["Store", "LedgerTotalsRow", "open_store"]
 
@@ -41,6 +41,15 @@ class Store(Protocol):
 
     async def ledger_count(self) -> int:
         """Number of entries (tests and health)."""
+
+    async def credential_put(self, row: CredentialRow) -> None:
+        """Insert or replace the admin-set credential ``row.name`` (durable on return)."""
+
+    async def credential_list(self) -> list[CredentialRow]:
+        """Every admin-set credential, ordered by name."""
+
+    async def credential_delete(self, name: str) -> bool:
+        """Forget an admin-set credential; False when there was none."""
 
 
 def open_store(url: str) -> Store:

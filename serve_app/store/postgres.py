@@ -17,6 +17,7 @@ import asyncpg
 
 from serve_app.protocol.metrics import LedgerEntry
 from serve_app.store.rows import (
+    CredentialRow,
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
     LedgerTotalsRow,
@@ -74,6 +75,18 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ),
         # v2: requests that waited for their replica to start (scale from zero).
         ("ALTER TABLE ledger ADD COLUMN cold_start BOOLEAN NOT NULL DEFAULT false",),
+    ),
+    "credentials": (
+        (
+            """
+            CREATE TABLE credentials (
+                name        TEXT COLLATE "C" PRIMARY KEY,
+                secret      TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                updated_at  DOUBLE PRECISION NOT NULL
+            )
+            """,
+        ),
     ),
 }
 
@@ -167,6 +180,30 @@ class PostgresStore:
     async def ledger_count(self) -> int:
         """Number of ledger entries."""
         return int(await self._require_pool().fetchval("SELECT COUNT(*) FROM ledger"))
+
+    async def credential_put(self, row: CredentialRow) -> None:
+        """Insert or replace one admin-set credential."""
+        await self._require_pool().execute(
+            "INSERT INTO credentials (name, secret, fingerprint, updated_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO UPDATE SET "
+            "secret = excluded.secret, fingerprint = excluded.fingerprint, "
+            "updated_at = excluded.updated_at",
+            row.name, row.secret, row.fingerprint, float(row.updated_at),
+        )
+
+    async def credential_list(self) -> list[CredentialRow]:
+        """Every admin-set credential, ordered by name."""
+        rows = await self._require_pool().fetch(
+            "SELECT name, secret, fingerprint, updated_at FROM credentials ORDER BY name"
+        )
+        return [CredentialRow(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    async def credential_delete(self, name: str) -> bool:
+        """Forget one admin-set credential; False when there was none."""
+        status = await self._require_pool().execute(
+            "DELETE FROM credentials WHERE name = $1", name
+        )
+        return status.split()[-1] != "0"
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.protocol.metrics import LedgerEntry, RequestEvent
 
 __all__ = [
+    "CredentialRow",
     "EVENT_COLUMNS",
     "LEDGER_COLUMNS",
     "LEDGER_TOTALS_SQL",
@@ -143,3 +144,13 @@ def row_to_entry(row: Sequence[Any]) -> LedgerEntry:
         cost_estimated=bool(values["cost_estimated"]),
         price_source=values["price_source"],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRow:
+    """An admin-set provider credential (``Store.credential_*``). ``secret`` never prints."""
+
+    name: str
+    secret: str = field(repr=False)
+    fingerprint: str
+    updated_at: float

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from serve_app.protocol.metrics import LedgerEntry
 from serve_app.store.rows import (
+    CredentialRow,
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
     LedgerTotalsRow,
@@ -71,6 +72,18 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ),
         # v2: requests that waited for their replica to start (scale from zero).
         ("ALTER TABLE ledger ADD COLUMN cold_start INTEGER NOT NULL DEFAULT 0",),
+    ),
+    "credentials": (
+        (
+            """
+            CREATE TABLE credentials (
+                name        TEXT NOT NULL PRIMARY KEY,
+                secret      TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                updated_at  REAL NOT NULL
+            ) STRICT
+            """,
+        ),
     ),
 }
 
@@ -159,6 +172,23 @@ class SQLiteStore:
         rows = await self._run(_fetch_all, "SELECT COUNT(*) FROM ledger", ())
         return int(rows[0][0])
 
+    async def credential_put(self, row: CredentialRow) -> None:
+        """Insert or replace one admin-set credential (one committed transaction)."""
+        await self._run(_put_credential, (row.name, row.secret, row.fingerprint,
+                                          float(row.updated_at)))
+
+    async def credential_list(self) -> list[CredentialRow]:
+        """Every admin-set credential, ordered by name."""
+        rows = await self._run(
+            _fetch_all,
+            "SELECT name, secret, fingerprint, updated_at FROM credentials ORDER BY name", (),
+        )
+        return [CredentialRow(r[0], r[1], r[2], float(r[3])) for r in rows]
+
+    async def credential_delete(self, name: str) -> bool:
+        """Forget one admin-set credential; False when there was none."""
+        return await self._run(_delete_credential, name)
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         conn, executor = self._conn, self._executor
         if conn is None or executor is None:
@@ -181,6 +211,9 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             _migrate(conn)
+            if self.path != ":memory:":
+                # The file holds admin-set provider keys: readable by the service user only.
+                os.chmod(self.path, 0o600)
         except BaseException:
             conn.close()
             raise
@@ -237,3 +270,19 @@ def _append_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
 
 def _fetch_all(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
     return conn.execute(sql, params).fetchall()
+
+
+def _put_credential(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
+    with _write_transaction(conn):
+        conn.execute(
+            "INSERT INTO credentials (name, secret, fingerprint, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET secret = excluded.secret, "
+            "fingerprint = excluded.fingerprint, updated_at = excluded.updated_at",
+            row,
+        )
+
+
+def _delete_credential(conn: sqlite3.Connection, name: str) -> bool:
+    with _write_transaction(conn):
+        cursor = conn.execute("DELETE FROM credentials WHERE name = ?", (name,))
+    return cursor.rowcount > 0

@@ -186,3 +186,51 @@ def test_closing_a_stream_stops_the_engine(
     closed_at = time.monotonic()
     wait_until(lambda: engine_active(http, "mock-slow") == 0, timeout=5)
     assert time.monotonic() - closed_at < 2.0
+
+
+# --------------------------------------------------------- metering, tracing
+
+
+def test_both_routes_are_metered_priced_and_traced(
+    oai: OpenAI, claude: Anthropic, http: httpx.Client
+) -> None:
+    # Requests of earlier tests (a cancelled stream ends late) must be done before t0.
+    wait_until(lambda: http.get("/health").json()["in_flight_requests"] == 0, timeout=10)
+    t0 = time.time()
+    r = oai.responses.create(model="mock-5ms", input=QUESTION, max_output_tokens=5)
+    events = list(oai.responses.create(model="mock-5ms", input=QUESTION, max_output_tokens=6,
+                                       stream=True))
+    trace_id = "5cf92f3577b34da6a3ce929d0e0e4731"
+    m = claude.messages.create(
+        model="mock-5ms", max_tokens=7, messages=USER,
+        extra_headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model="mock-5ms", max_tokens=7, messages=[])
+
+    def usage() -> dict:
+        body = http.get("/v1/usage", params={"group_by": "route", "start": t0}).json()
+        return {g["group"]: g for g in body["groups"]}
+
+    groups = wait_until(
+        lambda: (u := usage()).get("/v1/messages", {}).get("requests") == 2 and u,
+        timeout=15, interval=0.2)
+    responses, messages = groups["/v1/responses"], groups["/v1/messages"]
+    assert (responses["requests"], responses["errors"]) == (2, 0)
+    assert responses["completion_tokens"] == 5 + 6
+    assert responses["prompt_tokens"] == r.usage.input_tokens + events[-1].response.usage.input_tokens
+    assert (messages["requests"], messages["errors"]) == (2, 1)  # the empty one was rejected
+    assert messages["completion_tokens"] == 7 and messages["prompt_tokens"] == m.usage.input_tokens
+    price_in, price_out = 0.5, 1.5  # mock-5ms's pricing in tests/mock_app.py
+    assert messages["cost_usd"] == pytest.approx(
+        (m.usage.input_tokens * price_in + 7 * price_out) / 1e6, abs=1e-9)
+    assert responses["latency_ms"]["ttft"]["count"] == 2
+
+    def trace() -> dict | None:
+        for t in http.get("/traces", params={"limit": 50}).json()["data"]:
+            if t["trace_id"] == trace_id and t["span_count"] >= 3:
+                return t
+        return None
+
+    spans = wait_until(trace, timeout=20, interval=0.2)["spans"]
+    assert "POST /v1/messages" in {s["name"] for s in spans}
+    assert {"deployment.stream", "engine.generate"} <= {s["name"] for s in spans}

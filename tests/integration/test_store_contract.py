@@ -303,6 +303,35 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
         await store.ledger_append([entry()])
         with sqlite3.connect(tmp_path / "troupe.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+            assert conn.execute(
+                "SELECT component, version FROM schema_version ORDER BY component"
+            ).fetchall() == [("credentials", 1), ("ledger", 2)]
     finally:
         await store.close()
+
+
+# --- admin-set credentials ----------------------------------------------------------------
+
+
+async def test_credentials_put_replace_list_delete_and_survive_reopen(
+    make_store: StoreFactory,
+) -> None:
+    from serve_app.store import CredentialRow
+
+    first = make_store()
+    await first.open()
+    assert await first.credential_list() == []
+    await first.credential_put(CredentialRow("openai", "sk-one", "fp1", 10.0))
+    await first.credential_put(CredentialRow("anthropic", "ak-one", "fp2", 11.0))
+    await first.credential_put(CredentialRow("openai", "sk-two", "fp3", 12.5))
+    rows = await first.credential_list()
+    assert [(r.name, r.secret, r.fingerprint, r.updated_at) for r in rows] == [
+        ("anthropic", "ak-one", "fp2", 11.0), ("openai", "sk-two", "fp3", 12.5)]
+    assert "sk-two" not in repr(rows)  # the secret never prints
+    await first.close()
+    second = make_store()
+    await second.open()
+    assert [r.secret for r in await second.credential_list()] == ["ak-one", "sk-two"]
+    assert await second.credential_delete("anthropic") is True
+    assert await second.credential_delete("anthropic") is False
+    assert [r.name for r in await second.credential_list()] == ["openai"]

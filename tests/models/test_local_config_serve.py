@@ -114,3 +114,24 @@ def test_all_five_bundled_models_serve_their_routes(local_url: str) -> None:
     assert "morning" in text.text.lower() and "weather" in text.text.lower(), text.text
     img = client.images.generate(model="dcgan-faces", prompt="a face", size="128x128")
     assert Image.open(io.BytesIO(base64.b64decode(img.data[0].b64_json))).size == (128, 128)
+
+
+def test_responses_and_anthropic_messages_with_smollm2(local_url: str) -> None:
+    from anthropic import Anthropic
+
+    question = "What is the capital of France?"
+    oai = OpenAI(base_url=local_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = oai.responses.create(model="smollm2-135m", input=question, temperature=0,
+                             max_output_tokens=24)
+    assert "Paris" in r.output_text and r.usage.input_tokens > 10
+    claude = Anthropic(base_url=local_url, api_key="unused", max_retries=0, timeout=120)
+    m = claude.messages.create(model="smollm2-135m", max_tokens=24, extra_body={"temperature": 0},
+                               messages=[{"role": "user", "content": question}])
+    assert "Paris" in m.content[0].text
+    with claude.messages.stream(model="smollm2-135m", max_tokens=24, stop_sequences=["Paris"],
+                                extra_body={"temperature": 0},
+                                messages=[{"role": "user", "content": question}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert "Paris" not in text and text == m.content[0].text.split("Paris")[0]
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "Paris")

@@ -206,3 +206,17 @@ def test_no_model_replica_can_be_placed_on_the_head(settings, cluster):
         assert any(head.get(k, 0) < v for k, v in needs.items()), (
             f"{model.id} could run on the head: it needs only {needs or 'CPU'}")
         assert any(all(w.get(k, 0) >= v for k, v in needs.items()) for w in workers), model.id
+
+
+def test_remote_config_is_valid_troupe_settings_and_serve_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.config import load_settings
+
+    raw = yaml.safe_load((REPO / "config" / "remote.yaml").read_text())
+    ServeDeploySchema.model_validate(raw)
+    settings = load_settings(raw["applications"][0]["args"])
+    assert {m.engine.type for m in settings.models} == {"openai", "anthropic", "gemini"}
+    assert all(m.run_in == "gateway" for m in settings.models)
+    assert settings.credential_envs() == {
+        "openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}

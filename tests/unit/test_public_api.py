@@ -43,6 +43,16 @@ PUBLIC = [
     "deployments.engines.vllm_engine",
     "deployments.engines.transformers_cpu",
     "deployments.engines.remote_openai",
+    "deployments.engines.remote_anthropic",
+    "deployments.engines.remote_gemini",
+    "deployments.engines.remote_http",
+    "deployments.engines.sse",
+    "deployments.engines.breaker",
+    "actors.session",
+    "serve_app.deadline",
+    "serve_app.admin_auth",
+    "serve_app.local_handle",
+    "serve_app.routes.admin",
 ]
 
 

@@ -8,6 +8,8 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
+from deployments.engines import remote_http
+
 from deployments.engines.base import TextEngine, create_text_engine
 from deployments.engines.remote_openai import OpenAITextEngine, SSEParser
 from serve_app.config import OpenAIEngineConfig
@@ -39,13 +41,14 @@ def _fresh(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.wait_open_streams(0, timeout=2)  # a previous test's closed stream is gone
     fake.reset()
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
+    remote_http._BREAKERS.clear()  # breakers are per process: start each test closed
 
 
 def make_config(fake: FakeOpenAI, **overrides: Any) -> OpenAIEngineConfig:
     fields: dict[str, Any] = {
         "base_url": fake.url, "model": "gpt-fake", "api_key_env": KEY_ENV,
         "context_length": 8192, "connect_timeout_s": 2, "first_byte_timeout_s": 3,
-        "idle_timeout_s": 3, "total_timeout_s": 8,
+        "idle_timeout_s": 3, "total_timeout_s": 8, "retry": {"max_retries": 0},
     }
     fields.update(overrides)
     return OpenAIEngineConfig(**fields)

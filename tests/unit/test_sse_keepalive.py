@@ -84,3 +84,19 @@ async def test_keepalive_can_be_disabled() -> None:
 def test_keepalive_must_be_positive() -> None:
     with pytest.raises(Exception, match="sse_keepalive_s"):
         load_settings({"models": [], "gateway": {"sse_keepalive_s": 0}})
+
+
+@pytest.mark.parametrize("route", ["responses", "messages"])
+async def test_official_client_decoders_skip_keepalives(
+    keepalive_gw: GatewayUnderTest, route: str
+) -> None:
+    from anthropic._streaming import SSEDecoder as AnthropicDecoder
+    from openai._streaming import SSEDecoder as OpenAIDecoder
+
+    path, body = STREAMS[route]
+    r = await keepalive_gw.post(path, json={**body, "model": "pausing"})
+    assert ": keepalive" in r.text
+    expected = [(e["event"], e["data"]) for e in sse_events(r)]
+    for decoder in (OpenAIDecoder(), AnthropicDecoder()):
+        decoded = [(e.event, e.data) for e in decoder.iter_bytes(iter([r.content]))]
+        assert decoded == expected

@@ -1,0 +1,181 @@
+"""A text engine over Google's Gemini API (``models/{model}:streamGenerateContent?alt=sse``).
+
+Translation of the internal request: ``system`` turns become ``systemInstruction``;
+``assistant`` turns become role ``model``, every other role ``user``; each turn is one
+text part. ``generationConfig`` carries ``temperature``, ``topP``, ``maxOutputTokens``,
+``stopSequences`` and ``seed``. The key goes in the ``x-goog-api-key`` header (never in
+the URL, where it would reach access logs).
+
+Stream: SSE whose ``data`` is a ``GenerateContentResponse``; the text of
+``candidates[0].content.parts`` is one output per event; ``usageMetadata`` (cumulative)
+gives ``promptTokenCount`` and ``candidatesTokenCount`` (+ ``thoughtsTokenCount``, which
+is billed as output); the stream has no end marker, so it ends when the body ends after a
+``finishReason``. Finish reasons: ``STOP`` → ``stop``, ``MAX_TOKENS`` → ``length``,
+``SAFETY``/``RECITATION``/``BLOCKLIST``/``PROHIBITED_CONTENT``/``SPII``/``IMAGE_SAFETY`` →
+CONTENT_FILTERED, as is a ``promptFeedback.blockReason``.
+
+Errors (``{"error":{"code","message","status","details"}}``): a 400 whose details carry
+reason ``API_KEY_INVALID`` is an authentication failure (Gemini answers a bad key with
+400, not 401), so it gets the same one-time credential refresh; ``RESOURCE_EXHAUSTED``
+is 429; a 400 saying the input token count exceeds the maximum → CONTEXT_LENGTH_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import orjson
+from typing import Any, Optional
+from urllib.parse import quote
+
+from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
+from serve_app.config import GeminiEngineConfig
+from serve_app.errors import AuthenticationFailed, InferenceFailed, TroupeError
+from serve_app.protocol.internal import EngineOutput, GenerationRequest
+
+__all__ = ["GeminiTextEngine", "build_generate_body"]
+
+_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "FINISH_REASON_UNSPECIFIED": "stop",
+           "OTHER": "stop", "MALFORMED_FUNCTION_CALL": "stop"}
+_FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                       "IMAGE_SAFETY", "LANGUAGE"})
+
+
+def build_generate_body(request: GenerationRequest, context_length: int) -> dict[str, Any]:
+    """The generateContent body for ``request``."""
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    if request.messages is not None:
+        for m in request.messages:
+            if m.role in ("system", "developer"):
+                system.append(m.content)
+            else:
+                role = "model" if m.role == "assistant" else "user"
+                contents.append({"role": role, "parts": [{"text": m.content}]})
+    else:
+        contents.append({"role": "user", "parts": [{"text": request.prompt or ""}]})
+    sp = request.sampling
+    config: dict[str, Any] = {"temperature": sp.temperature, "topP": sp.top_p}
+    if sp.max_tokens is not None or sp.default_max_tokens is not None:
+        config["maxOutputTokens"] = sp.output_limit(context_length)
+    if sp.stop:
+        config["stopSequences"] = list(sp.stop)
+    if sp.seed is not None:
+        config["seed"] = sp.seed
+    body: dict[str, Any] = {"contents": contents, "generationConfig": config}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+    return body
+
+
+class GeminiTextEngine(RemoteEngine):
+    """See the module docstring."""
+
+    provider = "gemini"
+
+    def __init__(self, model_id: str, config: GeminiEngineConfig) -> None:
+        super().__init__(model_id, config)
+        base = config.base_url.rstrip("/")
+        model = quote(config.model, safe="")
+        self._url = f"{base}/models/{model}:streamGenerateContent?alt=sse"
+        self._embed_url = f"{base}/models/{model}:batchEmbedContents"
+
+    def _headers(self, secret: str) -> dict[str, str]:
+        return {"x-goog-api-key": secret, "Content-Type": "application/json"}
+
+    def build_http(self, request: GenerationRequest, secret: str) -> UpstreamCall:
+        headers = self._headers(secret)
+        headers["Accept"] = "text/event-stream"
+        return UpstreamCall(self._url, headers, build_generate_body(request, self.context_length))
+
+    def on_event(self, data: str, state: StreamState) -> Optional[EngineOutput]:
+        try:
+            event = orjson.loads(data)
+        except ValueError:
+            raise InferenceFailed(
+                f"The upstream provider of model '{self.model_id}' sent a stream event that "
+                "is not JSON.", details={"provider": self.provider, "event": data[:200]},
+            ) from None
+        if not isinstance(event, dict):
+            return None
+        if isinstance(event.get("error"), dict):
+            raise self._event_error(event["error"])
+        text = self._absorb(event, state)
+        if not text:
+            return None
+        state.reported += 1
+        return EngineOutput(text, 1, state.prompt_tokens)
+
+    def on_json(self, body: Any, state: StreamState) -> list[EngineOutput]:
+        if not isinstance(body, dict):
+            raise InferenceFailed(
+                f"The upstream provider of model '{self.model_id}' sent an answer that is "
+                "not an object.", details={"provider": self.provider})
+        text = self._absorb(body, state)
+        if state.finish_reason is None:
+            state.finish_reason = "stop"
+        if not text:
+            return []
+        state.reported += 1
+        return [EngineOutput(text, 1, state.prompt_tokens)]
+
+    def _absorb(self, event: dict[str, Any], state: StreamState) -> str:
+        """Usage, finish reason and text of one GenerateContentResponse."""
+        usage = event.get("usageMetadata")
+        if isinstance(usage, dict):
+            state.prompt_tokens = int(usage.get("promptTokenCount") or 0)
+            if "candidatesTokenCount" in usage or "thoughtsTokenCount" in usage:
+                state.completion_tokens = int(usage.get("candidatesTokenCount") or 0) + int(
+                    usage.get("thoughtsTokenCount") or 0)
+        feedback = event.get("promptFeedback") or {}
+        if feedback.get("blockReason"):
+            raise self.content_error(f"the prompt was blocked ({feedback['blockReason']})")
+        text = ""
+        for candidate in (event.get("candidates") or ())[:1]:
+            for part in ((candidate.get("content") or {}).get("parts") or ()):
+                if isinstance(part, dict) and not part.get("thought"):
+                    text += part.get("text") or ""
+            reason = candidate.get("finishReason")
+            if reason in _FILTERED:
+                raise self.content_error(f"the answer was stopped (finishReason {reason})")
+            if reason:
+                state.finish_reason = _FINISH.get(reason, "stop")
+        return text
+
+    def _event_error(self, error: dict[str, Any]) -> TroupeError:
+        status = int(error.get("code") or 500) if str(error.get("code", "")).isdigit() else 500
+        specific = self.classify_error(status, error, {})
+        if specific is not None:
+            specific.details = {"provider": self.provider, "upstream_error": error}
+            return specific
+        return InferenceFailed(
+            f"The upstream provider of model '{self.model_id}' failed mid-stream: "
+            f"{error.get('message')} ({error.get('status')}). Retrying may help.",
+            details={"provider": self.provider, "upstream_error": error},
+        )
+
+    def classify_error(
+        self, status: int, error: dict[str, Any], headers: Any
+    ) -> Optional[TroupeError]:
+        message = str(error.get("message") or f"HTTP {status}")
+        reasons = {d.get("reason") for d in error.get("details") or () if isinstance(d, dict)}
+        if "API_KEY_INVALID" in reasons:
+            return AuthenticationFailed(
+                f"The upstream provider of model '{self.model_id}' rejected the API key "
+                f"(credential {self.config.credential_name!r}): {message}. Set a valid key in "
+                f"${self.config.api_key_env}, the secrets file, or with POST /admin/credentials.",
+            )
+        low = message.lower()
+        if status == 400 and "token count" in low and "exceeds the maximum" in low:
+            return self.context_error(message, "messages")
+        if "BILLING" in str(reasons) or (status == 403 and "billing" in low):
+            return self.quota_error(message)
+        return None
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Embed ``texts`` (``batchEmbedContents``); Gemini reports no token usage (0)."""
+        from deployments.engines.remote_http import unary_json
+
+        name = f"models/{self.config.model}"
+        body = {"requests": [{"model": name, "content": {"parts": [{"text": t}]}}
+                             for t in texts]}
+        data = await unary_json(self, self._embed_url, self._headers, body)
+        return [list(map(float, e["values"])) for e in data.get("embeddings") or ()], 0
