@@ -6,7 +6,8 @@ GPUs exactly as the vLLM deployments in config/gpu.yaml do.
 * ``chat``: one GPU per replica, autoscaling 0..2 (scale to zero, short delays);
 * ``tp2``: a tensor-parallel replica: two ``{GPU: 1}`` bundles, ``STRICT_PACK``;
 * ``nowhere``: needs 4 GPUs per replica, which no node has: its cold start never ends,
-  so a request must give up after ``cold_start_timeout_s`` with 503 + Retry-After.
+  so a request must give up after ``cold_start_timeout_s`` with 503 + Retry-After;
+* ``remote``: an OpenAI-compatible upstream (never called), so the session actor starts.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ MODELS: list[dict[str, Any]] = [
             "graceful_shutdown_timeout_s": 1,
         },
     },
+    {
+        # A remote model: served in the gateway, its key held by the session actor (never
+        # called here; it only makes the gateway start the session actor).
+        "id": "remote",
+        "engine": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-x",
+                   "api_key_env": "TROUPE_TEST_OPENAI_KEY"},
+    },
 ]
 
 
@@ -111,7 +119,7 @@ def test_head_runs_the_gateway_and_metrics_actor_and_no_model_replica(app: Local
         by_role.setdefault(app.role_of(actor["Address"]["NodeID"]), []).append(name)
     head = by_role["head"]
     assert any(n.startswith("SERVE_REPLICA::troupe#Gateway#") for n in head), head
-    assert "troupe-metrics" in head and "troupe-model-state" in head, head
+    assert {"troupe-metrics", "troupe-model-state", "troupe-session"} <= set(head), head
     assert not [n for n in head if n.startswith("SERVE_REPLICA::troupe#LLM_")], head
     # Nothing of Troupe's own runs anywhere else but model replicas.
     for role, names in by_role.items():
