@@ -79,9 +79,10 @@ MODELS: list[dict[str, Any]] = [
         },
     },
     {
-        # A remote model: served in the gateway, its key held by the session actor (never
-        # called here; it only makes the gateway start the session actor).
+        # A remote model served inside the gateway (on the head; no replica of its own),
+        # its key held by the session actor. Never called: it makes the session actor start.
         "id": "remote",
+        "run_in": "gateway",
         "engine": {"type": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-x",
                    "api_key_env": "TROUPE_TEST_OPENAI_KEY"},
     },
