@@ -652,11 +652,13 @@ class MetricsActor:
         await self.start()
         return generate_latest(self._registry)
 
-    async def usage(self, start_ts: float, end_ts: float, group_by: str = "model") -> dict:
+    async def usage(self, start_ts: float, end_ts: float, group_by: str = "model",
+                    key_id: Optional[str] = None) -> dict:
         """Totals and latency percentiles per group for ``start_ts <= ts < end_ts``.
 
         Args:
             group_by: one of :data:`USAGE_GROUPS` (``key`` groups by API key id).
+            key_id: only this API key's requests (a non-admin caller sees only its own).
 
         Raises:
             InvalidRequest: unknown ``group_by`` or a window that ends before it starts.
@@ -675,6 +677,8 @@ class MetricsActor:
         groups: dict[str, dict[str, Any]] = {}
         everything = _new_usage()
         for entry in await self._store.ledger_window(start_ts, end_ts):
+            if key_id is not None and entry.event.key_id != key_id:
+                continue
             key = str(getattr(entry.event, field))
             group = groups.get(key)
             if group is None:

@@ -1,8 +1,9 @@
 """Admin authentication for ``/admin`` routes, in one small function so the API-key
 policies can replace it (admin keys stored hashed) without touching the routes.
 
-Until then the admin key is a shared secret read from the environment variable named by
-``gateway.admin_key_env`` (default ``TROUPE_ADMIN_KEY``), sent as ``Authorization:
+With auth on, the policy layer authenticates admins (admin API keys from the store or
+JWTs); with auth off the admin key is a shared secret read from the environment variable
+named by ``gateway.admin_key_env`` (default ``TROUPE_ADMIN_KEY``), sent as ``Authorization:
 Bearer <key>`` or ``x-api-key: <key>``. Without that variable the admin routes are off
 (403), never open.
 """
@@ -26,7 +27,17 @@ def _presented_key(headers: Any) -> str:
 
 
 def require_admin(headers: Any, admin_key_env: str) -> str:
-    """Raise unless ``headers`` carry the admin key; returns the caller's id ("admin")."""
+    """Raise unless the caller is an admin; returns the caller's id.
+
+    With the policy layer on, an admin API key or JWT it authenticated is enough (the
+    layer already refused everyone else on ``/admin``). With auth off (loopback, no keys)
+    the shared admin key from ``admin_key_env`` is still required.
+    """
+    from serve_app.policies.context import current_principal
+
+    principal = current_principal()
+    if principal is not None and principal.via != "none" and principal.is_admin:
+        return principal.key_id
     expected = os.environ.get(admin_key_env, "").strip()
     if not expected:
         raise AuthorizationFailed(

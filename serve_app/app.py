@@ -43,12 +43,15 @@ logger = logging.getLogger("troupe.app")
 def build_fastapi_app(
     core: GatewayCore, behind_serve_proxy: bool = False, metrics_actor: Any = None,
     session_actor: Any = None,
+    policies: Any = None,
 ) -> Any:
     """The gateway's ASGI app over one core (also usable without Serve, e.g. in tests).
 
     ``behind_serve_proxy``: adopt the request id Serve's proxy assigned (it also puts it
     on the response); without the proxy the app generates and sets its own.
     ``metrics_actor``: handle of the metrics actor for the observability routes.
+    ``policies``: a :class:`~serve_app.policies.layer.PolicyLayer` (auth, rate limits,
+    idempotency, admin key routes); None: no policy layer (in-process unit tests).
     """
     app = FastAPI(
         title="Troupe",
@@ -68,9 +71,33 @@ def build_fastapi_app(
     app.include_router(build_modalities_router(core))
     app.include_router(build_playground_router())
     app.include_router(build_admin_router(core, lambda: session_actor))
+    inner: Any = app
+    if policies is not None:
+        from serve_app.policies.layer import PolicyMiddleware
+        from serve_app.routes.admin_keys import build_admin_keys_router
+
+        app.include_router(build_admin_keys_router(policies))
+        if policies.batch is not None:
+            from serve_app.routes.batch import build_batch_router
+
+            app.include_router(build_batch_router(policies.batch))
+        inner = PolicyMiddleware(app, policies)  # one place for auth, limits, idempotency
+    traced_app: Any = TracingMiddleware(inner)
+    cors = core.settings.cors
+    if cors.allow_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        traced_app = CORSMiddleware(
+            traced_app, allow_origins=list(cors.allow_origins),
+            allow_methods=list(cors.allow_methods), allow_headers=list(cors.allow_headers),
+            expose_headers=["x-request-id", "retry-after", "x-ratelimit-limit",
+                            "x-ratelimit-remaining", "x-ratelimit-reset",
+                            "x-ratelimit-reset-after", "idempotent-replayed"],
+            max_age=cors.max_age_s,
+        )
     # Outermost, so even errors answered by Starlette's last-resort handler carry the id;
     # tracing inside it, so the request span has the id.
-    return RequestIdMiddleware(TracingMiddleware(app), trust_upstream_id=behind_serve_proxy)
+    return RequestIdMiddleware(traced_app, trust_upstream_id=behind_serve_proxy)
 
 
 def _span_sink(metrics_enabled: bool) -> Optional[ActorSpanSink]:
@@ -127,6 +154,42 @@ def metrics_actor_handle(settings: TroupeSettings) -> Any:
     )
 
 
+def _serve_bind_host() -> Optional[str]:
+    """The host Serve's HTTP proxies bind to (None when it cannot be read)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host
+    except Exception:  # no Serve client here: unknown, so auth stays on
+        return None
+
+
+def quota_actor_handle(settings: TroupeSettings) -> Any:
+    """The named quota actor counting rate-limit windows for every gateway replica."""
+    import ray
+
+    from actors.quota import QUOTA_ACTOR, QuotaActor
+
+    return ray.remote(QuotaActor).options(
+        name=QUOTA_ACTOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, num_cpus=settings.limits.actor_num_cpus,
+    ).remote()
+
+
+def policy_layer(settings: TroupeSettings, core: GatewayCore) -> Any:
+    """Auth, rate limits and idempotency of one gateway replica (see serve_app.policies)."""
+    from serve_app.policies.layer import PolicyLayer
+    from serve_app.store import open_store
+
+    # Always created: a key's own limits may apply even when the defaults set none.
+    quota = quota_actor_handle(settings)
+    store = open_store(settings.metrics.resolved_store_url())
+    if hasattr(store, "synchronous"):
+        store.synchronous = "NORMAL"  # SQLite: no fsync per idempotency write (see SQLiteStore)
+    return PolicyLayer(settings, store, quota, bind_host=_serve_bind_host(),
+                       on_rejected=core.reject, core=core)
+
+
 class Gateway:
     """The ingress deployment: owns a GatewayCore and builds its ASGI app per replica.
 
@@ -169,12 +232,18 @@ class Gateway:
             model_state=model_state_backend(parsed),
         )
         setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
+        self.policies = policy_layer(parsed, self.core)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(
             self.core, behind_serve_proxy=True, metrics_actor=self.metrics_actor,
-            session_actor=self.session_actor,
+            session_actor=self.session_actor, policies=self.policies,
         )
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check; also starts the policy layer's background work
+        (key refresh, batch worker) on a replica that has not served a request yet."""
+        await self.policies.ready()
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
         for handle in getattr(self, "local_handles", {}).values():  # in-gateway engines

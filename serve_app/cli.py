@@ -1,4 +1,4 @@
-"""The ``troupe`` command: run, validate, status.
+"""The ``troupe`` command: run, validate, status, keys.
 
 ``troupe run CONFIG`` validates the config, starts ``serve run CONFIG`` as a child
 process, waits until ``/health`` answers, and prints the URL and an example request.
@@ -186,6 +186,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     val = sub.add_parser("validate", help="check a Serve config's Troupe settings")
     val.add_argument("config")
     val.set_defaults(func=cmd_validate)
+    from serve_app.keys_cli import add_keys_parser
+
+    add_keys_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

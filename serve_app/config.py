@@ -31,6 +31,13 @@ from serve_app.modality_config import (
     check_engine_fits,
     engine_type_for,
 )
+from serve_app.policies.settings import (
+    AuthSettings,
+    BatchSettings,
+    CORSSettings,
+    IdempotencySettings,
+    LimitsSettings,
+)
 from serve_app.tracing import TracingSettings
 
 __all__ = [
@@ -345,7 +352,9 @@ class DeploymentOptions(_Strict):
         30, ge=1, le=100_000, description="Concurrent requests per replica (Serve's cap)."
     )
     max_queued_requests: int = Field(
-        -1, ge=-1, description="Requests a caller may queue beyond the cap (-1: no bound)."
+        100, ge=-1,
+        description="Requests each gateway replica may queue beyond the cap; then 429 "
+        "OVERLOADED + Retry-After at once (-1: no bound).",
     )
     ray_actor_options: RayActorOptions = Field(
         default_factory=RayActorOptions, description="Resources per replica."
@@ -586,6 +595,15 @@ class TroupeSettings(_Strict):
     log_unknown_fields: bool = Field(
         True, description="Log request fields Troupe does not know (they are ignored)."
     )
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and JWTs.")
+    limits: LimitsSettings = Field(
+        default_factory=LimitsSettings, description="Rate limits per key."
+    )
+    idempotency: IdempotencySettings = Field(
+        default_factory=IdempotencySettings, description="Idempotency-Key replay."
+    )
+    cors: CORSSettings = Field(default_factory=CORSSettings, description="CORS for browsers.")
+    batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs.")
 
     @field_validator("models")
     @classmethod

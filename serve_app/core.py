@@ -26,6 +26,7 @@ from serve_app.errors import (
 )
 from serve_app.metering import RequestInfo, RequestMeter
 from serve_app.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
+from serve_app.policies.context import authorize_model, note_usage
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
     ChatMessage,
@@ -186,6 +187,7 @@ class GatewayCore(ModalityCalls):
                 param="model",
                 details={"model": model_id, "available": sorted(self.models)},
             )
+        authorize_model(model_id)  # 403 for a key scoped to other models
         return model
 
     def capabilities(self, model: ModelConfig) -> list[str]:
@@ -258,6 +260,7 @@ class GatewayCore(ModalityCalls):
     def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
         self._model_in_flight[meter.model] -= 1
         self._report_in_flight(meter.model)
+        note_usage(meter.prompt_tokens + meter.completion_tokens)  # tokens-per-minute limits
         if self.record is None:
             return
         if error is None:

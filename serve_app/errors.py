@@ -13,6 +13,9 @@
      │    └── ModelNotFound          404 MODEL_NOT_FOUND
      ├── MethodNotAllowed            405 METHOD_NOT_ALLOWED
      ├── ModelNotLoaded              409 MODEL_NOT_LOADED
+     ├── IdempotencyInProgress       409 IDEMPOTENCY_IN_PROGRESS
+     ├── IdempotencyReplayUnavailable 409 IDEMPOTENCY_REPLAY_UNAVAILABLE
+     ├── IdempotencyKeyReused        422 IDEMPOTENCY_KEY_REUSED
      ├── RequestTooLarge             413 REQUEST_TOO_LARGE
      ├── RateLimitExceeded           429 RATE_LIMIT_EXCEEDED
      ├── Overloaded                  429 OVERLOADED  (503 when no replica exists)
@@ -51,6 +54,9 @@ __all__ = [
     "MethodNotAllowed",
     "ModelNotLoaded",
     "RequestTooLarge",
+    "IdempotencyInProgress",
+    "IdempotencyReplayUnavailable",
+    "IdempotencyKeyReused",
     "RateLimitExceeded",
     "Overloaded",
     "InferenceFailed",
@@ -152,6 +158,18 @@ class ModelNotLoaded(TroupeError):
 
 class RequestTooLarge(TroupeError):
     status, code, openai_type = 413, "REQUEST_TOO_LARGE", "invalid_request_error"
+
+
+class IdempotencyInProgress(TroupeError):
+    status, code, openai_type = 409, "IDEMPOTENCY_IN_PROGRESS", "invalid_request_error"
+
+
+class IdempotencyReplayUnavailable(TroupeError):
+    status, code, openai_type = 409, "IDEMPOTENCY_REPLAY_UNAVAILABLE", "invalid_request_error"
+
+
+class IdempotencyKeyReused(TroupeError):
+    status, code, openai_type = 422, "IDEMPOTENCY_KEY_REUSED", "invalid_request_error"
 
 
 class RateLimitExceeded(TroupeError):

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from serve_app.policies.context import PRINCIPAL
 from serve_app.protocol.internal import TextChunk
 from serve_app.protocol.metrics import RequestEvent
 
@@ -97,7 +98,7 @@ class RequestMeter:
             model=self.model,
             route=self.info.route,
             provider=self.provider,
-            key_id=self.info.key_id,
+            key_id=_key_id(self.info),
             tier=self.info.tier,
             status=status,
             error_code=error_code,
@@ -112,3 +113,11 @@ class RequestMeter:
             inter_token_ms=self.gaps,
             cold_start=self.cold_start,
         )
+
+
+def _key_id(info: RequestInfo) -> str:
+    """The route's key id, else the caller's (set by the policy layer), else anonymous."""
+    if info.key_id != "anonymous":
+        return info.key_id
+    principal = PRINCIPAL.get()
+    return principal.key_id if principal is not None else info.key_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from typing import Callable, Iterator, TypeVar
 
@@ -15,6 +16,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The fake OpenAI upstream's key: set before Ray starts, so model replicas inherit it.
 FAKE_OPENAI_KEY = "sk-test-troupe-fake-0123456789"
 os.environ["TROUPE_TEST_OPENAI_KEY"] = FAKE_OPENAI_KEY
+# State a test does not place itself (stores of apps without a store_url) goes to a fresh
+# folder, never to the user's ~/.local/share/troupe. Set before Ray starts: replicas inherit it.
+os.environ["TROUPE_STATE_DIR"] = tempfile.mkdtemp(prefix="troupe-test-state-")
 
 T = TypeVar("T")
 

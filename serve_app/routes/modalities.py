@@ -286,8 +286,8 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
 
     # ----------------------------------------------------------- load / unload
 
-    # TODO(auth): admin-only. When API keys land, require an admin key here (the auth
-    # branch's dependency), e.g. `dependencies=[Depends(require_admin)]` on both routes.
+    # Admin-only: the policy layer (serve_app/policies/layer.py) classifies
+    # POST /models/{id}/load|unload as admin routes, so only admin keys reach them.
     @router.post("/models/{model_id:path}/unload")
     async def unload(model_id: str) -> JSONResponse:
         return JSONResponse(await core.unload_model(model_id))

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from serve_app.core import GatewayCore
 from serve_app.errors import InvalidRequest, NotFound, Timeout, TroupeError, as_troupe_error
 from serve_app.http import JSONResponse, parse_body, read_json
+from serve_app.policies.context import current_principal
 
 __all__ = ["build_observability_router", "GROUP_BY", "CUSTOM_EXAMPLE"]
 
@@ -97,7 +98,11 @@ def build_observability_router(core: GatewayCore, metrics_actor: Any) -> APIRout
             start = end - (window if window is not None else 86_400.0)
         if start >= end:
             raise InvalidRequest("start must be before end.", param="start")
-        return JSONResponse(await call("usage", start, end, group_by))
+        principal = current_principal()
+        if principal is None or principal.is_admin:
+            return JSONResponse(await call("usage", start, end, group_by))
+        # A non-admin key sees its own usage only.
+        return JSONResponse(await call("usage", start, end, group_by, principal.key_id))
 
     @router.post("/metrics/custom")
     async def custom(request: Request) -> JSONResponse:

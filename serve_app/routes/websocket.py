@@ -22,9 +22,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from serve_app.core import GatewayCore
-from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError, as_troupe_error
 from serve_app.http import request_id_of_scope
 from serve_app.metering import RequestInfo
+from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
@@ -69,6 +70,11 @@ class WebSocketSession:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancel_requested: set[str] = set()
         self.closed = False
+        state = websocket.scope.get("state", {})
+        #: The policy layer, when auth must come in the first message (no header sent).
+        self.policy = state.get("policy")
+        self.auth_pending = bool(state.get("auth_pending"))
+        self.principal = state.get("principal")
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.closed:
@@ -89,6 +95,8 @@ class WebSocketSession:
                 if raw is None:
                     raw = message.get("bytes") or b""
                 await self.dispatch(raw)
+                if self.closed:
+                    break
         except WebSocketDisconnect:
             pass
         finally:
@@ -129,9 +137,12 @@ class WebSocketSession:
         if kind == "ping":
             await self.send({"type": "pong", "ts": data.get("ts", time.time())})
         elif kind == "auth":
-            # Auth is off in this build (policies come with API keys); acknowledge so
-            # clients written for an auth-on gateway work unchanged.
-            await self.send({"type": "auth.ok", "auth": "disabled"})
+            await self.authenticate(data)
+        elif self.auth_pending:
+            await self.refuse(AuthenticationFailed(
+                'Authenticate first: send {"type": "auth", "token": "trp_..."} as the first '
+                "message (or connect with an 'Authorization: Bearer' header)."
+            ))
         elif kind == "inference":
             await self.start_inference(data)
         elif kind == "cancel":
@@ -140,6 +151,37 @@ class WebSocketSession:
             await self.send(self.error(InvalidRequest(
                 f"Unknown message type {kind!r}. Send one of: auth, inference, cancel, ping."
             ), data.get("id") if isinstance(data.get("id"), str) else None))
+
+    async def authenticate(self, data: dict[str, Any]) -> None:
+        """The ``auth`` message: required first when the handshake carried no key."""
+        if not self.auth_pending:
+            principal = self.principal
+            await self.send({"type": "auth.ok", "auth": "disabled" if principal is None
+                             or principal.via == "none" else "header",
+                             "key_id": None if principal is None else principal.key_id})
+            return
+        token = data.get("token") or data.get("api_key")
+        try:
+            if not isinstance(token, str) or not token:
+                raise AuthenticationFailed(
+                    'The auth message needs a "token": {"type": "auth", "token": "trp_..."}.')
+            principal = self.policy.authenticate(token)
+        except TroupeError as err:
+            await self.refuse(err)
+            return
+        self.auth_pending = False
+        self.principal = principal
+        PRINCIPAL.set(principal)  # tasks started from now on run as this caller
+        await self.send({"type": "auth.ok", "auth": "key", "key_id": principal.key_id})
+
+    async def refuse(self, err: TroupeError) -> None:
+        """Send an auth error and close the socket (4401)."""
+        await self.send(self.error(err))
+        self.closed = True
+        try:
+            await self.ws.close(code=4401)
+        except (RuntimeError, OSError):
+            pass
 
     async def start_inference(self, data: dict[str, Any]) -> None:
         raw_id = data.get("id")
@@ -171,7 +213,20 @@ class WebSocketSession:
             await self.send(self.error(err, body.id))
             return
         self.core.note_unknown_fields("/ws", [n for n in unknown_fields(body) if n != "type"])
+        admission = None
+        limiter = getattr(self.policy, "limiter", None)
+        if limiter is not None and self.principal is not None:
+            try:  # each inference message counts against the key's rate limits
+                admission = await limiter.admit(self.principal)
+            except TroupeError as err:
+                await self.send(self.error(err, body.id))
+                return
+        tally = UsageTally()
+        usage_token = USAGE.set(tally)  # the task's copy of the context counts its tokens
         task = asyncio.create_task(self.run_inference(body))
+        USAGE.reset(usage_token)
+        if admission is not None:
+            task.add_done_callback(lambda _t, a=admission: limiter.finish(a, tally.tokens))
         self.tasks[body.id] = task
         task.add_done_callback(lambda _t, rid=body.id: self._forget(rid))
 

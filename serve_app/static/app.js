@@ -14,6 +14,11 @@
     ["Images", ["images", "image-generation", "text-to-image"], "no image model configured"],
   ];
 
+  // Every URL is relative to the page's folder, so the playground also works when the
+  // gateway is mounted under a prefix (Serve route_prefix, a reverse proxy's subpath).
+  const BASE = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
+  const api = (path) => BASE + path.replace(/^\//, "");
+
   const $ = (id) => document.getElementById(id);
   const el = (tag, cls, text) => {
     const node = document.createElement(tag);
@@ -71,21 +76,24 @@
   function authHeaders() {
     return state.key ? { Authorization: "Bearer " + state.key } : {};
   }
+  function unauthorizedText() {
+    return state.key
+      ? "The API key was rejected (HTTP 401). Check the key and press “Use key”."
+      : "This gateway needs an API key (HTTP 401). Enter one above and press “Use key”.";
+  }
   class HttpProblem extends Error {
     constructor(message, kind) { super(message); this.kind = kind; }
   }
   async function getJSON(path) {
     let resp;
     try {
-      resp = await fetch(path, { headers: authHeaders(), cache: "no-store" });
+      resp = await fetch(api(path), { headers: authHeaders(), cache: "no-store" });
     } catch (e) {
       throw new HttpProblem("The Troupe server is unreachable (" + location.host + "). Is it running?", "unreachable");
     }
     if (resp.status === 401 || resp.status === 403) {
-      throw new HttpProblem(
-        resp.status === 401
-          ? "The API key was rejected (HTTP 401). Check the key and press “Use key”."
-          : "This API key may not use this (HTTP 403). Use a key with access.", "auth");
+      throw new HttpProblem(resp.status === 401 ? unauthorizedText() :
+        "This API key may not use this (HTTP 403). Use a key with access.", "auth");
     }
     if (resp.status === 429) {
       throw new HttpProblem("Rate limit reached. " + retryText(parseFloat(resp.headers.get("Retry-After"))), "rate");
@@ -181,7 +189,7 @@
 
   // ---------------------------------------------------------------- WebSocket
   function wsUrl() {
-    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
+    return (location.protocol === "https:" ? "wss://" : "ws://") + location.host + api("/ws");
   }
   function connect() {
     clearTimeout(state.reconnectTimer);
@@ -392,7 +400,7 @@
   async function postFor(path, init) {
     let resp;
     try {
-      resp = await fetch(path, { method: "POST", ...init, headers: { ...authHeaders(), ...(init.headers || {}) } });
+      resp = await fetch(api(path), { method: "POST", ...init, headers: { ...authHeaders(), ...(init.headers || {}) } });
     } catch (e) {
       throw new HttpProblem("The Troupe server is unreachable (" + location.host + "). Is it running?", "unreachable");
     }
@@ -401,7 +409,7 @@
     try { body = await resp.json(); } catch (e) { body = null; }
     const err = (body && body.error) || {};
     const msg = err.message || resp.statusText;
-    if (resp.status === 401) throw new HttpProblem("The API key was rejected (HTTP 401). Check the key and press “Use key”.", "auth");
+    if (resp.status === 401) throw new HttpProblem(unauthorizedText(), "auth");
     if (resp.status === 403) throw new HttpProblem("This API key may not use this (HTTP 403): " + msg, "auth");
     if (resp.status === 429) {
       throw new HttpProblem((err.code === "OVERLOADED" ? "The model is busy. " : "Rate limit reached. ")

@@ -7,9 +7,10 @@ returns (committed).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.policy_rows import ApiKeyRow, BatchItemRow, BatchJobRow, IdempotencyRow
 from serve_app.store.rows import CredentialRow, LedgerTotalsRow
 
 __all__ = ["Store", "LedgerTotalsRow", "open_store"]
@@ -50,6 +51,68 @@ class Store(Protocol):
 
     async def credential_delete(self, name: str) -> bool:
         """Forget an admin-set credential; False when there was none."""
+
+    # --- API keys (serve_app.policies): hashes only, never a secret -------------------
+
+    async def key_create(self, key: ApiKeyRow) -> None:
+        """Insert a key; a duplicate ``key_id`` raises."""
+
+    async def key_list(self) -> list[ApiKeyRow]:
+        """Every key, revoked ones included, oldest first (``created_at``, then id)."""
+
+    async def key_revoke(self, key_id: str, now: float) -> bool:
+        """Mark a key revoked at ``now``; False if unknown or already revoked."""
+
+    # --- idempotency records -------------------------------------------------------------
+
+    async def idempotency_claim(
+        self, scope: str, fingerprint: str, now: float, lock_until: float
+    ) -> Optional[IdempotencyRow]:
+        """Atomically claim ``scope``: None when the caller now owns a ``running`` record
+        (none was live at ``now``), else the live record that exists."""
+
+    async def idempotency_complete(
+        self, scope: str, fingerprint: str, status: int,
+        headers: Sequence[tuple[str, str]], body: Optional[bytes], expires_at: float,
+    ) -> None:
+        """Store the response of the claimed request (``body`` None: ``unavailable``)."""
+
+    async def idempotency_release(self, scope: str, fingerprint: str) -> None:
+        """Drop a ``running`` claim (the request failed; a retry may run it)."""
+
+    async def idempotency_purge(self, now: float) -> int:
+        """Delete records expired at ``now``; returns how many."""
+
+    # --- batch jobs (serve_app/batch.py) --------------------------------------------------
+
+    async def batch_create(self, job: BatchJobRow, items: Sequence[BatchItemRow]) -> None:
+        """Insert a job and its items atomically."""
+
+    async def batch_get(self, job_id: str) -> Optional[BatchJobRow]:
+        """The job, with ``counts`` of its items per state; None if unknown."""
+
+    async def batch_items(self, job_id: str) -> list[BatchItemRow]:
+        """The job's items in submission order."""
+
+    async def batch_claim(self, worker: str, now: float, lease_until: float,
+                          limit: int) -> list[BatchItemRow]:
+        """Atomically lease up to ``limit`` pending or lease-expired items to ``worker``
+        (``attempts`` + 1 each); a job with a claimed item becomes ``running``."""
+
+    async def batch_item_done(self, job_id: str, item_id: str, worker: str, state: str,
+                              result: dict) -> bool:
+        """Record a result if ``worker`` still holds the item (one result per item)."""
+
+    async def batch_complete_if_done(self, job_id: str, now: float) -> bool:
+        """Complete the job once no item is pending or running; True for one caller only."""
+
+    async def batch_webhooks_due(self, now: float, lease_until: float,
+                                 limit: int) -> list[BatchJobRow]:
+        """Lease completed jobs whose webhook delivery is due."""
+
+    async def batch_webhook_update(self, job_id: str, state: str, attempts: int,
+                                   next_at: float, error: Optional[str]) -> None:
+        """Record a webhook attempt: state pending (retry at ``next_at``), delivered, failed."""
 
 
 def open_store(url: str) -> Store:

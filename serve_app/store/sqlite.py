@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.batch_tables import SQLITE_BATCH_MIGRATIONS, SQLiteBatchTables
+from serve_app.store.policy_sqlite import POLICY_MIGRATIONS, SQLitePolicyTables
 from serve_app.store.rows import (
     CredentialRow,
     LEDGER_COLUMNS,
@@ -87,6 +89,9 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
 }
 
+_MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
+_MIGRATIONS.update(SQLITE_BATCH_MIGRATIONS)  # batch jobs
+
 _INSERT_SQL = (
     f"INSERT INTO ledger ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))}) "
     "ON CONFLICT (event_id) DO NOTHING"
@@ -96,7 +101,7 @@ _WINDOW_SQL = (
 )
 
 
-class SQLiteStore:
+class SQLiteStore(SQLitePolicyTables, SQLiteBatchTables):
     """The :class:`~serve_app.store.base.Store` on one SQLite file.
 
     Durability: WAL journal with ``synchronous=FULL``. In WAL mode, NORMAL skips the fsync
@@ -120,6 +125,10 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lifecycle = asyncio.Lock()
+        #: FULL (the default) fsyncs every commit. The gateway's policy store sets NORMAL:
+        #: idempotency records are written twice per request, and WAL + NORMAL still
+        #: survives a process crash (only an OS crash or power loss may drop the last few).
+        self.synchronous = "FULL"
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -208,7 +217,7 @@ class SQLiteStore:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             _migrate(conn)
             if self.path != ":memory:":

@@ -203,7 +203,7 @@ def test_static_files_are_served_safely(base_url: str) -> None:
     with httpx.Client(base_url=base_url, timeout=10) as client:
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-        assert "/static/app.js" in page.text
+        assert 'src="static/app.js"' in page.text  # relative: works under a route prefix
         assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
         assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
         head = client.head("/static/app.js")

@@ -19,6 +19,7 @@ import pytest
 
 from serve_app.protocol.metrics import LedgerEntry, RequestEvent
 from serve_app.store import Store
+from serve_app.store.policy_rows import ApiKeyRow, BatchItemRow, BatchJobRow
 from serve_app.store.postgres import PostgresStore
 from serve_app.store.rows import EVENT_COLUMNS, LedgerTotalsRow
 from serve_app.store.sqlite import SQLiteStore
@@ -305,7 +306,8 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert conn.execute(
                 "SELECT component, version FROM schema_version ORDER BY component"
-            ).fetchall() == [("credentials", 1), ("ledger", 2)]
+            ).fetchall() == [("api_keys", 1), ("batch", 1), ("credentials", 1),
+                             ("idempotency", 1), ("ledger", 2)]
     finally:
         await store.close()
 
@@ -335,3 +337,146 @@ async def test_credentials_put_replace_list_delete_and_survive_reopen(
     assert await second.credential_delete("anthropic") is True
     assert await second.credential_delete("anthropic") is False
     assert [r.name for r in await second.credential_list()] == ["openai"]
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+def _key(key_id: str, **fields: object) -> ApiKeyRow:
+    fields.setdefault("name", f"name of {key_id}")
+    fields.setdefault("secret_hash", "ab" * 32)
+    fields.setdefault("role", "workspace")
+    return ApiKeyRow(key_id=key_id, **fields)  # type: ignore[arg-type]
+
+
+async def test_keys_round_trip_and_revoke(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.open()
+    scoped = _key("k2", role="models", models=("m-a", "org/m-b"), created_at=20.0,
+                  limits={"requests_per_minute": 5}, expires_at=1e10)
+    await store.key_create(_key("k1", role="admin", created_at=10.0))
+    await store.key_create(scoped)
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        await store.key_create(_key("k1"))
+    with pytest.raises(ValueError):
+        await store.key_create(_key("k3", role="superuser"))
+    keys = await store.key_list()
+    assert [k.key_id for k in keys] == ["k1", "k2"]
+    assert keys[1] == scoped
+    assert await store.key_revoke("k2", 30.0) is True
+    assert await store.key_revoke("k2", 40.0) is False  # already revoked: first time kept
+    assert await store.key_revoke("nope", 40.0) is False
+    other = make_store()  # another replica sees the revocation
+    await other.open()
+    assert [k.revoked_at for k in await other.key_list()] == [None, 30.0]
+
+
+# --- idempotency ---------------------------------------------------------------------------
+
+
+async def test_idempotency_claim_complete_replay(make_store: StoreFactory) -> None:
+    first, second = make_store(), make_store()  # two gateway replicas
+    await first.open()
+    await second.open()
+    assert await first.idempotency_claim("k1:abc", "fp1", now=100.0, lock_until=160.0) is None
+    running = await second.idempotency_claim("k1:abc", "fp1", now=101.0, lock_until=161.0)
+    assert running is not None and running.state == "running" and running.status is None
+    body = b'{"ok": true}\x00\xff'
+    await first.idempotency_complete("k1:abc", "fp1", 200, [("content-type", "application/json")],
+                                     body, expires_at=1000.0)
+    done = await second.idempotency_claim("k1:abc", "fp2", now=102.0, lock_until=162.0)
+    assert done is not None
+    assert (done.state, done.status, done.fingerprint, done.body) == ("done", 200, "fp1", body)
+    assert done.headers == (("content-type", "application/json"),)
+    # Expired: the next claim takes it over.
+    assert await second.idempotency_claim("k1:abc", "fp3", now=1000.0, lock_until=1060.0) is None
+    assert (await first.idempotency_claim("k1:abc", "fp3", 1001.0, 1061.0)).fingerprint == "fp3"
+
+
+async def test_idempotency_concurrent_claims_have_one_winner(store: Store) -> None:
+    results = await asyncio.gather(*(
+        store.idempotency_claim("race", f"fp{i}", now=5.0, lock_until=50.0) for i in range(20)))
+    assert sum(r is None for r in results) == 1
+
+
+async def test_idempotency_release_unavailable_and_purge(store: Store) -> None:
+    assert await store.idempotency_claim("a", "fp", 1.0, 10.0) is None
+    await store.idempotency_release("a", "fp")
+    assert await store.idempotency_claim("a", "fp", 2.0, 10.0) is None  # claimable again
+    await store.idempotency_complete("a", "fp", 200, [], None, expires_at=20.0)
+    big = await store.idempotency_claim("a", "fp", 3.0, 10.0)
+    assert big is not None and big.state == "unavailable" and big.body is None
+    assert await store.idempotency_claim("b", "fp", 3.0, 30.0) is None
+    assert await store.idempotency_purge(25.0) == 1  # "a" expired at 20, "b" lives to 30
+    assert (await store.idempotency_claim("b", "x", 26.0, 60.0)).state == "running"
+
+
+# --- batch jobs ----------------------------------------------------------------------------
+
+
+def _job(job_id: str, webhook: str | None = None) -> BatchJobRow:
+    return BatchJobRow(job_id=job_id, key_id="k1", model="m", status="queued",
+                       params={"max_tokens": 4}, webhook_url=webhook, created_at=1.0)
+
+
+def _items(job_id: str, n: int) -> list[BatchItemRow]:
+    return [BatchItemRow(job_id=job_id, item_id=f"r{i}", position=i,
+                         request={"prompt": f"p{i}"}) for i in range(n)]
+
+
+async def test_batch_lifecycle_and_exactly_one_result(make_store: StoreFactory) -> None:
+    a, b = make_store(), make_store()  # two workers (gateway replicas)
+    await a.open()
+    await b.open()
+    await a.batch_create(_job("j1", "https://hooks.example/x"), _items("j1", 5))
+    job = await b.batch_get("j1")
+    assert job is not None and job.status == "queued" and job.counts == {"pending": 5}
+    assert job.params == {"max_tokens": 4} and job.webhook_url == "https://hooks.example/x"
+    assert await a.batch_get("nope") is None
+
+    first = await a.batch_claim("wa", now=10.0, lease_until=20.0, limit=3)
+    second = await b.batch_claim("wb", now=10.0, lease_until=20.0, limit=3)
+    assert [i.item_id for i in first] == ["r0", "r1", "r2"]
+    assert [i.item_id for i in second] == ["r3", "r4"]
+    assert all(i.state == "running" and i.attempts == 1 for i in first + second)
+    assert (await a.batch_get("j1")).status == "running"
+    assert await a.batch_claim("wa", 11.0, 21.0, 10) == []  # nothing left, leases live
+
+    for item in first:
+        assert await a.batch_item_done("j1", item.item_id, "wa", "succeeded", {"text": item.item_id})
+    assert await a.batch_complete_if_done("j1", 12.0) is False  # wb still holds two
+    # wb "dies": its leases run out and wa takes the items over.
+    retaken = await a.batch_claim("wa", now=20.0, lease_until=30.0, limit=10)
+    assert [(i.item_id, i.attempts) for i in retaken] == [("r3", 2), ("r4", 2)]
+    assert await b.batch_item_done("j1", "r3", "wb", "succeeded", {"text": "late"}) is False
+    for item in retaken:
+        assert await a.batch_item_done("j1", item.item_id, "wa", "failed", {"error": "x"})
+    assert await a.batch_complete_if_done("j1", 21.0) is True
+    assert await b.batch_complete_if_done("j1", 21.0) is False  # only once
+    done = await b.batch_get("j1")
+    assert (done.status, done.completed_at, done.webhook_state) == ("completed", 21.0, "pending")
+    assert done.counts == {"succeeded": 3, "failed": 2}
+    results = await b.batch_items("j1")
+    assert [i.result for i in results] == [{"text": "r0"}, {"text": "r1"}, {"text": "r2"},
+                                          {"error": "x"}, {"error": "x"}]
+
+    due = await a.batch_webhooks_due(now=22.0, lease_until=40.0, limit=5)
+    assert [j.job_id for j in due] == ["j1"]
+    assert await b.batch_webhooks_due(now=23.0, lease_until=40.0, limit=5) == []  # leased
+    await a.batch_webhook_update("j1", "pending", 1, 50.0, "HTTP 500")
+    assert await b.batch_webhooks_due(now=45.0, lease_until=60.0, limit=5) == []  # backoff
+    assert [j.webhook_attempts for j in await b.batch_webhooks_due(50.0, 60.0, 5)] == [1]
+    await b.batch_webhook_update("j1", "delivered", 2, 0.0, None)
+    assert (await a.batch_get("j1")).webhook_state == "delivered"
+
+
+async def test_batch_without_webhook_and_concurrent_claims(store: Store) -> None:
+    await store.batch_create(_job("j2"), _items("j2", 30))
+    claims = await asyncio.gather(*(store.batch_claim(f"w{i}", 1.0, 9.0, 4) for i in range(10)))
+    ids = [i.item_id for c in claims for i in c]
+    assert len(ids) == len(set(ids)) == 30  # every item claimed once
+    for worker, items in zip(range(10), claims):
+        for item in items:
+            assert await store.batch_item_done("j2", item.item_id, f"w{worker}", "succeeded", {})
+    assert await store.batch_complete_if_done("j2", 2.0)
+    assert (await store.batch_get("j2")).webhook_state == "none"

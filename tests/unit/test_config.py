@@ -246,7 +246,7 @@ def test_to_serve_defaults_to_one_replica() -> None:
     assert "autoscaling_config" not in out
     assert "placement_group_bundles" not in out
     assert out["max_ongoing_requests"] == 30
-    assert out["max_queued_requests"] == -1
+    assert out["max_queued_requests"] == 100
     assert out["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0}
 
 
