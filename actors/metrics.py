@@ -70,6 +70,8 @@ DEFAULT_BUCKETS_MS: dict[str, tuple[float, ...]] = {
     "ttft": (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000),
     "inter_token": (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
     "e2e": (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000),
+    "cold_start_ttft": (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000,
+                        600000),
 }
 """Histogram bucket upper bounds in milliseconds (exposed in seconds)."""
 
@@ -78,6 +80,8 @@ _HISTOGRAM_HELP = {
     "ttft": "Time to first token (client-visible, at the gateway).",
     "inter_token": "Gap between streamed tokens, one observation per token.",
     "e2e": "End-to-end request latency at the gateway.",
+    "cold_start_ttft": "Time to first token of requests that waited for their replica to "
+                       "start (scale from zero).",
 }
 
 BUILTIN_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -182,6 +186,8 @@ class _Aggregates:
             self._histogram("queue_wait", key).observe(ev.queue_ms)
         if _finite_ms(ev.ttft_ms):
             self._histogram("ttft", key).observe(ev.ttft_ms)
+            if ev.cold_start:
+                self._histogram("cold_start_ttft", key).observe(ev.ttft_ms)
         if _finite_ms(ev.e2e_ms):
             self._histogram("e2e", key).observe(ev.e2e_ms)
         if ev.inter_token_ms:

@@ -50,6 +50,9 @@ class LLMDeployment:
         self._start_lock = asyncio.Lock()
         self._served = 0
         self._started_at = time.time()
+        #: Unix time the engine finished loading: a request sent before it waited for
+        #: this replica to start (a cold start, e.g. after scale to zero).
+        self._ready_at: Optional[float] = None
 
     async def _ensure_started(self) -> None:
         if self._started:
@@ -58,6 +61,7 @@ class LLMDeployment:
             if not self._started:
                 await self.engine.start()
                 self._started = True
+                self._ready_at = time.time()
 
     async def start(self) -> None:
         """Load the engine now (the builder calls this from the replica's constructor)."""
@@ -81,6 +85,7 @@ class LLMDeployment:
             if request.dispatched_at else None
         )
         await self._ensure_started()
+        cold_start = bool(request.dispatched_at) and request.dispatched_at < (self._ready_at or 0)
         self._limit(request)
         self._served += 1
         completion = 0
@@ -113,6 +118,7 @@ class LLMDeployment:
                     )
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
+                    chunk.cold_start = cold_start
                 finish = chunk.finish_reason
                 yield chunk
                 if finish is not None:
@@ -152,12 +158,14 @@ class LLMDeployment:
         """Run to completion; returns one chunk with the whole text and usage."""
         parts: list[str] = []
         queue_ms = None
+        cold_start = False
         stream = self.stream(request)
         try:
             async for chunk in stream:
                 parts.append(chunk.text)
                 if chunk.queue_ms is not None:
                     queue_ms = chunk.queue_ms
+                    cold_start = chunk.cold_start
                 if chunk.finish_reason is not None:
                     return TextChunk(
                         "".join(parts),
@@ -166,7 +174,8 @@ class LLMDeployment:
                         chunk.prompt_tokens,
                         chunk.completion_tokens,
                         queue_ms,
-                        chunk.stop_sequence,
+                        stop_sequence=chunk.stop_sequence,
+                        cold_start=cold_start,
                     )
         finally:
             await stream.aclose()

@@ -318,6 +318,15 @@ class AutoscalingOptions(_Strict):
     )
     upscale_delay_s: float = Field(10, ge=0, description="Sustained load before scaling up.")
     downscale_delay_s: float = Field(120, ge=0, description="Sustained idle before scaling down.")
+    look_back_period_s: Optional[float] = Field(
+        None, gt=0, description="Window the autoscaler averages load over (Serve's default: 30)."
+    )
+    cold_start_timeout_s: float = Field(
+        60, gt=0, le=3600,
+        description="How long a request waits for a replica (e.g. after scale to zero) "
+        "before it gets 503 OVERLOADED + Retry-After. Not a Serve option: the gateway "
+        "applies it.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingOptions":
@@ -326,7 +335,7 @@ class AutoscalingOptions(_Strict):
         return self
 
     def to_serve(self) -> dict[str, Any]:
-        out = self.model_dump(exclude_none=True)
+        out = self.model_dump(exclude_none=True, exclude={"cold_start_timeout_s"})
         return out
 
 
@@ -528,7 +537,9 @@ class MetricsSettings(_Strict):
         100_000, ge=1, description="Events a replica keeps while the actor is unreachable."
     )
     histogram_buckets_ms: Optional[dict[str, list[float]]] = Field(
-        None, description="Bucket bounds per histogram (queue_wait, ttft, inter_token, e2e)."
+        None,
+        description="Bucket bounds per histogram (queue_wait, ttft, inter_token, e2e, "
+        "cold_start_ttft)."
     )
     actor_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the metrics actor.")
     serve_poll_interval_s: float = Field(

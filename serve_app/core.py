@@ -82,6 +82,61 @@ def _translate(exc: BaseException, model_id: str) -> TroupeError:
     return as_troupe_error(exc)
 
 
+async def _wait_for_replica(response: Any, model: ModelConfig) -> None:
+    """Wait until Serve hands the request to a replica, at most ``cold_start_timeout_s``.
+
+    Serve queues a request while the deployment has no free replica, e.g. scaled to zero
+    and starting one again; unbounded, a client would hang through a whole node start.
+    Only autoscaled models are bounded (a fixed-size deployment never sits at zero).
+
+    Raises:
+        Overloaded: 503 + Retry-After when no replica took the request in time; the
+            queued request is withdrawn (the replica it woke up keeps starting).
+    """
+    autoscaling = model.deployment.autoscaling
+    # ``_fetch_future_result_async`` resolves on replica assignment (Serve's handle
+    # internals); without it (another Serve version, test fakes) the wait is unbounded.
+    assigned = getattr(response, "_fetch_future_result_async", None)
+    if autoscaling is None or assigned is None:
+        return
+    limit = autoscaling.cold_start_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            await assigned()
+    except TimeoutError:
+        response.cancel()
+        cold = autoscaling.min_replicas == 0
+        why = (
+            "it is scaled to zero (or all its replicas are busy) and no replica was ready"
+            if cold else "all its replicas are busy"
+        )
+        raise Overloaded(
+            f"Model {model.id!r} could not take this request: {why} within its "
+            f"cold_start_timeout_s of {limit:g}s. A replica is starting; retry after the "
+            "delay in Retry-After.",
+            retry_after_s=max(1.0, min(limit, 10.0)),
+            status=503,
+            details={"reason": "cold_start" if cold else "no_free_replica", "waited_s": limit},
+        ) from None
+
+
+def _router_replicas(handle: Any) -> Optional[int]:
+    """Running replicas the handle's router knows of (Serve internals; None: unknown).
+
+    Lets /health tell a model scaled to zero without sending it a request, which would
+    wake it up again (Serve scales from zero on any queued request).
+    """
+    inner = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    if inner is None:
+        return None
+    request_router = getattr(inner, "_request_router", None)
+    if request_router is not None:
+        replicas = getattr(request_router, "curr_replicas", None)
+        return None if replicas is None else len(replicas)
+    pending = getattr(inner, "_running_replicas", None)  # before the first request
+    return 0 if pending is None else len(pending)
+
+
 class GatewayCore(ModalityCalls):
     """Shared gateway state: settings, model handles, in-flight accounting.
 
@@ -237,6 +292,7 @@ class GatewayCore(ModalityCalls):
         self._dispatch(model_id, request)
         response = self._handles[model_id].complete.remote(request)
         try:
+            await _wait_for_replica(response, self.models[model_id])
             async with asyncio.timeout(self.settings.gateway.request_timeout_s):
                 result = await response
             meter.finished(result)
@@ -283,6 +339,7 @@ class GatewayCore(ModalityCalls):
         idle = self.settings.gateway.stream_idle_timeout_s
         finished = False
         try:
+            await _wait_for_replica(generator, self.models[model_id])
             while True:
                 try:
                     async with asyncio.timeout(idle):
@@ -320,6 +377,13 @@ class GatewayCore(ModalityCalls):
         timeout = self.settings.gateway.health_timeout_s
 
         async def one(model_id: str) -> tuple[str, dict[str, Any]]:
+            autoscaling = self.models[model_id].deployment.autoscaling
+            if (
+                autoscaling is not None
+                and autoscaling.min_replicas == 0
+                and _router_replicas(self._handles[model_id]) == 0
+            ):
+                return model_id, {"status": "scaled_to_zero", "active_requests": 0}
             response = self._handles[model_id].stats.remote()
             try:
                 async with asyncio.timeout(timeout):

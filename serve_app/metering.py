@@ -37,7 +37,7 @@ class RequestMeter:
 
     __slots__ = (
         "request_id", "model", "provider", "info", "started", "last", "ttft_ms", "gaps",
-        "prompt_tokens", "completion_tokens", "queue_ms", "finish_reason",
+        "prompt_tokens", "completion_tokens", "queue_ms", "finish_reason", "cold_start",
     )
 
     def __init__(
@@ -55,12 +55,15 @@ class RequestMeter:
         self.completion_tokens = 0
         self.queue_ms: Optional[float] = None
         self.finish_reason: Optional[str] = None
+        self.cold_start = False
 
     def chunk(self, chunk: TextChunk) -> None:
         """Account for one chunk as it arrives from the model deployment."""
         now = time.perf_counter()
         if chunk.queue_ms is not None:
             self.queue_ms = chunk.queue_ms
+        if chunk.cold_start:
+            self.cold_start = True
         if chunk.prompt_tokens:
             self.prompt_tokens = chunk.prompt_tokens
         if chunk.num_tokens:
@@ -108,6 +111,7 @@ class RequestMeter:
             ttft_ms=self.ttft_ms,
             e2e_ms=(time.perf_counter() - self.started) * 1000.0,
             inter_token_ms=self.gaps,
+            cold_start=self.cold_start,
         )
 
 

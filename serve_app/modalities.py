@@ -133,7 +133,7 @@ class ModalityCalls:
     async def _unary(self, model_id: str, method: str, request: Any, info: RequestInfo,
                      meter_result: Any = None) -> Any:
         """One handle call with metering, the total timeout and error translation."""
-        from serve_app.core import _translate
+        from serve_app.core import _translate, _wait_for_replica
 
         self.in_flight += 1  # type: ignore[attr-defined]
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)  # type: ignore[attr-defined]
@@ -142,6 +142,7 @@ class ModalityCalls:
         response = getattr(self._handles[model_id], method).remote(request)  # type: ignore[attr-defined]
         timeout = self.settings.gateway.request_timeout_s  # type: ignore[attr-defined]
         try:
+            await _wait_for_replica(response, self.models[model_id])  # type: ignore[attr-defined]
             async with asyncio.timeout(timeout):
                 result = await response
             if meter_result is not None:
@@ -181,7 +182,7 @@ class ModalityCalls:
     async def speak(self, model_id: str, request: SpeechRequest,
                     info: RequestInfo) -> AsyncIterator[AudioChunk]:
         """Stream encoded audio; closing this generator cancels the synthesis."""
-        from serve_app.core import _translate
+        from serve_app.core import _translate, _wait_for_replica
 
         self.in_flight += 1  # type: ignore[attr-defined]
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)  # type: ignore[attr-defined]
@@ -191,6 +192,7 @@ class ModalityCalls:
         idle = self.settings.gateway.stream_idle_timeout_s  # type: ignore[attr-defined]
         finished = False
         try:
+            await _wait_for_replica(generator, self.models[model_id])  # type: ignore[attr-defined]
             while True:
                 try:
                     async with asyncio.timeout(idle):

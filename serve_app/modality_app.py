@@ -85,7 +85,15 @@ def model_state_backend(settings: TroupeSettings) -> ModelStateBackend:
 
     from actors.model_state import MODEL_STATE_ACTOR, ModelStateActor, state_file_for
     from actors.names import NAMESPACE
+    from serve_app.app import _head_node_id
 
+    options: dict[str, Any] = {}
+    head = _head_node_id()
+    if head is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Its state file sits on the head node's disk, next to the SQLite ledger.
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
     handle = ray.remote(ModelStateActor).options(
         name=MODEL_STATE_ACTOR,
         namespace=NAMESPACE,
@@ -94,5 +102,6 @@ def model_state_backend(settings: TroupeSettings) -> ModelStateBackend:
         max_restarts=-1,
         max_task_retries=-1,
         num_cpus=0,
+        **options,
     ).remote(state_file_for(settings.metrics.resolved_store_url()))
     return ActorModelState(handle)

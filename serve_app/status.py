@@ -1,13 +1,14 @@
 """``troupe status``: what runs where, per deployment.
 
-Reads Serve's controller (replica states), Ray's actor table (which node each replica
-runs on) and, when given, the Troupe config (resources and autoscaling targets), and the
-gateway's ``/metrics`` (requests in flight per deployment, i.e. queued + running).
+Reads Serve's controller (each deployment's config, target replica count, and its
+replicas with their state and node), the gateway's ``/metrics`` (requests in flight per
+deployment, i.e. queued + running) and, when given, the Troupe config (cold-start
+timeouts). GPU column: GPUs held by running replicas / GPUs per replica (placement
+group bundles included, so a TP=2 replica counts 2).
 """
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from typing import Any, Optional
 
@@ -15,34 +16,67 @@ from serve_app.config import TroupeSettings
 
 __all__ = ["collect_status", "format_status", "in_flight_from_metrics"]
 
-_REPLICA_NAME = re.compile(r"^SERVE_REPLICA::(?P<app>[^#]+)#(?P<deployment>[^#]+)#")
+
+def _name(value: Any) -> str:
+    """An enum's value (Serve's details may hold enums or their strings)."""
+    return str(getattr(value, "value", value))
 
 
-def _replica_nodes() -> dict[tuple[str, str], dict[str, int]]:
-    """(app, deployment) -> {node ip: replicas alive there}, from Ray's actor table."""
-    from ray._private import state as ray_state  # GCS-backed; works without the dashboard
+def _serve_details() -> dict[str, Any]:
+    """Serve's own view of every deployment (the dashboard's source): config, replicas
+    with their node and state, target replica counts."""
+    from ray.serve.context import _get_global_client
 
-    placed: dict[tuple[str, str], dict[str, int]] = {}
-    for actor in ray_state.actors(actor_state_name="ALIVE").values():
-        match = _REPLICA_NAME.match(actor.get("Name") or "")
-        if not match:
-            continue
-        key = (match["app"], match["deployment"])
-        ip = actor.get("Address", {}).get("IPAddress") or "?"
-        placed.setdefault(key, {})
-        placed[key][ip] = placed[key].get(ip, 0) + 1
-    return placed
+    return _get_global_client().get_serve_details()
 
 
-def in_flight_from_metrics(url: str, timeout_s: float = 5.0) -> dict[str, float]:
-    """deployment -> requests in flight, from the gateway's Prometheus text (best effort)."""
+def _node_label(replica: dict[str, Any]) -> str:
+    """``IP/node-id-prefix``: nodes on one host (or behind one NAT) share an IP."""
+    return f"{replica.get('node_ip') or '?'}/{(replica.get('node_id') or '?')[:8]}"
+
+
+def _placement_group_gpus() -> dict[str, float]:
+    """Placement group name -> GPUs of its bundles (Serve names a replica's group after
+    the replica actor)."""
+    from ray.util import placement_group_table
+
+    out: dict[str, float] = {}
+    for group in placement_group_table().values():
+        if group.get("name") and group.get("state") == "CREATED":
+            out[group["name"]] = sum(
+                float(b.get("GPU", 0)) for b in (group.get("bundles") or {}).values()
+            )
+    return out
+
+
+def _gpus_per_replica(
+    config: dict[str, Any], replicas: list[dict[str, Any]], groups: dict[str, float],
+    options: Any = None,
+) -> float:
+    """GPUs one replica holds: its actor's, plus its placement group bundles' (TP)."""
+    actor = float((config.get("ray_actor_options") or {}).get("num_gpus") or 0)
+    for replica in replicas:
+        if replica.get("actor_name") in groups:
+            return actor + groups[replica["actor_name"]]
+    bundles = config.get("placement_group_bundles") or (
+        options.placement_group_bundles if options is not None else None
+    ) or []
+    return actor + sum(float(b.get("GPU", 0)) for b in bundles)
+
+
+def in_flight_from_metrics(url: str, timeout_s: float = 5.0) -> Optional[dict[str, float]]:
+    """deployment -> requests in flight, from the gateway's Prometheus text.
+
+    None when the gateway does not answer; a deployment that was never sent a request
+    has no gauge yet (``collect_status`` counts it as 0).
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
             text = resp.read().decode()
     except OSError:
-        return {}
+        return None
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name == "troupe_in_flight_requests":
@@ -55,62 +89,88 @@ def collect_status(
     settings: Optional[dict[str, TroupeSettings]] = None,
     in_flight: Optional[dict[str, float]] = None,
 ) -> list[dict[str, Any]]:
-    """One row per deployment of every Serve application (Ray must be connected)."""
-    from ray import serve
+    """One row per deployment of every Serve application (Ray must be connected).
 
+    Args:
+        settings: app name -> its Troupe settings (adds ``cold_start_timeout_s``).
+        in_flight: deployment -> requests in flight at the gateway (queued + running),
+            from :func:`in_flight_from_metrics`; gives ``queued``.
+    """
     configured: dict[tuple[str, str], Any] = {}
     for app_name, app_settings in (settings or {}).items():
         for model in app_settings.models:
             configured[(app_name, model.deployment_name)] = model.deployment
-    placed = _replica_nodes()
     rows = []
-    for app_name, app in sorted(serve.status().applications.items()):
-        for dep_name, dep in sorted(app.deployments.items()):
-            states = {str(getattr(s, "value", s)): n for s, n in (dep.replica_states or {}).items()}
+    applications = _serve_details().get("applications") or {}
+    groups = _placement_group_gpus()
+    for app_name, app in sorted(applications.items()):
+        for dep_name, dep in sorted((app.get("deployments") or {}).items()):
+            config = dep.get("deployment_config") or {}
+            replicas = dep.get("replicas") or []
+            states: dict[str, int] = {}
+            nodes: dict[str, int] = {}
+            for replica in replicas:
+                state = _name(replica.get("state"))
+                states[state] = states.get(state, 0) + 1
+                if state == "RUNNING":
+                    nodes[_node_label(replica)] = nodes.get(_node_label(replica), 0) + 1
+            running = states.get("RUNNING", 0)
+            actor = config.get("ray_actor_options") or {}
+            options = configured.get((app_name, dep_name))
+            gpus = _gpus_per_replica(config, replicas, groups, options)
+            flight = None if in_flight is None else in_flight.get(dep_name, 0.0)
+            cap = config.get("max_ongoing_requests")
             row: dict[str, Any] = {
                 "application": app_name,
                 "deployment": dep_name,
-                "status": str(getattr(dep.status, "value", dep.status)),
+                "status": _name(dep.get("status")),
                 "replicas": states,
-                "nodes": placed.get((app_name, dep_name), {}),
-                "in_flight": (in_flight or {}).get(dep_name),
+                "target_replicas": dep.get("target_num_replicas"),
+                "nodes": nodes,
+                "num_cpus": actor.get("num_cpus"),
+                "num_gpus": gpus,
+                "gpus_in_use": gpus * running,
+                "max_ongoing_requests": cap,
+                "in_flight": flight,
+                # Requests beyond what the running replicas' caps can hold wait in queue.
+                "queued": None if flight is None or cap is None
+                else max(0.0, flight - running * cap),
+                "autoscaling": None,
             }
-            options = configured.get((app_name, dep_name))
-            if options is not None:
-                row["num_gpus"] = options.ray_actor_options.num_gpus
-                row["num_cpus"] = options.ray_actor_options.num_cpus
-                if options.autoscaling is not None:
-                    a = options.autoscaling
-                    row["autoscaling"] = {
-                        "min": a.min_replicas,
-                        "max": a.max_replicas,
-                        "target_ongoing_requests": a.target_ongoing_requests,
-                    }
-                else:
-                    row["autoscaling"] = None
-                    row["target_replicas"] = options.num_replicas or 1
+            auto = config.get("autoscaling_config")
+            if auto:
+                row["autoscaling"] = {
+                    "min": auto.get("min_replicas"),
+                    "max": auto.get("max_replicas"),
+                    "target_ongoing_requests": auto.get("target_ongoing_requests"),
+                }
+                if options is not None and options.autoscaling is not None:
+                    row["autoscaling"]["cold_start_timeout_s"] = (
+                        options.autoscaling.cold_start_timeout_s
+                    )
             rows.append(row)
     return rows
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table for the terminal."""
-    header = f"{'APP/DEPLOYMENT':34} {'STATUS':10} {'REPLICAS':22} {'NODES':24} {'GPU':>4} {'IN-FLIGHT':>9}  SCALING"
+    """A fixed-width table for the terminal (NODES may run past its column)."""
+    header = (f"{'APP/DEPLOYMENT':30} {'STATUS':9} {'REPLICAS':22} {'GPU':>7} "
+              f"{'IN-FLIGHT':>9} {'QUEUED':>6}  {'SCALING':32} NODES")
     lines = [header]
     for r in rows:
         replicas = ",".join(f"{k.lower()}={v}" for k, v in sorted(r["replicas"].items())) or "-"
-        nodes = ",".join(f"{ip}x{n}" for ip, n in sorted(r["nodes"].items())) or "-"
-        gpus = "-" if "num_gpus" not in r else f"{r['num_gpus']:g}"
+        nodes = ",".join(f"{node}x{n}" for node, n in sorted(r["nodes"].items())) or "-"
+        gpus = f"{r['gpus_in_use']:g}/{r['num_gpus']:g}" if r["num_gpus"] else "-"
         flight = "-" if r["in_flight"] is None else f"{r['in_flight']:g}"
+        queued = "-" if r["queued"] is None else f"{r['queued']:g}"
         if r.get("autoscaling"):
             a = r["autoscaling"]
-            scaling = f"auto {a['min']}..{a['max']} target {a['target_ongoing_requests']:g}"
-        elif "target_replicas" in r:
-            scaling = f"fixed {r['target_replicas']}"
+            scaling = (f"auto {a['min']}..{a['max']} -> {r['target_replicas']} "
+                       f"target {a['target_ongoing_requests']:g}/replica")
         else:
-            scaling = "-"
+            scaling = f"fixed {r['target_replicas']}"
         lines.append(
-            f"{r['application'] + '/' + r['deployment']:34.34} {r['status']:10.10} "
-            f"{replicas:22.22} {nodes:24.24} {gpus:>4} {flight:>9}  {scaling}"
+            f"{r['application'] + '/' + r['deployment']:30.30} {r['status']:9.9} "
+            f"{replicas:22.22} {gpus:>7} {flight:>9} {queued:>6}  {scaling:32} {nodes}"
         )
     return "\n".join(lines)

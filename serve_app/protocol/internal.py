@@ -112,6 +112,8 @@ class TextChunk:
     queue_ms: Optional[float] = None
     #: Final chunk only: the stop string that ended the output (see EngineOutput).
     stop_sequence: Optional[str] = None
+    #: First chunk only: the request was sent before its replica was up (a cold start).
+    cold_start: bool = False
 
     def usage(self) -> dict[str, int]:
         """OpenAI-style usage of a final chunk."""

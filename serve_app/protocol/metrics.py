@@ -38,6 +38,7 @@ class RequestEvent:
     e2e_ms: float = 0.0
     inter_token_ms: list[float] = field(default_factory=list)  # gaps between chunks, per token
     replica_busy_s: Optional[float] = None  # engine time share (replica-hour pricing)
+    cold_start: bool = False      # waited for its replica to start (scale from zero)
 
 
 @dataclass(slots=True)

@@ -62,8 +62,9 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                     **({"remote": s["remote"]} if "remote" in s else {}),
                 }
             )
-        # a model unloaded on purpose (POST /models/{id}/unload) does not make us unhealthy
-        healthy = all(m["loaded"] or m["status"] == "unloaded" for m in models)
+        # a model unloaded on purpose (POST /models/{id}/unload) or scaled to zero by its
+        # autoscaling policy does not make the gateway unhealthy
+        healthy = all(m["loaded"] or m["status"] in ("unloaded", "scaled_to_zero") for m in models)
         return JSONResponse(
             {
                 "status": "ok" if healthy else "degraded",

@@ -39,7 +39,7 @@ _COLUMN_TYPES: dict[str, str] = {
     "error_code": "text", "finish_reason": "text", "stream": "bool",
     "prompt_tokens": "int8", "completion_tokens": "int8", "usage_estimated": "bool",
     "queue_ms": "float8", "ttft_ms": "float8", "e2e_ms": "float8",
-    "inter_token_ms": "text", "replica_busy_s": "float8",
+    "inter_token_ms": "text", "replica_busy_s": "float8", "cold_start": "bool",
     "cost_usd": "float8", "cost_estimated": "bool", "price_source": "text",
 }
 assert tuple(_COLUMN_TYPES) == LEDGER_COLUMNS
@@ -75,6 +75,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
             """,
             "CREATE INDEX ledger_ts ON ledger (ts)",
         ),
+        # v2: requests that waited for their replica to start (scale from zero).
+        ("ALTER TABLE ledger ADD COLUMN cold_start BOOLEAN NOT NULL DEFAULT false",),
     ),
     "credentials": (
         (

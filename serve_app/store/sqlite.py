@@ -72,6 +72,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
             """,
             "CREATE INDEX ledger_ts ON ledger (ts)",
         ),
+        # v2: requests that waited for their replica to start (scale from zero).
+        ("ALTER TABLE ledger ADD COLUMN cold_start INTEGER NOT NULL DEFAULT 0",),
     ),
     "credentials": (
         (

@@ -125,6 +125,7 @@ def test_head_is_cpu_only_and_workers_have_gpus(cluster):
     assert {name: t["resources"]["GPU"] for name, t in workers.items()} == {
         "gpu-1x": 1,
         "gpu-4x": 4,
+        "cpu-8x": 0,  # CPU-only model replicas (troupe_worker)
     }
     assert all(t["min_workers"] == 0 for t in workers.values())
 
@@ -153,6 +154,58 @@ def test_nodes_install_troupe_with_the_gpu_extra_from_the_synced_repo(cluster):
     assert cluster["setup_commands"] == [f'pip install --no-cache-dir "{target}[gpu]"']
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("ray start" in cmd for cmd in cluster[key]), key
+
+
+# --------------------------------------------------------------------------- head-only placement
+
+HEAD_RESOURCE = "troupe_head"
+
+
+def test_only_the_head_declares_the_head_resource(cluster):
+    types = cluster["available_node_types"]
+    assert types[cluster["head_node_type"]]["resources"][HEAD_RESOURCE] == 1
+    for name, node_type in types.items():
+        if name != cluster["head_node_type"]:
+            assert HEAD_RESOURCE not in node_type["resources"], name
+
+
+def test_the_gateway_asks_for_the_head_and_no_model_does(settings, cluster):
+    head = cluster["available_node_types"][cluster["head_node_type"]]["resources"]
+    gateway = settings.gateway.ray_actor_options.to_ray()
+    assert 0 < gateway["resources"][HEAD_RESOURCE] <= head[HEAD_RESOURCE] / 10
+    assert gateway["num_cpus"] <= head["CPU"]
+    for model in settings.models:
+        options = model.deployment.to_serve()
+        assert HEAD_RESOURCE not in options["ray_actor_options"].get("resources", {}), model.id
+        for bundle in options.get("placement_group_bundles") or []:
+            assert HEAD_RESOURCE not in bundle, model.id
+
+
+def test_every_model_has_bounded_cold_starts_and_scaling_delays(settings):
+    for model in settings.models:
+        auto = model.deployment.autoscaling
+        # A cold start can include a new GPU node: minutes, but bounded.
+        assert 60 <= auto.cold_start_timeout_s <= 900, model.id
+        assert auto.upscale_delay_s > 0 and auto.downscale_delay_s >= 60, model.id
+        serve_options = model.deployment.to_serve()["autoscaling_config"]
+        assert "cold_start_timeout_s" not in serve_options  # Troupe's, not Serve's
+
+
+def test_no_model_replica_can_be_placed_on_the_head(settings, cluster):
+    """Every replica needs a GPU or a custom resource the head lacks, and some worker
+    node type offers all of it."""
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]["resources"]
+    workers = [t["resources"] for name, t in types.items() if name != cluster["head_node_type"]]
+    for model in settings.models:
+        options = model.deployment.to_serve()
+        actor = options["ray_actor_options"]
+        demands = [{"GPU": actor["num_gpus"], **actor.get("resources", {})},
+                   *(options.get("placement_group_bundles") or [])]
+        needs = {k: v for d in demands for k, v in d.items() if k != "CPU" and v}
+        assert any(head.get(k, 0) < v for k, v in needs.items()), (
+            f"{model.id} could run on the head: it needs only {needs or 'CPU'}")
+        assert any(all(w.get(k, 0) >= v for k, v in needs.items()) for w in workers), model.id
 
 
 def test_remote_config_is_valid_troupe_settings_and_serve_schema():
