@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser.test_playground import CHROMIUM, CHROMIUM_ARGS, DESKTOP, _unavailable
+from tests.browser.test_playground import CHROMIUM, CHROMIUM_ARGS, DESKTOP, DOCS, _unavailable
 
 pytestmark = pytest.mark.browser
 
@@ -112,3 +112,8 @@ def test_an_image_renders_at_the_requested_size(page: Any, base_url: str) -> Non
         "() => { const i = document.getElementById('img-out'); return !i.hidden && i.complete && i.naturalWidth > 0; }")
     width = page.evaluate("document.getElementById('img-out').naturalWidth")
     assert f"{width}x{width}" == size
+    # The whole page with the image and a transcript, for the README.
+    page.fill("#tts-text", "Speech from the playground.")
+    page.click("#tts-go")
+    page.wait_for_function("() => document.getElementById('tts-status').textContent.startsWith('Done')")
+    page.screenshot(path=str(DOCS / "playground-studio.png"), full_page=True)
