@@ -16,13 +16,15 @@ import numpy as np
 from deployments.engines.modality_base import EmbeddingEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
 from serve_app.config import ModelConfig
-from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
+from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, TroupeError
 from serve_app.protocol.modalities import EmbeddingRequest, EmbeddingResult
 
 __all__ = ["EmbeddingDeployment", "EMBEDDINGS_EXAMPLE"]
 
 logger = logging.getLogger("troupe.embeddings")
 
+#: Inputs per request for remote embedding engines (OpenAI's own limit is 2048).
+REMOTE_MAX_INPUTS = 2048
 EMBEDDINGS_EXAMPLE = '{"model": "all-minilm-l6-v2", "input": ["The food was delicious."]}'
 
 
@@ -50,15 +52,16 @@ class EmbeddingDeployment(EngineHost):
     def check(self, request: EmbeddingRequest, engine: EmbeddingEngine) -> None:
         """Per-request validation (before batching, so one bad request fails alone)."""
         cfg = self.model.engine
+        max_inputs = getattr(cfg, "max_inputs", REMOTE_MAX_INPUTS)  # remote engines: none set
         if not request.inputs:
             raise InvalidRequest(
                 f"input is empty. Send a string or a list of strings, e.g. {EMBEDDINGS_EXAMPLE}",
                 param="input",
             )
-        if len(request.inputs) > cfg.max_inputs:
+        if len(request.inputs) > max_inputs:
             raise InvalidRequest(
                 f"input has {len(request.inputs)} items; model {self.model.id!r} takes at most "
-                f"{cfg.max_inputs} per request. Split it into several requests.",
+                f"{max_inputs} per request. Split it into several requests.",
                 param="input",
             )
         for i, item in enumerate(request.inputs):
@@ -107,6 +110,8 @@ class EmbeddingDeployment(EngineHost):
         flat = [item for r in requests for item in r.inputs]
         try:
             out = await engine.embed(flat)
+        except TroupeError:
+            raise  # already says what went wrong (e.g. a remote provider's 429 or 401)
         except Exception as exc:
             logger.exception("embedding engine failed on model %s", self.model.id)
             raise InferenceFailed(

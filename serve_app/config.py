@@ -460,6 +460,9 @@ class ModelConfig(_Strict):
     def _gateway_only_remote(self) -> "ModelConfig":
         if self.run_in == "gateway" and self.engine.provider == "local":
             raise ValueError("run_in: gateway is only for remote engines (openai, anthropic, gemini)")
+        if self.run_in == "gateway" and self.modality != "text":
+            raise ValueError("run_in: gateway is only for text models; remote embeddings run "
+                             "in their own deployment (run_in: deployment)")
         return self
 
     @model_validator(mode="before")

@@ -44,15 +44,23 @@ def modality_deployment(model: ModelConfig, setup_replica: Any) -> Any:
             model_config: dict[str, Any],
             tracing: Optional[dict[str, Any]] = None,
             metrics_enabled: bool = True,
-            session: Optional[dict[str, Any]] = None,  # remote engines only; none here yet
+            session: Optional[dict[str, Any]] = None,  # remote engines: the session actor
         ) -> None:
             setup_replica(tracing, metrics_enabled)
+            if session is not None:  # a remote embeddings engine: credentials from the actor
+                from actors.session import install_session_client
+                from serve_app.app import _head_node_id
+
+                install_session_client(session, _head_node_id)
             base.__init__(self, model_config)
             if model.modality == "embeddings":
                 cfg = self.model.engine
                 # Serve's batching across callers: concurrent requests share a forward pass.
+                # (remote engines have no batch settings of their own: one upstream call
+                # carries up to 16 callers' inputs)
                 self.run_one = serve.batch(
-                    max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s
+                    max_batch_size=getattr(cfg, "max_batch_size", 16),
+                    batch_wait_timeout_s=getattr(cfg, "batch_wait_timeout_s", 0.005),
                 )(self.embed_batch)
             await self.start()  # load weights before the replica reports healthy
 

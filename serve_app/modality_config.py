@@ -178,11 +178,16 @@ class DiffusersEngineConfig(_ModalityEngine):
 
 
 #: engine ``type`` -> the modality it serves (text engines live in serve_app.config).
+#: Remote engines whose provider also has an embeddings API (``modality: embeddings``).
+REMOTE_EMBEDDING_ENGINES = ("openai", "gemini")
+
 ENGINE_MODALITY: dict[str, str] = {
     "mock": "text",
     "transformers": "text",
     "vllm": "text",
     "openai": "text",
+    "anthropic": "text",
+    "gemini": "text",
     "mock-embeddings": "embeddings",
     "sentence-transformers": "embeddings",
     "vllm-pooling": "embeddings",
@@ -219,8 +224,11 @@ def engine_type_for(modality: str, engine: Any) -> Any:
 def check_engine_fits(modality: str, engine_type: str) -> None:
     """Raise ValueError (pydantic names the path) when an engine does not fit a modality."""
     serves = ENGINE_MODALITY.get(engine_type)
+    if modality == "embeddings" and engine_type in REMOTE_EMBEDDING_ENGINES:
+        return  # a remote provider's embeddings API
     if serves is not None and serves != modality:
-        fits = ", ".join(t for t, m in ENGINE_MODALITY.items() if m == modality)
+        fits = ", ".join([t for t, m in ENGINE_MODALITY.items() if m == modality]
+                         + (list(REMOTE_EMBEDDING_ENGINES) if modality == "embeddings" else []))
         raise ValueError(
             f"engine.type {engine_type!r} serves {serves!r}, but modality is {modality!r}; "
             f"engines for {modality!r}: {fits}"

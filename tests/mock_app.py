@@ -103,9 +103,15 @@ def base_url(serve_instance: int, ledger_path: str, fake_openai: Any) -> str:
                    "api_key_env": "TROUPE_TEST_OPENAI_KEY"},
         "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.1}},
     }
+    remote_embed = {  # the same upstream's embeddings API, batched across callers
+        "id": "remote-embed", "modality": "embeddings",
+        "engine": {"type": "openai", "base_url": fake_openai.url,
+                   "model": "text-embedding-3-small", "api_key_env": "TROUPE_TEST_OPENAI_KEY"},
+        "deployment": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.05}},
+    }
     args = {
         **APP_ARGS,
-        "models": [*MOCK_MODELS, remote],
+        "models": [*MOCK_MODELS, remote, remote_embed],
         "metrics": {"store_url": "sqlite:///" + ledger_path.lstrip("/"), "flush_interval_s": 0.1,
                     "serve_poll_interval_s": 1.0},
         "tracing": {"export_interval_ms": 200},
