@@ -7,6 +7,7 @@ browser is downloaded. Without it the module is skipped, or fails when ``CI`` is
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +41,9 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+@contextmanager
+def chromium(extra_args: tuple[str, ...] = ()) -> Iterator[Any]:
+    """Debian's Chromium under Playwright, with a fresh temporary profile per launch."""
     if not os.path.exists(CHROMIUM):
         _unavailable(f"{CHROMIUM} is missing: apt-get install -y chromium")
     try:
@@ -49,12 +51,17 @@ def browser() -> Iterator[Any]:
     except ImportError:
         _unavailable("the playwright Python package is not installed")
     with sync_playwright() as pw:
-        # A fresh temporary profile per launch; nothing from a user's Chromium is read.
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + list(extra_args))
         try:
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with chromium() as launched:
+        yield launched
 
 
 def _open(browser: Any, base_url: str, viewport: dict[str, int]) -> Any:

@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser.test_playground import CHROMIUM, CHROMIUM_ARGS, DESKTOP, DOCS, _unavailable
+from tests.browser.test_playground import DESKTOP, DOCS, chromium
 
 pytestmark = pytest.mark.browser
 
-FAKE_MEDIA = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+FAKE_MEDIA = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
 
 
 def _model_with(base_url: str, capability: str) -> str:
@@ -31,20 +31,8 @@ def _model_with(base_url: str, capability: str) -> str:
 @pytest.fixture(scope="module")
 def media_browser() -> Iterator[Any]:
     """Chromium with a fake microphone that needs no permission prompt."""
-    import os
-
-    if not os.path.exists(CHROMIUM):
-        _unavailable(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright Python package is not installed")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + FAKE_MEDIA)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium(FAKE_MEDIA) as launched:
+        yield launched
 
 
 @pytest.fixture()
