@@ -377,6 +377,8 @@ class GatewayCore(ModalityCalls):
         timeout = self.settings.gateway.health_timeout_s
 
         async def one(model_id: str) -> tuple[str, dict[str, Any]]:
+            if model_id in self.unloaded:  # unloaded on purpose: its replicas may be gone
+                return model_id, {"status": "unloaded", "active_requests": 0}
             autoscaling = self.models[model_id].deployment.autoscaling
             if (
                 autoscaling is not None

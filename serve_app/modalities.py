@@ -32,6 +32,9 @@ from serve_app.protocol.modalities import (
     TranscriptionResult,
 )
 
+#: Longest wait in POST /models/{id}/load for the model's replicas to start and load.
+LOAD_TIMEOUT_S = 300.0
+
 __all__ = [
     "ModalityCalls",
     "ModelStateBackend",
@@ -242,22 +245,38 @@ class ModalityCalls:
         """Mark unloaded (requests get 409 at once), then free the replica's engine."""
         from serve_app.core import _translate
 
-        self.resolve(model_id)  # type: ignore[attr-defined]
+        from serve_app.replica_scaling import set_replicas
+
+        model = self.resolve(model_id)  # type: ignore[attr-defined]
         await self.model_state.set(model_id, False)
         self.unloaded.add(model_id)
         try:
             freed = await self._handles[model_id].unload.remote()  # type: ignore[attr-defined]
         except Exception as exc:
             raise _translate(exc, model_id) from None
-        return {"id": model_id, "loaded": False, "memory": freed}
+        # Then the replicas themselves go (apps deployed with external_scaler_enabled).
+        removed = await set_replicas(model.deployment_name, 0)
+        return {"id": model_id, "loaded": False, "memory": freed,
+                "replicas": 0 if removed else "kept (engine freed; the app is not externally scaled)"}
 
     async def load_model(self, model_id: str) -> dict[str, Any]:
         """Start the engine again, then accept requests."""
         from serve_app.core import _translate
 
-        self.resolve(model_id)  # type: ignore[attr-defined]
+        from serve_app.replica_scaling import set_replicas
+
+        model = self.resolve(model_id)  # type: ignore[attr-defined]
+        # Replicas removed by unload come back first (each loads its engine as it starts).
+        await set_replicas(model.deployment_name, model.deployment.num_replicas or 1)
         try:
-            info = await self._handles[model_id].load.remote()  # type: ignore[attr-defined]
+            async with asyncio.timeout(LOAD_TIMEOUT_S):
+                info = await self._handles[model_id].load.remote()  # type: ignore[attr-defined]
+        except TimeoutError:
+            raise Timeout(
+                f"Model {model_id!r} did not come back within {LOAD_TIMEOUT_S:.0f}s; "
+                "check `troupe status` and retry POST /models/{id}/load.",
+                details={"model": model_id},
+            ) from None
         except Exception as exc:
             raise _translate(exc, model_id) from None
         await self.model_state.set(model_id, True)
@@ -268,6 +287,10 @@ class ModalityCalls:
         """At start: replicas of models persisted as unloaded free their engines."""
         await self.refresh_model_state()
         for model_id in sorted(self.unloaded):
+            from serve_app.replica_scaling import set_replicas
+
+            if await set_replicas(self.models[model_id].deployment_name, 0):  # type: ignore[attr-defined]
+                continue  # its replicas are gone (externally scaled app)
             try:
                 await self._handles[model_id].unload.remote()  # type: ignore[attr-defined]
             except Exception:  # a replica not up yet: the next sync retries

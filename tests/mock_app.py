@@ -116,7 +116,8 @@ def base_url(serve_instance: int, ledger_path: str, fake_openai: Any) -> str:
                     "serve_poll_interval_s": 1.0},
         "tracing": {"export_interval_ms": 200},
     }
-    serve.run(build_app(args), name="troupe", route_prefix="/")
+    # external_scaler_enabled, as in config/local.yaml: unload removes replicas
+    serve.run(build_app(args), name="troupe", route_prefix="/", external_scaler_enabled=True)
     url = f"http://127.0.0.1:{serve_instance}"
     r = httpx.get(url + "/health", timeout=30)
     assert r.status_code == 200, r.text

@@ -125,10 +125,24 @@ def test_models_list_capabilities(http: httpx.Client, client: OpenAI) -> None:
     assert v1["mock-image"]["modality"] == "image"
 
 
+def _running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications["troupe"].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
 def test_unload_then_load(http: httpx.Client, client: OpenAI, ledger_path: str) -> None:
     r = http.post("/models/mock-image/unload")
     assert r.status_code == 200, r.text
     assert r.json()["memory"]["rss_mb_after"] > 0
+    # The replica itself goes (the app is deployed with external_scaler_enabled), so all
+    # of its memory is returned; /health answers at once and stays ok.
+    assert r.json()["replicas"] == 0
+    wait_until(lambda: _running_replicas("Image_mock-image") == 0, timeout=30)
+    health = http.get("/health").json()
+    assert health["status"] == "ok"
+    assert {m["id"]: m["status"] for m in health["models"]}["mock-image"] == "unloaded"
     models = {m["id"]: m for m in http.get("/models").json()["data"]}
     assert models["mock-image"]["loaded"] is False and models["mock-speech"]["loaded"] is True
     with pytest.raises(openai.ConflictError) as info:
@@ -140,6 +154,7 @@ def test_unload_then_load(http: httpx.Client, client: OpenAI, ledger_path: str) 
     assert json.load(open(state_file)) == {"mock-image": False}
     assert http.post("/models/mock-image/load").json()["loaded"] is True
     assert json.load(open(state_file)) == {"mock-image": True}
+    assert _running_replicas("Image_mock-image") == 1
     wait_until(lambda: http.post("/v1/images/generations", json={"model": "mock-image", "prompt": "x"})
                .status_code == 200, timeout=10)
 
