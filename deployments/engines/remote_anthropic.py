@@ -130,7 +130,8 @@ class AnthropicTextEngine(RemoteEngine):
             state.done = True
             return None
         if kind == "error":
-            raise self._event_error(event.get("error") or {})
+            error = event.get("error") or {}
+            raise self.mid_stream_error(error, kind=error.get("type"))
         return None  # ping, content_block_start/stop, unknown future events
 
     def on_json(self, body: Any, state: StreamState) -> list[EngineOutput]:
@@ -156,17 +157,6 @@ class AnthropicTextEngine(RemoteEngine):
         if reason == "refusal":
             raise self.content_error("the model refused (stop_reason refusal)")
         state.finish_reason = _STOP.get(reason, "stop")
-
-    def _event_error(self, error: dict[str, Any]) -> TroupeError:
-        specific = self.classify_error(400, error, {})
-        if specific is not None:
-            specific.details = {"provider": self.provider, "upstream_error": error}
-            return specific
-        return InferenceFailed(
-            f"The upstream provider of model '{self.model_id}' failed mid-stream: "
-            f"{error.get('message')} ({error.get('type')}). Retrying may help.",
-            details={"provider": self.provider, "upstream_error": error},
-        )
 
     def classify_error(
         self, status: int, error: dict[str, Any], headers: Any

@@ -97,7 +97,9 @@ class GeminiTextEngine(RemoteEngine):
         if not isinstance(event, dict):
             return None
         if isinstance(event.get("error"), dict):
-            raise self._event_error(event["error"])
+            error = event["error"]
+            status = int(error.get("code") or 500) if str(error.get("code", "")).isdigit() else 500
+            raise self.mid_stream_error(error, status, kind=error.get("status"))
         text = self._absorb(event, state)
         if not text:
             return None
@@ -139,18 +141,6 @@ class GeminiTextEngine(RemoteEngine):
             if reason:
                 state.finish_reason = _FINISH.get(reason, "stop")
         return text
-
-    def _event_error(self, error: dict[str, Any]) -> TroupeError:
-        status = int(error.get("code") or 500) if str(error.get("code", "")).isdigit() else 500
-        specific = self.classify_error(status, error, {})
-        if specific is not None:
-            specific.details = {"provider": self.provider, "upstream_error": error}
-            return specific
-        return InferenceFailed(
-            f"The upstream provider of model '{self.model_id}' failed mid-stream: "
-            f"{error.get('message')} ({error.get('status')}). Retrying may help.",
-            details={"provider": self.provider, "upstream_error": error},
-        )
 
     def classify_error(
         self, status: int, error: dict[str, Any], headers: Any

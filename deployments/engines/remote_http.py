@@ -232,6 +232,10 @@ class UpstreamCall:
 _BREAKERS: dict[str, CircuitBreaker] = {}
 
 
+#: ``mid_stream_error``'s default: no kind to show beside the provider's message.
+_NO_KIND = object()
+
+
 class RemoteEngine:
     """Base of the remote provider engines (see the module docstring)."""
 
@@ -678,6 +682,26 @@ class RemoteEngine:
         return InvalidRequest(
             f"{where} rejected the request with HTTP {status}: {message}.",
             param=error.get("param") if isinstance(error.get("param"), str) else None,
+            details=details,
+        )
+
+    def mid_stream_error(self, error: Any, status: int = 400, kind: Any = _NO_KIND) -> TroupeError:
+        """An error event inside an upstream stream: the specific error when
+        :meth:`classify_error` knows it, else INFERENCE_FAILED naming the provider's
+        message (and its ``kind``, e.g. the error type, when given)."""
+        details = {"provider": self.provider, "upstream_error": error}
+        if isinstance(error, dict):
+            specific = self.classify_error(status, error, {})
+            if specific is not None:
+                specific.details = details
+                return specific
+            message = error.get("message")
+        else:
+            message = str(error)
+        shown = f"{message} ({kind})" if kind is not _NO_KIND else f"{message}"
+        return InferenceFailed(
+            f"The upstream provider of model '{self.model_id}' failed mid-stream: "
+            f"{shown}. Retrying may help.",
             details=details,
         )
 

@@ -134,7 +134,7 @@ class OpenAITextEngine(RemoteEngine):
         if not isinstance(event, dict):
             return None
         if event.get("error") is not None:
-            raise self._stream_error(event["error"])
+            raise self.mid_stream_error(event["error"])
         usage = event.get("usage")
         if isinstance(usage, dict):
             state.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -173,21 +173,6 @@ class OpenAITextEngine(RemoteEngine):
         if reason == "content_filter":
             raise self.content_error("the answer was stopped (finish_reason content_filter)")
         state.finish_reason = _FINISH.get(reason, "stop")
-
-    def _stream_error(self, error: Any) -> TroupeError:
-        if isinstance(error, dict):
-            specific = self.classify_error(400, error, {})
-            if specific is not None:
-                specific.details = {"provider": self.provider, "upstream_error": error}
-                return specific
-            message = error.get("message")
-        else:
-            message = str(error)
-        return InferenceFailed(
-            f"The upstream provider of model '{self.model_id}' failed mid-stream: "
-            f"{message}. Retrying may help.",
-            details={"provider": self.provider, "upstream_error": error},
-        )
 
     def classify_error(
         self, status: int, error: dict[str, Any], headers: Any
