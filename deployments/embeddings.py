@@ -40,11 +40,15 @@ class EmbeddingDeployment(EngineHost):
         super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
         #: How a checked request is run; the builder swaps in a Serve-batched callable.
         self.run_one: Callable[[EmbeddingRequest], Awaitable[EmbeddingResult]] = self._unbatched
-        #: Most requests one engine call has served (shows Serve's batching at work).
+        #: Most requests one engine call has served (shows the batching at work).
         self.largest_batch = 0
+        #: Engine calls (forward passes) made, and the requests they served.
+        self.forward_passes = 0
+        self.batched_requests = 0
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "largest_batch": self.largest_batch}
+        return {**super().stats(), "largest_batch": self.largest_batch,
+                "forward_passes": self.forward_passes, "batched_requests": self.batched_requests}
 
     async def _unbatched(self, request: EmbeddingRequest) -> EmbeddingResult:
         return (await self.embed_batch([request]))[0]
@@ -103,10 +107,37 @@ class EmbeddingDeployment(EngineHost):
         result.queue_ms = queue_ms
         return result
 
+    async def embed_many(self, requests: list[EmbeddingRequest]) -> list[EmbeddingResult | TroupeError]:
+        """Several callers' requests in one call (the gateway merges concurrent ones).
+
+        Each is checked on its own: a bad one gets its error in its slot and the others
+        still run, together, in one forward pass (one engine call, as ``embed_batch``).
+        """
+        engine = await self._ready_engine()
+        out: list[EmbeddingResult | TroupeError | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                self.check(request, engine)
+                valid.append(i)
+            except TroupeError as exc:
+                out[i] = exc
+        if valid:
+            queue_ms = [self.queue_ms(requests[i].dispatched_at) for i in valid]
+            self._served += len(valid) - 1  # _counting counts the call once
+            with self._counting():
+                results = await self.embed_batch([requests[i] for i in valid])
+            for i, result, waited in zip(valid, results, queue_ms):
+                result.queue_ms = waited
+                out[i] = result
+        return out  # type: ignore[return-value]
+
     async def embed_batch(self, requests: list[EmbeddingRequest]) -> list[EmbeddingResult]:
         """One engine call for every input of every request, split back per request."""
         engine = await self._ready_engine()
         self.largest_batch = max(self.largest_batch, len(requests))
+        self.forward_passes += 1
+        self.batched_requests += len(requests)
         flat = [item for r in requests for item in r.inputs]
         try:
             out = await engine.embed(flat)

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
+from serve_app.coalesce import Coalescer
 from serve_app.config import ModelConfig, TroupeSettings
 from serve_app.errors import (
     InferenceFailed,
@@ -80,6 +81,14 @@ def _translate(exc: BaseException, model_id: str) -> TroupeError:
         if isinstance(cause, TroupeError):
             return cause
     return as_troupe_error(exc)
+
+
+class _NothingToCancel:
+    """Stands in for the handle response of a request that rides in a merged call: it has
+    no call of its own to cancel (its place in the call is dropped instead)."""
+
+    def cancel(self) -> None:
+        pass
 
 
 async def _wait_for_replica(response: Any, model: ModelConfig) -> None:
@@ -286,22 +295,51 @@ class GatewayCore(ModalityCalls):
             return await complete_with_deadline(self, model_id, request, info)
         if request.service_tier is not None and info.tier == "default":
             info = dataclasses.replace(info, tier=request.service_tier)
+        return await self.call_model(model_id, "complete", request, info,
+                                     on_result=RequestMeter.finished)
+
+    async def call_model(
+        self,
+        model_id: str,
+        method: str,
+        request: Any,
+        info: RequestInfo,
+        on_result: Optional[Callable[[RequestMeter, Any], None]] = None,
+        merger: Optional[Coalescer] = None,
+    ) -> Any:
+        """One unary request to a model deployment, for every route and modality.
+
+        Its own handle call, or a place in a merged call (``merger``); counted in flight,
+        bounded by the cold-start wait and the total timeout, failures translated to
+        Troupe errors, metered once. ``on_result(meter, result)`` reads usage off the
+        result (default: it finished with ``stop``).
+        """
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         error: Optional[TroupeError] = None
         self._dispatch(model_id, request)
-        response = self._handles[model_id].complete.remote(request)
+        timeout = self.settings.gateway.request_timeout_s
+        response: Any
+        if merger is not None:
+            # Cancelling or timing out abandons only this request's place in the call.
+            response = _NothingToCancel()
+            waiting: Any = merger.submit(request)
+        else:
+            response = waiting = getattr(self._handles[model_id], method).remote(request)
         try:
-            await _wait_for_replica(response, self.models[model_id])
-            async with asyncio.timeout(self.settings.gateway.request_timeout_s):
-                result = await response
-            meter.finished(result)
+            if merger is None:
+                await _wait_for_replica(response, self.models[model_id])
+            async with asyncio.timeout(timeout):
+                result = await waiting
+            if on_result is None:
+                meter.finish_reason = "stop"
+            else:
+                on_result(meter, result)
             return result
         except TimeoutError:
             response.cancel()
             error = Timeout(
-                f"Model {model_id!r} did not finish within "
-                f"{self.settings.gateway.request_timeout_s:.0f}s (total timeout).",
+                f"Model {model_id!r} did not finish within {timeout:.0f}s (total timeout).",
                 details={"phase": "total"},
             )
             raise error from None
@@ -313,6 +351,59 @@ class GatewayCore(ModalityCalls):
             raise error from None
         finally:
             self.in_flight -= 1
+            self._close_meter(meter, error)
+
+    async def stream_model(
+        self,
+        model_id: str,
+        method: str,
+        request: Any,
+        info: RequestInfo,
+        on_chunk: Callable[[RequestMeter, Any], bool],
+        nothing: str = "nothing",
+    ) -> AsyncIterator[Any]:
+        """A streamed request to a model deployment (text tokens, audio), for every route.
+
+        ``on_chunk(meter, chunk)`` meters a chunk and says whether it was the last one.
+        Bounded by the cold-start wait and the idle timeout (its error says the model
+        sent ``nothing`` for so long); closing this generator cancels the remote work.
+        """
+        self.in_flight += 1
+        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
+        error: Optional[TroupeError] = None
+        self._dispatch(model_id, request)
+        generator = getattr(self._stream_handles[model_id], method).remote(request)
+        idle = self.settings.gateway.stream_idle_timeout_s
+        finished = False
+        try:
+            await _wait_for_replica(generator, self.models[model_id])
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await generator.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except TimeoutError:
+                    raise Timeout(
+                        f"Model {model_id!r} sent {nothing} for {idle:.0f}s (idle stream timeout).",
+                        details={"phase": "idle"},
+                    ) from None
+                if on_chunk(meter, chunk):
+                    finished = True
+                yield chunk
+        except TroupeError as exc:
+            error = exc
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            error = _translate(exc, model_id)
+            raise error from None
+        finally:
+            self.in_flight -= 1
+            if not finished:
+                generator.cancel()
             self._close_meter(meter, error)
 
     async def stream(
@@ -331,44 +422,16 @@ class GatewayCore(ModalityCalls):
             return
         if request.service_tier is not None and info.tier == "default":
             info = dataclasses.replace(info, tier=request.service_tier)
-        self.in_flight += 1
-        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
-        error: Optional[TroupeError] = None
-        self._dispatch(model_id, request)
-        generator = self._stream_handles[model_id].stream.remote(request)
-        idle = self.settings.gateway.stream_idle_timeout_s
-        finished = False
-        try:
-            await _wait_for_replica(generator, self.models[model_id])
-            while True:
-                try:
-                    async with asyncio.timeout(idle):
-                        chunk = await generator.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except TimeoutError:
-                    raise Timeout(
-                        f"Model {model_id!r} sent nothing for {idle:.0f}s (idle stream timeout).",
-                        details={"phase": "idle"},
-                    ) from None
-                meter.chunk(chunk)
-                if chunk.finish_reason is not None:
-                    finished = True
+
+        def on_chunk(meter: RequestMeter, chunk: TextChunk) -> bool:
+            meter.chunk(chunk)
+            return chunk.finish_reason is not None
+
+        async with contextlib.aclosing(
+            self.stream_model(model_id, "stream", request, info, on_chunk)
+        ) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        except TroupeError as exc:
-            error = exc
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            error = _translate(exc, model_id)
-            raise error from None
-        finally:
-            self.in_flight -= 1
-            if not finished:
-                generator.cancel()
-            self._close_meter(meter, error)
 
     # ------------------------------------------------------------------ health
 

@@ -1,9 +1,10 @@
 """The gateway's calls to the non-text model deployments, and model load/unload state.
 
 :class:`ModalityCalls` is mixed into :class:`serve_app.core.GatewayCore`: it checks that a
-model serves the route's modality and is loaded, calls the model's deployment over its
-handle, meters the request (usage, latency, errors) through the same recorder as text,
-and turns Ray failures into Troupe errors (``core._translate``).
+model serves the route's modality and is loaded, and calls the model's deployment through
+``GatewayCore.call_model`` / ``stream_model``, with the same in-flight counts, timeouts,
+metering and error translation as text. Concurrent embedding requests are merged into
+batch calls (:class:`serve_app.coalesce.Coalescer`).
 
 Load/unload state lives in a :class:`ModelStateBackend`: in memory (tests, one process)
 or the named :class:`actors.model_state.ModelStateActor`, which persists it so a redeploy
@@ -18,8 +19,9 @@ import logging
 import time
 from typing import Any, AsyncIterator, Optional, Protocol
 
+from serve_app.coalesce import Coalescer
 from serve_app.config import ModelConfig
-from serve_app.errors import InvalidRequest, ModelNotLoaded, Timeout, TroupeError
+from serve_app.errors import InvalidRequest, ModelNotLoaded, Timeout
 from serve_app.metering import RequestInfo, RequestMeter
 from serve_app.protocol.modalities import (
     AudioChunk,
@@ -101,6 +103,8 @@ class ModalityCalls:
     def _init_modalities(self, model_state: Optional[ModelStateBackend] = None) -> None:
         self.unloaded = set()
         self.model_state = model_state or MemoryModelState()
+        #: Per embeddings model: this replica's merger of concurrent requests (None: off).
+        self._mergers: dict[str, Optional[Coalescer]] = {}
 
     # ------------------------------------------------------------------ admission
 
@@ -133,98 +137,85 @@ class ModalityCalls:
 
     # ------------------------------------------------------------------ calls
 
-    async def _unary(self, model_id: str, method: str, request: Any, info: RequestInfo,
-                     meter_result: Any = None) -> Any:
-        """One handle call with metering, the total timeout and error translation."""
-        from serve_app.core import _translate, _wait_for_replica
-
-        self.in_flight += 1  # type: ignore[attr-defined]
-        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)  # type: ignore[attr-defined]
-        error: Optional[TroupeError] = None
-        self._dispatch(model_id, request)  # type: ignore[attr-defined]
-        response = getattr(self._handles[model_id], method).remote(request)  # type: ignore[attr-defined]
-        timeout = self.settings.gateway.request_timeout_s  # type: ignore[attr-defined]
-        try:
-            await _wait_for_replica(response, self.models[model_id])  # type: ignore[attr-defined]
-            async with asyncio.timeout(timeout):
-                result = await response
-            if meter_result is not None:
-                meter_result(meter, result)
-            meter.finish_reason = "stop"
-            return result
-        except TimeoutError:
-            response.cancel()
-            error = Timeout(f"Model {model_id!r} did not finish within {timeout:.0f}s.",
-                            details={"phase": "total"})
-            raise error from None
-        except asyncio.CancelledError:
-            response.cancel()
-            raise
-        except Exception as exc:
-            error = _translate(exc, model_id)
-            raise error from None
-        finally:
-            self.in_flight -= 1  # type: ignore[attr-defined]
-            self._close_meter(meter, error)  # type: ignore[attr-defined]
-
     async def embed(self, model_id: str, request: EmbeddingRequest, info: RequestInfo) -> EmbeddingResult:
         def usage(meter: RequestMeter, result: EmbeddingResult) -> None:
             meter.prompt_tokens = result.prompt_tokens
             meter.queue_ms = result.queue_ms
 
-        return await self._unary(model_id, "embed", request, info, usage)
+        return await self.call_model(model_id, "embed", request, info, usage,  # type: ignore[attr-defined]
+                                     merger=self._embed_merger(model_id))
+
+    def _embed_merger(self, model_id: str) -> Optional[Coalescer]:
+        """This replica's merger of concurrent requests to an embeddings model (None: off).
+
+        One handle call per request costs both sides more CPU than a small model's
+        forward pass; merged, a burst of requests costs one call and one forward pass.
+        """
+        if model_id in self._mergers:
+            return self._mergers[model_id]
+        model: ModelConfig = self.models[model_id]  # type: ignore[attr-defined]
+        in_flight = getattr(model.engine, "merge_in_flight", None)
+        if in_flight is None:
+            scaling = model.deployment.autoscaling
+            in_flight = 2 * (scaling.max_replicas if scaling is not None
+                             else model.deployment.num_replicas or 1)
+        merger: Optional[Coalescer] = None
+        if in_flight > 0:
+            from deployments.embeddings import REMOTE_MAX_INPUTS
+
+            handle = self._handles[model_id]  # type: ignore[attr-defined]
+            timeout = self.settings.gateway.request_timeout_s  # type: ignore[attr-defined]
+
+            async def call(requests: list[EmbeddingRequest]) -> list[Any]:
+                from serve_app.core import _wait_for_replica
+
+                response = handle.embed_many.remote(requests)
+                try:
+                    await _wait_for_replica(response, model)
+                    async with asyncio.timeout(timeout):
+                        return await response
+                except BaseException:
+                    response.cancel()
+                    raise
+
+            merger = Coalescer(
+                call,
+                max_weight=getattr(model.engine, "max_batch_size", REMOTE_MAX_INPUTS),
+                max_in_flight=in_flight,
+                weight=lambda r: len(r.inputs),
+            )
+        self._mergers[model_id] = merger
+        return merger
+
+    def merge_stats(self) -> dict[str, dict[str, int]]:
+        """Merged calls per embeddings model on this replica (calls, requests, largest)."""
+        return {mid: {"calls": m.calls, "requests": m.items, "largest": m.largest}
+                for mid, m in self._mergers.items() if m is not None}
 
     async def transcribe(self, model_id: str, request: TranscriptionRequest,
                          info: RequestInfo) -> TranscriptionResult:
-        return await self._unary(model_id, "transcribe", request, info)
+        return await self.call_model(model_id, "transcribe", request, info)  # type: ignore[attr-defined]
 
     async def generate_images(self, model_id: str, request: ImageRequest,
                               info: RequestInfo) -> ImageResult:
-        return await self._unary(model_id, "generate", request, info)
+        return await self.call_model(model_id, "generate", request, info)  # type: ignore[attr-defined]
 
     async def speak(self, model_id: str, request: SpeechRequest,
                     info: RequestInfo) -> AsyncIterator[AudioChunk]:
         """Stream encoded audio; closing this generator cancels the synthesis."""
-        from serve_app.core import _translate, _wait_for_replica
 
-        self.in_flight += 1  # type: ignore[attr-defined]
-        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)  # type: ignore[attr-defined]
-        error: Optional[TroupeError] = None
-        self._dispatch(model_id, request)  # type: ignore[attr-defined]
-        generator = self._stream_handles[model_id].synthesize.remote(request)  # type: ignore[attr-defined]
-        idle = self.settings.gateway.stream_idle_timeout_s  # type: ignore[attr-defined]
-        finished = False
-        try:
-            await _wait_for_replica(generator, self.models[model_id])  # type: ignore[attr-defined]
-            while True:
-                try:
-                    async with asyncio.timeout(idle):
-                        chunk = await generator.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except TimeoutError:
-                    raise Timeout(f"Model {model_id!r} sent no audio for {idle:.0f}s.",
-                                   details={"phase": "idle"}) from None
-                if meter.ttft_ms is None:  # time to first audio
-                    meter.ttft_ms = (time.perf_counter() - meter.started) * 1000.0
-                if chunk.last:
-                    meter.finish_reason = "stop"
-                    finished = True
+        def on_chunk(meter: RequestMeter, chunk: AudioChunk) -> bool:
+            if meter.ttft_ms is None:  # time to first audio
+                meter.ttft_ms = (time.perf_counter() - meter.started) * 1000.0
+            if chunk.last:
+                meter.finish_reason = "stop"
+            return chunk.last
+
+        async with contextlib.aclosing(
+            self.stream_model(model_id, "synthesize", request, info, on_chunk, "no audio")  # type: ignore[attr-defined]
+        ) as chunks:
+            async for chunk in chunks:
                 yield chunk
-        except TroupeError as exc:
-            error = exc
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            error = _translate(exc, model_id)
-            raise error from None
-        finally:
-            self.in_flight -= 1  # type: ignore[attr-defined]
-            if not finished:
-                generator.cancel()
-            self._close_meter(meter, error)  # type: ignore[attr-defined]
 
     async def voices(self, model_id: str) -> dict[str, Any]:
         from serve_app.core import _translate

@@ -49,6 +49,15 @@ class _EmbeddingsLimits(_ModalityEngine):
         0.005, ge=0, le=5, description="How long a batch waits for more requests."
     )
     max_inputs: int = Field(256, ge=1, description="Inputs one request may carry.")
+    merge_in_flight: Optional[int] = Field(
+        None, ge=0, le=1024,
+        description=(
+            "Each gateway replica merges concurrent requests into batch calls to this model, "
+            "at most this many calls at once (default: 2 per replica, max_replicas when "
+            "autoscaled); a merged call carries up to max_batch_size inputs. 0: one call "
+            "per request (Serve's batching in the replica still merges them)."
+        ),
+    )
 
 
 class MockEmbeddingsEngineConfig(_EmbeddingsLimits):

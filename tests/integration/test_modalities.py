@@ -48,6 +48,7 @@ def test_embeddings_with_openai_client(client: OpenAI) -> None:
 
 
 def test_concurrent_embeddings_share_batches(base_url: str) -> None:
+    """48 requests from 16 threads: merged by the gateway into a few embed_many calls."""
     from ray import serve
 
     def one(i: int) -> int:
@@ -55,11 +56,15 @@ def test_concurrent_embeddings_share_batches(base_url: str) -> None:
                        timeout=30)
         return r.status_code
 
+    handle = serve.get_deployment_handle("Embeddings_mock-embeddings", app_name="troupe")
+    before = handle.stats.remote().result(timeout_s=10)
     with ThreadPoolExecutor(16) as pool:
         assert set(pool.map(one, range(48))) == {200}
-    handle = serve.get_deployment_handle("Embeddings_mock-embeddings", app_name="troupe")
     stats = handle.stats.remote().result(timeout_s=10)
-    assert stats["largest_batch"] > 1, stats  # Serve's batching merged callers
+    assert stats["largest_batch"] > 1, stats  # the gateway merged concurrent callers
+    passes = stats["forward_passes"] - before["forward_passes"]
+    served = stats["batched_requests"] - before["batched_requests"]
+    assert served == 48 and passes < 48 / 2, (passes, served)  # into fewer forward passes
 
 
 def test_native_embeddings(http: httpx.Client) -> None:

@@ -91,6 +91,44 @@ async def test_embeddings_bad_input_is_400(mgw, body, param, words) -> None:
         assert err["param"].startswith(param)
 
 
+async def test_concurrent_embeddings_merge_and_a_bad_one_fails_alone() -> None:
+    """The gateway merges concurrent requests into batch calls (one forward pass each);
+    a request that fails its check gets its own 400 and the others their vectors."""
+    import asyncio
+
+    models = [{"id": "emb", "modality": "embeddings",
+               "engine": {"type": "mock", "dimensions": 8, "max_input_tokens": 20,
+                          "delay_ms": 40, "merge_in_flight": 1}}]
+    gw = ModalityGateway(models)
+    try:
+        texts = [f"sentence number {i}" for i in range(12)]
+        bodies = [{"model": "emb", "input": t} for t in texts]
+        bodies.insert(6, {"model": "emb", "input": " ".join(["w"] * 21)})  # too long
+        responses = await asyncio.gather(*(gw.post("/v1/embeddings", json=b) for b in bodies))
+        statuses = [r.status_code for r in responses]
+        assert statuses == [200] * 6 + [400] + [200] * 6, statuses
+        assert "at most 20 tokens" in responses[6].json()["error"]["message"]
+        alone = (await gw.post("/v1/embeddings", json=bodies[3])).json()["data"][0]["embedding"]
+        assert responses[3].json()["data"][0]["embedding"] == alone  # merged = unmerged
+        stats = gw.core.merge_stats()["emb"]
+        assert stats["requests"] == 14 and stats["calls"] < 8 and stats["largest"] >= 6, stats
+        assert gw.deployments["emb"].largest_batch >= 6  # one engine call for a merged call
+        assert sorted(e.status for e in gw.events) == [200] * 13 + [400]
+    finally:
+        await gw.client.aclose()
+
+
+async def test_merging_off_sends_one_call_per_request() -> None:
+    models = [{"id": "emb", "modality": "embeddings",
+               "engine": {"type": "mock", "dimensions": 8, "merge_in_flight": 0}}]
+    gw = ModalityGateway(models)
+    try:
+        r = await gw.post("/v1/embeddings", json={"model": "emb", "input": "x"})
+        assert r.status_code == 200 and gw.core.merge_stats() == {}
+    finally:
+        await gw.client.aclose()
+
+
 async def test_wrong_modality_names_capability(mgw) -> None:
     err = _openai_error(await mgw.post("/v1/embeddings", json={"model": "mock-fast", "input": "x"}), 400, "model")
     assert "text-generation" in err["message"] and "emb" in err["message"]
