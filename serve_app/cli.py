@@ -49,6 +49,27 @@ def validate(path: Path) -> list[TroupeSettings]:
     return out
 
 
+def local_cpu_problem(apps: list[TroupeSettings], cpus: Optional[int] = None) -> Optional[str]:
+    """Why a local `serve run` of these apps would hang, or None.
+
+    `serve run` without ``RAY_ADDRESS`` starts a local Ray with one CPU per core; a
+    replica whose reserved CPUs do not fit is never scheduled, and the gateway waits
+    for it forever. (Against a cluster, its autoscaler may add nodes: no check.)
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    cpus = cpus or os.cpu_count() or 1
+    asked = round(sum(app.cpus_at_start() for app in apps), 3)
+    if asked <= cpus:
+        return None
+    return (
+        f"the config reserves {asked} Ray CPUs at start (replicas' ray_actor_options.num_cpus "
+        f"and the actors' actor_num_cpus), but this machine has {cpus}: some replica would "
+        "never be scheduled. Lower the num_cpus values (a reservation, not a thread count; "
+        "fractions are fine) or run against a cluster (RAY_ADDRESS)."
+    )
+
+
 def _wait_healthy(url: str, child: subprocess.Popen, timeout_s: float) -> Optional[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and child.poll() is None:
@@ -84,10 +105,14 @@ def _banner(url: str, health: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     try:
-        validate(path)
+        apps = validate(path)
         http = _read_serve_config(path).get("http_options") or {}
     except ConfigError as exc:
         print(f"troupe: {exc}", file=sys.stderr)
+        return 2
+    problem = local_cpu_problem(apps)
+    if problem is not None:
+        print(f"troupe: {problem}", file=sys.stderr)
         return 2
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -134,6 +159,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for settings in apps:
         for model in settings.models:
             print(f"ok: model {model.id} ({model.modality}, engine {model.engine.type})")
+        print(f"ok: reserves {settings.cpus_at_start()} Ray CPUs at start")
+    problem = local_cpu_problem(apps)
+    if problem is not None:
+        print(f"warning: on this machine, {problem}")
     return 0
 
 

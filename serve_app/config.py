@@ -608,6 +608,26 @@ class TroupeSettings(_Strict):
     cors: CORSSettings = Field(default_factory=CORSSettings, description="CORS for browsers.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs.")
 
+    def cpus_at_start(self) -> float:
+        """Ray CPUs the app reserves once it is up: every replica that starts (fixed count,
+        or an autoscaled model's min_replicas), its placement bundles, and the actors.
+
+        Ray never runs a replica whose CPUs are not free, so a config that asks for more
+        than the cluster has leaves a replica (maybe the gateway) waiting forever.
+        """
+        total = self.gateway.num_replicas * self.gateway.ray_actor_options.num_cpus
+        for model in self.models:
+            if model.run_in == "gateway":
+                continue
+            dep = model.deployment
+            replicas = dep.autoscaling.min_replicas if dep.autoscaling else (dep.num_replicas or 1)
+            per_replica = dep.ray_actor_options.num_cpus + sum(
+                b.get("CPU", 0.0) for b in dep.placement_group_bundles or ())
+            total += replicas * per_replica
+        total += self.metrics.actor_num_cpus + self.session.actor_num_cpus
+        total += self.limits.actor_num_cpus
+        return round(total, 3)
+
     @field_validator("models")
     @classmethod
     def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import Any, AsyncIterator, Optional, Protocol
 
@@ -70,6 +71,21 @@ MODALITY_ROUTE = {
     "transcription": "POST /v1/audio/transcriptions",
     "image": "POST /v1/images/generations",
 }
+
+
+def default_merge_in_flight(model: ModelConfig) -> int:
+    """Merged calls one gateway replica keeps running to a model, unless configured.
+
+    Fixed size: 2 per replica (one computing, one waiting). Autoscaled: as many calls as
+    the autoscaler's target at full size (``max_replicas * target_ongoing_requests``), so
+    Serve still sees the ongoing requests it scales on: below that every request is its
+    own call (and the replica's ``@serve.batch`` merges them); merging at the gateway
+    takes over once all replicas are at their target.
+    """
+    scaling = model.deployment.autoscaling
+    if scaling is None:
+        return 2 * (model.deployment.num_replicas or 1)
+    return max(2, scaling.max_replicas * math.ceil(scaling.target_ongoing_requests))
 
 
 class ModelStateBackend(Protocol):
@@ -156,9 +172,7 @@ class ModalityCalls:
         model: ModelConfig = self.models[model_id]  # type: ignore[attr-defined]
         in_flight = getattr(model.engine, "merge_in_flight", None)
         if in_flight is None:
-            scaling = model.deployment.autoscaling
-            in_flight = 2 * (scaling.max_replicas if scaling is not None
-                             else model.deployment.num_replicas or 1)
+            in_flight = default_merge_in_flight(model)
         merger: Optional[Coalescer] = None
         if in_flight > 0:
             from deployments.embeddings import REMOTE_MAX_INPUTS

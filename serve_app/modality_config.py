@@ -53,8 +53,9 @@ class _EmbeddingsLimits(_ModalityEngine):
         None, ge=0, le=1024,
         description=(
             "Each gateway replica merges concurrent requests into batch calls to this model, "
-            "at most this many calls at once (default: 2 per replica, max_replicas when "
-            "autoscaled); a merged call carries up to max_batch_size inputs. 0: one call "
+            "at most this many calls at once; a merged call carries up to max_batch_size "
+            "inputs. Default: 2 per replica; autoscaled, max_replicas * "
+            "target_ongoing_requests (so the autoscaler still sees the load). 0: one call "
             "per request (Serve's batching in the replica still merges them)."
         ),
     )

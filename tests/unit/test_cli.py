@@ -44,3 +44,48 @@ def test_not_a_serve_config(tmp_path: Path, capsys) -> None:
     bad.write_text("models: []\n")
     assert main(["validate", str(bad)]) == 2
     assert "not a Serve config" in capsys.readouterr().err
+
+
+def test_local_config_fits_a_two_core_machine() -> None:
+    """`make run` on a 2-core machine: every replica of config/local.yaml and the actors
+    must fit Ray's 2 CPUs, or one replica (it was the gateway) waits forever."""
+    from serve_app.cli import local_cpu_problem, validate
+
+    apps = validate(ROOT / "config" / "local.yaml")
+    assert local_cpu_problem(apps, cpus=2) is None, local_cpu_problem(apps, cpus=2)
+    assert apps[0].cpus_at_start() <= 1.8  # some room for Serve's own actors
+    assert "reserves" in (local_cpu_problem(apps, cpus=1) or "")
+
+
+def test_cpus_at_start_counts_replicas_bundles_and_actors() -> None:
+    from serve_app.config import load_settings
+
+    settings = load_settings({
+        "gateway": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
+        "models": [
+            {"id": "a", "engine": {"type": "mock"},
+             "deployment": {"num_replicas": 3, "ray_actor_options": {"num_cpus": 1}}},
+            {"id": "b", "engine": {"type": "mock"},
+             "deployment": {"autoscaling": {"min_replicas": 0, "max_replicas": 9},
+                            "ray_actor_options": {"num_cpus": 4}}},
+            {"id": "c", "engine": {"type": "mock"},
+             "deployment": {"ray_actor_options": {"num_cpus": 0.5},
+                            "placement_group_bundles": [{"CPU": 1}, {"CPU": 1, "GPU": 1}]}},
+        ],
+        "metrics": {"actor_num_cpus": 0.1}, "session": {"actor_num_cpus": 0.05},
+        "limits": {"actor_num_cpus": 0.05},
+    })
+    # gateway 2*0.5 + a 3*1 + b 0 (scaled to zero) + c (0.5 + 2) + actors 0.2
+    assert settings.cpus_at_start() == 6.7
+
+
+def test_run_refuses_a_config_that_cannot_fit_this_machine(tmp_path: Path, capsys, monkeypatch) -> None:
+    data = yaml.safe_load((ROOT / "config" / "mock.yaml").read_text())
+    data["applications"][0]["args"]["models"][0]["deployment"]["ray_actor_options"] = {"num_cpus": 4096}
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump(data))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["run", str(big)]) == 2  # before starting serve run
+    assert "never be scheduled" in capsys.readouterr().err
+    assert main(["validate", str(big)]) == 0
+    assert "warning: on this machine" in capsys.readouterr().out

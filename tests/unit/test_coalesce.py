@@ -143,3 +143,21 @@ def test_limits_must_be_positive() -> None:
         Coalescer(Upstream(), max_weight=0, max_in_flight=1)
     with pytest.raises(ValueError):
         Coalescer(Upstream(), max_weight=1, max_in_flight=0)
+
+
+def test_default_merge_in_flight_keeps_autoscaling_informed() -> None:
+    from serve_app.config import ModelConfig
+    from serve_app.modalities import default_merge_in_flight
+
+    def model(deployment: dict) -> ModelConfig:
+        return ModelConfig.model_validate({"id": "e", "modality": "embeddings",
+                                           "engine": {"type": "mock"}, "deployment": deployment})
+
+    assert default_merge_in_flight(model({})) == 2
+    assert default_merge_in_flight(model({"num_replicas": 3})) == 6
+    # autoscaled: enough calls to reach the target on every replica, or Serve would never
+    # see more than a few ongoing requests and never scale up
+    scaled = model({"autoscaling": {"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 64}})
+    assert default_merge_in_flight(scaled) == 256
+    small = model({"autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 1}})
+    assert default_merge_in_flight(small) == 2
