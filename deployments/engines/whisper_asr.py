@@ -54,7 +54,13 @@ class FasterWhisperEngine:
             initial_prompt=prompt, temperature=temperature, condition_on_previous_text=False,
         )
         segs = [
-            TranscriptionSegment(i, round(s.start, 3), round(s.end, 3), s.text)
+            TranscriptionSegment(
+                i, round(s.start, 3), round(s.end, 3), s.text, seek=int(s.seek),
+                tokens=[int(t) for t in s.tokens], temperature=s.temperature,
+                avg_logprob=round(float(s.avg_logprob), 4),
+                compression_ratio=round(float(s.compression_ratio), 4),
+                no_speech_prob=round(float(s.no_speech_prob), 4),
+            )
             for i, s in enumerate(segments)
         ]
         text = "".join(s.text for s in segs).strip()

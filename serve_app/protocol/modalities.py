@@ -93,10 +93,20 @@ class TranscriptionRequest:
 
 @dataclass(slots=True)
 class TranscriptionSegment:
+    """One timed piece of a transcript; the decoder's own figures where it reports them
+    (Whisper does: its token ids, mean log-probability, compression ratio, no-speech
+    probability and the temperature that produced it)."""
+
     id: int
     start: float
     end: float
     text: str
+    seek: int = 0
+    tokens: list[int] = field(default_factory=list)
+    temperature: Optional[float] = None
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
 
 
 @dataclass(slots=True)

@@ -238,9 +238,11 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
             "duration": result.duration,
             "text": result.text,
             "segments": [
-                {"id": s.id, "seek": 0, "start": s.start, "end": s.end, "text": s.text,
-                 "tokens": [], "temperature": temperature, "avg_logprob": 0.0,
-                 "compression_ratio": 0.0, "no_speech_prob": 0.0}
+                {"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text,
+                 "tokens": s.tokens,
+                 "temperature": temperature if s.temperature is None else s.temperature,
+                 "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
+                 "no_speech_prob": s.no_speech_prob}
                 for s in result.segments
             ],
         })

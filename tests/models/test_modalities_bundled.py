@@ -98,6 +98,11 @@ async def test_speech_transcribed_back_contains_its_words(speaker, transcriber) 
     # Whisper tiny (int8) may mishear a word or two at a sentence start ("speech" -> "teach")
     assert len(expected & words) >= 7, result.text
     assert result.segments and result.segments[0].start < result.segments[-1].end <= result.duration + 0.5
+    # verbose_json's decoder figures are Whisper's own, not placeholders
+    first = result.segments[0]
+    assert len(first.tokens) >= 3 and all(isinstance(t, int) for t in first.tokens)
+    assert -3.0 < first.avg_logprob < 0.0 and first.compression_ratio > 0.5
+    assert 0.0 <= first.no_speech_prob < 0.5 and first.temperature == 0.0
 
 
 @pytest.mark.parametrize("fmt", ["wav", "opus", "flac"])
