@@ -33,6 +33,23 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _busy(**options: object) -> tuple[Upstream, Coalescer, list[asyncio.Task]]:
+    """A merger with its one call slot held open by item "h" (``up.gate`` releases it),
+    and a helper that queues more items behind it."""
+    up = Upstream()
+    up.gate.clear()
+    merger = Coalescer(up, **{"max_weight": 8, "max_in_flight": 1, **options})  # type: ignore[arg-type]
+    hold = asyncio.create_task(merger.submit("h"))
+    await _settle()
+    return up, merger, [hold]
+
+
+async def _queue(merger: Coalescer, items: list) -> list[asyncio.Task]:
+    tasks = [asyncio.create_task(merger.submit(x)) for x in items]
+    await _settle()
+    return tasks
+
+
 async def test_lone_item_leaves_at_once() -> None:
     up = Upstream()
     merger = Coalescer(up, max_weight=8, max_in_flight=2)
@@ -42,47 +59,32 @@ async def test_lone_item_leaves_at_once() -> None:
 
 
 async def test_items_queued_while_busy_leave_together() -> None:
-    up = Upstream()
-    up.gate.clear()
-    merger = Coalescer(up, max_weight=8, max_in_flight=1)
-    first = asyncio.create_task(merger.submit("a"))
-    await _settle()
-    rest = [asyncio.create_task(merger.submit(x)) for x in "bcdef"]
-    await _settle()
-    assert up.calls == [["a"]] and merger.queued == 5 and merger.in_flight == 1
+    up, merger, hold = await _busy()
+    rest = await _queue(merger, list("bcdef"))
+    assert up.calls == [["h"]] and merger.queued == 5 and merger.in_flight == 1
     up.gate.set()
     async with asyncio.timeout(1):
-        results = await asyncio.gather(first, *rest)
-    assert results == [f"ok {x}" for x in "abcdef"]
-    assert up.calls == [["a"], list("bcdef")]
+        results = await asyncio.gather(*hold, *rest)
+    assert results == [f"ok {x}" for x in "hbcdef"]
+    assert up.calls == [["h"], list("bcdef")]
     assert (merger.calls, merger.items, merger.largest) == (2, 6, 5)
 
 
 async def test_weight_caps_a_call_and_a_heavy_item_goes_alone() -> None:
-    up = Upstream()
-    up.gate.clear()
-    merger = Coalescer(up, max_weight=4, max_in_flight=1, weight=len)
-    hold = asyncio.create_task(merger.submit("h"))
-    await _settle()
-    tasks = [asyncio.create_task(merger.submit(x)) for x in ["aa", "bb", "cc", "dddddd", "e"]]
-    await _settle()
+    up, merger, hold = await _busy(max_weight=4, weight=len)
+    tasks = await _queue(merger, ["aa", "bb", "cc", "dddddd", "e"])
     up.gate.set()
     async with asyncio.timeout(1):
-        await asyncio.gather(hold, *tasks)
+        await asyncio.gather(*hold, *tasks)
     assert up.calls == [["h"], ["aa", "bb"], ["cc"], ["dddddd"], ["e"]]
 
 
 async def test_a_bad_item_fails_alone() -> None:
-    up = Upstream()
-    up.gate.clear()
-    merger = Coalescer(up, max_weight=8, max_in_flight=1)
-    hold = asyncio.create_task(merger.submit("h"))
-    await _settle()
-    tasks = [asyncio.create_task(merger.submit(x)) for x in ["x", "bad", "y"]]
-    await _settle()
+    up, merger, hold = await _busy()
+    tasks = await _queue(merger, ["x", "bad", "y"])
     up.gate.set()
     async with asyncio.timeout(1):
-        out = await asyncio.gather(hold, *tasks, return_exceptions=True)
+        out = await asyncio.gather(*hold, *tasks, return_exceptions=True)
     assert out[0] == "ok h" and out[1] == "ok x" and out[3] == "ok y"
     assert isinstance(out[2], InvalidRequest) and "bad" in str(out[2])
     assert up.calls[1] == ["x", "bad", "y"]
@@ -108,20 +110,14 @@ async def test_a_failed_call_fails_each_item_with_its_own_error() -> None:
 
 
 async def test_an_abandoned_item_is_dropped_and_others_proceed() -> None:
-    up = Upstream()
-    up.gate.clear()
-    merger = Coalescer(up, max_weight=8, max_in_flight=1)
-    hold = asyncio.create_task(merger.submit("h"))
-    await _settle()
-    gone = asyncio.create_task(merger.submit("gone"))
-    kept = asyncio.create_task(merger.submit("kept"))
-    await _settle()
+    up, merger, hold = await _busy()
+    gone, kept = await _queue(merger, ["gone", "kept"])
     gone.cancel()
     await _settle()
     up.gate.set()
     async with asyncio.timeout(1):
         assert await kept == "ok kept"
-        await hold
+        await hold[0]
     assert up.calls == [["h"], ["kept"]]
     assert gone.cancelled()
 
