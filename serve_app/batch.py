@@ -109,7 +109,7 @@ class BatchRunner:
             try:
                 InferenceRequest.model_validate(merged)
             except Exception as exc:  # pydantic's ValidationError: name the item
-                first = getattr(exc, "errors", lambda: [{"msg": str(exc), "loc": ()}])()[0]
+                first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
                 where = ".".join(str(p) for p in first.get("loc", ())) or "request"
                 raise InvalidRequest(f"requests[{i}] ({rid!r}) is invalid: {where}: "
                                      f"{first['msg']}. Example: {example}",

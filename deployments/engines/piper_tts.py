@@ -14,7 +14,7 @@ import json
 import os
 import re
 import unicodedata
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator
 
 import numpy as np
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import random
@@ -50,6 +49,15 @@ import aiohttp
 
 from deployments.engines.breaker import CircuitBreaker
 from deployments.engines.sse import SSEParser
+from deployments.engines.upstream_util import (
+    MAX_ERROR_BODY,
+    MAX_ERROR_TEXT,
+    RETRYABLE_STATUS,
+    backoff_delay,
+    retry_after_seconds,
+    scrub,
+    trim,
+)
 from serve_app.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
@@ -77,63 +85,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Provider error texts kept in ``details`` are cut to this many characters.
-MAX_ERROR_TEXT = 2000
-#: Bytes of an error response body read at most.
-MAX_ERROR_BODY = 64 * 1024
 #: aiohttp >= 3.10 raises this on a connect timeout; 3.9 (our floor) its base class.
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ServerTimeoutError)
-#: Statuses worth another attempt.
-RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def retry_after_seconds(headers: Any) -> Optional[float]:
-    """Seconds from ``Retry-After`` (delta-seconds or HTTP date) or ``retry-after-ms``."""
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000.0)
-        except ValueError:
-            pass
-    value = headers.get("Retry-After")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            return max(0.0, when.timestamp() - time.time())
-    return None
-
-
-def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
-    return rng.uniform(0.0, min(max_s, base_s * (2 ** attempt)))
-
-
-def trim(error: Any) -> Any:
-    """A provider error object small enough to keep in ``details``."""
-    if isinstance(error, dict):
-        return {k: (v[:MAX_ERROR_TEXT] if isinstance(v, str) else v) for k, v in error.items()}
-    return str(error)[:MAX_ERROR_TEXT]
-
-
-def scrub(value: Any, secret: str) -> Any:
-    """``value`` with every occurrence of ``secret`` replaced (strings, dicts, lists)."""
-    if not secret:
-        return value
-    if isinstance(value, str):
-        return value.replace(secret, "[redacted]")
-    if isinstance(value, dict):
-        return {k: scrub(v, secret) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, secret) for v in value]
-    return value
 
 
 @dataclass
