@@ -8,7 +8,6 @@ callers share one forward pass. Without Serve, each request is its own batch.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
@@ -16,12 +15,11 @@ import numpy as np
 from deployments.engines.modality_base import EmbeddingEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
 from serve_app.config import ModelConfig
-from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest, TroupeError
+from serve_app.errors import ContextLengthExceeded, InvalidRequest, TroupeError
 from serve_app.protocol.modalities import EmbeddingRequest, EmbeddingResult
 
 __all__ = ["EmbeddingDeployment", "EMBEDDINGS_EXAMPLE"]
 
-logger = logging.getLogger("troupe.embeddings")
 
 #: Inputs per request for remote embedding engines (OpenAI's own limit is 2048).
 REMOTE_MAX_INPUTS = 2048
@@ -139,16 +137,8 @@ class EmbeddingDeployment(EngineHost):
         self.forward_passes += 1
         self.batched_requests += len(requests)
         flat = [item for r in requests for item in r.inputs]
-        try:
+        with self._engine_errors("embedding"):
             out = await engine.embed(flat)
-        except TroupeError:
-            raise  # already says what went wrong (e.g. a remote provider's 429 or 401)
-        except Exception as exc:
-            logger.exception("embedding engine failed on model %s", self.model.id)
-            raise InferenceFailed(
-                f"Model {self.model.id!r} failed while embedding: {type(exc).__name__}. Retry the request.",
-                details={"exception": type(exc).__name__},
-            ) from None
         results: list[EmbeddingResult] = []
         start = 0
         for r in requests:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from typing import Any, Optional
 
 import numpy as np
@@ -16,12 +15,11 @@ import numpy as np
 from deployments.engines.modality_base import ImageEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
 from serve_app.config import ModelConfig
-from serve_app.errors import InferenceFailed, InvalidRequest
+from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import ImageRequest, ImageResult
 
 __all__ = ["ImageDeployment", "IMAGE_EXAMPLE", "MAX_IMAGES", "to_png"]
 
-logger = logging.getLogger("troupe.image")
 
 IMAGE_EXAMPLE = '{"model": "dcgan-faces", "prompt": "a face", "n": 1, "size": "256x256"}'
 MAX_IMAGES = 10
@@ -60,18 +58,11 @@ class ImageDeployment(EngineHost):
             raise InvalidRequest(
                 f"n={request.n} is out of range: ask for 1 to {MAX_IMAGES} images.", param="n"
             )
-        with self._counting():
-            try:
-                arrays = await engine.generate(
-                    request.prompt, request.n, request.seed, request.width, request.height
-                )
-                images = await asyncio.to_thread(
-                    lambda: [to_png(a, request.width, request.height) for a in arrays]
-                )
-            except Exception as exc:
-                logger.exception("image engine failed on model %s", self.model.id)
-                raise InferenceFailed(
-                    f"Model {self.model.id!r} failed while drawing: {type(exc).__name__}. Retry the request.",
-                    details={"exception": type(exc).__name__},
-                ) from None
+        with self._counting(), self._engine_errors("drawing"):
+            arrays = await engine.generate(
+                request.prompt, request.n, request.seed, request.width, request.height
+            )
+            images = await asyncio.to_thread(
+                lambda: [to_png(a, request.width, request.height) for a in arrays]
+            )
         return ImageResult(images)

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import time
 from typing import Any, Callable, Iterator, Optional
 
 from serve_app.config import ModelConfig
-from serve_app.errors import ModelNotLoaded
+from serve_app.errors import InferenceFailed, ModelNotLoaded, TroupeError
 
 __all__ = ["EngineHost", "rss_mb", "release_memory"]
 
@@ -101,6 +102,24 @@ class EngineHost:
             yield
         finally:
             self._active -= 1
+
+    @contextlib.contextmanager
+    def _engine_errors(self, doing: str) -> Iterator[None]:
+        """An engine's failure becomes INFERENCE_FAILED naming the model and what it was
+        ``doing`` (logged with its traceback); Troupe errors, which already say what went
+        wrong (e.g. a remote provider's 429), pass through."""
+        try:
+            yield
+        except TroupeError:
+            raise
+        except Exception as exc:
+            logging.getLogger(f"troupe.{self.model.modality}").exception(
+                "%s engine failed on model %s", self.model.modality, self.model.id)
+            raise InferenceFailed(
+                f"Model {self.model.id!r} failed while {doing}: {type(exc).__name__}. "
+                "Retry the request.",
+                details={"exception": type(exc).__name__},
+            ) from None
 
     @staticmethod
     def queue_ms(dispatched_at: float) -> Optional[float]:

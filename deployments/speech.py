@@ -7,19 +7,17 @@ OpenAI's voice names map onto the engine's own voices, so OpenAI clients work un
 
 from __future__ import annotations
 
-import logging
 from typing import Any, AsyncIterator, Optional
 
 from deployments.audio import StreamingEncoder
 from deployments.engines.modality_base import OPENAI_VOICES, SpeechEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
 from serve_app.config import ModelConfig
-from serve_app.errors import InferenceFailed, InvalidRequest, TroupeError
+from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import AUDIO_FORMATS, AudioChunk, SpeechRequest
 
 __all__ = ["SpeechDeployment", "SPEECH_EXAMPLE", "MAX_SPEECH_CHARS", "voice_map"]
 
-logger = logging.getLogger("troupe.speech")
 
 SPEECH_EXAMPLE = '{"model": "piper-joe", "input": "Hello there.", "voice": "alloy"}'
 MAX_SPEECH_CHARS = 4096
@@ -84,25 +82,18 @@ class SpeechDeployment(EngineHost):
         with self._counting():
             blocks = engine.synthesize(request.text, voice, request.speed)
             try:
-                async for block in blocks:
-                    samples += block.size
-                    data = encoder.add(block)
-                    if data:
-                        yield AudioChunk(data, sample_rate=engine.sample_rate)
-                yield AudioChunk(
-                    encoder.finish(),
-                    last=True,
-                    sample_rate=engine.sample_rate,
-                    audio_seconds=samples / engine.sample_rate,
-                    characters=len(request.text),
-                )
-            except TroupeError:
-                raise
-            except Exception as exc:
-                logger.exception("speech engine failed on model %s", self.model.id)
-                raise InferenceFailed(
-                    f"Model {self.model.id!r} failed while speaking: {type(exc).__name__}. Retry the request.",
-                    details={"exception": type(exc).__name__},
-                ) from None
+                with self._engine_errors("speaking"):
+                    async for block in blocks:
+                        samples += block.size
+                        data = encoder.add(block)
+                        if data:
+                            yield AudioChunk(data, sample_rate=engine.sample_rate)
+                    yield AudioChunk(
+                        encoder.finish(),
+                        last=True,
+                        sample_rate=engine.sample_rate,
+                        audio_seconds=samples / engine.sample_rate,
+                        characters=len(request.text),
+                    )
             finally:
                 await blocks.aclose()

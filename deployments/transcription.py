@@ -8,19 +8,17 @@ not decode is the caller's mistake (400), never a server error.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any, Optional
 
 from deployments.audio import AudioDecodeError, decode_audio
 from deployments.engines.modality_base import TranscriptionEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
 from serve_app.config import ModelConfig
-from serve_app.errors import InferenceFailed, InvalidRequest
+from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import TranscriptionRequest, TranscriptionResult
 
 __all__ = ["TranscriptionDeployment", "MAX_AUDIO_SECONDS", "TRANSCRIPTION_EXAMPLE"]
 
-logger = logging.getLogger("troupe.transcription")
 
 MAX_AUDIO_SECONDS = 600.0
 TRANSCRIPTION_EXAMPLE = (
@@ -55,13 +53,7 @@ class TranscriptionDeployment(EngineHost):
                     f"{exc}. Send WAV, FLAC, MP3, OGG or WebM, e.g. {TRANSCRIPTION_EXAMPLE}",
                     param="file",
                 ) from None
-            try:
+            with self._engine_errors("transcribing"):
                 return await engine.transcribe(
                     audio, request.language, request.prompt, request.temperature
                 )
-            except Exception as exc:
-                logger.exception("transcription engine failed on model %s", self.model.id)
-                raise InferenceFailed(
-                    f"Model {self.model.id!r} failed while transcribing: {type(exc).__name__}. Retry the request.",
-                    details={"exception": type(exc).__name__},
-                ) from None
