@@ -22,7 +22,6 @@ CONTEXT_LENGTH_EXCEEDED (Anthropic gives that case no machine-readable code);
 
 from __future__ import annotations
 
-import orjson
 from typing import Any, Optional
 
 from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
@@ -97,14 +96,8 @@ class AnthropicTextEngine(RemoteEngine):
         return UpstreamCall(self._url, headers, body)
 
     def on_event(self, data: str, state: StreamState) -> Optional[EngineOutput]:
-        try:
-            event = orjson.loads(data)
-        except ValueError:
-            raise InferenceFailed(
-                f"The upstream provider of model '{self.model_id}' sent a stream event that "
-                "is not JSON.", details={"provider": self.provider, "event": data[:200]},
-            ) from None
-        if not isinstance(event, dict):
+        event = self.event_json(data)
+        if event is None:
             return None
         kind = event.get("type")
         if kind == "message_start":

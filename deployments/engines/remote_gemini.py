@@ -22,7 +22,6 @@ is 429; a 400 saying the input token count exceeds the maximum → CONTEXT_LENGT
 
 from __future__ import annotations
 
-import orjson
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -87,14 +86,8 @@ class GeminiTextEngine(RemoteEngine):
         return UpstreamCall(self._url, headers, build_generate_body(request, self.context_length))
 
     def on_event(self, data: str, state: StreamState) -> Optional[EngineOutput]:
-        try:
-            event = orjson.loads(data)
-        except ValueError:
-            raise InferenceFailed(
-                f"The upstream provider of model '{self.model_id}' sent a stream event that "
-                "is not JSON.", details={"provider": self.provider, "event": data[:200]},
-            ) from None
-        if not isinstance(event, dict):
+        event = self.event_json(data)
+        if event is None:
             return None
         if isinstance(event.get("error"), dict):
             error = event["error"]

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 import aiohttp
+import orjson
 
 from deployments.engines.breaker import CircuitBreaker
 from deployments.engines.sse import SSEParser
@@ -637,6 +638,17 @@ class RemoteEngine:
             param=error.get("param") if isinstance(error.get("param"), str) else None,
             details=details,
         )
+
+    def event_json(self, data: str) -> Optional[dict[str, Any]]:
+        """One SSE event's JSON object (None for a JSON value that is not an object)."""
+        try:
+            event = orjson.loads(data)
+        except ValueError:
+            raise InferenceFailed(
+                f"The upstream provider of model '{self.model_id}' sent a stream event that "
+                "is not JSON.", details={"provider": self.provider, "event": data[:200]},
+            ) from None
+        return event if isinstance(event, dict) else None
 
     def mid_stream_error(self, error: Any, status: int = 400, kind: Any = _NO_KIND) -> TroupeError:
         """An error event inside an upstream stream: the specific error when

@@ -32,7 +32,6 @@ had started). Errors map by status and by the provider's machine-readable ``erro
 
 from __future__ import annotations
 
-import orjson
 from typing import Any, Optional
 from urllib.parse import quote
 
@@ -123,15 +122,8 @@ class OpenAITextEngine(RemoteEngine):
         if data.strip() == "[DONE]":
             state.done = True
             return None
-        try:
-            event = orjson.loads(data)
-        except ValueError:
-            raise InferenceFailed(
-                f"The upstream provider of model '{self.model_id}' sent a stream event that "
-                "is not JSON.",
-                details={"provider": self.provider, "event": data[:200]},
-            ) from None
-        if not isinstance(event, dict):
+        event = self.event_json(data)
+        if event is None:
             return None
         if event.get("error") is not None:
             raise self.mid_stream_error(event["error"])

@@ -298,3 +298,16 @@ async def test_gemini_thought_tokens_count_as_output(gem):
                  '"candidatesTokenCount": 2, "thoughtsTokenCount": 5}}', state)
     assert (state.prompt_tokens, state.completion_tokens, state.finish_reason) == (4, 7, "stop")
     await asyncio.sleep(0)
+
+
+def test_every_provider_rejects_a_stream_event_that_is_not_json(claude, gem):
+    """RemoteEngine.event_json: one decoding of SSE events for all three providers."""
+    from serve_app.config import OpenAIEngineConfig
+
+    oa = create_text_engine("oa", OpenAIEngineConfig(
+        base_url="http://127.0.0.1:9/v1", model="gpt-x", api_key_env="TROUPE_TEST_UNUSED_KEY"))
+    for engine in (oa, claude, gem):
+        with pytest.raises(InferenceFailed, match="sent a stream event that is not JSON") as info:
+            engine.on_event("{not json", StreamState())
+        assert info.value.details == {"provider": engine.provider, "event": "{not json"}
+        assert engine.on_event("[1, 2]", StreamState()) is None  # JSON, but not an event object
