@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engines.mock import MockTextEngine
-from serve_app.config import MockEngineConfig
+from serve_app.settings import MockEngineConfig
 from serve_app.protocol.internal import (
     ChatMessage,
     EngineOutput,

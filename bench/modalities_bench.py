@@ -270,7 +270,7 @@ async def speech_rtfs() -> dict[str, Any]:
 
     from deployments.engines.piper_tts import PiperEngine
     from deployments.engines.whisper_asr import FasterWhisperEngine
-    from serve_app.modality_config import FasterWhisperEngineConfig, PiperEngineConfig
+    from serve_app.settings.modality import FasterWhisperEngineConfig, PiperEngineConfig
 
     tts = PiperEngine("piper", PiperEngineConfig(num_threads=1))
     asr = FasterWhisperEngine("whisper", FasterWhisperEngineConfig(num_threads=1))
@@ -325,7 +325,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "args": vars(args), "host": platform.node(),

@@ -152,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         env = collect_env(args.num_cpus, {})
         from ray import serve
 
-        from serve_app.app import build_app
+        from serve_app.build.app import build_app
 
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

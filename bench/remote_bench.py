@@ -146,7 +146,7 @@ def deploy_troupe(upstream: str, state_dir: str, throughput_optimized: bool = Fa
     from ray import serve
 
     from bench.run_bench import prepare_environment, start_ray
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     prepare_environment(throughput_optimized)
     os.environ["TROUPE_BENCH_REMOTE_KEY"] = UPSTREAM_KEY

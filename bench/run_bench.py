@@ -1,7 +1,7 @@
 """Troupe vs bare Ray Serve, side by side in one Ray/Serve instance, rounds interleaved.
 
 Both applications run at once on the same Serve proxy: the bare baseline
-(``bench.baseline_app``, under ``/baseline``) and Troupe (``serve_app.app.build_app``,
+(``bench.baseline_app``, under ``/baseline``) and Troupe (``serve_app.build.app.build_app``,
 under ``/``), each as proxy -> ingress -> handle -> model deployment on the same mock engine
 and the same replica resources. Every scenario runs ``rounds`` times per side, the order
 alternating (B T, T B, B T, ...), so slow drift on a shared machine hits both sides alike.
@@ -230,7 +230,7 @@ def deploy_apps(include_troupe: bool, port: int, timeout_s: float, on_vs_off: bo
     from ray import serve
 
     from bench.baseline_app import BASELINE_APP_NAME, BASELINE_ROUTE_PREFIX, build_baseline_app
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     baseline = build_app(troupe_args(False)) if on_vs_off else build_baseline_app()

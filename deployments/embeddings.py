@@ -2,7 +2,7 @@
 
 Each request is checked on its own (empty or oversized inputs, ``dimensions``), then
 joins a batch: the app builder wraps :meth:`EmbeddingDeployment.embed_batch` with Serve's
-``@serve.batch`` (see ``serve_app.app``), so concurrent small requests from different
+``@serve.batch`` (see ``serve_app.build.app``), so concurrent small requests from different
 callers share one forward pass. Without Serve, each request is its own batch.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 
 from deployments.engines.modality_base import EmbeddingEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
-from serve_app.config import ModelConfig
+from serve_app.settings import ModelConfig
 from serve_app.errors import ContextLengthExceeded, InvalidRequest, TroupeError
 from serve_app.protocol.modalities import EmbeddingRequest, EmbeddingResult
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from deployments.engines.modality_base import ImageEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
-from serve_app.config import ModelConfig
+from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import ImageRequest, ImageResult
 

@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from serve_app.config import ModelConfig
+from serve_app.settings import ModelConfig
 from serve_app.errors import InferenceFailed, ModelNotLoaded, TroupeError
 
 __all__ = ["EngineHost", "rss_mb", "release_memory"]

@@ -1,6 +1,6 @@
 """The text model deployment: a plain class over one :class:`TextEngine`.
 
-Serve's decorator is applied by the app builder (``serve_app.app``), so this class is
+Serve's decorator is applied by the app builder (``serve_app.build.app``), so this class is
 usable and testable without Ray. One instance serves one configured model id.
 """
 
@@ -13,7 +13,7 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from deployments.engines.base import TextEngine, create_text_engine
-from serve_app.config import ModelConfig
+from serve_app.settings import ModelConfig
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.tracing import (

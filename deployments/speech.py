@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Optional
 from deployments.audio import StreamingEncoder
 from deployments.engines.modality_base import OPENAI_VOICES, SpeechEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
-from serve_app.config import ModelConfig
+from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import AUDIO_FORMATS, AudioChunk, SpeechRequest
 

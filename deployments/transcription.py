@@ -13,7 +13,7 @@ from typing import Any, Optional
 from deployments.audio import AudioDecodeError, decode_audio
 from deployments.engines.modality_base import TranscriptionEngine, create_modality_engine
 from deployments.lifecycle import EngineHost
-from serve_app.config import ModelConfig
+from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import TranscriptionRequest, TranscriptionResult
 

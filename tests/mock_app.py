@@ -95,7 +95,7 @@ def base_url(serve_instance: int, ledger_path: str, fake_openai: Any) -> str:
     """The Troupe app with the mock models, deployed once (metrics ledger in a tmp dir)."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     remote = {
         "id": "remote-gpt",

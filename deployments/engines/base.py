@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import AsyncIterator, Optional, Protocol, runtime_checkable
 
-from serve_app.config import EngineConfig
+from serve_app.settings import EngineConfig
 from serve_app.errors import ContextLengthExceeded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 

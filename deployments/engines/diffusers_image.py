@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from deployments.engines.gan_image import prompt_seed
-from serve_app.modality_config import DiffusersEngineConfig
+from serve_app.settings.modality import DiffusersEngineConfig
 
 __all__ = ["DiffusersImageEngine"]
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve_app.modality_config import GANImageEngineConfig
+from serve_app.settings.modality import GANImageEngineConfig
 
 __all__ = ["GANImageEngine", "prompt_seed"]
 

@@ -16,7 +16,7 @@ import math
 import time
 from typing import AsyncIterator, Optional
 
-from serve_app.config import MockEngineConfig
+from serve_app.settings import MockEngineConfig
 from deployments.engines.base import plan_output_tokens
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Optional, Sequence, Union
 import numpy as np
 
 from deployments.engines.modality_base import EmbedOutput, split_sentences
-from serve_app.modality_config import (
+from serve_app.settings.modality import (
     MockEmbeddingsEngineConfig,
     MockImageEngineConfig,
     MockSpeechEngineConfig,

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from deployments.engines.modality_base import split_sentences
-from serve_app.modality_config import PiperEngineConfig
+from serve_app.settings.modality import PiperEngineConfig
 
 __all__ = ["PiperEngine", "phoneme_ids", "restore_punctuation"]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
-from serve_app.config import AnthropicEngineConfig
+from serve_app.settings import AnthropicEngineConfig
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
-from serve_app.config import GeminiEngineConfig
+from serve_app.settings import GeminiEngineConfig
 from serve_app.errors import AuthenticationFailed, InferenceFailed, TroupeError
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 

@@ -41,7 +41,7 @@ from deployments.engines.remote_http import (
     StreamState,
     UpstreamCall,
 )
-from serve_app.config import OpenAIEngineConfig
+from serve_app.settings import OpenAIEngineConfig
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 

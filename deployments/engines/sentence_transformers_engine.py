@@ -15,7 +15,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from deployments.engines.modality_base import EmbedOutput
-from serve_app.modality_config import SentenceTransformersEngineConfig
+from serve_app.settings.modality import SentenceTransformersEngineConfig
 
 __all__ = ["SentenceTransformersEngine", "bundled_minilm_path"]
 

@@ -53,7 +53,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from deployments.engines.base import plan_output_tokens
-from serve_app.config import TransformersEngineConfig
+from serve_app.settings import TransformersEngineConfig
 from serve_app.errors import InvalidRequest, ModelNotLoaded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
 

@@ -42,7 +42,7 @@ import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.engines.base import plan_output_tokens
-from serve_app.config import ConfigError, VLLMEngineConfig
+from serve_app.settings import ConfigError, VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from deployments.engines.modality_base import EmbedOutput
-from serve_app.modality_config import VLLMPoolingEngineConfig
+from serve_app.settings.modality import VLLMPoolingEngineConfig
 
 __all__ = ["VLLMPoolingEngine"]
 

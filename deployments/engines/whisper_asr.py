@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve_app.modality_config import FasterWhisperEngineConfig
+from serve_app.settings.modality import FasterWhisperEngineConfig
 from serve_app.protocol.modalities import TranscriptionResult, TranscriptionSegment
 
 __all__ = ["FasterWhisperEngine"]

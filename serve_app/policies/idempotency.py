@@ -28,7 +28,7 @@ from serve_app.errors import (
     InvalidRequest,
     RequestTooLarge,
 )
-from serve_app.policies.settings import IdempotencySettings
+from serve_app.settings.policies import IdempotencySettings
 from serve_app.store.policy_rows import IdempotencyRow
 
 __all__ = ["IdempotencyGuard", "read_body", "replay_receive", "check_key"]

@@ -15,7 +15,7 @@ import jwt
 
 from serve_app.errors import AuthenticationFailed
 from serve_app.policies.context import Principal
-from serve_app.policies.settings import JWTSettings
+from serve_app.settings.policies import JWTSettings
 
 __all__ = ["JWTVerifier", "looks_like_jwt"]
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from serve_app.errors import AuthenticationFailed, InvalidRequest
 from serve_app.policies.context import Principal
-from serve_app.policies.settings import RateLimits
+from serve_app.settings.policies import RateLimits
 from serve_app.store.policy_rows import ROLES, ApiKeyRow
 
 __all__ = ["KEY_PREFIX", "mint_key", "hash_key", "key_id_of", "KeyCache"]

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import AuthenticationFailed, AuthorizationFailed, TroupeError
-from serve_app.http import error_response
+from serve_app.http.plumbing import error_response
 from serve_app.policies.context import ANONYMOUS, PRINCIPAL, USAGE, Principal, UsageTally
 from serve_app.policies.idempotency import (
     IdempotencyGuard,
@@ -113,7 +113,7 @@ class PolicyLayer:
             import os
             import socket
 
-            from serve_app.batch import BatchRunner
+            from serve_app.gateway.batch import BatchRunner
 
             self.batch = BatchRunner(core, store, settings.batch,
                                      f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}")

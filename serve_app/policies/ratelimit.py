@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from serve_app.errors import RateLimitExceeded
 from serve_app.policies.context import Principal
-from serve_app.policies.settings import LimitsSettings, RateLimits
+from serve_app.settings.policies import LimitsSettings, RateLimits
 
 __all__ = ["RateLimiter", "Admission", "QuotaClient"]
 

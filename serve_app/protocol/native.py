@@ -30,7 +30,7 @@ class InferenceRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: Union[str, list[str], None] = None
-    #: Deadline tier routing (serve_app.deadline): validated against the model there.
+    #: Deadline tier routing (serve_app.gateway.deadline): validated against the model there.
     start_within: Optional[str] = Field(None, max_length=32)
     service_tier: Optional[str] = Field(None, max_length=32)
 

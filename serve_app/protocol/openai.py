@@ -107,7 +107,7 @@ class _SamplingFields(_Lenient):
     stop: _Stop = None
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
     user: Optional[str] = None
-    #: Deadline tier routing (serve_app.deadline): validated against the model there.
+    #: Deadline tier routing (serve_app.gateway.deadline): validated against the model there.
     start_within: Optional[str] = Field(None, max_length=32)
     service_tier: Optional[str] = Field(None, max_length=32)
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import NotFound
-from serve_app.http import JSONResponse, parse_body, read_json
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json
 from serve_app.policies.keys import mint_key
 
 __all__ = ["build_admin_keys_router", "KEY_EXAMPLE"]

@@ -4,7 +4,7 @@ Thin: parse -> translate to a ``GenerationRequest`` -> ``GatewayCore.complete``/
 (so usage, cost, latency and traces are recorded under the route ``/v1/messages``) ->
 encode with :mod:`serve_app.protocol.anthropic`. Errors on this path, whole responses
 and mid-stream ``error`` events alike, use Anthropic's envelope (see
-:func:`serve_app.http.error_response`).
+:func:`serve_app.http.plumbing.error_response`).
 
 Headers: ``anthropic-version`` and ``anthropic-beta`` are accepted and not checked (one
 behaviour for every version). ``x-api-key`` is how Anthropic clients send their key.
@@ -19,10 +19,10 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from serve_app.core import GatewayCore
+from serve_app.gateway.core import GatewayCore
 from serve_app.errors import InferenceFailed, TroupeError, anthropic_error_type, as_troupe_error
-from serve_app.http import JSONResponse, parse_body, read_json, request_id_of
-from serve_app.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.anthropic import (
     MESSAGES_EXAMPLE,
     MessagesRequest,
@@ -35,7 +35,7 @@ from serve_app.protocol.internal import TextChunk
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.openai_api import peek_stream
 from serve_app.routes.text_common import named, next_chunk, turns_of
-from serve_app.sse import SSEResponse
+from serve_app.http.sse import SSEResponse
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_anthropic_router", "ROUTE"]

@@ -1,4 +1,4 @@
-"""``POST /batch``, ``GET /batch/{id}``, ``GET /batch/{id}/results`` (see serve_app.batch)."""
+"""``POST /batch``, ``GET /batch/{id}``, ``GET /batch/{id}/results`` (see serve_app.gateway.batch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from serve_app.errors import NotFound
-from serve_app.http import JSONResponse, read_json
+from serve_app.http.plumbing import JSONResponse, read_json
 from serve_app.policies.context import current_principal
 
 __all__ = ["build_batch_router"]
@@ -16,7 +16,7 @@ EXAMPLE = '{"model": "m", "requests": [{"id": "r1", "prompt": "Hi"}], "params": 
 
 
 def build_batch_router(runner: Any) -> APIRouter:
-    from serve_app.batch import job_view
+    from serve_app.gateway.batch import job_view
 
     router = APIRouter(prefix="/batch")
     max_body = runner.core.settings.gateway.max_body_bytes

@@ -9,16 +9,16 @@ import orjson
 from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
-from serve_app.core import VERSION, GatewayCore
-from serve_app.deadline import apply_start_within
+from serve_app.gateway.core import VERSION, GatewayCore
+from serve_app.gateway.deadline import apply_start_within
 from serve_app.errors import TroupeError, as_troupe_error
-from serve_app.http import JSONResponse, error_event_data, parse_body, read_json, request_id_of
-from serve_app.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, error_event_data, parse_body, read_json, request_id_of
+from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.openai_api import peek_stream
-from serve_app.sse import SSEResponse
+from serve_app.http.sse import SSEResponse
 
 __all__ = ["build_native_router", "native_request"]
 

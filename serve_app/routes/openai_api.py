@@ -12,17 +12,17 @@ from typing import Any, AsyncIterator, Optional
 import orjson
 from fastapi import APIRouter, Request
 
-from serve_app.core import GatewayCore
-from serve_app.deadline import apply_start_within
+from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.deadline import apply_start_within
 from serve_app.errors import TroupeError, as_troupe_error
-from serve_app.http import (
+from serve_app.http.plumbing import (
     JSONResponse,
     error_event_data,
     parse_body,
     read_json,
     request_id_of,
 )
-from serve_app.metering import RequestInfo
+from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import (
     CHAT_EXAMPLE,
@@ -31,7 +31,7 @@ from serve_app.protocol.openai import (
     CompletionRequest,
     unknown_fields,
 )
-from serve_app.sse import SSEResponse
+from serve_app.http.sse import SSEResponse
 
 __all__ = ["build_openai_router", "peek_stream"]
 

@@ -12,10 +12,10 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from serve_app.core import GatewayCore
+from serve_app.gateway.core import GatewayCore
 from serve_app.errors import TroupeError, as_troupe_error
-from serve_app.http import JSONResponse, parse_body, read_json, request_id_of
-from serve_app.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.internal import TextChunk
 from serve_app.protocol.openai import unknown_fields
 from serve_app.protocol.responses import (
@@ -28,7 +28,7 @@ from serve_app.protocol.responses import (
 )
 from serve_app.routes.openai_api import peek_stream
 from serve_app.routes.text_common import named, next_chunk, turns_of
-from serve_app.sse import SSEResponse
+from serve_app.http.sse import SSEResponse
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_responses_router", "ROUTE"]

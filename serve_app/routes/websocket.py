@@ -21,15 +21,15 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from serve_app.core import GatewayCore
+from serve_app.gateway.core import GatewayCore
 from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError, as_troupe_error
-from serve_app.http import request_id_of_scope
-from serve_app.metering import RequestInfo
+from serve_app.http.plumbing import request_id_of_scope
+from serve_app.gateway.metering import RequestInfo
 from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
-from serve_app.voice import VoiceSocket, run_voice_end
+from serve_app.gateway.voice import VoiceSocket, run_voice_end
 from serve_app.tracing import (
     ATTR_MODEL,
     ATTR_REQUEST_ID,
@@ -71,7 +71,7 @@ class WebSocketSession:
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancel_requested: set[str] = set()
         self.closed = False
-        #: voice.start / binary frames / voice.end (serve_app/voice.py)
+        #: voice.start / binary frames / voice.end (serve_app/gateway/voice.py)
         self.voice = VoiceSocket(core, self.send, self.send_bytes, self.socket_id)
         state = websocket.scope.get("state", {})
         #: The policy layer, when auth must come in the first message (no header sent).

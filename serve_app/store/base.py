@@ -83,7 +83,7 @@ class Store(Protocol):
     async def idempotency_purge(self, now: float) -> int:
         """Delete records expired at ``now``; returns how many."""
 
-    # --- batch jobs (serve_app/batch.py) --------------------------------------------------
+    # --- batch jobs (serve_app/gateway/batch.py) --------------------------------------------------
 
     async def batch_create(self, job: BatchJobRow, items: Sequence[BatchItemRow]) -> None:
         """Insert a job and its items atomically."""

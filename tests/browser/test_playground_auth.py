@@ -24,7 +24,7 @@ PREFIX = "/pgauth"
 def auth_app(serve_instance: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
     from serve_app.policies.keys import mint_key
     from serve_app.store.sqlite import SQLiteStore
 

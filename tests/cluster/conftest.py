@@ -194,10 +194,10 @@ def local_cluster() -> Iterator[LocalCluster]:
 
 
 def deploy_troupe(local: LocalCluster, args: dict[str, Any], timeout: float = 90) -> None:
-    """Deploy the Troupe app (``serve_app.app:build_app``) and wait for /health."""
+    """Deploy the Troupe app (``serve_app.build.app:build_app``) and wait for /health."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     serve.run(build_app(args), name="troupe", route_prefix="/", blocking=False)
     wait_until(lambda: _healthy(local.url), timeout=timeout, interval=0.5)

@@ -261,8 +261,8 @@ def test_no_replica_within_the_cold_start_timeout_answers_503_with_retry_after(
 
 
 def test_status_shows_replicas_nodes_gpus_queue_and_targets(app: LocalCluster):
-    from serve_app.config import load_settings
-    from serve_app.status import collect_status, format_status, in_flight_from_metrics
+    from serve_app.settings import load_settings
+    from serve_app.cli.status import collect_status, format_status, in_flight_from_metrics
 
     settings = {"troupe": load_settings({"models": MODELS, "gateway": gateway_options()})}
     # Without the config's bundles: the TP replica's GPUs are read off its placement group.
@@ -299,7 +299,7 @@ def test_status_shows_replicas_nodes_gpus_queue_and_targets(app: LocalCluster):
 
 def test_status_counts_queued_requests_while_a_model_cold_starts(app: LocalCluster):
     """Requests waiting for a replica of a model at zero show up as queued."""
-    from serve_app.status import collect_status, in_flight_from_metrics
+    from serve_app.cli.status import collect_status, in_flight_from_metrics
 
     with cf.ThreadPoolExecutor(2) as pool, httpx.Client(base_url=app.url) as client:
         waiting = [pool.submit(_chat, client, "nowhere") for _ in range(2)]
@@ -325,11 +325,11 @@ def test_troupe_status_command_on_the_cluster(app: LocalCluster, tmp_path):
     config.write_text(yaml.safe_dump({
         "http_options": {"host": "127.0.0.1", "port": app.http_port},
         "applications": [{"name": "troupe", "route_prefix": "/",
-                          "import_path": "serve_app.app:build_app",
+                          "import_path": "serve_app.build.app:build_app",
                           "args": {"models": MODELS, "gateway": gateway_options()}}],
     }))
     out = subprocess.run(
-        [sys.executable, "-m", "serve_app.cli", "status", str(config),
+        [sys.executable, "-m", "serve_app.cli.main", "status", str(config),
          "--address", app.cluster.address, "--json"],
         capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )

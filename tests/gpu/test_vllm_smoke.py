@@ -20,7 +20,7 @@ from typing import Optional
 import pytest
 import pytest_asyncio
 
-from serve_app.config import VLLMEngineConfig
+from serve_app.settings import VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 

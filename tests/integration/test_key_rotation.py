@@ -58,7 +58,7 @@ def app_url(serve_instance: int, upstream: FakeOpenAI, secrets_file: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     state = tmp_path_factory.mktemp("rotation-state")
     engine = {"type": "openai", "base_url": upstream.url, "model": "gpt-fake",

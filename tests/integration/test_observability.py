@@ -245,8 +245,8 @@ def test_in_flight_per_model_rises_while_a_request_runs(http: httpx.Client, base
 
 
 def test_status_shows_replicas_nodes_resources_and_in_flight(base_url: str) -> None:
-    from serve_app.config import load_settings
-    from serve_app.status import collect_status, format_status, in_flight_from_metrics
+    from serve_app.settings import load_settings
+    from serve_app.cli.status import collect_status, format_status, in_flight_from_metrics
     from tests.mock_app import APP_ARGS
 
     httpx.post(base_url + "/inference", json={"model": "mock-5ms", "prompt": "x", "max_tokens": 2})

@@ -73,7 +73,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def url(serve_instance: int, keys: dict[str, Any]) -> Iterator[str]:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     args = {
         "models": MODELS,
@@ -264,7 +264,7 @@ def test_batch_survives_gateway_restart_each_request_once(url: str, keys: dict[s
     import ray
     from aiohttp import web
 
-    from serve_app.webhooks import verify_signature
+    from serve_app.gateway.webhooks import verify_signature
     from tests.conftest import wait_until
 
     received: list[tuple[bytes, str]] = []

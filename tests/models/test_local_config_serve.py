@@ -26,7 +26,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "config" / "local.yaml"
 def local_url(serve_instance: int) -> str:
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.build.app import build_app
 
     args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
     serve.run(build_app(args), name="local", route_prefix="/local")

@@ -18,7 +18,7 @@ from deployments.embeddings import EmbeddingDeployment
 from deployments.image import ImageDeployment
 from deployments.speech import SpeechDeployment
 from deployments.transcription import TranscriptionDeployment
-from serve_app.config import load_settings
+from serve_app.settings import load_settings
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import (
     EmbeddingRequest,

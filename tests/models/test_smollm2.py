@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from serve_app.config import TransformersEngineConfig
+from serve_app.settings import TransformersEngineConfig
 from serve_app.errors import ContextLengthExceeded
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from deployments.llm import LLMDeployment
-from serve_app.app import build_fastapi_app
-from serve_app.config import TroupeSettings, load_settings
-from serve_app.core import GatewayCore
+from serve_app.build.app import build_fastapi_app
+from serve_app.settings import TroupeSettings, load_settings
+from serve_app.gateway.core import GatewayCore
 
 # Every HTTP exchange gets this deadline, so an SSE response that never ends fails the
 # test instead of hanging the suite.

@@ -19,10 +19,10 @@ from deployments.image import ImageDeployment
 from deployments.llm import LLMDeployment
 from deployments.speech import SpeechDeployment
 from deployments.transcription import TranscriptionDeployment
-from serve_app.app import build_fastapi_app
-from serve_app.config import load_settings
-from serve_app.core import GatewayCore
-from serve_app.modalities import MemoryModelState
+from serve_app.build.app import build_fastapi_app
+from serve_app.settings import load_settings
+from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.modalities import MemoryModelState
 from tests.unit.gateway_fakes import (
     REQUEST_DEADLINE_S,
     FakeResponse,

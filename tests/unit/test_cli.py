@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from serve_app.cli import main
+from serve_app.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_bad_config_names_the_field_path(tmp_path: Path, capsys) -> None:
 
 def test_run_refuses_an_invalid_config_before_starting_serve(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("applications:\n  - import_path: serve_app.app:build_app\n    args: {models: []}\n")
+    bad.write_text("applications:\n  - import_path: serve_app.build.app:build_app\n    args: {models: []}\n")
     assert main(["run", str(bad)]) == 2
     assert "models" in capsys.readouterr().err
 
@@ -49,7 +49,7 @@ def test_not_a_serve_config(tmp_path: Path, capsys) -> None:
 def test_local_config_fits_a_two_core_machine() -> None:
     """`make run` on a 2-core machine: every replica of config/local.yaml and the actors
     must fit Ray's 2 CPUs, or one replica (it was the gateway) waits forever."""
-    from serve_app.cli import local_cpu_problem, validate
+    from serve_app.cli.main import local_cpu_problem, validate
 
     apps = validate(ROOT / "config" / "local.yaml")
     assert local_cpu_problem(apps, cpus=2) is None, local_cpu_problem(apps, cpus=2)
@@ -58,7 +58,7 @@ def test_local_config_fits_a_two_core_machine() -> None:
 
 
 def test_cpus_at_start_counts_replicas_bundles_and_actors() -> None:
-    from serve_app.config import load_settings
+    from serve_app.settings import load_settings
 
     settings = load_settings({
         "gateway": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},

@@ -32,7 +32,7 @@ def cluster() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def settings(serve_config):
-    from serve_app.config import load_settings
+    from serve_app.settings import load_settings
 
     [app] = serve_config["applications"]
     return load_settings(app["args"])
@@ -57,7 +57,7 @@ def test_gpu_config_is_accepted_by_ray_serve(serve_config):
     [app] = schema.applications
     assert app.name == "troupe"
     assert app.route_prefix == "/"
-    assert app.import_path == "serve_app.app:build_app"
+    assert app.import_path == "serve_app.build.app:build_app"
     assert schema.http_options.host == "0.0.0.0"
     assert schema.http_options.port == 8000
 
@@ -211,7 +211,7 @@ def test_no_model_replica_can_be_placed_on_the_head(settings, cluster):
 def test_remote_config_is_valid_troupe_settings_and_serve_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.config import load_settings
+    from serve_app.settings import load_settings
 
     raw = yaml.safe_load((REPO / "config" / "remote.yaml").read_text())
     ServeDeploySchema.model_validate(raw)

@@ -1,4 +1,4 @@
-"""serve_app.coalesce.Coalescer: concurrent items merge into batch calls, without a timer;
+"""serve_app.gateway.coalesce.Coalescer: concurrent items merge into batch calls, without a timer;
 bad items fail alone; a failed call fails its items; abandoned items are dropped."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from serve_app.coalesce import Coalescer
+from serve_app.gateway.coalesce import Coalescer
 from serve_app.errors import InvalidRequest
 
 
@@ -142,8 +142,8 @@ def test_limits_must_be_positive() -> None:
 
 
 def test_default_merge_in_flight_keeps_autoscaling_informed() -> None:
-    from serve_app.config import ModelConfig
-    from serve_app.modalities import default_merge_in_flight
+    from serve_app.settings import ModelConfig
+    from serve_app.gateway.modalities import default_merge_in_flight
 
     def model(deployment: dict) -> ModelConfig:
         return ModelConfig.model_validate({"id": "e", "modality": "embeddings",

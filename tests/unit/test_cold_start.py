@@ -14,8 +14,8 @@ import pytest
 
 from actors.metrics import MetricsActor
 from deployments.llm import LLMDeployment
-from serve_app.config import ModelConfig
-from serve_app.core import _wait_for_replica
+from serve_app.settings import ModelConfig
+from serve_app.gateway.core import _wait_for_replica
 from serve_app.errors import Overloaded, native_error_body
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 from tests.unit.test_metrics_actor import FakeStore, ev, samples, total
@@ -144,8 +144,8 @@ class PendingHandle:
 
 
 def _core(models: list[dict[str, Any]], handle: PendingHandle):
-    from serve_app.config import load_settings
-    from serve_app.core import GatewayCore
+    from serve_app.settings import load_settings
+    from serve_app.gateway.core import GatewayCore
 
     settings = load_settings({"models": models})
     return GatewayCore(settings, {m.id: handle for m in settings.models})
@@ -155,7 +155,7 @@ FAST_COLD = {"min_replicas": 0, "max_replicas": 1, "cold_start_timeout_s": 0.1}
 
 
 async def test_text_and_embedding_calls_give_up_after_the_cold_start_timeout():
-    from serve_app.metering import RequestInfo
+    from serve_app.gateway.metering import RequestInfo
     from serve_app.protocol.modalities import EmbeddingRequest
 
     handle = PendingHandle()

@@ -1,4 +1,4 @@
-"""Unit tests for the settings tree (serve_app.config): loading, validation, Serve options."""
+"""Unit tests for the settings tree (serve_app.settings): loading, validation, Serve options."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from serve_app.config import (
+from serve_app.settings import (
     AutoscalingOptions,
     ConfigError,
     DeploymentOptions,
@@ -305,7 +305,7 @@ def test_shipped_serve_configs_validate(name: str) -> None:
     apps = serve_config["applications"]
     assert apps, f"config/{name} has no applications"
     for app in apps:
-        assert app["import_path"] == "serve_app.app:build_app"
+        assert app["import_path"] == "serve_app.build.app:build_app"
         settings = load_settings(app["args"])
         assert settings.models
         for model in settings.models:

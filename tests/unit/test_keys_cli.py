@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from serve_app.cli import main
+from serve_app.cli.main import main
 from serve_app.policies.keys import KeyCache, hash_key
 from serve_app.store.sqlite import SQLiteStore
 
@@ -50,7 +50,7 @@ def test_model_role_needs_models(tmp_path: Path, capsys) -> None:
 
 
 def test_webhooks_verify(tmp_path: Path, monkeypatch, capsys) -> None:
-    from serve_app.webhooks import sign_payload
+    from serve_app.gateway.webhooks import sign_payload
 
     monkeypatch.setenv("TROUPE_WEBHOOK_SECRET", "s3cret-0123456789")
     body = tmp_path / "body.json"

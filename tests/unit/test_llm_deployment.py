@@ -11,7 +11,7 @@ import pytest
 
 from deployments.engines.mock import MockTextEngine, mock_completion_tokens
 from deployments.llm import LLMDeployment
-from serve_app.config import MockEngineConfig, ModelConfig
+from serve_app.settings import MockEngineConfig, ModelConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed
 from serve_app.protocol.internal import (
     ChatMessage,

@@ -10,7 +10,7 @@ import pytest
 
 from deployments.engines.base import TextEngine, create_text_engine
 from deployments.engines.mock import MockTextEngine, mock_completion_tokens, render_prompt
-from serve_app.config import MockEngineConfig
+from serve_app.settings import MockEngineConfig
 from serve_app.errors import ContextLengthExceeded
 from serve_app.protocol.internal import (
     ChatMessage,

@@ -16,7 +16,7 @@ from deployments.audio import AudioDecodeError, StreamingEncoder, decode_audio, 
 from deployments.embeddings import EmbeddingDeployment
 from deployments.engines.modality_base import split_sentences
 from deployments.engines.piper_tts import phoneme_ids, restore_punctuation
-from serve_app.config import ConfigError, ModelConfig, load_settings
+from serve_app.settings import ConfigError, ModelConfig, load_settings
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import EmbeddingRequest
 

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 PUBLIC = [
-    "serve_app.modality_config",
-    "serve_app.modalities",
-    "serve_app.modality_app",
-    "serve_app.voice",
+    "serve_app.settings.modality",
+    "serve_app.gateway.modalities",
+    "serve_app.build.modality",
+    "serve_app.gateway.voice",
     "serve_app.protocol.modalities",
     "serve_app.protocol.modalities_api",
     "serve_app.routes.modalities",
@@ -45,7 +45,7 @@ def test_module_exports_what_all_says(name: str) -> None:
 def test_gateway_and_mock_modality_path_import_no_model_libraries() -> None:
     code = (
         "import sys\n"
-        "import serve_app.app, serve_app.modality_app, deployments.engines.mock_modalities\n"
+        "import serve_app.build.app, serve_app.build.modality, deployments.engines.mock_modalities\n"
         "import deployments.embeddings, deployments.speech, deployments.transcription, deployments.image\n"
         "import deployments.engines.vllm_pooling, deployments.engines.diffusers_image\n"
         "bad = [m for m in ('torch', 'vllm', 'diffusers', 'av', 'onnxruntime', 'faster_whisper',\n"

@@ -14,9 +14,9 @@ import jwt
 import pytest
 
 from actors.quota import QuotaActor
-from serve_app.app import build_fastapi_app
-from serve_app.config import load_settings
-from serve_app.core import GatewayCore
+from serve_app.build.app import build_fastapi_app
+from serve_app.settings import load_settings
+from serve_app.gateway.core import GatewayCore
 from serve_app.policies.keys import mint_key
 from serve_app.policies.layer import PolicyLayer, classify
 from serve_app.store.sqlite import SQLiteStore

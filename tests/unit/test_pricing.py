@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from serve_app.config import ModelConfig, PricingConfig
+from serve_app.settings import ModelConfig, PricingConfig
 from serve_app.pricing import PriceTable, load_list_prices, overrides_from_models
 from serve_app.protocol.metrics import RequestEvent
 
@@ -153,7 +153,7 @@ def test_prices_survive_the_builders_settings_round_trip() -> None:
     A plain ``model_dump`` marks every pricing field as set, so a remote model would be
     "configured" at $0 and lose its list price (a real bug, caught through Serve).
     """
-    from serve_app.config import TroupeSettings, load_settings
+    from serve_app.settings import TroupeSettings, load_settings
     from serve_app.pricing import PriceTable
 
     settings = load_settings({"models": [

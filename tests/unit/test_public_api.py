@@ -9,12 +9,12 @@ import sys
 import pytest
 
 PUBLIC = [
-    "serve_app.config",
+    "serve_app.settings",
     "serve_app.errors",
-    "serve_app.core",
-    "serve_app.http",
-    "serve_app.app",
-    "serve_app.cli",
+    "serve_app.gateway.core",
+    "serve_app.http.plumbing",
+    "serve_app.build.app",
+    "serve_app.cli.main",
     "serve_app.protocol.internal",
     "serve_app.protocol.openai",
     "serve_app.protocol.native",
@@ -28,10 +28,10 @@ PUBLIC = [
     "serve_app.store.sqlite",
     "serve_app.store.postgres",
     "serve_app.pricing",
-    "serve_app.metering",
+    "serve_app.gateway.metering",
     "serve_app.tracing",
-    "serve_app.sse",
-    "serve_app.status",
+    "serve_app.http.sse",
+    "serve_app.cli.status",
     "serve_app.routes.observability",
     "actors.names",
     "actors.metrics",
@@ -49,9 +49,9 @@ PUBLIC = [
     "deployments.engines.sse",
     "deployments.engines.breaker",
     "actors.session",
-    "serve_app.deadline",
-    "serve_app.admin_auth",
-    "serve_app.local_handle",
+    "serve_app.gateway.deadline",
+    "serve_app.http.admin_auth",
+    "serve_app.build.local_handle",
     "serve_app.routes.admin",
 ]
 
@@ -67,7 +67,7 @@ def test_module_exports_what_all_says(name: str) -> None:
 def test_gateway_and_mock_path_import_neither_torch_nor_vllm_nor_ray() -> None:
     code = (
         "import sys\n"
-        "import serve_app.app, serve_app.core, deployments.llm, deployments.engines.mock\n"
+        "import serve_app.build.app, serve_app.gateway.core, deployments.llm, deployments.engines.mock\n"
         "import deployments.engines.vllm_engine\n"
         "bad = [m for m in ('torch', 'vllm', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -79,7 +79,7 @@ def test_protocol_modules_import_neither_ray_nor_torch() -> None:
     code = (
         "import sys\n"
         "import serve_app.protocol.internal, serve_app.protocol.openai, serve_app.protocol.native\n"
-        "import serve_app.config, serve_app.errors\n"
+        "import serve_app.settings, serve_app.errors\n"
         "bad = [m for m in ('torch', 'ray', 'vllm') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

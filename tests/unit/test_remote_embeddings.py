@@ -11,7 +11,7 @@ import pytest
 from deployments.embeddings import EmbeddingDeployment
 from deployments.engines import remote_http
 from deployments.engines.remote_embeddings import RemoteEmbeddingEngine, _split_tokens
-from serve_app.config import ConfigError, load_settings
+from serve_app.settings import ConfigError, load_settings
 from serve_app.errors import InvalidRequest, RateLimitExceeded
 from serve_app.protocol.modalities import EmbeddingRequest
 from tests.fake_openai import FakeOpenAI, fake_embedding

@@ -15,7 +15,7 @@ from deployments.engines.base import create_text_engine
 from deployments.engines.remote_anthropic import AnthropicTextEngine
 from deployments.engines.remote_gemini import GeminiTextEngine
 from deployments.engines.remote_http import StreamState
-from serve_app.config import AnthropicEngineConfig, GeminiEngineConfig
+from serve_app.settings import AnthropicEngineConfig, GeminiEngineConfig
 from serve_app.errors import (
     AuthenticationFailed,
     ContentFiltered,
@@ -302,7 +302,7 @@ async def test_gemini_thought_tokens_count_as_output(gem):
 
 def test_every_provider_rejects_a_stream_event_that_is_not_json(claude, gem):
     """RemoteEngine.event_json: one decoding of SSE events for all three providers."""
-    from serve_app.config import OpenAIEngineConfig
+    from serve_app.settings import OpenAIEngineConfig
 
     oa = create_text_engine("oa", OpenAIEngineConfig(
         base_url="http://127.0.0.1:9/v1", model="gpt-x", api_key_env="TROUPE_TEST_UNUSED_KEY"))

@@ -14,7 +14,7 @@ from deployments.engines import remote_http
 
 from deployments.engines.remote_http import CircuitBreaker, backoff_delay, retry_after_seconds
 from deployments.engines.remote_openai import OpenAITextEngine
-from serve_app.config import OpenAIEngineConfig
+from serve_app.settings import OpenAIEngineConfig
 from serve_app.errors import (
     AuthenticationFailed,
     ContentFiltered,

@@ -6,8 +6,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from serve_app.config import load_settings
-from serve_app.sse import KEEPALIVE
+from serve_app.settings import load_settings
+from serve_app.http.sse import KEEPALIVE
 from tests.unit.gateway_fakes import GatewayUnderTest, sse_events
 
 MSG = [{"role": "user", "content": "Tell me about actors"}]

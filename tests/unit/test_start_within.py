@@ -10,12 +10,12 @@ import httpx
 import pytest
 
 from deployments.llm import LLMDeployment
-from serve_app.app import build_fastapi_app
-from serve_app.config import TroupeSettings
-from serve_app.core import GatewayCore
-from serve_app.deadline import apply_start_within, parse_duration
+from serve_app.build.app import build_fastapi_app
+from serve_app.settings import TroupeSettings
+from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.deadline import apply_start_within, parse_duration
 from serve_app.errors import InvalidRequest
-from serve_app.local_handle import LocalHandle
+from serve_app.build.local_handle import LocalHandle
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import GenerationRequest
 from serve_app.protocol.metrics import RequestEvent
@@ -223,7 +223,7 @@ async def test_in_gateway_engine_is_cancelled_when_the_caller_leaves(fake, monke
     """LocalHandle: closing the gateway's stream aborts the engine and the upstream."""
     import asyncio
 
-    from serve_app.metering import RequestInfo
+    from serve_app.gateway.metering import RequestInfo
     from serve_app.protocol.internal import ChatMessage, SamplingParams
 
     monkeypatch.setenv(KEY_ENV, "sk-start-within")
@@ -267,7 +267,7 @@ async def test_local_flex_pool_that_does_not_start_falls_back(gw):
 
 
 def test_flex_pool_must_name_another_model():
-    from serve_app.config import ConfigError, load_settings
+    from serve_app.settings import ConfigError, load_settings
 
     for pool in ("nope", "m"):
         with pytest.raises(ConfigError, match="flex_pool"):

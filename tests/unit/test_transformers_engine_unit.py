@@ -26,7 +26,7 @@ from deployments.engines.transformers_cpu import (
     find_stop,
     plan_max_new_tokens,
 )
-from serve_app.config import TransformersEngineConfig
+from serve_app.settings import TransformersEngineConfig
 from serve_app.errors import ContextLengthExceeded, ModelNotLoaded
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 

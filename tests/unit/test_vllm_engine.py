@@ -28,7 +28,7 @@ from deployments.engines.vllm_engine import (
     placement_bundles,
 )
 from deployments.llm import LLMDeployment
-from serve_app.config import ConfigError, ModelConfig, VLLMEngineConfig
+from serve_app.settings import ConfigError, ModelConfig, VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 
@@ -259,7 +259,7 @@ def test_importing_the_module_never_imports_vllm():
         sys.meta_path.insert(0, Recorder())
         from deployments.engines import vllm_engine
         from deployments.engines.base import create_text_engine
-        from serve_app.config import VLLMEngineConfig
+        from serve_app.settings import VLLMEngineConfig
         cfg = VLLMEngineConfig(model="/m", tensor_parallel_size=2)
         create_text_engine("m", cfg)
         vllm_engine.placement_bundles(cfg)
@@ -679,7 +679,7 @@ def test_placement_bundles_give_one_gpu_bundle_per_rank(tp):
 
 
 def test_placement_bundles_are_valid_deployment_options():
-    from serve_app.config import DeploymentOptions
+    from serve_app.settings import DeploymentOptions
 
     options = DeploymentOptions(
         placement_group_bundles=placement_bundles(vllm_config(tensor_parallel_size=2)),

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 import pytest
 from aiohttp import web
 
-from serve_app.webhooks import (
+from serve_app.gateway.webhooks import (
     UnsafeWebhookURL,
     address_allowed,
     check_webhook_url,
@@ -160,7 +160,7 @@ async def test_batch_bad_input_is_400(tmp_path: Path) -> None:
 async def test_send_time_resolver_drops_refused_addresses() -> None:
     """A host that passed the check but now resolves to a private address (DNS rebinding)
     gets no connection: the resolver returns only addresses that pass again."""
-    from serve_app.webhooks import SafeResolver
+    from serve_app.gateway.webhooks import SafeResolver
 
     class Rebinding:
         def __init__(self, answers: list[str]) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from serve_app.config import VLLMEngineConfig
+from serve_app.settings import VLLMEngineConfig
 
 MODEL_ENV = "TROUPE_VLLM_MODEL"
 _MODEL = os.environ.get(MODEL_ENV, "")

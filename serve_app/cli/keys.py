@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_app.config import ConfigError, MetricsSettings
+from serve_app.settings import ConfigError, MetricsSettings
 
 __all__ = ["add_keys_parser", "store_url_for"]
 
@@ -25,7 +25,7 @@ def store_url_for(args: argparse.Namespace) -> str:
     if args.store:
         return args.store
     if args.config:
-        from serve_app.cli import validate
+        from serve_app.cli.main import validate
 
         apps = validate(Path(args.config))
         if apps:
@@ -98,7 +98,7 @@ def cmd_webhook_verify(args: argparse.Namespace) -> int:
     """Check a received webhook: exit 0 when the signature is valid and fresh."""
     import os
 
-    from serve_app.webhooks import verify_signature
+    from serve_app.gateway.webhooks import verify_signature
 
     secret = os.environ.get(args.secret_env, "")
     if not secret:

@@ -1,6 +1,6 @@
 """The builder's part for the non-text modalities: Serve deployments and model state.
 
-Like ``serve_app.app``, this is the only place Ray decorators touch the plain modality
+Like ``serve_app.build.app``, this is the only place Ray decorators touch the plain modality
 deployment classes. Embeddings get Serve's ``@serve.batch`` here, wrapped around the
 plain class's ``embed_batch`` in the replica's constructor, with the model's own batch
 size and wait from config.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Optional
 
-from serve_app.config import ModelConfig, TroupeSettings
-from serve_app.modalities import ModelStateBackend
+from serve_app.settings import ModelConfig, TroupeSettings
+from serve_app.gateway.modalities import ModelStateBackend
 
 __all__ = ["modality_deployment", "ActorModelState", "model_state_backend"]
 
@@ -49,7 +49,7 @@ def modality_deployment(model: ModelConfig, setup_replica: Any) -> Any:
             setup_replica(tracing, metrics_enabled)
             if session is not None:  # a remote embeddings engine: credentials from the actor
                 from actors.session import install_session_client
-                from serve_app.app import _head_node_id
+                from serve_app.build.app import _head_node_id
 
                 install_session_client(session, _head_node_id)
             base.__init__(self, model_config)
@@ -93,7 +93,7 @@ def model_state_backend(settings: TroupeSettings) -> ModelStateBackend:
 
     from actors.model_state import MODEL_STATE_ACTOR, ModelStateActor, state_file_for
     from actors.names import NAMESPACE
-    from serve_app.app import _head_node_id
+    from serve_app.build.app import _head_node_id
 
     options: dict[str, Any] = {}
     head = _head_node_id()

@@ -14,9 +14,9 @@ from typing import Any, Optional
 from fastapi import FastAPI
 
 from actors.names import METRICS_ACTOR, NAMESPACE
-from serve_app.config import ModelConfig, TroupeSettings, load_settings
-from serve_app.core import VERSION, GatewayCore
-from serve_app.http import RequestIdMiddleware, install_error_handlers
+from serve_app.settings import ModelConfig, TroupeSettings, load_settings
+from serve_app.gateway.core import VERSION, GatewayCore
+from serve_app.http.plumbing import RequestIdMiddleware, install_error_handlers
 from serve_app.routes.anthropic_api import build_anthropic_router
 from serve_app.routes.modalities import build_modalities_router
 
@@ -28,7 +28,7 @@ from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.playground import build_playground_router
 from serve_app.routes.responses_api import build_responses_router
 from serve_app.routes.websocket import build_ws_router
-from serve_app.voice import build_voice_router
+from serve_app.gateway.voice import build_voice_router
 from serve_app.tracing import (
     ActorSpanSink,
     TracingMiddleware,
@@ -60,7 +60,7 @@ def build_fastapi_app(
         description="Inference gateway on Ray Serve: OpenAI-compatible, REST and WebSocket.",
         docs_url="/docs",
         redoc_url=None,
-        lifespan=core.lifespan,  # follows load/unload state (serve_app/modalities.py)
+        lifespan=core.lifespan,  # follows load/unload state (serve_app/gateway/modalities.py)
     )
     install_error_handlers(app, on_rejected=core.reject)
     app.include_router(build_openai_router(core))
@@ -224,7 +224,7 @@ class Gateway:
                 max_buffer=parsed.metrics.max_buffer,
                 gauge_sink=actor_gauge_sink(self.metrics_actor),
             )
-        from serve_app.modality_app import model_state_backend
+        from serve_app.build.modality import model_state_backend
 
         self.core = GatewayCore(
             parsed,
@@ -261,7 +261,7 @@ def _setup_model_replica(tracing: Optional[dict[str, Any]], metrics_enabled: boo
 def _in_gateway_handles(settings: TroupeSettings) -> dict[str, Any]:
     """Handles over engines that run inside this gateway replica (``run_in: gateway``)."""
     from deployments.llm import LLMDeployment
-    from serve_app.local_handle import LocalHandle
+    from serve_app.build.local_handle import LocalHandle
 
     return {
         m.id: LocalHandle(LLMDeployment(m)) for m in settings.models if m.run_in == "gateway"
@@ -276,7 +276,7 @@ def model_deployment(model: ModelConfig):
     from deployments.llm import LLMDeployment
 
     if model.modality != "text":
-        from serve_app.modality_app import modality_deployment
+        from serve_app.build.modality import modality_deployment
 
         return modality_deployment(model, _setup_model_replica)
 
@@ -315,7 +315,7 @@ def model_deployment(model: ModelConfig):
 
 
 def build_app(args: Optional[dict[str, Any]] = None):
-    """Serve application builder (``import_path: serve_app.app:build_app``).
+    """Serve application builder (``import_path: serve_app.build.app:build_app``).
 
     Raises:
         ConfigError: when the config is invalid, naming each bad field's path.

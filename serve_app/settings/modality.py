@@ -1,6 +1,6 @@
 """Engine configs of the non-text modalities (embeddings, speech, transcription, image).
 
-``serve_app.config`` puts these into the one ``EngineConfig`` union and checks that a
+``serve_app.settings`` puts these into the one ``EngineConfig`` union and checks that a
 model's engine fits its ``modality`` (:data:`ENGINE_MODALITY`). Imports only pydantic.
 """
 
@@ -187,7 +187,7 @@ class DiffusersEngineConfig(_ModalityEngine):
     )
 
 
-#: engine ``type`` -> the modality it serves (text engines live in serve_app.config).
+#: engine ``type`` -> the modality it serves (text engines live in serve_app.settings).
 #: Remote engines whose provider also has an embeddings API (``modality: embeddings``).
 REMOTE_EMBEDDING_ENGINES = ("openai", "gemini")
 

@@ -19,8 +19,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from fastapi import APIRouter, Request
 
 from serve_app.errors import InvalidRequest, RequestTooLarge, TroupeError
-from serve_app.http import JSONResponse, request_id_of
-from serve_app.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, request_id_of
+from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 from serve_app.protocol.modalities import SpeechRequest, TranscriptionRequest
 

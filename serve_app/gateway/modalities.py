@@ -1,10 +1,10 @@
 """The gateway's calls to the non-text model deployments, and model load/unload state.
 
-:class:`ModalityCalls` is mixed into :class:`serve_app.core.GatewayCore`: it checks that a
+:class:`ModalityCalls` is mixed into :class:`serve_app.gateway.core.GatewayCore`: it checks that a
 model serves the route's modality and is loaded, and calls the model's deployment through
 ``GatewayCore.call_model`` / ``stream_model``, with the same in-flight counts, timeouts,
 metering and error translation as text. Concurrent embedding requests are merged into
-batch calls (:class:`serve_app.coalesce.Coalescer`).
+batch calls (:class:`serve_app.gateway.coalesce.Coalescer`).
 
 Load/unload state lives in a :class:`ModelStateBackend`: in memory (tests, one process)
 or the named :class:`actors.model_state.ModelStateActor`, which persists it so a redeploy
@@ -20,10 +20,10 @@ import math
 import time
 from typing import Any, AsyncIterator, Optional, Protocol
 
-from serve_app.coalesce import Coalescer
-from serve_app.config import ModelConfig
+from serve_app.gateway.coalesce import Coalescer
+from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest, ModelNotLoaded, Timeout
-from serve_app.metering import RequestInfo, RequestMeter
+from serve_app.gateway.metering import RequestInfo, RequestMeter
 from serve_app.protocol.modalities import (
     AudioChunk,
     EmbeddingRequest,
@@ -181,7 +181,7 @@ class ModalityCalls:
             timeout = self.settings.gateway.request_timeout_s  # type: ignore[attr-defined]
 
             async def call(requests: list[EmbeddingRequest]) -> list[Any]:
-                from serve_app.core import _wait_for_replica
+                from serve_app.gateway.core import _wait_for_replica
 
                 response = handle.embed_many.remote(requests)
                 try:
@@ -232,7 +232,7 @@ class ModalityCalls:
                 yield chunk
 
     async def voices(self, model_id: str) -> dict[str, Any]:
-        from serve_app.core import _translate
+        from serve_app.gateway.core import _translate
 
         try:
             return await self._handles[model_id].voices.remote()  # type: ignore[attr-defined]
@@ -248,9 +248,9 @@ class ModalityCalls:
 
     async def unload_model(self, model_id: str) -> dict[str, Any]:
         """Mark unloaded (requests get 409 at once), then free the replica's engine."""
-        from serve_app.core import _translate
+        from serve_app.gateway.core import _translate
 
-        from serve_app.replica_scaling import set_replicas
+        from serve_app.gateway.replica_scaling import set_replicas
 
         model = self.resolve(model_id)  # type: ignore[attr-defined]
         await self.model_state.set(model_id, False)
@@ -266,9 +266,9 @@ class ModalityCalls:
 
     async def load_model(self, model_id: str) -> dict[str, Any]:
         """Start the engine again, then accept requests."""
-        from serve_app.core import _translate
+        from serve_app.gateway.core import _translate
 
-        from serve_app.replica_scaling import set_replicas
+        from serve_app.gateway.replica_scaling import set_replicas
 
         model = self.resolve(model_id)  # type: ignore[attr-defined]
         # Replicas removed by unload come back first (each loads its engine as it starts).
@@ -292,7 +292,7 @@ class ModalityCalls:
         """At start: replicas of models persisted as unloaded free their engines."""
         await self.refresh_model_state()
         for model_id in sorted(self.unloaded):
-            from serve_app.replica_scaling import set_replicas
+            from serve_app.gateway.replica_scaling import set_replicas
 
             if await set_replicas(self.models[model_id].deployment_name, 0):  # type: ignore[attr-defined]
                 continue  # its replicas are gone (externally scaled app)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from serve_app.config import ConfigError, TroupeSettings, load_settings
+from serve_app.settings import ConfigError, TroupeSettings, load_settings
 
 __all__ = ["main"]
 
@@ -41,7 +41,7 @@ def validate(path: Path) -> list[TroupeSettings]:
     data = _read_serve_config(path)
     out = []
     for i, app in enumerate(data["applications"]):
-        if app.get("import_path", "").startswith("serve_app.app:"):
+        if app.get("import_path", "").startswith("serve_app.build.app:"):
             try:
                 out.append(load_settings(app.get("args") or {}))
             except ConfigError as exc:
@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Per deployment: replicas by state, nodes, GPUs, in-flight requests, scaling targets."""
     import ray
 
-    from serve_app.status import collect_status, format_status, in_flight_from_metrics
+    from serve_app.cli.status import collect_status, format_status, in_flight_from_metrics
 
     settings: dict[str, TroupeSettings] = {}
     url = args.url
@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             data = _read_serve_config(Path(args.config))
             for app in data["applications"]:
-                if app.get("import_path", "").startswith("serve_app.app:"):
+                if app.get("import_path", "").startswith("serve_app.build.app:"):
                     settings[app.get("name", "default")] = load_settings(app.get("args") or {})
             http = data.get("http_options") or {}
             url = url or f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
@@ -215,7 +215,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     val = sub.add_parser("validate", help="check a Serve config's Troupe settings")
     val.add_argument("config")
     val.set_defaults(func=cmd_validate)
-    from serve_app.keys_cli import add_keys_parser
+    from serve_app.cli.keys import add_keys_parser
 
     add_keys_parser(sub)
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 """Run a model's deployment class inside the gateway replica, behind the handle surface
-:class:`~serve_app.core.GatewayCore` uses (``.stream.remote``, ``.complete.remote``,
+:class:`~serve_app.gateway.core.GatewayCore` uses (``.stream.remote``, ``.complete.remote``,
 ``.stats.remote``, ``.options(stream=True)``, ``.cancel()``).
 
 Remote provider engines hold no accelerator state, so a separate Serve deployment only

@@ -12,7 +12,7 @@ from __future__ import annotations
 import urllib.request
 from typing import Any, Optional
 
-from serve_app.config import TroupeSettings
+from serve_app.settings import TroupeSettings
 
 __all__ = ["collect_status", "format_status", "in_flight_from_metrics"]
 

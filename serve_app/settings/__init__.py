@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.modality_config import (
+from serve_app.settings.modality import (
     DiffusersEngineConfig,
     FasterWhisperEngineConfig,
     GANImageEngineConfig,
@@ -31,14 +31,14 @@ from serve_app.modality_config import (
     check_engine_fits,
     engine_type_for,
 )
-from serve_app.policies.settings import (
+from serve_app.settings.policies import (
     AuthSettings,
     BatchSettings,
     CORSSettings,
     IdempotencySettings,
     LimitsSettings,
 )
-from serve_app.tracing import TracingSettings
+from serve_app.settings.observability import TracingSettings
 
 __all__ = [
     "ConfigError",
@@ -274,7 +274,7 @@ class GeminiEngineConfig(_RemoteEngineConfig):
 EngineConfig = Annotated[
     Union[
         MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig, OpenAIEngineConfig,
-        # the other modalities (serve_app/modality_config.py)
+        # the other modalities (serve_app/settings/modality.py)
         MockEmbeddingsEngineConfig, SentenceTransformersEngineConfig, VLLMPoolingEngineConfig,
         MockSpeechEngineConfig, PiperEngineConfig,
         MockTranscriptionEngineConfig, FasterWhisperEngineConfig,

@@ -4,7 +4,7 @@ Signature: ``Troupe-Signature: t=<unix seconds>,v1=<hex>`` where ``v1`` is
 HMAC-SHA256(secret, ``f"{t}.".encode() + raw_body``). Receivers verify with
 :func:`verify_signature` (constant-time compare, timestamp tolerance)::
 
-    from serve_app.webhooks import verify_signature
+    from serve_app.gateway.webhooks import verify_signature
     ok = verify_signature(secret, request_body_bytes, request.headers["Troupe-Signature"])
 
 URL rules (:func:`check_webhook_url`): https only, plain http only to loopback hosts; no

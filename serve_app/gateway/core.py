@@ -14,8 +14,8 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
-from serve_app.coalesce import Coalescer
-from serve_app.config import ModelConfig, TroupeSettings
+from serve_app.gateway.coalesce import Coalescer
+from serve_app.settings import ModelConfig, TroupeSettings
 from serve_app.errors import (
     InferenceFailed,
     InvalidRequest,
@@ -25,8 +25,8 @@ from serve_app.errors import (
     TroupeError,
     as_troupe_error,
 )
-from serve_app.metering import RequestInfo, RequestMeter
-from serve_app.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
+from serve_app.gateway.metering import RequestInfo, RequestMeter
+from serve_app.gateway.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
 from serve_app.policies.context import authorize_model, note_usage
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
@@ -164,7 +164,7 @@ class GatewayCore(ModalityCalls):
         model_state: Optional[ModelStateBackend] = None,
     ) -> None:
         self.settings = settings
-        self._init_modalities(model_state)  # load/unload state (serve_app/modalities.py)
+        self._init_modalities(model_state)  # load/unload state (serve_app/gateway/modalities.py)
         #: Where finished-request events go (the metrics recorder's O(1) ``record``).
         self.record = record
         #: Where the in-flight gauge goes (the recorder sends only changed values).
@@ -290,7 +290,7 @@ class GatewayCore(ModalityCalls):
         """Run a request to completion on the model's deployment."""
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
-            from serve_app.deadline import complete_with_deadline
+            from serve_app.gateway.deadline import complete_with_deadline
 
             return await complete_with_deadline(self, model_id, request, info)
         if request.service_tier is not None and info.tier == "default":
@@ -412,7 +412,7 @@ class GatewayCore(ModalityCalls):
         """Stream a request's chunks; closing this generator cancels the remote work."""
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
-            from serve_app.deadline import stream_with_deadline
+            from serve_app.gateway.deadline import stream_with_deadline
 
             async with contextlib.aclosing(
                 stream_with_deadline(self, model_id, request, info)

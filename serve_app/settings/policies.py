@@ -1,6 +1,6 @@
 """Settings of the gateway policies: ``auth``, ``limits``, ``idempotency``, ``cors``.
 
-Sections of :class:`serve_app.config.TroupeSettings`. Imports neither Ray nor the store.
+Sections of :class:`serve_app.settings.TroupeSettings`. Imports neither Ray nor the store.
 """
 
 from __future__ import annotations
