@@ -42,6 +42,8 @@ PUBLIC = [
     "deployments.engines.mock",
     "deployments.engines.vllm_engine",
     "deployments.engines.transformers_cpu",
+    "deployments.engines.gguf_cache",
+    "deployments.engines.stop_strings",
     "deployments.engines.remote_openai",
     "deployments.engines.remote_anthropic",
     "deployments.engines.remote_gemini",

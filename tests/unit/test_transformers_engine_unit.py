@@ -17,18 +17,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deployments.engines import transformers_cpu as tc
+from deployments.engines import gguf_cache as tc
+from deployments.engines.gguf_cache import MARKER, ensure_converted
+from deployments.engines.stop_strings import StopStringTracker, find_stop
 from deployments.engines.transformers_cpu import (
-    MARKER,
-    StopStringTracker,
     TransformersTextEngine,
-    ensure_converted,
-    find_stop,
     plan_max_new_tokens,
 )
-from serve_app.settings import TransformersEngineConfig
 from serve_app.errors import ContextLengthExceeded, ModelNotLoaded
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
+from serve_app.settings import TransformersEngineConfig
 
 # --------------------------------------------------------------------------- pure helpers
 
