@@ -7,7 +7,10 @@ from pydantic import (
     ConfigDict,
 )
 
-__all__ = ["ConfigError", "Strict"]
+__all__ = [
+    "ConfigError",
+    "Strict",
+]
 
 
 class ConfigError(ValueError):

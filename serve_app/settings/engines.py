@@ -22,7 +22,18 @@ from serve_app.settings.modality import (
     VLLMPoolingEngineConfig,
 )
 
-__all__ = ["MockEngineConfig", "TransformersEngineConfig", "VLLMEngineConfig", "RetryConfig", "BreakerConfig", "OpenAIEngineConfig", "AnthropicEngineConfig", "GeminiEngineConfig", "EngineConfig"]
+__all__ = [
+    "MockEngineConfig",
+    "TransformersEngineConfig",
+    "VLLMEngineConfig",
+    "RetryConfig",
+    "BreakerConfig",
+    "RemoteEngineConfig",
+    "OpenAIEngineConfig",
+    "AnthropicEngineConfig",
+    "GeminiEngineConfig",
+    "EngineConfig",
+]
 
 
 class _EngineConfig(Strict):
@@ -121,7 +132,7 @@ class BreakerConfig(Strict):
     half_open_probes: int = Field(1, ge=1, description="Concurrent probes while half-open.")
 
 
-class _RemoteEngineConfig(_EngineConfig):
+class RemoteEngineConfig(_EngineConfig):
     """Fields every remote provider engine shares: credentials, timeouts, resilience."""
 
     api_key_env: str = Field("", description="Environment variable holding the API key.")
@@ -151,7 +162,7 @@ class _RemoteEngineConfig(_EngineConfig):
         return self.credential or self.provider
 
 
-class OpenAIEngineConfig(_RemoteEngineConfig):
+class OpenAIEngineConfig(RemoteEngineConfig):
     """A remote OpenAI-compatible chat completions API (OpenAI, Azure OpenAI, or any
     server with its shape)."""
 
@@ -182,7 +193,7 @@ class OpenAIEngineConfig(_RemoteEngineConfig):
         return "azure" if self.azure_deployment else "openai"
 
 
-class AnthropicEngineConfig(_RemoteEngineConfig):
+class AnthropicEngineConfig(RemoteEngineConfig):
     """Anthropic's Messages API (``POST {base_url}/v1/messages``)."""
 
     type: Literal["anthropic"] = Field("anthropic", description="Engine kind.")
@@ -202,7 +213,7 @@ class AnthropicEngineConfig(_RemoteEngineConfig):
         return "anthropic"
 
 
-class GeminiEngineConfig(_RemoteEngineConfig):
+class GeminiEngineConfig(RemoteEngineConfig):
     """Google's Gemini API (generateContent / streamGenerateContent?alt=sse)."""
 
     type: Literal["gemini"] = Field("gemini", description="Engine kind.")

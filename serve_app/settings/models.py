@@ -18,7 +18,13 @@ from serve_app.settings.modality import (
     engine_type_for,
 )
 
-__all__ = ["RayActorOptions", "AutoscalingOptions", "DeploymentOptions", "PricingConfig", "ModelConfig"]
+__all__ = [
+    "RayActorOptions",
+    "AutoscalingOptions",
+    "DeploymentOptions",
+    "PricingConfig",
+    "ModelConfig",
+]
 
 
 class RayActorOptions(Strict):

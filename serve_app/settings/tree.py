@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from serve_app.settings.base import ConfigError, Strict
+from serve_app.settings.engines import RemoteEngineConfig
 from serve_app.settings.models import (
     ModelConfig,
     RayActorOptions,
@@ -28,7 +29,13 @@ from serve_app.settings.policies import (
     LimitsSettings,
 )
 
-__all__ = ["GatewayOptions", "MetricsSettings", "SessionSettings", "TroupeSettings", "load_settings"]
+__all__ = [
+    "GatewayOptions",
+    "MetricsSettings",
+    "SessionSettings",
+    "TroupeSettings",
+    "load_settings",
+]
 
 
 class GatewayOptions(Strict):
@@ -39,7 +46,7 @@ class GatewayOptions(Strict):
         1000, ge=1, description="Concurrent requests per gateway replica."
     )
     ray_actor_options: RayActorOptions = Field(
-        default_factory=lambda: RayActorOptions(num_cpus=0.25),
+        default_factory=lambda: RayActorOptions(num_cpus=0.25, num_gpus=0, memory=None),
         description="Resources per gateway replica.",
     )
     stream_idle_timeout_s: float = Field(
@@ -182,10 +189,9 @@ class TroupeSettings(Strict):
     def _one_env_per_credential(cls, models: list[ModelConfig]) -> list[ModelConfig]:
         envs: dict[str, str] = {}
         for model in models:
-            name = getattr(model.engine, "credential_name", None)
-            if name is None:
+            if not isinstance(model.engine, RemoteEngineConfig):
                 continue
-            env = model.engine.api_key_env
+            name, env = model.engine.credential_name, model.engine.api_key_env
             if envs.setdefault(name, env) != env:
                 raise ValueError(
                     f"credential {name!r} is read from both ${envs[name]} and ${env}: give "
@@ -210,9 +216,8 @@ class TroupeSettings(Strict):
         """Credential name -> environment variable, over every remote model."""
         out: dict[str, str] = {}
         for model in self.models:
-            name = getattr(model.engine, "credential_name", None)
-            if name is not None:
-                out[name] = model.engine.api_key_env
+            if isinstance(model.engine, RemoteEngineConfig):
+                out[model.engine.credential_name] = model.engine.api_key_env
         return out
 
     def model(self, model_id: str) -> Optional[ModelConfig]:
