@@ -97,7 +97,7 @@ class TraceBuffer:
         trace (its parent may be the client's span, from its ``traceparent``).
         """
         with self._lock:
-            picked = []
+            picked: list[tuple[str, list[dict[str, Any]], int, Optional[int], Optional[int]]] = []
             for trace_id in reversed(self._traces):
                 if len(picked) >= n:
                     break
@@ -119,14 +119,13 @@ def _summarize(
 ) -> dict[str, Any]:
     spans.sort(key=lambda s: s.get("start_unix_nano") or 0)
     ids = {s.get("span_id") for s in spans}
-    known = start is not None and end is not None
     root = next((s for s in spans if s.get("parent_id") not in ids), spans[0] if spans else None)
     return {
         "trace_id": trace_id,
         "root_name": root.get("name") if root else None,
         "start": start / 1e9 if start is not None else None,
         "start_unix_nano": start,
-        "duration_ms": round((end - start) / 1e6, 3) if known else None,
+        "duration_ms": round((end - start) / 1e6, 3) if start is not None and end is not None else None,
         "span_count": len(spans),
         "dropped_spans": dropped,
         "error": any((s.get("status") or {}).get("code") == "ERROR" for s in spans),

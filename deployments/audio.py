@@ -77,7 +77,9 @@ class StreamingEncoder:
             self._sink = _Sink()
             self._container = av.open(self._sink, mode="w", format=container_fmt)
             self._out_rate = rate or sample_rate
-            self._stream = self._container.add_stream(codec, rate=self._out_rate)
+            stream = self._container.add_stream(codec, rate=self._out_rate)
+            assert isinstance(stream, av.audio.stream.AudioStream)  # every codec in _AV_FORMATS is audio
+            self._stream = stream
             self._stream.layout = "mono"
             self._resampler = av.AudioResampler(
                 format=self._stream.codec_context.format or "s16",

@@ -143,7 +143,7 @@ class EmbeddingDeployment(EngineHost):
         start = 0
         for r in requests:
             end = start + len(r.inputs)
-            vectors = np.asarray(out.vectors[start:end], dtype=np.float32)
+            vectors: np.ndarray = np.asarray(out.vectors[start:end], dtype=np.float32)
             dims = vectors.shape[1]
             if r.dimensions is not None and r.dimensions < dims:
                 vectors = vectors[:, : r.dimensions]

@@ -142,7 +142,7 @@ def convert_gguf(gguf_path: Path, dest: Path) -> None:
         folder, gguf_file=name, dtype=torch.float32, local_files_only=True
     )
     # The GGUF "quantizer" already de-quantized to fp32, but it refuses to serialize.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as set; None means "not quantized"
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(dest))

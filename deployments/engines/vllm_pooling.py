@@ -55,7 +55,7 @@ class VLLMPoolingEngine:
     def _run(self, inputs: Sequence[Union[str, list[int]]]) -> EmbedOutput:
         prompts = [x if isinstance(x, str) else {"prompt_token_ids": list(x)} for x in inputs]
         outputs = self.llm.embed(prompts, use_tqdm=False)
-        vectors = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+        vectors: np.ndarray = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.where(norms == 0, 1.0, norms)
         return EmbedOutput(vectors, [len(o.prompt_token_ids) for o in outputs])

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 from serve_app.errors import (
     InferenceFailed,
@@ -129,7 +129,7 @@ def apply_start_within(
 
 async def stream_with_deadline(
     core: Any, model_id: str, request: GenerationRequest, info: Any
-) -> AsyncIterator[TextChunk]:
+) -> AsyncGenerator[TextChunk, None]:
     """Flex first; the standard tier when flex has not started within the window."""
     window = request.start_within_s
     assert window is not None

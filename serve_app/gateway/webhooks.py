@@ -25,6 +25,9 @@ import time
 from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
 __all__ = [
     "SIGNATURE_HEADER",
     "sign_payload",
@@ -104,7 +107,7 @@ def _resolve(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise UnsafeWebhookURL(f"the webhook host {host!r} does not resolve ({exc})") from None
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})
 
 
 def check_webhook_url(url: str, allow: Iterable[str] = (), resolve: bool = True) -> str:
@@ -141,18 +144,18 @@ def check_webhook_url(url: str, allow: Iterable[str] = (), resolve: bool = True)
     return url
 
 
-class SafeResolver:
+class SafeResolver(AbstractResolver):
     """An aiohttp resolver that drops addresses :func:`address_allowed` refuses, so the
     connection goes only to addresses checked at send time."""
 
     def __init__(self, scheme: str, allow: Iterable[str]) -> None:
-        from aiohttp.resolver import DefaultResolver
-
         self._inner = DefaultResolver()
         self.scheme = scheme
         self.allow = list(allow)
 
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[dict]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
         safe = [r for r in results if address_allowed(r["host"], host, self.scheme, self.allow)
                 and (self.scheme == "https" or ipaddress.ip_address(r["host"]).is_loopback)]

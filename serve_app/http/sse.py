@@ -18,7 +18,7 @@ chunks are still flushed the moment they exist.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncGenerator, Optional, Union
 
 from sse_starlette import ServerSentEvent
 from starlette.responses import StreamingResponse
@@ -33,7 +33,7 @@ KEEPALIVE = b": keepalive\n\n"
 Event = Union[str, ServerSentEvent]
 
 
-async def _encode(events: AsyncIterator[Event]) -> AsyncIterator[bytes]:
+async def _encode(events: AsyncGenerator[Event, None]) -> AsyncGenerator[bytes, None]:
     try:
         async for event in events:
             if isinstance(event, str):
@@ -55,12 +55,13 @@ class SSEResponse(StreamingResponse):
 
     def __init__(
         self,
-        events: AsyncIterator[Event],
+        events: AsyncGenerator[Event, None],
         status_code: int = 200,
         keepalive_s: Optional[float] = None,
     ) -> None:
+        self._encoded = _encode(events)
         super().__init__(
-            _encode(events),
+            self._encoded,
             status_code=status_code,
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
@@ -112,4 +113,4 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            await self._encoded.aclose()

@@ -133,7 +133,7 @@ def entry_to_row(entry: LedgerEntry) -> tuple[Any, ...]:
 def row_to_entry(row: Sequence[Any]) -> LedgerEntry:
     """Rebuild a :class:`LedgerEntry` from a row ordered as :data:`LEDGER_COLUMNS`."""
     values = dict(zip(LEDGER_COLUMNS, row, strict=True))
-    fields = {
+    fields: dict[str, Any] = {
         name: decode_inter_token_ms(values[name]) if name == "inter_token_ms"
         else _scalar(name, values[name])
         for name in EVENT_COLUMNS
