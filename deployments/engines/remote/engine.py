@@ -21,7 +21,7 @@ import contextlib
 import json
 import random
 import time
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional
 
 import aiohttp
 import orjson
@@ -157,11 +157,11 @@ class RemoteEngine:
         """Stream ``request``'s answer; a final output carries finish reason and usage."""
         session = self._started()
         inflight = Inflight()
-        loop: RetryLoop = RetryLoop(self, inflight.started + self.config.total_timeout_s)
+        retry = RetryLoop(self, inflight.started + self.config.total_timeout_s)
         self.counters["requests"] += 1
         self._inflight[request.request_id] = inflight
 
-        async def attempt(secret: str, clock: Deadlines) -> AsyncIterator[EngineOutput]:
+        async def attempt(secret: str, clock: Deadlines) -> AsyncGenerator[EngineOutput, None]:
             call = self.build_http(request, secret)
             response = await self._open(session, inflight, call, clock, secret)
             if response is None:
@@ -174,7 +174,7 @@ class RemoteEngine:
         yielded = False
         try:
             async with contextlib.aclosing(
-                loop.run(attempt, lambda delay: transport.abortable_sleep(inflight, delay))
+                retry.run(attempt, lambda delay: transport.abortable_sleep(inflight, delay))
             ) as outputs:
                 async for output in outputs:
                     yielded = True
@@ -193,9 +193,9 @@ class RemoteEngine:
         if self._session is None or self._creds is None:
             raise InferenceFailed(f"The engine for model '{self.model_id}' is not started.")
         session = self._session
-        loop: RetryLoop = RetryLoop(self, time.monotonic() + self.config.total_timeout_s)
+        retry = RetryLoop(self, time.monotonic() + self.config.total_timeout_s)
 
-        async def attempt(secret: str, clock: Deadlines) -> AsyncIterator[bytes]:
+        async def attempt(secret: str, clock: Deadlines) -> AsyncGenerator[bytes, None]:
             call = UpstreamCall(url, headers_for(secret), body)
             response = await self._open(session, Inflight(), call, clock, secret)
             assert response is not None
@@ -204,7 +204,7 @@ class RemoteEngine:
             finally:
                 response.close()
 
-        async with contextlib.aclosing(loop.run(attempt, _sleep)) as answers:
+        async with contextlib.aclosing(retry.run(attempt, _sleep)) as answers:
             async for raw in answers:
                 return json.loads(raw)
         raise AssertionError("unreachable: a unary call is never aborted")

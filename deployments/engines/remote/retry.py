@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Awaitable, Callable, TypeVar
 
 from deployments.engines.remote.breaker import CircuitBreaker, shared_breaker
 from deployments.engines.remote.errors import UpstreamFailure
@@ -39,7 +39,7 @@ logger = logging.getLogger("deployments.engines.remote")
 
 T = TypeVar("T")
 #: One attempt: given the key's secret and the attempt's deadlines, its items.
-Attempt = Callable[[str, Deadlines], AsyncIterator[T]]
+Attempt = Callable[[str, Deadlines], AsyncGenerator[T, None]]
 
 
 class RetryLoop:
@@ -55,8 +55,8 @@ class RetryLoop:
         self.auth_refreshed = False
 
     async def run(
-        self, attempt: Attempt, sleep: Callable[[float], Awaitable[bool]]
-    ) -> AsyncIterator[T]:
+        self, attempt: Attempt[T], sleep: Callable[[float], Awaitable[bool]]
+    ) -> AsyncGenerator[T, None]:
         """Yield the items of the first attempt that does not fail before its first item.
 
         Retries follow the module docstring; a failure after an item was yielded, or one

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Optional
 
 import aiohttp
 
@@ -51,7 +51,7 @@ class StreamState:
 async def read_answer(
     engine: "RemoteEngine", inflight: Inflight, response: aiohttp.ClientResponse,
     clock: Deadlines, secret: str,
-) -> AsyncIterator[EngineOutput]:
+) -> AsyncGenerator[EngineOutput, None]:
     """The outputs of one answer, the final one last (an ``abort`` output when aborted)."""
     state = StreamState()
     if response.headers.get("Content-Type", "").startswith("application/json"):
@@ -102,7 +102,7 @@ async def _next_chunk(
 async def _read_json(
     engine: "RemoteEngine", response: aiohttp.ClientResponse, clock: Deadlines,
     state: StreamState, secret: str,
-) -> AsyncIterator[EngineOutput]:
+) -> AsyncGenerator[EngineOutput, None]:
     try:
         body = json.loads(await transport.read_body(response, clock, engine.failures))
     except aiohttp.ClientError as exc:
