@@ -56,9 +56,9 @@ _ENGINE_MODULES: dict[str, str] = {
     "mock": "deployments.engines.mock:MockTextEngine",
     "transformers": "deployments.engines.transformers_cpu:TransformersTextEngine",
     "vllm": "deployments.engines.vllm_engine:VLLMTextEngine",
-    "openai": "deployments.engines.remote_openai:OpenAITextEngine",
-    "anthropic": "deployments.engines.remote_anthropic:AnthropicTextEngine",
-    "gemini": "deployments.engines.remote_gemini:GeminiTextEngine",
+    "openai": "deployments.engines.remote.openai:OpenAITextEngine",
+    "anthropic": "deployments.engines.remote.anthropic:AnthropicTextEngine",
+    "gemini": "deployments.engines.remote.gemini:GeminiTextEngine",
 }
 ENGINE_KINDS = tuple(_ENGINE_MODULES)
 

@@ -109,8 +109,8 @@ class ImageEngine(Protocol):
 _ENGINE_MODULES: dict[str, str] = {
     "mock-embeddings": "deployments.engines.mock_modalities:MockEmbeddingEngine",
     # remote providers' embeddings APIs (the engine config is the provider's text config)
-    "openai": "deployments.engines.remote_embeddings:RemoteEmbeddingEngine",
-    "gemini": "deployments.engines.remote_embeddings:RemoteEmbeddingEngine",
+    "openai": "deployments.engines.remote.embeddings:RemoteEmbeddingEngine",
+    "gemini": "deployments.engines.remote.embeddings:RemoteEmbeddingEngine",
     "sentence-transformers": "deployments.engines.sentence_transformers_engine:SentenceTransformersEngine",
     "vllm-pooling": "deployments.engines.vllm_pooling:VLLMPoolingEngine",
     "mock-speech": "deployments.engines.mock_modalities:MockSpeechEngine",

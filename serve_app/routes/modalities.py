@@ -108,8 +108,29 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
     """The modality and load/unload routes, closed over one GatewayCore."""
     router = APIRouter()
     max_body = core.settings.gateway.max_body_bytes
+    _add_embedding_routes(router, core, max_body)
+    _add_speech_routes(router, core, max_body)
+    _add_transcription_route(router, core, max_body)
+    _add_image_route(router, core, max_body)
 
-    # ------------------------------------------------------------- embeddings
+    # Admin-only: the policy layer (serve_app/policies/layer.py) classifies
+    # POST /models/{id}/load|unload as admin routes, so only admin keys reach them.
+    @router.post("/models/{model_id:path}/unload")
+    async def unload(model_id: str) -> JSONResponse:
+        return JSONResponse(await core.unload_model(model_id))
+
+    @router.post("/models/{model_id:path}/load")
+    async def load(model_id: str) -> JSONResponse:
+        return JSONResponse(await core.load_model(model_id))
+
+    return router
+
+
+# ----------------------------------------------------------------- embeddings
+
+
+def _add_embedding_routes(router: APIRouter, core: GatewayCore, max_body: int) -> None:
+    """``POST /v1/embeddings`` (OpenAI) and ``POST /embeddings`` (native)."""
 
     async def _embed(request: Request, route: str) -> tuple[EmbeddingsBody, Any, str]:
         body = parse_body(
@@ -143,7 +164,12 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
             "request_id": request_id,
         })
 
-    # ----------------------------------------------------------------- speech
+
+# --------------------------------------------------------------------- speech
+
+
+def _add_speech_routes(router: APIRouter, core: GatewayCore, max_body: int) -> None:
+    """``POST /v1/audio/speech`` (streamed audio) and ``GET /v1/audio/voices``."""
 
     @router.post("/v1/audio/speech")
     async def speech(request: Request) -> StreamingResponse:
@@ -173,32 +199,16 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
             out.append({"model": model_id, **info})
         return JSONResponse({"object": "list", "data": out})
 
-    # ---------------------------------------------------------- transcription
+
+# -------------------------------------------------------------- transcription
+
+
+def _add_transcription_route(router: APIRouter, core: GatewayCore, max_body: int) -> None:
+    """``POST /v1/audio/transcriptions`` (multipart upload)."""
 
     @router.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body:
-            raise RequestTooLarge(
-                f"The upload is {length} bytes; this gateway accepts at most {max_body}.",
-                details={"max_bytes": max_body},
-            )
-        raw = await request.body()  # cached: form() below parses these bytes
-        if len(raw) > max_body:
-            raise RequestTooLarge(
-                f"The upload is {len(raw)} bytes; this gateway accepts at most {max_body}.",
-                details={"max_bytes": max_body},
-            )
-        if "multipart/form-data" not in request.headers.get("content-type", ""):
-            raise InvalidRequest(
-                f"Send the audio as multipart/form-data: {TRANSCRIBE_EXAMPLE}.", param="file"
-            )
-        try:
-            form = await request.form()
-        except Exception:  # malformed multipart bodies raise several parser errors
-            raise InvalidRequest(
-                f"The multipart body could not be parsed. Send {TRANSCRIBE_EXAMPLE}.", param="file"
-            ) from None
+        form = await _transcription_form(request, max_body)
         model_id = str(form.get("model") or "")
         upload = form.get("file")
         if not model_id:
@@ -226,28 +236,64 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
             str(form.get("language") or "") or None, str(form.get("prompt") or "") or None, temperature,
         )
         result = await core.transcribe(model_id, req, RequestInfo("/v1/audio/transcriptions"))
-        if fmt == "text":
-            return PlainTextResponse(result.text + "\n")
-        if fmt in ("srt", "vtt"):
-            return PlainTextResponse(subtitles(result, fmt), media_type="text/vtt" if fmt == "vtt" else "text/plain")
-        if fmt == "json":
-            return JSONResponse({"text": result.text, "usage": {"type": "duration", "seconds": round(result.duration)}})
-        return JSONResponse({
-            "task": "transcribe",
-            "language": result.language,
-            "duration": result.duration,
-            "text": result.text,
-            "segments": [
-                {"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text,
-                 "tokens": s.tokens,
-                 "temperature": temperature if s.temperature is None else s.temperature,
-                 "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
-                 "no_speech_prob": s.no_speech_prob}
-                for s in result.segments
-            ],
-        })
+        return _transcription_response(result, fmt, temperature)
 
-    # ------------------------------------------------------------------ image
+
+async def _transcription_form(request: Request, max_body: int) -> Any:
+    """The upload's multipart form, refused when too large or not multipart."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body:
+        raise RequestTooLarge(
+            f"The upload is {length} bytes; this gateway accepts at most {max_body}.",
+            details={"max_bytes": max_body},
+        )
+    raw = await request.body()  # cached: form() below parses these bytes
+    if len(raw) > max_body:
+        raise RequestTooLarge(
+            f"The upload is {len(raw)} bytes; this gateway accepts at most {max_body}.",
+            details={"max_bytes": max_body},
+        )
+    if "multipart/form-data" not in request.headers.get("content-type", ""):
+        raise InvalidRequest(
+            f"Send the audio as multipart/form-data: {TRANSCRIBE_EXAMPLE}.", param="file"
+        )
+    try:
+        return await request.form()
+    except Exception:  # malformed multipart bodies raise several parser errors
+        raise InvalidRequest(
+            f"The multipart body could not be parsed. Send {TRANSCRIBE_EXAMPLE}.", param="file"
+        ) from None
+
+
+def _transcription_response(result: TranscriptionResult, fmt: str, temperature: float) -> Any:
+    """The transcription in ``fmt``: text, srt, vtt, json or verbose_json."""
+    if fmt == "text":
+        return PlainTextResponse(result.text + "\n")
+    if fmt in ("srt", "vtt"):
+        return PlainTextResponse(subtitles(result, fmt), media_type="text/vtt" if fmt == "vtt" else "text/plain")
+    if fmt == "json":
+        return JSONResponse({"text": result.text, "usage": {"type": "duration", "seconds": round(result.duration)}})
+    return JSONResponse({
+        "task": "transcribe",
+        "language": result.language,
+        "duration": result.duration,
+        "text": result.text,
+        "segments": [
+            {"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text,
+             "tokens": s.tokens,
+             "temperature": temperature if s.temperature is None else s.temperature,
+             "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
+             "no_speech_prob": s.no_speech_prob}
+            for s in result.segments
+        ],
+    })
+
+
+# ---------------------------------------------------------------------- image
+
+
+def _add_image_route(router: APIRouter, core: GatewayCore, max_body: int) -> None:
+    """``POST /v1/images/generations`` (images inline, base64 PNG)."""
 
     @router.post("/v1/images/generations")
     async def images(request: Request) -> JSONResponse:
@@ -285,17 +331,3 @@ def build_modalities_router(core: GatewayCore) -> APIRouter:
             "size": size,
             "output_format": "png",
         })
-
-    # ----------------------------------------------------------- load / unload
-
-    # Admin-only: the policy layer (serve_app/policies/layer.py) classifies
-    # POST /models/{id}/load|unload as admin routes, so only admin keys reach them.
-    @router.post("/models/{model_id:path}/unload")
-    async def unload(model_id: str) -> JSONResponse:
-        return JSONResponse(await core.unload_model(model_id))
-
-    @router.post("/models/{model_id:path}/load")
-    async def load(model_id: str) -> JSONResponse:
-        return JSONResponse(await core.load_model(model_id))
-
-    return router

@@ -47,65 +47,11 @@ def build_native_router(core: GatewayCore) -> APIRouter:
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        stats = await core.model_stats()
-        models = []
-        for model_id, model in core.models.items():
-            s = stats.get(model_id, {})
-            models.append(
-                {
-                    "id": model_id,
-                    "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
-                    "status": "unloaded" if model_id in core.unloaded else s.get("status", "unavailable"),
-                    "engine": model.engine.type,
-                    "active_requests": s.get("active_requests"),
-                    "reason": s.get("reason"),
-                    **({"remote": s["remote"]} if "remote" in s else {}),
-                }
-            )
-        # a model unloaded on purpose (POST /models/{id}/unload) or scaled to zero by its
-        # autoscaling policy does not make the gateway unhealthy
-        healthy = all(m["loaded"] or m["status"] in ("unloaded", "scaled_to_zero") for m in models)
-        return JSONResponse(
-            {
-                "status": "ok" if healthy else "degraded",
-                "version": VERSION,
-                "uptime_s": round(time.time() - core.started_at, 3),
-                "models_loaded": sum(1 for m in models if m["loaded"]),
-                "in_flight_requests": core.in_flight,
-                "models": models,
-            },
-            status_code=200 if healthy else 503,
-        )
+        return await _health(core)
 
     @router.get("/models")
     async def models() -> JSONResponse:
-        stats = await core.model_stats()
-        data = []
-        for model_id, model in core.models.items():
-            s = stats.get(model_id, {})
-            opts = model.deployment
-            data.append(
-                {
-                    "id": model_id,
-                    "modality": model.modality,
-                    "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
-                    "capabilities": core.capabilities(model),
-                    **core.modality_card(model),
-                    "context_length": s.get("context_length"),
-                    "engine": model.engine.type,
-                    "description": model.description,
-                    "default_max_tokens": model.default_max_tokens,
-                    "resources": {
-                        **opts.ray_actor_options.to_ray(),
-                        "max_ongoing_requests": opts.max_ongoing_requests,
-                        "replicas": opts.num_replicas
-                        if opts.autoscaling is None
-                        else opts.autoscaling.model_dump(),
-                    },
-                    "pricing": model.pricing.model_dump(),
-                }
-            )
-        return JSONResponse({"object": "list", "data": data})
+        return await _models(core)
 
     async def _parse(request: Request) -> InferenceRequest:
         body = parse_body(
@@ -147,6 +93,70 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                            keepalive_s=core.settings.gateway.sse_keepalive_s)
 
     return router
+
+
+async def _health(core: GatewayCore) -> JSONResponse:
+    """``GET /health``: every model's state; 503 when one that should serve does not."""
+    stats = await core.model_stats()
+    models = []
+    for model_id, model in core.models.items():
+        s = stats.get(model_id, {})
+        models.append(
+            {
+                "id": model_id,
+                "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
+                "status": "unloaded" if model_id in core.unloaded else s.get("status", "unavailable"),
+                "engine": model.engine.type,
+                "active_requests": s.get("active_requests"),
+                "reason": s.get("reason"),
+                **({"remote": s["remote"]} if "remote" in s else {}),
+            }
+        )
+    # a model unloaded on purpose (POST /models/{id}/unload) or scaled to zero by its
+    # autoscaling policy does not make the gateway unhealthy
+    healthy = all(m["loaded"] or m["status"] in ("unloaded", "scaled_to_zero") for m in models)
+    return JSONResponse(
+        {
+            "status": "ok" if healthy else "degraded",
+            "version": VERSION,
+            "uptime_s": round(time.time() - core.started_at, 3),
+            "models_loaded": sum(1 for m in models if m["loaded"]),
+            "in_flight_requests": core.in_flight,
+            "models": models,
+        },
+        status_code=200 if healthy else 503,
+    )
+
+
+async def _models(core: GatewayCore) -> JSONResponse:
+    """``GET /models``: every model with its state, capabilities, resources and pricing."""
+    stats = await core.model_stats()
+    data = []
+    for model_id, model in core.models.items():
+        s = stats.get(model_id, {})
+        opts = model.deployment
+        data.append(
+            {
+                "id": model_id,
+                "modality": model.modality,
+                "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
+                "capabilities": core.capabilities(model),
+                **core.modality_card(model),
+                "context_length": s.get("context_length"),
+                "engine": model.engine.type,
+                "description": model.description,
+                "default_max_tokens": model.default_max_tokens,
+                "resources": {
+                    **opts.ray_actor_options.to_ray(),
+                    "max_ongoing_requests": opts.max_ongoing_requests,
+                    "replicas": opts.num_replicas
+                    if opts.autoscaling is None
+                    else opts.autoscaling.model_dump(),
+                },
+                "pricing": model.pricing.model_dump(),
+            }
+        )
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def _native_events(

@@ -56,6 +56,26 @@ def _number(request: Request, name: str) -> Optional[float]:
     return value
 
 
+def _usage_query(request: Request) -> tuple[str, float, float]:
+    """``group_by`` and the window (``start``, ``end``; default the last day) of /v1/usage."""
+    group_by = request.query_params.get("group_by", "model")
+    if group_by not in GROUP_BY:
+        raise InvalidRequest(
+            f"group_by must be one of {', '.join(GROUP_BY)}; got {group_by!r}. "
+            "Example: /v1/usage?group_by=model&window_s=3600",
+            param="group_by",
+        )
+    now = time.time()
+    end = _number(request, "end") or now
+    window = _number(request, "window_s")
+    start = _number(request, "start")
+    if start is None:
+        start = end - (window if window is not None else 86_400.0)
+    if start >= end:
+        raise InvalidRequest("start must be before end.", param="start")
+    return group_by, start, end
+
+
 def build_observability_router(core: GatewayCore, metrics_actor: Any) -> APIRouter:
     """Routes over the metrics actor's handle (``None`` when metrics are disabled)."""
     router = APIRouter()
@@ -83,21 +103,7 @@ def build_observability_router(core: GatewayCore, metrics_actor: Any) -> APIRout
 
     @router.get("/v1/usage")
     async def usage(request: Request) -> JSONResponse:
-        group_by = request.query_params.get("group_by", "model")
-        if group_by not in GROUP_BY:
-            raise InvalidRequest(
-                f"group_by must be one of {', '.join(GROUP_BY)}; got {group_by!r}. "
-                "Example: /v1/usage?group_by=model&window_s=3600",
-                param="group_by",
-            )
-        now = time.time()
-        end = _number(request, "end") or now
-        window = _number(request, "window_s")
-        start = _number(request, "start")
-        if start is None:
-            start = end - (window if window is not None else 86_400.0)
-        if start >= end:
-            raise InvalidRequest("start must be before end.", param="start")
+        group_by, start, end = _usage_query(request)
         principal = current_principal()
         if principal is None or principal.is_admin:
             return JSONResponse(await call("usage", start, end, group_by))

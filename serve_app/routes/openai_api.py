@@ -81,11 +81,9 @@ def _admit(
     return request
 
 
-def build_openai_router(core: GatewayCore) -> APIRouter:
-    """The ``/v1`` routes, closed over one GatewayCore (built per replica)."""
-    router = APIRouter(prefix="/v1")
+def _add_model_routes(router: APIRouter, core: GatewayCore) -> None:
+    """``GET /v1/models`` and ``GET /v1/models/{id}``."""
     created = int(core.started_at)
-    max_body = core.settings.gateway.max_body_bytes
 
     @router.get("/models")
     async def list_models() -> JSONResponse:
@@ -97,6 +95,13 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
     async def get_model(model_id: str) -> JSONResponse:
         core.resolve(model_id)
         return JSONResponse(_model_card(model_id, created, core))
+
+
+def build_openai_router(core: GatewayCore) -> APIRouter:
+    """The ``/v1`` routes, closed over one GatewayCore (built per replica)."""
+    router = APIRouter(prefix="/v1")
+    _add_model_routes(router, core)
+    max_body = core.settings.gateway.max_body_bytes
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -113,22 +118,10 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id),
                                keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
+        message = {"role": "assistant", "content": result.text}
         return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": now,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text},
-                        "logprobs": None,
-                        "finish_reason": result.finish_reason,
-                    }
-                ],
-                "usage": result.usage(),
-            }
+            _completion_json(completion_id, "chat.completion", now, body.model, result,
+                             message=message)
         )
 
     @router.post("/completions")
@@ -150,24 +143,33 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                                keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
         return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": now,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": echo + result.text,
-                        "logprobs": None,
-                        "finish_reason": result.finish_reason,
-                    }
-                ],
-                "usage": result.usage(),
-            }
+            _completion_json(completion_id, "text_completion", now, body.model, result,
+                             text=echo + result.text)
         )
 
     return router
+
+
+def _completion_json(
+    completion_id: str, kind: str, created: int, model: str, result: Any, **content: Any
+) -> dict[str, Any]:
+    """A whole (non-streamed) answer: ``kind`` ``chat.completion`` with ``message=``, or
+    ``text_completion`` with ``text=``."""
+    return {
+        "id": completion_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                **content,
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+        ],
+        "usage": result.usage(),
+    }
 
 
 async def _chat_events(

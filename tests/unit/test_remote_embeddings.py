@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from deployments.embeddings import EmbeddingDeployment
-from deployments.engines import remote_http
-from deployments.engines.remote_embeddings import RemoteEmbeddingEngine, _split_tokens
+from deployments.engines.remote import breaker
+from deployments.engines.remote.embeddings import RemoteEmbeddingEngine, _split_tokens
 from serve_app.settings import ConfigError, load_settings
 from serve_app.errors import InvalidRequest, RateLimitExceeded
 from serve_app.protocol.modalities import EmbeddingRequest
@@ -29,7 +29,7 @@ def fake() -> Iterator[FakeOpenAI]:
 def _fresh(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.reset()
     monkeypatch.setenv(KEY_ENV, "sk-test-remote-embed-0123456789")
-    remote_http._BREAKERS.clear()
+    breaker._BREAKERS.clear()
 
 
 def model(fake: FakeOpenAI, **engine: Any) -> dict[str, Any]:

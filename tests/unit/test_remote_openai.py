@@ -8,10 +8,10 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
-from deployments.engines import remote_http
+from deployments.engines.remote import breaker
 
 from deployments.engines.base import TextEngine, create_text_engine
-from deployments.engines.remote_openai import OpenAITextEngine, SSEParser
+from deployments.engines.remote.openai import OpenAITextEngine, SSEParser
 from serve_app.settings import OpenAIEngineConfig
 from serve_app.errors import (
     AuthenticationFailed,
@@ -41,7 +41,7 @@ def _fresh(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.wait_open_streams(0, timeout=2)  # a previous test's closed stream is gone
     fake.reset()
     monkeypatch.setenv(KEY_ENV, SENTINEL_KEY)
-    remote_http._BREAKERS.clear()  # breakers are per process: start each test closed
+    breaker._BREAKERS.clear()  # breakers are per process: start each test closed
 
 
 def make_config(fake: FakeOpenAI, **overrides: Any) -> OpenAIEngineConfig:

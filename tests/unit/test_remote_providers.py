@@ -9,12 +9,12 @@ from typing import Any, AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from deployments.engines import remote_http
+from deployments.engines.remote import breaker
 
 from deployments.engines.base import create_text_engine
-from deployments.engines.remote_anthropic import AnthropicTextEngine
-from deployments.engines.remote_gemini import GeminiTextEngine
-from deployments.engines.remote_http import StreamState
+from deployments.engines.remote.anthropic import AnthropicTextEngine
+from deployments.engines.remote.gemini import GeminiTextEngine
+from deployments.engines.remote import StreamState
 from serve_app.settings import AnthropicEngineConfig, GeminiEngineConfig
 from serve_app.errors import (
     AuthenticationFailed,
@@ -53,7 +53,7 @@ def _fresh(anthropic: FakeAnthropic, gemini: FakeGemini, monkeypatch: pytest.Mon
         fake.wait_open_streams(0, timeout=2)
         fake.reset()
     monkeypatch.setenv(A_ENV, A_KEY)
-    remote_http._BREAKERS.clear()  # breakers are per process: start each test closed
+    breaker._BREAKERS.clear()  # breakers are per process: start each test closed
     monkeypatch.setenv(G_ENV, G_KEY)
 
 

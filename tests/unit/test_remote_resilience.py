@@ -1,4 +1,4 @@
-"""The shared remote transport (deployments/engines/remote_http.py) against the fake
+"""The shared remote transport (deployments/engines/remote/) against the fake
 OpenAI upstream: retries, Retry-After, breaker, 401 refresh, classification, Azure, JSON."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
-from deployments.engines import remote_http
+from deployments.engines.remote import breaker
 
-from deployments.engines.remote_http import CircuitBreaker, backoff_delay, retry_after_seconds
-from deployments.engines.remote_openai import OpenAITextEngine
+from deployments.engines.remote import CircuitBreaker, backoff_delay, retry_after_seconds
+from deployments.engines.remote.openai import OpenAITextEngine
 from serve_app.settings import OpenAIEngineConfig
 from serve_app.errors import (
     AuthenticationFailed,
@@ -44,7 +44,7 @@ def _fresh(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     fake.wait_open_streams(0, timeout=2)
     fake.reset()
     monkeypatch.setenv(KEY_ENV, KEY)
-    remote_http._BREAKERS.clear()  # breakers are per process: start each test closed
+    breaker._BREAKERS.clear()  # breakers are per process: start each test closed
 
 
 def config(fake: FakeOpenAI, **overrides: Any) -> OpenAIEngineConfig:
@@ -323,7 +323,7 @@ async def test_service_tier_is_sent_when_set(make, fake):
 
 async def test_non_streaming_json_answer_is_accepted(make, fake):
     eng = await make()
-    from deployments.engines.remote_http import StreamState
+    from deployments.engines.remote import StreamState
 
     state = StreamState()
     outs = eng.on_json({"choices": [{"message": {"content": "hi there"},

@@ -25,10 +25,11 @@ from __future__ import annotations
 from typing import Any, Optional
 from urllib.parse import quote
 
-from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
-from serve_app.settings import GeminiEngineConfig
+from deployments.engines.remote.engine import RemoteEngine, StreamState
+from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import AuthenticationFailed, InferenceFailed, TroupeError
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.settings import GeminiEngineConfig
 
 __all__ = ["GeminiTextEngine", "build_generate_body"]
 
@@ -155,10 +156,8 @@ class GeminiTextEngine(RemoteEngine):
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Embed ``texts`` (``batchEmbedContents``); Gemini reports no token usage (0)."""
-        from deployments.engines.remote_http import unary_json
-
         name = f"models/{self.config.model}"
         body = {"requests": [{"model": name, "content": {"parts": [{"text": t}]}}
                              for t in texts]}
-        data = await unary_json(self, self._embed_url, self._headers, body)
+        data = await self.unary_json(self._embed_url, self._headers, body)
         return [list(map(float, e["values"])) for e in data.get("embeddings") or ()], 0

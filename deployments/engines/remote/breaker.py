@@ -1,11 +1,12 @@
-"""The circuit breaker of the remote transport (one per provider, key and upstream)."""
+"""The circuit breaker of the remote transport (one per provider, key and upstream), and
+this process's registry of them."""
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
-__all__ = ["CircuitBreaker"]
+__all__ = ["CircuitBreaker", "shared_breaker"]
 
 
 class CircuitBreaker:
@@ -56,3 +57,19 @@ class CircuitBreaker:
             self.state, self.opened_at = "open", time.monotonic()
 
 
+
+
+#: Circuit breakers of this process, by provider, key fingerprint and base URL.
+_BREAKERS: dict[str, CircuitBreaker] = {}
+
+
+def shared_breaker(key: str, settings: Any) -> CircuitBreaker:
+    """This process's breaker for ``key``, made from ``settings`` (an engine's ``breaker``
+    section) the first time: every engine calling the same upstream with the same key
+    shares it, and the first one's settings win."""
+    breaker = _BREAKERS.get(key)
+    if breaker is None:
+        breaker = _BREAKERS[key] = CircuitBreaker(
+            settings.failure_threshold, settings.reset_timeout_s, settings.half_open_probes
+        )
+    return breaker

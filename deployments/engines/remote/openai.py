@@ -1,7 +1,7 @@
 """A text engine over a remote OpenAI-compatible chat completions API (OpenAI, Azure OpenAI).
 
 The transport (credentials, phase timeouts, retries, circuit breaker, error mapping)
-is :mod:`deployments.engines.remote_http`; this module only speaks OpenAI's wire format.
+is :mod:`deployments.engines.remote`; this module only speaks OpenAI's wire format.
 
 URL shapes: OpenAI ``POST {base_url}/chat/completions`` with ``Authorization: Bearer``;
 Azure OpenAI (``azure_deployment`` set) ``POST {base_url}/openai/deployments/{name}/chat/
@@ -35,15 +35,12 @@ from __future__ import annotations
 from typing import Any, Optional
 from urllib.parse import quote
 
-from deployments.engines.remote_http import (
-    RemoteEngine,
-    SSEParser,
-    StreamState,
-    UpstreamCall,
-)
-from serve_app.settings import OpenAIEngineConfig
+from deployments.engines.remote.engine import RemoteEngine, StreamState
+from deployments.engines.remote.sse import SSEParser
+from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.settings import OpenAIEngineConfig
 
 __all__ = ["OpenAITextEngine", "SSEParser", "build_chat_body", "build_embeddings_body"]
 
@@ -186,12 +183,10 @@ class OpenAITextEngine(RemoteEngine):
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Embed ``texts`` (OpenAI ``/embeddings``); returns vectors and prompt tokens."""
-        from deployments.engines.remote_http import unary_json
-
         body = build_embeddings_body(self.config.model, texts)
         if self.config.azure_deployment:
             body.pop("model")
-        data = await unary_json(self, self._embeddings_url, self._headers, body)
+        data = await self.unary_json(self._embeddings_url, self._headers, body)
         items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
         vectors = [list(map(float, item["embedding"])) for item in items]
         usage = data.get("usage") or {}

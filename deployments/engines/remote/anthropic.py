@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from deployments.engines.remote_http import RemoteEngine, StreamState, UpstreamCall
-from serve_app.settings import AnthropicEngineConfig
+from deployments.engines.remote.engine import RemoteEngine, StreamState
+from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.settings import AnthropicEngineConfig
 
 __all__ = ["AnthropicTextEngine", "build_messages_body", "anthropic_usage"]
 

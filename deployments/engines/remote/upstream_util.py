@@ -1,4 +1,4 @@
-"""Pure helpers of the remote transport (:mod:`deployments.engines.remote_http`): which
+"""Pure helpers of the remote transport (:mod:`deployments.engines.remote`): which
 statuses are retried, ``Retry-After`` hints, backoff with full jitter, and provider error
 objects cut to size and scrubbed of the key before they are kept."""
 
