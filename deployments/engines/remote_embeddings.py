@@ -18,7 +18,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from deployments.engines.base import create_text_engine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.modality_base import EmbedOutput
 from serve_app.errors import InvalidRequest
 

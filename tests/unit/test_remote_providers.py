@@ -11,7 +11,7 @@ import pytest
 
 from deployments.engines import remote_http
 
-from deployments.engines.base import create_text_engine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.remote_anthropic import AnthropicTextEngine
 from deployments.engines.remote_gemini import GeminiTextEngine
 from deployments.engines.remote_http import StreamState
