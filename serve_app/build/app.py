@@ -1,7 +1,9 @@
 """The app builder: config -> one Serve deployment per model + the Gateway ingress.
 
 ``serve run config/local.yaml`` calls :func:`build_app` with the config's ``args``.
-Ray decorators are applied here and nowhere else; the deployment classes stay plain.
+Ray decorators are applied in ``serve_app.build`` and nowhere else (the model replicas
+in ``build/replicas.py``, the named actors in ``build/actors.py``); the deployment and
+actor classes stay plain.
 The FastAPI app is built per replica, inside ``Gateway.__serve_build_asgi_app__``, never
 at import, so tests can build many apps in one process.
 """
