@@ -1,8 +1,9 @@
 """ModelStateActor: which configured models are unloaded, kept across redeploys.
 
-A plain class (no Ray here); the gateway applies ``ray.remote`` with the name
-``troupe-model-state`` (detached, restartable). The state is also written to a small
-JSON file beside the ledger, so it survives a restart of the actor or of Ray.
+A plain class (no Ray here); the builder (``serve_app.build.actors``) applies
+``ray.remote`` with the name ``troupe-model-state`` (detached, restartable). The state is
+also written to a small JSON file in the app's state folder (beside its SQLite ledger,
+see ``serve_app.store.location``), so it survives a restart of the actor or of Ray.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 from typing import Optional
+
+from serve_app.store.location import state_root
 
 __all__ = ["ModelStateActor", "MODEL_STATE_ACTOR", "state_file_for"]
 
@@ -21,32 +24,51 @@ def state_file_for(store_url: str) -> str:
     if store_url.startswith("sqlite:///"):
         return os.path.join(os.path.dirname("/" + store_url[len("sqlite:///"):].lstrip("/")),
                             "model_state.json")
-    base = os.environ.get("TROUPE_STATE_DIR") or os.path.expanduser("~/.local/share/troupe")
-    return os.path.join(base, "model_state.json")
+    return os.path.join(state_root(), "model_state.json")
+
+
+def _read(path: Optional[str]) -> dict[str, bool]:
+    if path and os.path.exists(path):
+        try:
+            with open(path) as f:
+                return {str(k): bool(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+    return {}
 
 
 class ModelStateActor:
-    """model id -> loaded (only models ever unloaded are listed)."""
+    """model id -> loaded (only models ever unloaded are listed), per state file.
+
+    ``path``: the state file of the app that created the actor. The actor is one per Ray
+    cluster (by name), so each caller may name its own app's file (``path`` in
+    ``get_all``/``set``): two Troupe apps on one cluster keep their own load state.
+    """
 
     def __init__(self, path: Optional[str] = None) -> None:
         self.path = path
-        self.state: dict[str, bool] = {}
-        if path and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    loaded = json.load(f)
-                self.state = {str(k): bool(v) for k, v in loaded.items()}
-            except (OSError, ValueError):
-                self.state = {}
+        self._states: dict[Optional[str], dict[str, bool]] = {path: _read(path)}
 
-    def get_all(self) -> dict[str, bool]:
-        return dict(self.state)
+    @property
+    def state(self) -> dict[str, bool]:
+        return self._state(None)
 
-    def set(self, model_id: str, loaded: bool) -> None:
-        self.state[model_id] = loaded
-        if self.path:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = self.path + ".tmp"
+    def _state(self, path: Optional[str]) -> dict[str, bool]:
+        path = path or self.path
+        if path not in self._states:
+            self._states[path] = _read(path)
+        return self._states[path]
+
+    def get_all(self, path: Optional[str] = None) -> dict[str, bool]:
+        return dict(self._state(path))
+
+    def set(self, model_id: str, loaded: bool, path: Optional[str] = None) -> None:
+        state = self._state(path)
+        state[model_id] = loaded
+        path = path or self.path
+        if path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(self.state, f)
-            os.replace(tmp, self.path)  # atomic: a crash leaves the old file or the new one
+                json.dump(state, f)
+            os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one

@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 __all__ = [
     "Credential",
@@ -42,7 +42,6 @@ __all__ = [
     "EnvCredentials",
     "fingerprint",
     "parse_secrets",
-    "session_actor_handle",
     "install_credential_source",
     "credential_source",
 ]
@@ -457,7 +456,8 @@ class CredentialClient:
             self._task.cancel()
 
 
-# Process-wide source used by remote engines; the replica builder installs the actor client.
+# Process-wide source used by remote engines; the builder (serve_app.build.actors) installs
+# the actor client.
 _SOURCE: Any = None
 
 
@@ -472,60 +472,3 @@ def credential_source() -> Any:
     if _SOURCE is None:
         _SOURCE = EnvCredentials()
     return _SOURCE
-
-
-def session_actor_args(settings: Any) -> dict[str, Any]:
-    """What a replica needs to find or create the session actor (plain data for Serve)."""
-    sess = settings.session
-    return {
-        "envs": settings.credential_envs(),
-        "secrets_file": sess.secrets_file,
-        "store_url": sess.store_url or settings.metrics.resolved_store_url(),
-        "poll_interval_s": sess.poll_interval_s,
-        "long_poll_s": sess.long_poll_s,
-        "num_cpus": sess.actor_num_cpus,
-        "name": sess.actor_name,
-    }
-
-
-def session_actor_handle(args: Mapping[str, Any], head_node_id: Callable[[], Optional[str]]) -> Any:
-    """The named, detached, restartable session actor: created by the first caller,
-    pinned to the head node (whose disk holds a SQLite store)."""
-    import ray
-
-    from actors.names import NAMESPACE, SESSION_ACTOR
-
-    name = args.get("name") or SESSION_ACTOR
-    store_url = args["store_url"]
-    options: dict[str, Any] = {}
-    head = head_node_id()
-    if head is not None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
-            head, soft=not str(store_url).startswith("sqlite:")
-        )
-    return ray.remote(SessionActor).options(
-        name=name,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=-1,
-        num_cpus=args["num_cpus"],
-        max_concurrency=1000,
-        **options,
-    ).remote(args["envs"], args["secrets_file"], store_url, args["poll_interval_s"])
-
-
-def install_session_client(
-    args: Mapping[str, Any], head_node_id: Callable[[], Optional[str]]
-) -> CredentialClient:
-    """In a replica serving remote models: use the session actor's snapshots."""
-    if not isinstance(_SOURCE, CredentialClient):
-        actor = session_actor_handle(args, head_node_id)
-        install_credential_source(CredentialClient(actor, args["long_poll_s"]))
-    return _SOURCE
-
-
-__all__ += ["install_session_client", "session_actor_args"]

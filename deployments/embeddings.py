@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 
-from deployments.engines.modality_base import EmbeddingEngine, create_modality_engine
+from deployments.engines.modality_base import EmbeddingEngine
 from deployments.lifecycle import EngineHost
 from serve_app.settings import ModelConfig
 from serve_app.errors import ContextLengthExceeded, InvalidRequest, TroupeError
@@ -35,7 +35,7 @@ class EmbeddingDeployment(EngineHost):
     """
 
     def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[EmbeddingEngine] = None):
-        super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
+        super().__init__(model, engine)
         #: How a checked request is run; the builder swaps in a Serve-batched callable.
         self.run_one: Callable[[EmbeddingRequest], Awaitable[EmbeddingResult]] = self._unbatched
         #: Most requests one engine call has served (shows the batching at work).

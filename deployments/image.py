@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from deployments.engines.modality_base import ImageEngine, create_modality_engine
+from deployments.engines.modality_base import ImageEngine
 from deployments.lifecycle import EngineHost
 from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
@@ -40,7 +40,7 @@ class ImageDeployment(EngineHost):
     """Serves one image model."""
 
     def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[ImageEngine] = None):
-        super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
+        super().__init__(model, engine)
 
     def sizes(self) -> list[str]:
         return list(self.model.engine.sizes)

@@ -1,8 +1,12 @@
-"""What every modality deployment shares: engine start, unload/load, stats, health.
+"""What every model deployment shares, text or not: engine start, unload/load, stats, health.
 
-:class:`EngineHost` is a plain base class (no Ray). ``unload()`` drops the engine and
-returns the replica's memory before and after, so a caller can show what was freed;
-``load()`` builds and starts a fresh engine.
+:class:`EngineHost` is a plain base class (no Ray) of :class:`deployments.llm.LLMDeployment`
+and the modality deployments. It builds its engine from the one registry
+(``deployments.engines.registry``, keyed by modality and engine type), starts it once under
+one lock and within ``start_timeout_s``; ``unload()`` drops the engine and returns the
+replica's memory before and after, so a caller can show what was freed; ``load()`` builds
+and starts a fresh engine. A Serve replica and a gateway-hosted engine (``run_in:
+gateway``) go through the same methods.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ import gc
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
+from deployments.engines.registry import create_engine
+from serve_app.errors import InferenceFailed, ModelNotLoaded, Timeout, TroupeError
 from serve_app.settings import ModelConfig
-from serve_app.errors import InferenceFailed, ModelNotLoaded, TroupeError
 
-__all__ = ["EngineHost", "rss_mb", "release_memory"]
+__all__ = ["EngineHost", "rss_mb", "release_memory", "ENGINE_START_TIMEOUT_S"]
+
+#: Longest an engine may take to start (load weights, connect) before the start fails.
+#: Generous: a first start may download a large model.
+ENGINE_START_TIMEOUT_S = 1800.0
 
 
 def rss_mb() -> Optional[float]:
@@ -49,28 +58,34 @@ def release_memory() -> None:
 
 
 class EngineHost:
-    """Base of the modality deployments: one engine, built by ``engine_factory``.
+    """Base of every model deployment: one engine, built from the registry.
 
     Args:
         model: the model's config (or its dict form, as Serve passes args).
-        engine_factory: builds a fresh (not started) engine from the model config.
-        engine: an engine instance to use first (tests).
+        engine: an engine instance to use first (tests); default: built from config.
+        start_timeout_s: longest wait for the engine's ``start()`` (TIMEOUT beyond).
     """
 
     def __init__(
         self,
         model: ModelConfig | dict[str, Any],
-        engine_factory: Callable[[ModelConfig], Any],
         engine: Any = None,
+        start_timeout_s: float = ENGINE_START_TIMEOUT_S,
     ) -> None:
         self.model = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
-        self._factory = engine_factory
-        self.engine: Any = engine if engine is not None else engine_factory(self.model)
+        self.engine: Any = engine if engine is not None else self._new_engine()
+        self.start_timeout_s = start_timeout_s
         self._started = False
         self._unloaded = False
         self._start_lock = asyncio.Lock()
         self._active = 0
         self._served = 0
+        #: Unix time the engine finished starting (a request sent before it waited for
+        #: this replica to start: a cold start, e.g. after scale to zero).
+        self._ready_at: Optional[float] = None
+
+    def _new_engine(self) -> Any:
+        return create_engine(self.model.modality, self.model.id, self.model.engine)
 
     async def start(self) -> None:
         """Load the engine now (the builder calls this from the replica's constructor)."""
@@ -80,18 +95,34 @@ class EngineHost:
         if self._started:
             return
         async with self._start_lock:
-            if not self._started:
-                await self.engine.start()
-                self._started = True
+            if self._started or self._unloaded:
+                return
+            try:
+                async with asyncio.timeout(self.start_timeout_s):
+                    await self.engine.start()
+            except TimeoutError:
+                raise Timeout(
+                    f"Model {self.model.id!r}'s engine did not start within "
+                    f"{self.start_timeout_s:g}s; check the replica's log and retry.",
+                    details={"model": self.model.id, "phase": "start"},
+                ) from None
+            self._started = True
+            self._ready_at = time.time()
 
-    async def _ready_engine(self) -> Any:
+    def _refuse_if_unloaded(self) -> None:
         if self._unloaded:
             raise ModelNotLoaded(
                 f"Model {self.model.id!r} is unloaded. Load it with "
                 f"POST /models/{self.model.id}/load, then retry.",
                 details={"model": self.model.id},
             )
+
+    async def _ready_engine(self) -> Any:
+        """The started engine; MODEL_NOT_LOADED while unloaded (also when unloaded while
+        this caller waited for the start)."""
+        self._refuse_if_unloaded()
         await self._ensure_started()
+        self._refuse_if_unloaded()
         return self.engine
 
     @contextlib.contextmanager
@@ -143,7 +174,7 @@ class EngineHost:
         """Build and start a fresh engine (a no-op when loaded)."""
         async with self._start_lock:
             if self._unloaded:
-                self.engine = self._factory(self.model)
+                self.engine = self._new_engine()
                 self._unloaded = False
         await self._ensure_started()
         return {"model": self.model.id, "loaded": True, "rss_mb": rss_mb(), "pid": os.getpid()}
@@ -168,53 +199,3 @@ class EngineHost:
     async def shutdown(self) -> None:
         if self.engine is not None and self._started:
             await self.engine.shutdown()
-
-
-class _UnloadedTextEngine:
-    """Stands in for a text engine after unload: holds nothing, refuses work."""
-
-    def __init__(self, model_id: str, context_length: int) -> None:
-        self.model_id = model_id
-        self.context_length = context_length
-
-    async def start(self) -> None:
-        pass
-
-    def generate(self, request: Any) -> Any:
-        raise ModelNotLoaded(
-            f"Model {self.model_id!r} is unloaded. Load it with POST /models/{self.model_id}/load.",
-            details={"model": self.model_id},
-        )
-
-    async def abort(self, request_id: str) -> None:
-        pass
-
-    def active_requests(self) -> int:
-        return 0
-
-    async def shutdown(self) -> None:
-        pass
-
-
-class TextLifecycle:
-    """unload/load for :class:`deployments.llm.LLMDeployment` (mixed in by the builder)."""
-
-    async def unload(self) -> dict[str, Any]:
-        before = rss_mb()
-        engine = self.engine  # type: ignore[has-type]
-        if not isinstance(engine, _UnloadedTextEngine):
-            await engine.shutdown()
-            self.engine = _UnloadedTextEngine(self.model.id, engine.context_length)  # type: ignore[attr-defined]
-            del engine
-        release_memory()
-        return {"model": self.model.id, "loaded": False, "rss_mb_before": before,  # type: ignore[attr-defined]
-                "rss_mb_after": rss_mb(), "pid": os.getpid()}
-
-    async def load(self) -> dict[str, Any]:
-        from deployments.engines.base import create_text_engine
-
-        if isinstance(self.engine, _UnloadedTextEngine):  # type: ignore[has-type]
-            self.engine = create_text_engine(self.model.id, self.model.engine)  # type: ignore[attr-defined]
-            self._started = False
-            await self.start()  # type: ignore[attr-defined]
-        return {"model": self.model.id, "loaded": True, "rss_mb": rss_mb(), "pid": os.getpid()}  # type: ignore[attr-defined]

@@ -1,7 +1,9 @@
 """The text model deployment: a plain class over one :class:`TextEngine`.
 
-Serve's decorator is applied by the app builder (``serve_app.build.app``), so this class is
-usable and testable without Ray. One instance serves one configured model id.
+Serve's decorator is applied by the app builder (``serve_app.build``), so this class is
+usable and testable without Ray. One instance serves one configured model id. Start,
+unload/load, health and the engine registry come from :class:`~deployments.lifecycle.
+EngineHost`, as for every other modality.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import Any, AsyncIterator, Optional
 
-from deployments.engines.base import TextEngine, create_text_engine
-from serve_app.settings import ModelConfig
+from deployments.engines.base import TextEngine
+from deployments.lifecycle import EngineHost
 from serve_app.errors import InferenceFailed, TroupeError
 from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.settings import ModelConfig
 from serve_app.tracing import (
     ATTR_FINISH_REASONS,
     ATTR_INPUT_TOKENS,
@@ -35,7 +37,7 @@ logger = logging.getLogger("troupe.llm")
 _WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-class LLMDeployment:
+class LLMDeployment(EngineHost):
     """Serves one text model: streams :class:`TextChunk` and counts tokens.
 
     Args:
@@ -43,29 +45,10 @@ class LLMDeployment:
         engine: an engine instance to use instead of building one from config (tests).
     """
 
+    engine: TextEngine
+
     def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[TextEngine] = None):
-        self.model = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
-        self.engine: TextEngine = engine or create_text_engine(self.model.id, self.model.engine)
-        self._started = False
-        self._start_lock = asyncio.Lock()
-        self._served = 0
-        self._started_at = time.time()
-        #: Unix time the engine finished loading: a request sent before it waited for
-        #: this replica to start (a cold start, e.g. after scale to zero).
-        self._ready_at: Optional[float] = None
-
-    async def _ensure_started(self) -> None:
-        if self._started:
-            return
-        async with self._start_lock:
-            if not self._started:
-                await self.engine.start()
-                self._started = True
-                self._ready_at = time.time()
-
-    async def start(self) -> None:
-        """Load the engine now (the builder calls this from the replica's constructor)."""
-        await self._ensure_started()
+        super().__init__(model, engine)
 
     def _limit(self, request: GenerationRequest) -> GenerationRequest:
         if request.sampling.default_max_tokens is None:
@@ -80,11 +63,8 @@ class LLMDeployment:
         Traced as "deployment.stream" (a child of the gateway's span, from
         ``request.trace_context``) around "engine.generate".
         """
-        queue_ms = (
-            max(0.0, (time.time() - request.dispatched_at) * 1000.0)
-            if request.dispatched_at else None
-        )
-        await self._ensure_started()
+        queue_ms = self.queue_ms(request.dispatched_at)
+        engine = await self._ready_engine()
         cold_start = bool(request.dispatched_at) and request.dispatched_at < (self._ready_at or 0)
         self._limit(request)
         self._served += 1
@@ -100,7 +80,7 @@ class LLMDeployment:
             attributes=attributes,
         )
         engine_span = start_span("engine.generate", parent=span, attributes=attributes)
-        outputs = self.engine.generate(request)
+        outputs = engine.generate(request)
         try:
             async for out in outputs:
                 completion += out.num_tokens
@@ -183,21 +163,17 @@ class LLMDeployment:
 
     def stats(self) -> dict[str, Any]:
         """Engine-side truth for /health: what this replica's engine is working on."""
-        return {
+        engine = self.engine
+        out = {
             "model": self.model.id,
-            "active_requests": self.engine.active_requests(),
+            "active_requests": engine.active_requests() if engine is not None else 0,
             "served_requests": self._served,
-            "context_length": self.engine.context_length,
+            "context_length": engine.context_length if engine is not None else None,
             "engine": self.model.engine.type,
             "started": self._started,
             "pid": os.getpid(),
-            **({"remote": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
+            **({"remote": engine.stats()} if hasattr(engine, "stats") else {}),
         }
-
-    async def check_health(self) -> None:
-        """Serve's health check hook: a replica whose engine failed to load is unhealthy."""
-        if not self._started:
-            await self._ensure_started()
-
-    async def shutdown(self) -> None:
-        await self.engine.shutdown()
+        if engine is None:
+            out["engine_loaded"] = False
+        return out

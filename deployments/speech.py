@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Optional
 
 from deployments.audio import StreamingEncoder
-from deployments.engines.modality_base import OPENAI_VOICES, SpeechEngine, create_modality_engine
+from deployments.engines.modality_base import OPENAI_VOICES, SpeechEngine
 from deployments.lifecycle import EngineHost
 from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
@@ -34,7 +34,7 @@ class SpeechDeployment(EngineHost):
     """Serves one voice model."""
 
     def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[SpeechEngine] = None):
-        super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
+        super().__init__(model, engine)
 
     async def voices(self) -> dict[str, Any]:
         engine = await self._ready_engine()

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any, Optional
 
 from deployments.audio import AudioDecodeError, decode_audio
-from deployments.engines.modality_base import TranscriptionEngine, create_modality_engine
+from deployments.engines.modality_base import TranscriptionEngine
 from deployments.lifecycle import EngineHost
 from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
@@ -30,7 +30,7 @@ class TranscriptionDeployment(EngineHost):
     """Serves one speech recognition model."""
 
     def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[TranscriptionEngine] = None):
-        super().__init__(model, lambda m: create_modality_engine(m.id, m.engine), engine)
+        super().__init__(model, engine)
 
     async def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
         engine = await self._ready_engine()

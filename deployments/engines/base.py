@@ -1,4 +1,4 @@
-"""The text engine interface and the registry that builds engines from config.
+"""The text engine interface (engines are built by ``deployments.engines.registry``).
 
 An engine turns a :class:`~serve_app.protocol.internal.GenerationRequest` into an async
 stream of :class:`~serve_app.protocol.internal.EngineOutput` deltas, following vLLM's
@@ -11,20 +11,18 @@ streaming contract:
   the request: the engine stops generating within a bounded time and frees its slot, so
   ``active_requests()`` drops. ``abort(request_id)`` does the same from outside.
 
-Adding an engine means adding a module and one entry in ``_ENGINE_MODULES``; no route
-and no deployment changes.
+Adding an engine means adding a module and one entry in the registry
+(``deployments/engines/registry.py``); no route and no deployment changes.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import AsyncIterator, Optional, Protocol, runtime_checkable
 
-from serve_app.settings import EngineConfig
 from serve_app.errors import ContextLengthExceeded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 
-__all__ = ["TextEngine", "create_text_engine", "plan_output_tokens", "ENGINE_KINDS"]
+__all__ = ["TextEngine", "plan_output_tokens"]
 
 
 @runtime_checkable
@@ -48,26 +46,6 @@ class TextEngine(Protocol):
 
     async def shutdown(self) -> None:
         """Free resources; called when the replica stops."""
-
-
-# engine kind -> "module:Class"; modules are imported only when configured, so the CPU
-# install never imports vllm and the mock never imports torch.
-_ENGINE_MODULES: dict[str, str] = {
-    "mock": "deployments.engines.mock:MockTextEngine",
-    "transformers": "deployments.engines.transformers_cpu:TransformersTextEngine",
-    "vllm": "deployments.engines.vllm_engine:VLLMTextEngine",
-    "openai": "deployments.engines.remote.openai:OpenAITextEngine",
-    "anthropic": "deployments.engines.remote.anthropic:AnthropicTextEngine",
-    "gemini": "deployments.engines.remote.gemini:GeminiTextEngine",
-}
-ENGINE_KINDS = tuple(_ENGINE_MODULES)
-
-
-def create_text_engine(model_id: str, config: EngineConfig) -> TextEngine:
-    """Instantiate (not start) the engine a model's config names."""
-    module_name, class_name = _ENGINE_MODULES[config.type].split(":")
-    engine_cls = getattr(importlib.import_module(module_name), class_name)
-    return engine_cls(model_id=model_id, config=config)
 
 
 def plan_output_tokens(

@@ -1,17 +1,16 @@
-"""Engine interfaces of the non-text modalities, and the registry that builds them.
+"""Engine interfaces of the non-text modalities (built by ``deployments.engines.registry``).
 
 One small async interface per modality. Engines do the model work only; input checks,
 encoding (PNG, mp3...) and metering live in the deployments and the gateway. Engines run
 blocking model calls in a worker thread so a replica keeps answering health checks.
 
-Adding an engine means a module and one line in ``_ENGINE_MODULES``; no route changes.
+Adding an engine means a module and one line in the registry; no route changes.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import AsyncIterator, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
@@ -23,7 +22,6 @@ __all__ = [
     "SpeechEngine",
     "TranscriptionEngine",
     "ImageEngine",
-    "create_modality_engine",
     "OPENAI_VOICES",
 ]
 
@@ -104,30 +102,6 @@ class ImageEngine(Protocol):
         """``n`` uint8 RGB arrays [H, W, 3] (any size; the deployment resizes)."""
 
     async def shutdown(self) -> None: ...
-
-
-_ENGINE_MODULES: dict[str, str] = {
-    "mock-embeddings": "deployments.engines.mock_modalities:MockEmbeddingEngine",
-    # remote providers' embeddings APIs (the engine config is the provider's text config)
-    "openai": "deployments.engines.remote.embeddings:RemoteEmbeddingEngine",
-    "gemini": "deployments.engines.remote.embeddings:RemoteEmbeddingEngine",
-    "sentence-transformers": "deployments.engines.sentence_transformers_engine:SentenceTransformersEngine",
-    "vllm-pooling": "deployments.engines.vllm_pooling:VLLMPoolingEngine",
-    "mock-speech": "deployments.engines.mock_modalities:MockSpeechEngine",
-    "piper": "deployments.engines.piper_tts:PiperEngine",
-    "mock-transcription": "deployments.engines.mock_modalities:MockTranscriptionEngine",
-    "faster-whisper": "deployments.engines.whisper_asr:FasterWhisperEngine",
-    "mock-image": "deployments.engines.mock_modalities:MockImageEngine",
-    "gan": "deployments.engines.gan_image:GANImageEngine",
-    "diffusers": "deployments.engines.diffusers_image:DiffusersImageEngine",
-}
-
-
-def create_modality_engine(model_id: str, config: Any) -> Any:
-    """Instantiate (not start) the engine a model's config names."""
-    module_name, class_name = _ENGINE_MODULES[config.type].split(":")
-    engine_cls = getattr(importlib.import_module(module_name), class_name)
-    return engine_cls(model_id=model_id, config=config)
 
 
 def split_sentences(text: str, max_chars: int = 400) -> list[str]:

@@ -1,7 +1,9 @@
 """The app builder: config -> one Serve deployment per model + the Gateway ingress.
 
 ``serve run config/local.yaml`` calls :func:`build_app` with the config's ``args``.
-Ray decorators are applied here and nowhere else; the deployment classes stay plain.
+Ray decorators are applied in ``serve_app.build`` and nowhere else (the model replicas
+in ``build/replicas.py``, the named actors in ``build/actors.py``); the deployment and
+actor classes stay plain.
 The FastAPI app is built per replica, inside ``Gateway.__serve_build_asgi_app__``, never
 at import, so tests can build many apps in one process.
 """
@@ -13,28 +15,34 @@ from typing import Any, Optional
 
 from fastapi import FastAPI
 
-from actors.names import METRICS_ACTOR, NAMESPACE
-from serve_app.settings import ModelConfig, TroupeSettings, load_settings
+from serve_app.build.actors import (
+    install_session,
+    metrics_actor_handle,
+    model_state_backend,
+    quota_actor_handle,
+    session_actor_args,
+    span_sink,
+)
+from serve_app.build.replicas import model_deployment
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.http.plumbing import RequestIdMiddleware, install_error_handlers
+from serve_app.routes.admin import build_admin_router
 from serve_app.routes.anthropic_api import build_anthropic_router
 from serve_app.routes.modalities import build_modalities_router
-
-
-from serve_app.routes.admin import build_admin_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.playground import build_playground_router
 from serve_app.routes.responses_api import build_responses_router
+from serve_app.routes.voice import build_voice_router
 from serve_app.routes.websocket import build_ws_router
-from serve_app.gateway.voice import build_voice_router
-from serve_app.tracing import (
-    ActorSpanSink,
-    TracingMiddleware,
-    TracingSettings,
-    setup_tracing,
+from serve_app.settings import TroupeSettings, load_settings
+from serve_app.store.location import (
+    StateLocation,
+    legacy_store_note,
+    settings_state_location,
 )
+from serve_app.tracing import TracingMiddleware, setup_tracing
 
 __all__ = ["build_app", "build_fastapi_app", "Gateway", "model_deployment"]
 
@@ -60,7 +68,7 @@ def build_fastapi_app(
         description="Inference gateway on Ray Serve: OpenAI-compatible, REST and WebSocket.",
         docs_url="/docs",
         redoc_url=None,
-        lifespan=core.lifespan,  # follows load/unload state (serve_app/gateway/modalities.py)
+        lifespan=core.model_states.lifespan,  # follows load/unload state (gateway/model_state.py)
     )
     install_error_handlers(app, on_rejected=core.reject)
     app.include_router(build_openai_router(core))
@@ -102,60 +110,6 @@ def build_fastapi_app(
     return RequestIdMiddleware(traced_app, trust_upstream_id=behind_serve_proxy)
 
 
-def _span_sink(metrics_enabled: bool) -> Optional[ActorSpanSink]:
-    """Finished spans of this replica go, in batches, to the metrics actor (for /traces)."""
-    if not metrics_enabled:
-        return None
-    return ActorSpanSink(METRICS_ACTOR, namespace=NAMESPACE)
-
-
-def _head_node_id() -> Optional[str]:
-    """The Ray head node's id (it carries the ``node:__internal_head__`` resource)."""
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return node["NodeID"]
-    return None
-
-
-def metrics_actor_handle(settings: TroupeSettings) -> Any:
-    """The named, restartable metrics actor: created by the first caller, found by the rest."""
-    import ray
-
-    from actors.metrics import MetricsActor
-    from serve_app.pricing import overrides_from_models
-
-    metrics = settings.metrics
-    store_url = metrics.resolved_store_url()
-    options: dict[str, Any] = {}
-    head = _head_node_id()
-    if head is not None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # A SQLite ledger is a file on the head node's disk: the actor must run there.
-        # With PostgreSQL the head is only preferred.
-        soft = not store_url.startswith("sqlite:")
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=soft)
-    return ray.remote(MetricsActor).options(
-        name=METRICS_ACTOR,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        max_restarts=-1,
-        max_task_retries=-1,
-        num_cpus=metrics.actor_num_cpus,
-        **options,
-    ).remote(
-        store_url,
-        overrides_from_models(settings.models),
-        metrics.histogram_buckets_ms,
-        max_traces=settings.tracing.max_traces_kept,
-        max_spans_per_trace=settings.tracing.max_spans_per_trace,
-        serve_poll_s=metrics.serve_poll_interval_s,
-    )
-
-
 def _serve_bind_host() -> Optional[str]:
     """The host Serve's HTTP proxies bind to (None when it cannot be read)."""
     try:
@@ -166,26 +120,14 @@ def _serve_bind_host() -> Optional[str]:
         return None
 
 
-def quota_actor_handle(settings: TroupeSettings) -> Any:
-    """The named quota actor counting rate-limit windows for every gateway replica."""
-    import ray
-
-    from actors.quota import QUOTA_ACTOR, QuotaActor
-
-    return ray.remote(QuotaActor).options(
-        name=QUOTA_ACTOR, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_task_retries=-1, num_cpus=settings.limits.actor_num_cpus,
-    ).remote()
-
-
-def policy_layer(settings: TroupeSettings, core: GatewayCore) -> Any:
+def policy_layer(settings: TroupeSettings, core: GatewayCore, store_url: str) -> Any:
     """Auth, rate limits and idempotency of one gateway replica (see serve_app.policies)."""
     from serve_app.policies.layer import PolicyLayer
     from serve_app.store import open_store
 
     # Always created: a key's own limits may apply even when the defaults set none.
     quota = quota_actor_handle(settings)
-    store = open_store(settings.metrics.resolved_store_url())
+    store = open_store(store_url)
     if hasattr(store, "synchronous"):
         store.synchronous = "NORMAL"  # SQLite: no fsync per idempotency write (see SQLiteStore)
     return PolicyLayer(settings, store, quota, bind_host=_serve_bind_host(),
@@ -203,12 +145,14 @@ class Gateway:
     def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO)
         parsed = TroupeSettings.model_validate(settings)
+        self.state: StateLocation = settings_state_location(parsed)
+        logger.info("Troupe %s", self.state.describe())
+        note = legacy_store_note(self.state)
+        if note is not None:
+            logger.warning("Troupe %s", note)
         self.session_actor = None
         if parsed.credential_envs():
-            from actors.session import install_session_client, session_actor_args
-
-            client = install_session_client(session_actor_args(parsed), _head_node_id)
-            self.session_actor = client.actor
+            self.session_actor = install_session(session_actor_args(parsed)).actor
         self.local_handles = _in_gateway_handles(parsed)
         handles = {**handles, **self.local_handles}
         self.metrics_actor = None
@@ -216,7 +160,7 @@ class Gateway:
         if parsed.metrics.enabled:
             from actors.recorder import MetricsRecorder, actor_gauge_sink, actor_sink
 
-            self.metrics_actor = metrics_actor_handle(parsed)
+            self.metrics_actor = metrics_actor_handle(parsed, self.state.store_url)
             self.recorder = MetricsRecorder(
                 actor_sink(self.metrics_actor),
                 flush_interval_s=parsed.metrics.flush_interval_s,
@@ -224,17 +168,15 @@ class Gateway:
                 max_buffer=parsed.metrics.max_buffer,
                 gauge_sink=actor_gauge_sink(self.metrics_actor),
             )
-        from serve_app.build.modality import model_state_backend
-
         self.core = GatewayCore(
             parsed,
             handles,
             record=self.recorder.record if self.recorder else None,
             gauge=self.recorder.set_gauge if self.recorder else None,
-            model_state=model_state_backend(parsed),
+            model_state=model_state_backend(self.state),
         )
-        setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
-        self.policies = policy_layer(parsed, self.core)
+        setup_tracing(parsed.tracing, "gateway", span_sink(parsed.metrics.enabled))
+        self.policies = policy_layer(parsed, self.core, self.state.store_url)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(
@@ -254,10 +196,6 @@ class Gateway:
             await self.recorder.close()
 
 
-def _setup_model_replica(tracing: Optional[dict[str, Any]], metrics_enabled: bool) -> None:
-    setup_tracing(TracingSettings.model_validate(tracing or {}), "model", _span_sink(metrics_enabled))
-
-
 def _in_gateway_handles(settings: TroupeSettings) -> dict[str, Any]:
     """Handles over engines that run inside this gateway replica (``run_in: gateway``)."""
     from deployments.llm import LLMDeployment
@@ -266,52 +204,6 @@ def _in_gateway_handles(settings: TroupeSettings) -> dict[str, Any]:
     return {
         m.id: LocalHandle(LLMDeployment(m)) for m in settings.models if m.run_in == "gateway"
     }
-
-
-def model_deployment(model: ModelConfig):
-    """The Serve deployment (not yet bound) for one configured model."""
-    from ray import serve
-
-    from deployments.lifecycle import TextLifecycle
-    from deployments.llm import LLMDeployment
-
-    if model.modality != "text":
-        from serve_app.build.modality import modality_deployment
-
-        return modality_deployment(model, _setup_model_replica)
-
-    class TextModel(TextLifecycle, LLMDeployment):
-        async def __init__(  # type: ignore[misc]
-            self,
-            model_config: dict[str, Any],
-            tracing: Optional[dict[str, Any]] = None,
-            metrics_enabled: bool = True,
-            session: Optional[dict[str, Any]] = None,
-        ) -> None:
-            if session is not None:  # a remote engine: credentials from the session actor
-                from actors.session import install_session_client
-
-                install_session_client(session, _head_node_id)
-            tracing_settings = TracingSettings.model_validate(tracing or {})
-            setup_tracing(tracing_settings, "model", _span_sink(metrics_enabled))
-            LLMDeployment.__init__(self, model_config)
-            await self.start()  # load weights before the replica reports healthy
-
-        async def __del__(self) -> None:  # Serve awaits an async __del__ on shutdown
-            await self.shutdown()
-
-    TextModel.__name__ = TextModel.__qualname__ = "TextModel"
-    options = model.deployment.to_serve()
-    engine = model.engine
-    if engine.type == "vllm" and engine.tensor_parallel_size > 1 and "placement_group_bundles" not in options:
-        # vLLM's Ray workers take the GPUs from the replica's placement group (one bundle
-        # per shard, packed on one node); the replica actor itself then holds no GPU.
-        from deployments.engines.vllm_engine import placement_bundles
-
-        options["placement_group_bundles"] = placement_bundles(engine)
-        options["placement_group_strategy"] = "STRICT_PACK"
-        options["ray_actor_options"] = {**options["ray_actor_options"], "num_gpus": 0}
-    return serve.deployment(TextModel).options(name=model.deployment_name, **options)
 
 
 def build_app(args: Optional[dict[str, Any]] = None):
@@ -325,8 +217,6 @@ def build_app(args: Optional[dict[str, Any]] = None):
     settings = load_settings(args)
     session_args = None
     if settings.credential_envs():
-        from actors.session import session_actor_args
-
         session_args = session_actor_args(settings)
     handles = {
         model.id: model_deployment(model).bind(

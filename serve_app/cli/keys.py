@@ -1,9 +1,10 @@
 """``troupe keys create|list|revoke`` (API keys, directly in the state store) and
 ``troupe webhooks verify`` (check a received batch webhook's signature).
 
-The store is the one the gateway uses: ``--store URL``, else the config's
-``metrics.store_url``, else the default ($TROUPE_STATE_DIR/troupe.db). Gateways pick up
-changes within ``auth.key_refresh_s``. The secret is printed once, at creation.
+The store is the one the gateway uses: ``--store URL``, else the state location of the
+first Troupe app of ``--config`` (default ``config/local.yaml``, as ``troupe run``): its
+``metrics.store_url``, or the app's own folder (``serve_app.store.location``). Gateways
+pick up changes within ``auth.key_refresh_s``. The secret is printed once, at creation.
 """
 
 from __future__ import annotations
@@ -16,21 +17,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_app.settings import ConfigError, MetricsSettings
+from serve_app.cli.serve_config import read_serve_config
+from serve_app.settings import ConfigError
 
-__all__ = ["add_keys_parser", "store_url_for"]
+__all__ = ["add_keys_parser", "store_url_for", "DEFAULT_CONFIG"]
+
+#: The config ``troupe run`` serves by default, so ``troupe keys`` finds the same store.
+DEFAULT_CONFIG = "config/local.yaml"
 
 
 def store_url_for(args: argparse.Namespace) -> str:
+    """``--store``, else the state store of ``--config``'s Troupe app.
+
+    Raises:
+        ConfigError: neither names a store (no ``--config`` and no ``config/local.yaml``).
+    """
     if args.store:
         return args.store
-    if args.config:
-        from serve_app.cli.main import validate
-
-        apps = validate(Path(args.config))
-        if apps:
-            return apps[0].metrics.resolved_store_url()
-    return MetricsSettings().resolved_store_url()
+    config = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
+    if config is None:
+        raise ConfigError(
+            "name the store: --store URL, or --config SERVE_CONFIG of the app whose keys "
+            "these are (each app keeps its own store unless its config names a shared one)"
+        )
+    return read_serve_config(Path(config)).state().store_url
 
 
 async def _with_store(url: str, action: Any) -> Any:
@@ -113,7 +123,8 @@ def cmd_webhook_verify(args: argparse.Namespace) -> int:
 def add_keys_parser(sub: Any) -> None:
     keys = sub.add_parser("keys", help="create, list or revoke API keys")
     keys.add_argument("--store", help="state store URL (sqlite:///… or postgresql://…)")
-    keys.add_argument("--config", help="Serve config whose Troupe settings name the store")
+    keys.add_argument("--config", help="Serve config of the app whose store to use "
+                      f"(default: {DEFAULT_CONFIG})")
     keys.add_argument("--json", action="store_true", help="print JSON")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     create = ksub.add_parser("create", help="create a key (the secret is shown once)")

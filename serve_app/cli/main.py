@@ -17,36 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
+from serve_app.cli.keys import add_keys_parser
+from serve_app.cli.serve_config import read_serve_config, validate
+from serve_app.settings import ConfigError, TroupeSettings
 
-from serve_app.settings import ConfigError, TroupeSettings, load_settings
-
-__all__ = ["main"]
-
-
-def _read_serve_config(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict) or not data.get("applications"):
-        raise ConfigError(f"{path} is not a Serve config: it has no 'applications' list")
-    return data
-
-
-def validate(path: Path) -> list[TroupeSettings]:
-    """Validate every Troupe application in a Serve config file."""
-    data = _read_serve_config(path)
-    out = []
-    for i, app in enumerate(data["applications"]):
-        if app.get("import_path", "").startswith("serve_app.build.app:"):
-            try:
-                out.append(load_settings(app.get("args") or {}))
-            except ConfigError as exc:
-                raise ConfigError(f"applications.{i}.args: {exc}") from None
-    return out
+__all__ = ["main", "validate", "local_cpu_problem"]
 
 
 def local_cpu_problem(apps: list[TroupeSettings], cpus: Optional[int] = None) -> Optional[str]:
@@ -105,16 +82,15 @@ def _banner(url: str, health: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config)
     try:
-        apps = validate(path)
-        http = _read_serve_config(path).get("http_options") or {}
+        config = read_serve_config(path)
     except ConfigError as exc:
         print(f"troupe: {exc}", file=sys.stderr)
         return 2
-    problem = local_cpu_problem(apps)
+    problem = local_cpu_problem(list(config.apps.values()))
     if problem is not None:
         print(f"troupe: {problem}", file=sys.stderr)
         return 2
-    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    host, port = config.host, config.port
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -170,21 +146,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Per deployment: replicas by state, nodes, GPUs, in-flight requests, scaling targets."""
     import ray
 
-    from serve_app.cli.status import collect_status, format_status, in_flight_from_metrics
+    from serve_app.cli.status import (
+        collect_status,
+        format_status,
+        in_flight_from_metrics,
+    )
 
     settings: dict[str, TroupeSettings] = {}
     url = args.url
     if args.config:
         try:
-            data = _read_serve_config(Path(args.config))
-            for app in data["applications"]:
-                if app.get("import_path", "").startswith("serve_app.build.app:"):
-                    settings[app.get("name", "default")] = load_settings(app.get("args") or {})
-            http = data.get("http_options") or {}
-            url = url or f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+            config = read_serve_config(Path(args.config))
         except ConfigError as exc:
             print(f"troupe: {exc}", file=sys.stderr)
             return 2
+        settings = config.apps
+        url = url or f"http://{config.host}:{config.port}"
     try:
         ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
     except ConnectionError as exc:
@@ -215,8 +192,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     val = sub.add_parser("validate", help="check a Serve config's Troupe settings")
     val.add_argument("config")
     val.set_defaults(func=cmd_validate)
-    from serve_app.cli.keys import add_keys_parser
-
     add_keys_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

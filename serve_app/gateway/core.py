@@ -1,8 +1,11 @@
-"""GatewayCore: everything the routes share, and the only code that calls model handles.
+"""GatewayCore: everything the routes share.
 
-Routes parse and encode; this class resolves model ids, calls the model deployments
-over their handles, turns Ray/Serve failures into Troupe errors (one place), cancels the
-remote work when the caller goes away, and reports engine-side health.
+Routes parse and encode; the core resolves model ids (404, a key's scope), checks that a
+model serves the route's modality and is loaded, and hands the request to its two
+components: the :class:`~serve_app.gateway.dispatch.Dispatcher` (the only code that calls
+model handles: timeouts, cancellation, error translation, metering) and
+:class:`~serve_app.gateway.model_state.ModelStates` (load/unload and its persisted state).
+It also reports engine-side health.
 """
 
 from __future__ import annotations
@@ -12,22 +15,20 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncGenerator, Callable, Optional
 
-from serve_app.gateway.coalesce import Coalescer
-from serve_app.settings import ModelConfig, TroupeSettings
-from serve_app.errors import (
-    InferenceFailed,
-    InvalidRequest,
-    ModelNotFound,
-    Overloaded,
-    Timeout,
-    TroupeError,
-    as_troupe_error,
-)
+from serve_app.errors import InvalidRequest, ModelNotFound, TroupeError
+from serve_app.gateway.deadline import complete_with_deadline, stream_with_deadline
+from serve_app.gateway.dispatch import Dispatcher
 from serve_app.gateway.metering import RequestInfo, RequestMeter
-from serve_app.gateway.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
-from serve_app.policies.context import authorize_model, note_usage
+from serve_app.gateway.modalities import (
+    MODALITY_CAPABILITIES,
+    MODALITY_NOUN,
+    MODALITY_ROUTE,
+    modality_card,
+)
+from serve_app.gateway.model_state import ModelStateBackend, ModelStates
+from serve_app.policies.context import authorize_model
 from serve_app.pricing import PriceTable
 from serve_app.protocol.internal import (
     ChatMessage,
@@ -36,6 +37,17 @@ from serve_app.protocol.internal import (
     TextChunk,
 )
 from serve_app.protocol.metrics import RequestEvent
+from serve_app.protocol.modalities import (
+    AudioChunk,
+    EmbeddingRequest,
+    EmbeddingResult,
+    ImageRequest,
+    ImageResult,
+    SpeechRequest,
+    TranscriptionRequest,
+    TranscriptionResult,
+)
+from serve_app.settings import ModelConfig, TroupeSettings
 from serve_app.tracing import inject_context
 
 __all__ = ["GatewayCore", "VERSION"]
@@ -43,90 +55,6 @@ __all__ = ["GatewayCore", "VERSION"]
 logger = logging.getLogger("troupe.gateway")
 
 VERSION = "0.1.0"
-
-_CAPABILITIES = {
-    "text": ["text-generation", "chat", "completions", "streaming"],
-    **MODALITY_CAPABILITIES,
-}
-
-
-def _translate(exc: BaseException, model_id: str) -> TroupeError:
-    """Map a failure of a handle call to a TroupeError (the one place that does this)."""
-    if isinstance(exc, TroupeError):
-        return as_troupe_error(exc)
-    # Imported here so the module stays importable (and unit-testable) without Ray.
-    from ray import exceptions as ray_exc
-    from ray.serve import exceptions as serve_exc
-
-    if isinstance(exc, serve_exc.BackPressureError):
-        return Overloaded(
-            f"Model {model_id!r} is at capacity: every replica is busy and its queue is full. "
-            "Retry after the delay in Retry-After.",
-            retry_after_s=1,
-        )
-    if isinstance(exc, getattr(serve_exc, "DeploymentUnavailableError", ())):
-        return Overloaded(
-            f"Model {model_id!r} has no replica that can take requests right now.",
-            retry_after_s=5,
-            status=503,
-        )
-    if isinstance(exc, (ray_exc.RayActorError, ray_exc.ActorUnavailableError)):
-        return InferenceFailed(
-            f"The replica serving model {model_id!r} died while handling this request. "
-            "Nothing was returned; retry the request.",
-            details={"exception": type(exc).__name__},
-        )
-    if isinstance(exc, ray_exc.RayTaskError):
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, TroupeError):
-            return cause
-    return as_troupe_error(exc)
-
-
-class _NothingToCancel:
-    """Stands in for the handle response of a request that rides in a merged call: it has
-    no call of its own to cancel (its place in the call is dropped instead)."""
-
-    def cancel(self) -> None:
-        pass
-
-
-async def _wait_for_replica(response: Any, model: ModelConfig) -> None:
-    """Wait until Serve hands the request to a replica, at most ``cold_start_timeout_s``.
-
-    Serve queues a request while the deployment has no free replica, e.g. scaled to zero
-    and starting one again; unbounded, a client would hang through a whole node start.
-    Only autoscaled models are bounded (a fixed-size deployment never sits at zero).
-
-    Raises:
-        Overloaded: 503 + Retry-After when no replica took the request in time; the
-            queued request is withdrawn (the replica it woke up keeps starting).
-    """
-    autoscaling = model.deployment.autoscaling
-    # ``_fetch_future_result_async`` resolves on replica assignment (Serve's handle
-    # internals); without it (another Serve version, test fakes) the wait is unbounded.
-    assigned = getattr(response, "_fetch_future_result_async", None)
-    if autoscaling is None or assigned is None:
-        return
-    limit = autoscaling.cold_start_timeout_s
-    try:
-        async with asyncio.timeout(limit):
-            await assigned()
-    except TimeoutError:
-        response.cancel()
-        cold = autoscaling.min_replicas == 0
-        why = (
-            "it is scaled to zero (or all its replicas are busy) and no replica was ready"
-            if cold else "all its replicas are busy"
-        )
-        raise Overloaded(
-            f"Model {model.id!r} could not take this request: {why} within its "
-            f"cold_start_timeout_s of {limit:g}s. A replica is starting; retry after the "
-            "delay in Retry-After.",
-            retry_after_s=max(1.0, min(limit, 10.0)),
-            status=503,
-            details={"reason": "cold_start" if cold else "no_free_replica", "waited_s": limit},
-        ) from None
 
 
 def _router_replicas(handle: Any) -> Optional[int]:
@@ -146,13 +74,16 @@ def _router_replicas(handle: Any) -> Optional[int]:
     return 0 if pending is None else len(pending)
 
 
-class GatewayCore(ModalityCalls):
-    """Shared gateway state: settings, model handles, in-flight accounting.
+class GatewayCore:
+    """Shared gateway state: settings, models, and the dispatcher and model states.
 
     Args:
         settings: the validated settings tree.
         handles: model id -> DeploymentHandle of that model's deployment (or any object
             with the same ``.stream``/``.complete``/``.stats`` ``remote`` surface).
+        record: where finished-request events go (the metrics recorder's ``record``).
+        gauge: where the in-flight gauges go.
+        model_state: where load/unload state persists (default: in memory).
     """
 
     def __init__(
@@ -164,25 +95,45 @@ class GatewayCore(ModalityCalls):
         model_state: Optional[ModelStateBackend] = None,
     ) -> None:
         self.settings = settings
-        self._init_modalities(model_state)  # load/unload state (serve_app/gateway/modalities.py)
-        #: Where finished-request events go (the metrics recorder's O(1) ``record``).
-        self.record = record
-        #: Where the in-flight gauge goes (the recorder sends only changed values).
-        self.gauge = gauge
-        self._gauge_labels = {"deployment": "Gateway"}  # summed over replicas by the actor
-        #: Requests dispatched to each model deployment and not finished (queued + running).
-        self._model_in_flight: dict[str, int] = {m.id: 0 for m in settings.models}
-        self._model_gauge_labels = {
-            m.id: {"deployment": m.deployment_name} for m in settings.models
-        }
         self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
+        #: The only caller of model handles (calls, streams, in-flight, metering).
+        self.dispatcher = Dispatcher(settings, handles, record, gauge)
+        #: Load/unload state of the models (serve_app/gateway/model_state.py).
+        self.model_states = ModelStates(self.models, self.dispatcher, model_state)
         #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
         self.prices = PriceTable.from_models(settings.models)
-        self._handles = handles
-        self._stream_handles = {mid: h.options(stream=True) for mid, h in handles.items()}
         self.started_at = time.time()
-        self.in_flight = 0
         self._logged_unknown: set[tuple[str, str]] = set()
+
+    # -------------------------------------------------------- component state
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this replica has sent to models and not finished."""
+        return self.dispatcher.in_flight
+
+    @property
+    def record(self) -> Optional[Callable[[RequestEvent], None]]:
+        """Where finished-request events go."""
+        return self.dispatcher.record
+
+    @record.setter
+    def record(self, sink: Optional[Callable[[RequestEvent], None]]) -> None:
+        self.dispatcher.record = sink
+
+    @property
+    def unloaded(self) -> set[str]:
+        """Model ids unloaded on purpose."""
+        return self.model_states.unloaded
+
+    @property
+    def model_state(self) -> ModelStateBackend:
+        """Where load/unload state persists."""
+        return self.model_states.backend
+
+    @model_state.setter
+    def model_state(self, backend: ModelStateBackend) -> None:
+        self.model_states.backend = backend
 
     # ----------------------------------------------------------------- models
 
@@ -200,7 +151,30 @@ class GatewayCore(ModalityCalls):
         return model
 
     def capabilities(self, model: ModelConfig) -> list[str]:
-        return list(_CAPABILITIES[model.modality])
+        return list(MODALITY_CAPABILITIES[model.modality])
+
+    def modality_card(self, model: ModelConfig) -> dict[str, Any]:
+        """Extra /models fields of a non-text model."""
+        return modality_card(model)
+
+    def admit(self, model_id: str, modality: str, route: str) -> ModelConfig:
+        """Resolve ``model_id`` and check it serves ``modality`` and is loaded."""
+        model = self.resolve(model_id)
+        if model.modality != modality:
+            need = MODALITY_NOUN[modality]
+            fitting = sorted(m.id for m in self.models.values() if m.modality == modality)
+            raise InvalidRequest(
+                f"Model {model_id!r} is a {MODALITY_NOUN[model.modality]} model "
+                f"(capabilities: {', '.join(self.capabilities(model))}); {route} needs a "
+                f"{need} model"
+                + (f", e.g. {', '.join(fitting)}" if fitting else " (none is configured here)")
+                + f". {model_id!r} is served by {MODALITY_ROUTE[model.modality]}.",
+                param="model",
+                details={"model": model_id, "modality": model.modality, "needs": need,
+                         "models": fitting},
+            )
+        self.model_states.check_loaded(model_id)
+        return model
 
     def note_unknown_fields(self, route: str, names: list[str]) -> None:
         """Log request fields we ignore, once per (route, field) so logs stay readable."""
@@ -252,37 +226,9 @@ class GatewayCore(ModalityCalls):
                 param="n",
             )
 
-    def _dispatch(self, model_id: str, request: GenerationRequest) -> None:
-        request.dispatched_at = time.time()
-        self._model_in_flight[model_id] += 1
-        self._report_in_flight(model_id)
-
-    def _report_in_flight(self, model_id: str) -> None:
-        if self.gauge is not None:
-            self.gauge("in_flight_requests", self._gauge_labels, self.in_flight)
-            self.gauge(
-                "in_flight_requests",
-                self._model_gauge_labels[model_id],
-                self._model_in_flight[model_id],
-            )
-
-    def _close_meter(self, meter: RequestMeter, error: Optional[TroupeError]) -> None:
-        self._model_in_flight[meter.model] -= 1
-        self._report_in_flight(meter.model)
-        note_usage(meter.prompt_tokens + meter.completion_tokens)  # tokens-per-minute limits
-        if self.record is None:
-            return
-        if error is None:
-            self.record(meter.event())
-        else:
-            error.metered = True
-            self.record(meter.event(error.status, error.code))
-
     def reject(self, route: str, error: TroupeError, request_id: str) -> None:
         """Account for a request refused before it reached a model (bad input, 404...)."""
-        if self.record is not None:
-            meter = RequestMeter(request_id, "-", RequestInfo(route), provider="-")
-            self.record(meter.event(error.status, error.code))
+        self.dispatcher.reject(route, error, request_id)
 
     async def complete(
         self, model_id: str, request: GenerationRequest, info: RequestInfo
@@ -290,130 +236,18 @@ class GatewayCore(ModalityCalls):
         """Run a request to completion on the model's deployment."""
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
-            from serve_app.gateway.deadline import complete_with_deadline
-
             return await complete_with_deadline(self, model_id, request, info)
         if request.service_tier is not None and info.tier == "default":
             info = dataclasses.replace(info, tier=request.service_tier)
-        return await self.call_model(model_id, "complete", request, info,
-                                     on_result=RequestMeter.finished)
-
-    async def call_model(
-        self,
-        model_id: str,
-        method: str,
-        request: Any,
-        info: RequestInfo,
-        on_result: Optional[Callable[[RequestMeter, Any], None]] = None,
-        merger: Optional[Coalescer] = None,
-    ) -> Any:
-        """One unary request to a model deployment, for every route and modality.
-
-        Its own handle call, or a place in a merged call (``merger``); counted in flight,
-        bounded by the cold-start wait and the total timeout, failures translated to
-        Troupe errors, metered once. ``on_result(meter, result)`` reads usage off the
-        result (default: it finished with ``stop``).
-        """
-        self.in_flight += 1
-        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
-        error: Optional[TroupeError] = None
-        self._dispatch(model_id, request)
-        timeout = self.settings.gateway.request_timeout_s
-        response: Any
-        if merger is not None:
-            # Cancelling or timing out abandons only this request's place in the call.
-            response = _NothingToCancel()
-            waiting: Any = merger.submit(request)
-        else:
-            response = waiting = getattr(self._handles[model_id], method).remote(request)
-        try:
-            if merger is None:
-                await _wait_for_replica(response, self.models[model_id])
-            async with asyncio.timeout(timeout):
-                result = await waiting
-            if on_result is None:
-                meter.finish_reason = "stop"
-            else:
-                on_result(meter, result)
-            return result
-        except TimeoutError:
-            response.cancel()
-            error = Timeout(
-                f"Model {model_id!r} did not finish within {timeout:.0f}s (total timeout).",
-                details={"phase": "total"},
-            )
-            raise error from None
-        except asyncio.CancelledError:
-            response.cancel()  # the client went away: stop the engine work too
-            raise
-        except Exception as exc:
-            error = _translate(exc, model_id)
-            raise error from None
-        finally:
-            self.in_flight -= 1
-            self._close_meter(meter, error)
-
-    async def stream_model(
-        self,
-        model_id: str,
-        method: str,
-        request: Any,
-        info: RequestInfo,
-        on_chunk: Callable[[RequestMeter, Any], bool],
-        nothing: str = "nothing",
-    ) -> AsyncIterator[Any]:
-        """A streamed request to a model deployment (text tokens, audio), for every route.
-
-        ``on_chunk(meter, chunk)`` meters a chunk and says whether it was the last one.
-        Bounded by the cold-start wait and the idle timeout (its error says the model
-        sent ``nothing`` for so long); closing this generator cancels the remote work.
-        """
-        self.in_flight += 1
-        meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
-        error: Optional[TroupeError] = None
-        self._dispatch(model_id, request)
-        generator = getattr(self._stream_handles[model_id], method).remote(request)
-        idle = self.settings.gateway.stream_idle_timeout_s
-        finished = False
-        try:
-            await _wait_for_replica(generator, self.models[model_id])
-            while True:
-                try:
-                    async with asyncio.timeout(idle):
-                        chunk = await generator.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                except TimeoutError:
-                    raise Timeout(
-                        f"Model {model_id!r} sent {nothing} for {idle:.0f}s (idle stream timeout).",
-                        details={"phase": "idle"},
-                    ) from None
-                if on_chunk(meter, chunk):
-                    finished = True
-                yield chunk
-        except TroupeError as exc:
-            error = exc
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:
-            error = _translate(exc, model_id)
-            raise error from None
-        finally:
-            self.in_flight -= 1
-            if not finished:
-                generator.cancel()
-            self._close_meter(meter, error)
+        return await self.dispatcher.call(model_id, "complete", request, info,
+                                          on_result=RequestMeter.finished)
 
     async def stream(
         self, model_id: str, request: GenerationRequest, info: RequestInfo
-    ) -> AsyncIterator[TextChunk]:
+    ) -> AsyncGenerator[TextChunk, None]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
-            from serve_app.gateway.deadline import stream_with_deadline
-
             async with contextlib.aclosing(
                 stream_with_deadline(self, model_id, request, info)
             ) as chunks:
@@ -428,10 +262,68 @@ class GatewayCore(ModalityCalls):
             return chunk.finish_reason is not None
 
         async with contextlib.aclosing(
-            self.stream_model(model_id, "stream", request, info, on_chunk)
+            self.dispatcher.stream(model_id, "stream", request, info, on_chunk)
         ) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+
+    # ------------------------------------------------------------ modalities
+
+    async def embed(self, model_id: str, request: EmbeddingRequest,
+                    info: RequestInfo) -> EmbeddingResult:
+        def usage(meter: RequestMeter, result: EmbeddingResult) -> None:
+            meter.prompt_tokens = result.prompt_tokens
+            meter.queue_ms = result.queue_ms
+
+        return await self.dispatcher.call(model_id, "embed", request, info, usage,
+                                          merger=self.dispatcher.embed_merger(model_id))
+
+    def merge_stats(self) -> dict[str, dict[str, int]]:
+        """Merged calls per embeddings model on this replica (calls, requests, largest)."""
+        return self.dispatcher.merge_stats()
+
+    async def transcribe(self, model_id: str, request: TranscriptionRequest,
+                         info: RequestInfo) -> TranscriptionResult:
+        return await self.dispatcher.call(model_id, "transcribe", request, info)
+
+    async def generate_images(self, model_id: str, request: ImageRequest,
+                              info: RequestInfo) -> ImageResult:
+        return await self.dispatcher.call(model_id, "generate", request, info)
+
+    async def speak(self, model_id: str, request: SpeechRequest,
+                    info: RequestInfo) -> AsyncGenerator[AudioChunk, None]:
+        """Stream encoded audio; closing this generator cancels the synthesis."""
+
+        def on_chunk(meter: RequestMeter, chunk: AudioChunk) -> bool:
+            if meter.ttft_ms is None:  # time to first audio
+                meter.ttft_ms = (time.perf_counter() - meter.started) * 1000.0
+            if chunk.last:
+                meter.finish_reason = "stop"
+            return chunk.last
+
+        async with contextlib.aclosing(
+            self.dispatcher.stream(model_id, "synthesize", request, info, on_chunk, "no audio")
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def voices(self, model_id: str) -> dict[str, Any]:
+        return await self.dispatcher.control(model_id, "voices")
+
+    # ------------------------------------------------------------ load / unload
+
+    async def unload_model(self, model_id: str) -> dict[str, Any]:
+        """Mark unloaded (requests get 409 at once), then free the engine."""
+        return await self.model_states.unload(self.resolve(model_id))
+
+    async def load_model(self, model_id: str) -> dict[str, Any]:
+        """Start the engine again, then accept requests."""
+        return await self.model_states.load(self.resolve(model_id))
+
+    async def refresh_model_state(self) -> None:
+        """Adopt the persisted load state (another gateway replica, or a redeploy)."""
+        await self.model_states.refresh()
 
     # ------------------------------------------------------------------ health
 
@@ -446,10 +338,10 @@ class GatewayCore(ModalityCalls):
             if (
                 autoscaling is not None
                 and autoscaling.min_replicas == 0
-                and _router_replicas(self._handles[model_id]) == 0
+                and _router_replicas(self.dispatcher.handles[model_id]) == 0
             ):
                 return model_id, {"status": "scaled_to_zero", "active_requests": 0}
-            response = self._handles[model_id].stats.remote()
+            response = self.dispatcher.handles[model_id].stats.remote()
             try:
                 async with asyncio.timeout(timeout):
                     return model_id, {"status": "ok", **(await response)}

@@ -3,28 +3,24 @@
 One async generator, :func:`voice_events`, drives it through the three model deployments
 (speech-to-text, text, text-to-speech) over GatewayCore, so each model keeps its own
 metering, errors and load state. Reply audio is produced sentence by sentence while the
-LLM is still writing, as raw 16-bit PCM (concatenable). ``POST /voice/pipeline`` collects
-the events into one JSON answer; ``/ws`` (``voice.start`` / binary frames / ``voice.end``)
+LLM is still writing, as raw 16-bit PCM (concatenable). ``POST /voice/pipeline``
+(``serve_app/routes/voice.py``) collects the events into one JSON answer; ``/ws`` (``voice.start`` / binary frames / ``voice.end``)
 forwards them as they come (:class:`VoiceSocket`).
 """
 
 from __future__ import annotations
 
-import base64
 import re
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
-from fastapi import APIRouter, Request
-
 from serve_app.errors import InvalidRequest, RequestTooLarge, TroupeError
-from serve_app.http.plumbing import JSONResponse, request_id_of
 from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 from serve_app.protocol.modalities import SpeechRequest, TranscriptionRequest
 
-__all__ = ["VoiceOptions", "voice_events", "build_voice_router", "VoiceSocket", "wav_from_pcm"]
+__all__ = ["VoiceOptions", "voice_events", "VoiceSocket", "wav_from_pcm", "PIPELINE_EXAMPLE"]
 
 SYSTEM_PROMPT = "You are a helpful voice assistant. Answer briefly, in one or two sentences."
 _SENTENCE_END = re.compile(r"[.!?](\s|$)")
@@ -147,44 +143,6 @@ async def voice_events(
             "total": round((now - started) * 1000, 1),
         },
     }
-
-
-def build_voice_router(core: Any) -> APIRouter:
-    router = APIRouter()
-    max_body = core.settings.gateway.max_body_bytes
-
-    @router.post("/voice/pipeline")
-    async def pipeline(request: Request, asr: Optional[str] = None, llm: Optional[str] = None,
-                       tts: Optional[str] = None, voice: str = "alloy", max_tokens: int = 96) -> JSONResponse:
-        """Binary audio body in; transcript, reply text and reply audio (WAV, base64) out."""
-        audio = await request.body()
-        if len(audio) > max_body:
-            raise RequestTooLarge(f"The audio is {len(audio)} bytes; at most {max_body} are accepted.",
-                                  details={"max_bytes": max_body})
-        if not audio:
-            raise InvalidRequest(f"The request body is empty: send the audio file as the body, e.g. {PIPELINE_EXAMPLE}",
-                                 param="audio")
-        opts = VoiceOptions(asr, llm, tts, voice, max_tokens).resolved(core, "POST /voice/pipeline")
-        pcm = bytearray()
-        rate = 0
-        complete: dict[str, Any] = {}
-        async for kind, value in voice_events(core, audio, "upload", opts, request_id_of(request),
-                                              "/voice/pipeline"):
-            if kind == "audio.start":
-                rate = value["sample_rate"]
-            elif kind == "audio":
-                pcm += value
-            elif kind == "complete":
-                complete = value
-        return JSONResponse({
-            **complete,
-            "audio_format": "wav",
-            "sample_rate": rate,
-            "audio": base64.b64encode(wav_from_pcm(bytes(pcm), rate or 22050)).decode(),
-            "request_id": request_id_of(request),
-        })
-
-    return router
 
 
 class VoiceSocket:

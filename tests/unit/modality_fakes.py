@@ -22,7 +22,7 @@ from deployments.transcription import TranscriptionDeployment
 from serve_app.build.app import build_fastapi_app
 from serve_app.settings import load_settings
 from serve_app.gateway.core import GatewayCore
-from serve_app.gateway.modalities import MemoryModelState
+from serve_app.gateway.model_state import MemoryModelState
 from tests.unit.gateway_fakes import (
     REQUEST_DEADLINE_S,
     FakeResponse,
@@ -101,10 +101,7 @@ class ModalityGateway:
         self.deployments: dict[str, Any] = {}
         for m in self.settings.models:
             if m.modality == "text":
-                from deployments.lifecycle import TextLifecycle
-
-                cls = type("TextModel", (TextLifecycle, LLMDeployment), {})
-                self.deployments[m.id] = cls(m)
+                self.deployments[m.id] = LLMDeployment(m)
             else:
                 self.deployments[m.id] = _CLASSES[m.modality](m)
         self.handles = {mid: GenericHandle(d) for mid, d in self.deployments.items()}

@@ -15,7 +15,7 @@ import pytest
 from actors.metrics import MetricsActor
 from deployments.llm import LLMDeployment
 from serve_app.settings import ModelConfig
-from serve_app.gateway.core import _wait_for_replica
+from serve_app.gateway.dispatch import wait_for_replica as _wait_for_replica
 from serve_app.errors import Overloaded, native_error_body
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 from tests.unit.test_metrics_actor import FakeStore, ev, samples, total

@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from deployments.engines.base import TextEngine, create_text_engine
+from deployments.engines.base import TextEngine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.mock import MockTextEngine, mock_completion_tokens, render_prompt
 from serve_app.settings import MockEngineConfig
 from serve_app.errors import ContextLengthExceeded

@@ -11,8 +11,16 @@ import pytest
 PUBLIC = [
     "serve_app.settings.modality",
     "serve_app.gateway.modalities",
-    "serve_app.build.modality",
+    "serve_app.build.replicas",
+    "serve_app.build.actors",
     "serve_app.gateway.voice",
+    "serve_app.gateway.dispatch",
+    "serve_app.gateway.model_state",
+    "serve_app.routes.voice",
+    "serve_app.store.location",
+    "serve_app.cli.serve_config",
+    "actors.placement",
+    "deployments.engines.registry",
     "serve_app.protocol.modalities",
     "serve_app.protocol.modalities_api",
     "serve_app.routes.modalities",
@@ -45,7 +53,7 @@ def test_module_exports_what_all_says(name: str) -> None:
 def test_gateway_and_mock_modality_path_import_no_model_libraries() -> None:
     code = (
         "import sys\n"
-        "import serve_app.build.app, serve_app.build.modality, deployments.engines.mock_modalities\n"
+        "import serve_app.build.app, serve_app.build.replicas, deployments.engines.mock_modalities\n"
         "import deployments.embeddings, deployments.speech, deployments.transcription, deployments.image\n"
         "import deployments.engines.vllm_pooling, deployments.engines.diffusers_image\n"
         "bad = [m for m in ('torch', 'vllm', 'diffusers', 'av', 'onnxruntime', 'faster_whisper',\n"

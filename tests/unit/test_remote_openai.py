@@ -10,7 +10,8 @@ import pytest
 
 from deployments.engines.remote import breaker
 
-from deployments.engines.base import TextEngine, create_text_engine
+from deployments.engines.base import TextEngine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.remote.openai import OpenAITextEngine, SSEParser
 from serve_app.settings import OpenAIEngineConfig
 from serve_app.errors import (

@@ -11,7 +11,7 @@ import pytest
 
 from deployments.engines.remote import breaker
 
-from deployments.engines.base import create_text_engine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.remote.anthropic import AnthropicTextEngine
 from deployments.engines.remote.gemini import GeminiTextEngine
 from deployments.engines.remote import StreamState

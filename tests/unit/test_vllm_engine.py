@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from deployments.engines.base import TextEngine, create_text_engine
+from deployments.engines.base import TextEngine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.vllm_engine import (
     VLLMTextEngine,
 )
@@ -46,7 +47,7 @@ def test_importing_the_module_never_imports_vllm():
                 return None
         sys.meta_path.insert(0, Recorder())
         from deployments.engines import vllm_engine
-        from deployments.engines.base import create_text_engine
+        from deployments.engines.registry import create_text_engine
         from serve_app.settings import VLLMEngineConfig
         cfg = VLLMEngineConfig(model="/m", tensor_parallel_size=2)
         create_text_engine("m", cfg)

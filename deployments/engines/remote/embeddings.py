@@ -18,7 +18,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from deployments.engines.base import create_text_engine
+from deployments.engines.registry import create_text_engine
 from deployments.engines.modality_base import EmbedOutput
 from serve_app.errors import InvalidRequest
 
@@ -62,7 +62,7 @@ class RemoteEmbeddingEngine:
     async def embed(self, inputs: Sequence[Union[str, list[int]]]) -> EmbedOutput:
         texts = [str(t) for t in inputs]
         vectors, prompt_tokens = await self.remote.embed(texts)
-        array = np.asarray(vectors, dtype=np.float32)
+        array: np.ndarray = np.asarray(vectors, dtype=np.float32)
         if array.ndim != 2 or array.shape[0] != len(texts):
             raise ValueError(
                 f"the provider answered {array.shape[0] if array.ndim else 0} vectors "

@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Awaitable, Callable, TypeVar
+import random
+from typing import Any, AsyncGenerator, Awaitable, Callable, Protocol, TypeVar
 
 from deployments.engines.remote.breaker import CircuitBreaker, shared_breaker
 from deployments.engines.remote.errors import UpstreamFailure
@@ -30,10 +31,7 @@ from deployments.engines.remote.transport import Deadlines
 from deployments.engines.remote.upstream_util import backoff_delay
 from serve_app.errors import AuthenticationFailed, Overloaded
 
-if TYPE_CHECKING:
-    from deployments.engines.remote.engine import RemoteEngine
-
-__all__ = ["RetryLoop", "Attempt"]
+__all__ = ["RetryLoop", "RetryHost", "Attempt"]
 
 logger = logging.getLogger("deployments.engines.remote")
 
@@ -42,11 +40,26 @@ T = TypeVar("T")
 Attempt = Callable[[str, Deadlines], AsyncGenerator[T, None]]
 
 
+class RetryHost(Protocol):
+    """What the loop reads of the engine it retries for (a :class:`RemoteEngine`): its
+    config, identity, credential source, breakers per key, counters and random source."""
+
+    config: Any
+    model_id: str
+    counters: dict[str, int]
+    _creds: Any
+    _breakers: dict[str, CircuitBreaker]
+    _rng: random.Random
+
+    @property
+    def provider(self) -> str: ...
+
+
 class RetryLoop:
     """The attempts of one request (the key is the request's for life, except for one
     refresh after a 401). Raises AUTHENTICATION_FAILED at once when there is no key."""
 
-    def __init__(self, engine: "RemoteEngine", total_end: float) -> None:
+    def __init__(self, engine: RetryHost, total_end: float) -> None:
         self.engine = engine
         self.snapshot = engine._creds.current()  # captured once: the key of this request's life
         self.cred = self._credential(self.snapshot)

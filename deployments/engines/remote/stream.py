@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncGenerator, Optional
+from typing import Any, AsyncGenerator, Optional, Protocol
 
 import aiohttp
 
 from deployments.engines.remote import transport
-from deployments.engines.remote.errors import UpstreamFailure
+from deployments.engines.remote.errors import Failures, UpstreamFailure
 from deployments.engines.remote.sse import SSEParser
 from deployments.engines.remote.transport import Deadlines, Inflight
 from deployments.engines.remote.upstream_util import scrub
@@ -28,10 +28,7 @@ from serve_app.errors import (
 )
 from serve_app.protocol.internal import EngineOutput
 
-if TYPE_CHECKING:
-    from deployments.engines.remote.engine import RemoteEngine
-
-__all__ = ["StreamState", "read_answer", "mid_stream_failure"]
+__all__ = ["StreamState", "StreamHost", "read_answer", "mid_stream_failure"]
 
 
 @dataclass
@@ -48,8 +45,22 @@ class StreamState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class StreamHost(Protocol):
+    """What reading an answer needs of the engine (a :class:`RemoteEngine`): its provider
+    hooks, its final output and how it words transport failures."""
+
+    @property
+    def failures(self) -> Failures: ...
+
+    def on_event(self, data: str, state: "StreamState") -> Optional[EngineOutput]: ...
+
+    def on_json(self, body: Any, state: "StreamState") -> list[EngineOutput]: ...
+
+    def _final(self, state: "StreamState") -> EngineOutput: ...
+
+
 async def read_answer(
-    engine: "RemoteEngine", inflight: Inflight, response: aiohttp.ClientResponse,
+    engine: StreamHost, inflight: Inflight, response: aiohttp.ClientResponse,
     clock: Deadlines, secret: str,
 ) -> AsyncGenerator[EngineOutput, None]:
     """The outputs of one answer, the final one last (an ``abort`` output when aborted)."""
@@ -84,7 +95,7 @@ async def read_answer(
 
 
 async def _next_chunk(
-    engine: "RemoteEngine", inflight: Inflight, response: aiohttp.ClientResponse,
+    engine: StreamHost, inflight: Inflight, response: aiohttp.ClientResponse,
     clock: Deadlines, state: StreamState,
 ) -> bytes:
     """The next bytes of the stream (b"" at its end), within the first-byte or idle wait."""
@@ -100,7 +111,7 @@ async def _next_chunk(
 
 
 async def _read_json(
-    engine: "RemoteEngine", response: aiohttp.ClientResponse, clock: Deadlines,
+    engine: StreamHost, response: aiohttp.ClientResponse, clock: Deadlines,
     state: StreamState, secret: str,
 ) -> AsyncGenerator[EngineOutput, None]:
     try:

@@ -1,0 +1,138 @@
+"""The builder's long-lived actors: metrics, quota, model state, provider credentials.
+
+Each is a named, detached, restartable Ray actor created by the first replica that asks
+and found by the rest (``actors.placement.named_actor``, the one helper for all of them).
+The actor classes stay plain (``actors/``); their options and arguments are set here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from actors.names import METRICS_ACTOR, NAMESPACE, SESSION_ACTOR
+from actors.placement import head_for_store, named_actor
+from serve_app.gateway.model_state import ModelStateBackend
+from serve_app.settings import TroupeSettings
+from serve_app.store.location import StateLocation, app_state_location, config_digest
+from serve_app.tracing import ActorSpanSink
+
+__all__ = [
+    "ActorModelState",
+    "metrics_actor_handle",
+    "model_state_backend",
+    "quota_actor_handle",
+    "install_session",
+    "session_actor_args",
+    "session_actor_handle",
+    "span_sink",
+]
+
+
+def metrics_actor_handle(settings: TroupeSettings, store_url: str) -> Any:
+    """The metrics actor (cost ledger, Prometheus, usage, traces) over ``store_url``."""
+    from actors.metrics import MetricsActor
+    from serve_app.pricing import overrides_from_models
+
+    metrics = settings.metrics
+    return named_actor(
+        MetricsActor, METRICS_ACTOR, num_cpus=metrics.actor_num_cpus,
+        on_head=head_for_store(store_url),
+    ).remote(
+        store_url,
+        overrides_from_models(settings.models),
+        metrics.histogram_buckets_ms,
+        max_traces=settings.tracing.max_traces_kept,
+        max_spans_per_trace=settings.tracing.max_spans_per_trace,
+        serve_poll_s=metrics.serve_poll_interval_s,
+    )
+
+
+def quota_actor_handle(settings: TroupeSettings) -> Any:
+    """The quota actor counting rate-limit windows for every gateway replica."""
+    from actors.quota import QUOTA_ACTOR, QuotaActor
+
+    return named_actor(QuotaActor, QUOTA_ACTOR, num_cpus=settings.limits.actor_num_cpus).remote()
+
+
+class ActorModelState:
+    """Load state in the named ModelStateActor (shared by gateway replicas, persisted in
+    ``path``, this app's own file: the actor may serve several apps of one cluster)."""
+
+    def __init__(self, handle: Any, path: Optional[str] = None) -> None:
+        self.handle = handle
+        self.path = path
+
+    async def get_all(self) -> dict[str, bool]:
+        return await self.handle.get_all.remote(self.path)
+
+    async def set(self, model_id: str, loaded: bool) -> None:
+        await self.handle.set.remote(model_id, loaded, self.path)
+
+
+def model_state_backend(location: StateLocation) -> ModelStateBackend:
+    """The model-state actor; its files sit in the apps' state folders, on the head node."""
+    from actors.model_state import MODEL_STATE_ACTOR, ModelStateActor
+
+    handle = named_actor(
+        ModelStateActor, MODEL_STATE_ACTOR, num_cpus=0, on_head="required"
+    ).remote(location.model_state_file)
+    return ActorModelState(handle, location.model_state_file)
+
+
+def session_actor_args(settings: TroupeSettings) -> dict[str, Any]:
+    """What a replica needs to find or create the session actor (plain data for Serve).
+
+    ``store_url`` is None unless the config names a store: each replica then resolves its
+    app's own state location (``serve_app.store.location``) from ``config_digest``.
+    """
+    sess = settings.session
+    return {
+        "envs": settings.credential_envs(),
+        "secrets_file": sess.secrets_file,
+        "store_url": sess.store_url or settings.metrics.store_url,
+        "config_digest": config_digest(settings.models),
+        "poll_interval_s": sess.poll_interval_s,
+        "long_poll_s": sess.long_poll_s,
+        "num_cpus": sess.actor_num_cpus,
+        "name": sess.actor_name,
+    }
+
+
+def session_actor_handle(args: Mapping[str, Any]) -> Any:
+    """The session actor (provider credentials), pinned to the head node when its store
+    is a SQLite file there."""
+    from actors.session import SessionActor
+
+    store_url = args["store_url"] or app_state_location(None, args["config_digest"]).store_url
+    return named_actor(
+        SessionActor, args.get("name") or SESSION_ACTOR, num_cpus=args["num_cpus"],
+        on_head=head_for_store(store_url), max_concurrency=1000,
+    ).remote(args["envs"], args["secrets_file"], store_url, args["poll_interval_s"])
+
+
+def install_session(args: Optional[Mapping[str, Any]]) -> Any:
+    """In a replica that calls remote providers: credentials from the session actor's
+    snapshots (``args``: :func:`session_actor_args`); None: nothing to install.
+
+    Returns the process's :class:`actors.session.CredentialClient` (one per process).
+    """
+    if args is None:
+        return None
+    from actors.session import (
+        CredentialClient,
+        credential_source,
+        install_credential_source,
+    )
+
+    source = credential_source()
+    if not isinstance(source, CredentialClient):
+        source = CredentialClient(session_actor_handle(args), args["long_poll_s"])
+        install_credential_source(source)
+    return source
+
+
+def span_sink(metrics_enabled: bool) -> Optional[ActorSpanSink]:
+    """Finished spans of a replica go, in batches, to the metrics actor (for /traces)."""
+    if not metrics_enabled:
+        return None
+    return ActorSpanSink(METRICS_ACTOR, namespace=NAMESPACE)

@@ -1,0 +1,149 @@
+"""Model load state: which configured models are unloaded, and load/unload itself.
+
+:class:`ModelStates` (owned by :class:`serve_app.gateway.core.GatewayCore`) keeps the set
+of unloaded models, persists changes in a :class:`ModelStateBackend` (in memory for tests
+and one process, or the named :class:`actors.model_state.ModelStateActor`, so a redeploy
+of the same config keeps unloaded models unloaded), follows other replicas' changes, and
+unloads or loads a model's engine through the dispatcher. A model hosted in the gateway
+(``run_in: gateway``) goes through the same calls as a Serve deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, AsyncIterator, Optional, Protocol
+
+from serve_app.errors import ModelNotLoaded, Timeout
+from serve_app.gateway.dispatch import Dispatcher
+from serve_app.gateway.replica_scaling import set_replicas
+from serve_app.settings import ModelConfig
+
+__all__ = ["ModelStates", "ModelStateBackend", "MemoryModelState", "LOAD_TIMEOUT_S"]
+
+logger = logging.getLogger("troupe.modalities")
+
+#: Longest wait in POST /models/{id}/load for the model's replicas to start and load.
+LOAD_TIMEOUT_S = 300.0
+
+
+class ModelStateBackend(Protocol):
+    """Where load/unload state is kept (model id -> loaded)."""
+
+    async def get_all(self) -> dict[str, bool]: ...
+
+    async def set(self, model_id: str, loaded: bool) -> None: ...
+
+
+class MemoryModelState:
+    """Load state in this process only (tests; a single gateway without Ray)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, bool] = {}
+
+    async def get_all(self) -> dict[str, bool]:
+        return dict(self.state)
+
+    async def set(self, model_id: str, loaded: bool) -> None:
+        self.state[model_id] = loaded
+
+
+class ModelStates:
+    """Load/unload of the configured models, as this gateway replica knows it.
+
+    Args:
+        models: model id -> config (the served models).
+        dispatcher: calls the models' ``unload``/``load``.
+        backend: where the state persists (default: this process's memory).
+    """
+
+    def __init__(self, models: dict[str, ModelConfig], dispatcher: Dispatcher,
+                 backend: Optional[ModelStateBackend] = None) -> None:
+        self.models = models
+        self.dispatcher = dispatcher
+        self.backend: ModelStateBackend = backend or MemoryModelState()
+        #: Model ids unloaded by POST /models/{id}/unload (refreshed from the backend).
+        self.unloaded: set[str] = set()
+        self._task: Optional[asyncio.Task] = None
+
+    def check_loaded(self, model_id: str) -> None:
+        if model_id in self.unloaded:
+            raise ModelNotLoaded(
+                f"Model {model_id!r} is configured but unloaded. Load it with "
+                f"POST /models/{model_id}/load (admin), then retry.",
+                details={"model": model_id, "load": f"POST /models/{model_id}/load"},
+            )
+
+    async def refresh(self) -> None:
+        """Adopt the persisted load state (another gateway replica, or a redeploy)."""
+        state = await self.backend.get_all()
+        self.unloaded = {mid for mid, loaded in state.items() if not loaded and mid in self.models}
+
+    async def unload(self, model: ModelConfig) -> dict[str, Any]:
+        """Mark unloaded (requests get 409 at once), then free the replica's engine."""
+        await self.backend.set(model.id, False)
+        self.unloaded.add(model.id)
+        freed = await self.dispatcher.control(model.id, "unload")
+        # Then the replicas themselves go (apps deployed with external_scaler_enabled).
+        removed = model.run_in == "deployment" and await set_replicas(model.deployment_name, 0)
+        return {"id": model.id, "loaded": False, "memory": freed,
+                "replicas": 0 if removed else "kept (engine freed; the app is not externally scaled)"}
+
+    async def load(self, model: ModelConfig) -> dict[str, Any]:
+        """Start the engine again, then accept requests."""
+        if model.run_in == "deployment":
+            # Replicas removed by unload come back first (each loads its engine as it starts).
+            await set_replicas(model.deployment_name, model.deployment.num_replicas or 1)
+        try:
+            async with asyncio.timeout(LOAD_TIMEOUT_S):
+                info = await self.dispatcher.control(model.id, "load")
+        except TimeoutError:
+            raise Timeout(
+                f"Model {model.id!r} did not come back within {LOAD_TIMEOUT_S:.0f}s; "
+                "check `troupe status` and retry POST /models/{id}/load.",
+                details={"model": model.id},
+            ) from None
+        await self.backend.set(model.id, True)
+        self.unloaded.discard(model.id)
+        return {"id": model.id, "loaded": True, "memory": info}
+
+    async def apply(self) -> None:
+        """At start: replicas of models persisted as unloaded free their engines."""
+        await self.refresh()
+        for model_id in sorted(self.unloaded):
+            model = self.models[model_id]
+            if model.run_in == "deployment" and await set_replicas(model.deployment_name, 0):
+                continue  # its replicas are gone (externally scaled app)
+            try:
+                await self.dispatcher.control(model_id, "unload")
+            except Exception:  # a replica not up yet: the next sync retries
+                logger.warning("could not unload %s at start; will retry", model_id)
+
+    async def start_sync(self, interval_s: float = 2.0) -> None:
+        """Adopt persisted load state now, then keep following it (other replicas' changes)."""
+
+        async def loop() -> None:
+            first = True
+            while True:
+                try:
+                    if first:
+                        await self.apply()
+                        first = False
+                    else:
+                        await self.refresh()
+                except Exception:  # the state actor restarting: keep the last known state
+                    logger.warning("model state sync failed; retrying", exc_info=True)
+                await asyncio.sleep(interval_s)
+
+        self._task = asyncio.get_running_loop().create_task(loop())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The ASGI app's lifespan: follow the model state while the app runs."""
+        await self.start_sync()
+        try:
+            yield
+        finally:
+            if self._task is not None:
+                self._task.cancel()
