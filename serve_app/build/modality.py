@@ -86,6 +86,11 @@ class ActorModelState:
     async def set(self, model_id: str, loaded: bool) -> None:
         await self.handle.set.remote(model_id, loaded)
 
+    async def watch(
+        self, version: Optional[int], timeout_s: float
+    ) -> tuple[int, dict[str, bool]]:
+        return await self.handle.watch.remote(version, timeout_s)
+
 
 def model_state_backend(settings: TroupeSettings) -> ModelStateBackend:
     """The named model-state actor (created by the first gateway replica)."""

@@ -20,6 +20,7 @@ import math
 import time
 from typing import Any, AsyncIterator, Optional, Protocol
 
+from actors.model_state import ModelStateActor
 from serve_app.gateway.coalesce import Coalescer
 from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest, ModelNotLoaded, Timeout
@@ -95,18 +96,33 @@ class ModelStateBackend(Protocol):
 
     async def set(self, model_id: str, loaded: bool) -> None: ...
 
+    async def watch(
+        self, version: Optional[int], timeout_s: float
+    ) -> tuple[int, dict[str, bool]]:
+        """Long poll: the state once its version differs from ``version`` (or timeout)."""
+        ...
+
 
 class MemoryModelState:
     """Load state in this process only (tests; a single gateway without Ray)."""
 
     def __init__(self) -> None:
-        self.state: dict[str, bool] = {}
+        self._actor = ModelStateActor(None)  # the same object, without Ray
+
+    @property
+    def state(self) -> dict[str, bool]:
+        return self._actor.state
 
     async def get_all(self) -> dict[str, bool]:
-        return dict(self.state)
+        return self._actor.get_all()
 
     async def set(self, model_id: str, loaded: bool) -> None:
-        self.state[model_id] = loaded
+        self._actor.set(model_id, loaded)
+
+    async def watch(
+        self, version: Optional[int], timeout_s: float
+    ) -> tuple[int, dict[str, bool]]:
+        return await self._actor.watch(version, timeout_s)
 
 
 class ModalityCalls:
@@ -241,9 +257,10 @@ class ModalityCalls:
 
     # ------------------------------------------------------------ load / unload
 
-    async def refresh_model_state(self) -> None:
+    async def refresh_model_state(self, state: Optional[dict[str, bool]] = None) -> None:
         """Adopt the persisted load state (another gateway replica, or a redeploy)."""
-        state = await self.model_state.get_all()
+        if state is None:
+            state = await self.model_state.get_all()
         self.unloaded = {mid for mid, loaded in state.items() if not loaded and mid in self.models}  # type: ignore[attr-defined]
 
     async def unload_model(self, model_id: str) -> dict[str, Any]:
@@ -310,21 +327,25 @@ class ModalityCalls:
             card["follows_prompt"] = engine.type == "diffusers"
         return card
 
-    async def start_model_state_sync(self, interval_s: float = 2.0) -> None:
-        """Adopt persisted load state now, then keep following it (other replicas' changes)."""
+    async def start_model_state_sync(
+        self, interval_s: float = 2.0, long_poll_s: float = 60.0
+    ) -> None:
+        """Adopt persisted load state now, then follow it (other replicas' changes) by a
+        long poll that answers on a change: no traffic while nothing changes."""
 
         async def loop() -> None:
             first = True
+            version: Optional[int] = None
             while True:
                 try:
                     if first:
                         await self.apply_model_state()
                         first = False
-                    else:
-                        await self.refresh_model_state()
+                    version, state = await self.model_state.watch(version, long_poll_s)
+                    await self.refresh_model_state(state)
                 except Exception:  # the state actor restarting: keep the last known state
                     logger.warning("model state sync failed; retrying", exc_info=True)
-                await asyncio.sleep(interval_s)
+                    await asyncio.sleep(interval_s)
 
         self._model_state_task = asyncio.get_running_loop().create_task(loop())
 
