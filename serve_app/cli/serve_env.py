@@ -21,6 +21,13 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    # Serve's throughput-optimized mode: user code and the router on the replica's own
+    # event loop (no thread hand-off per request and per chunk), gRPC between proxy and
+    # replicas, direct ingress. Measured by bench/users_bench.py (README, "Performance").
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Direct ingress keeps a stopping ingress replica open >= 30 s for external load
+    # balancers; with none in front, Ctrl-C would wait that long for nothing.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     # Serve: the controller reconciles twice a second, not ten times (deploys and scaling
     # react within 0.5 s; requests never wait on it), and replicas hand their cached
     # metrics to Ray every 2 s instead of every 100 ms.
