@@ -31,7 +31,6 @@ import os
 import signal
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import psutil
-import yaml
 
 from bench.loadgen import LoadSpec, run_load
 
@@ -192,18 +191,21 @@ class RunningSystem:
                 except ProcessLookupError:
                     pass
         killed: list[str] = []
-        gone, alive = psutil.wait_procs(survivors, timeout=grace_s)
+        psutil.wait_procs(survivors, timeout=grace_s)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = [p for p in self.processes() if p.is_running()] or alive
+            alive = [p for p in self.processes() if p.is_running()]
+            if not alive:
+                break
             for p in alive:
                 try:
                     killed.append(f"{p.pid}:{p.name()}:{sig.name}")
                     p.send_signal(sig)
                 except psutil.NoSuchProcess:
                     continue
-            gone, alive = psutil.wait_procs(alive, timeout=10)
-            if not alive:
-                break
+            psutil.wait_procs(alive, timeout=10)
+        for proc in self.procs:  # reap our direct children
+            if proc.poll() is None:
+                proc.wait(timeout=5)
         left = [p for p in self.processes() if p.is_running()]
         if left:
             raise RuntimeError(f"{self.spec.name}: processes left after stop: "
