@@ -6,7 +6,7 @@ traffic, measured by ``bench/idle_cpu.py``). Most of it is periodic work in ever
 process: the Serve controller's 10 Hz control loop, Serve's 10 Hz metrics export in every
 replica and proxy, the raylet's 10 Hz resource reports and 4 Hz memory checks, and each
 worker's metrics and task-event reports. The values below slow those ticks down where
-nothing waits on them, and switch Serve to its throughput-optimized mode.
+nothing waits on them.
 
 Every value is a default: a variable already set in the environment wins.
 """
@@ -21,12 +21,11 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
-    # Serve's throughput-optimized mode: user code and the router on the replica's own
-    # event loop (no thread hand-off per request and per chunk), gRPC between proxy and
-    # replicas, direct ingress. Measured by bench/users_bench.py (README, "Performance").
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    # Direct ingress keeps a stopping ingress replica open >= 30 s for external load
-    # balancers; with none in front, Ctrl-C would wait that long for nothing.
+    # Not set: RAY_SERVE_THROUGHPUT_OPTIMIZED. bench/users_bench.py measured it worse for
+    # Troupe as users run it (throughput at c=32 x0.80, TTFT at c=16 x1.39, unary p50
+    # x1.06; results/20261203T142550Z-users.md). If a user turns it on, direct ingress
+    # would keep a stopping ingress replica open >= 30 s for external load balancers;
+    # with none in front, Ctrl-C would wait that long for nothing.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     # Serve: the controller reconciles twice a second, not ten times (deploys and scaling
     # react within 0.5 s; requests never wait on it), and replicas hand their cached

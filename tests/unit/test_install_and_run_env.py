@@ -56,11 +56,11 @@ def test_settings_uv_cannot_honour_make_the_makefile_fall_back_to_pip(line):
 
 
 def test_troupe_run_defaults_fill_only_what_the_user_left_unset():
-    env = serve_environment({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "PATH": "/bin"})
-    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # the user's choice wins
+    env = serve_environment({"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "PATH": "/bin"})
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"  # the user's choice wins
     assert env["PATH"] == "/bin"
     for key, value in IDLE_FRIENDLY_ENV.items():
-        if key != "RAY_SERVE_THROUGHPUT_OPTIMIZED":
+        if key != "RAY_SERVE_CONTROL_LOOP_INTERVAL_S":
             assert env[key] == value
 
 
