@@ -112,17 +112,17 @@ def _uvicorn(factory: str):
 
 def system_specs(litellm_venv: Path) -> dict[str, SystemSpec]:
     """Every system this bench knows; ``--systems`` picks some."""
-    tpo_off = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    tpo_on = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
     return {
         "troupe": SystemSpec("troupe", _yaml_command(
             "troupe", lambda p: troupe_config(p, run_in="gateway"))),
         "troupe-dep": SystemSpec("troupe-dep", _yaml_command(
             "troupe", lambda p: troupe_config(p, run_in="deployment"))),
-        "troupe-tpo-off": SystemSpec("troupe-tpo-off", _yaml_command(
-            "troupe", lambda p: troupe_config(p, run_in="gateway")), env=tpo_off),
+        "troupe-tpo": SystemSpec("troupe-tpo", _yaml_command(
+            "troupe", lambda p: troupe_config(p, run_in="gateway")), env=tpo_on),
         "serve": SystemSpec("serve", _yaml_command("serve", baseline_config)),
         "serve-tpo": SystemSpec("serve-tpo", _yaml_command("serve", baseline_config),
-                                env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+                                env=tpo_on),
         "uvicorn": SystemSpec("uvicorn", _uvicorn("bench.users_apps:plain_app"), uses_ray=False),
         "litellm": SystemSpec(
             "litellm", _litellm_command(litellm_venv), uses_ray=False,
@@ -257,7 +257,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.users_bench", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--systems", default="troupe,serve,uvicorn,litellm",
-                   help="comma list of: troupe, troupe-dep, troupe-tpo-off, serve, serve-tpo, "
+                   help="comma list of: troupe, troupe-dep, troupe-tpo, serve, serve-tpo, "
                         "uvicorn, litellm")
     p.add_argument("--quick", action="store_true", help="half-length scenarios")
     p.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV", "/tmp/litellm-venv"))
