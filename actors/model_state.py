@@ -4,12 +4,18 @@ A plain class (no Ray here); the builder (``serve_app.build.actors``) applies
 ``ray.remote`` with the name ``troupe-model-state`` (detached, restartable). The state is
 also written to a small JSON file in the app's state folder (beside its SQLite ledger,
 see ``serve_app.store.location``), so it survives a restart of the actor or of Ray.
+
+Gateway replicas follow the state with :meth:`ModelStateActor.watch`, a long poll that
+answers as soon as the state changes: an idle gateway makes one call a minute instead of
+polling every two seconds, and an unload reaches every replica at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from typing import Optional
 
 from serve_app.store.location import state_root
@@ -42,12 +48,17 @@ class ModelStateActor:
 
     ``path``: the state file of the app that created the actor. The actor is one per Ray
     cluster (by name), so each caller may name its own app's file (``path`` in
-    ``get_all``/``set``): two Troupe apps on one cluster keep their own load state.
+    ``get_all``/``set``/``watch``): two Troupe apps on one cluster keep their own load state.
     """
 
     def __init__(self, path: Optional[str] = None) -> None:
         self.path = path
         self._states: dict[Optional[str], dict[str, bool]] = {path: _read(path)}
+        #: Bumped by every ``set``; a watcher holding another number is answered at once.
+        #: Starts from the clock, so a restarted actor never repeats a number it handed out.
+        self.version = time.time_ns()
+        self._changed: Optional[asyncio.Event] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     @property
     def state(self) -> dict[str, bool]:
@@ -72,3 +83,33 @@ class ModelStateActor:
             with open(tmp, "w") as f:
                 json.dump(state, f)
             os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+        self.version += 1
+        if self._loop is not None:
+            # Ray may run a sync method of an async actor off the loop's thread.
+            self._loop.call_soon_threadsafe(self._wake_watchers)
+
+    def _wake_watchers(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def watch(
+        self, version: Optional[int], timeout_s: float, path: Optional[str] = None
+    ) -> tuple[int, dict[str, bool]]:
+        """Long poll: ``(version, state of path)`` as soon as the version differs from
+        ``version`` (at once when it already does, or for ``None``), else after ``timeout_s``.
+
+        The version counts changes of every app's state: a change to another app's file
+        answers too, with this app's (unchanged) state, which costs one more call.
+        """
+        if version == self.version:
+            self._loop = asyncio.get_running_loop()
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            changed = self._changed
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+        return self.version, self.get_all(path)

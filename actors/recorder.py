@@ -1,8 +1,9 @@
 """MetricsRecorder: the gateway side of metrics, microseconds per request.
 
 One recorder per process (gateway replica). ``record(event)`` only appends to a buffer;
-a background task sends the buffer to an async ``sink`` in batches: every
-``flush_interval_s``, or as soon as ``max_batch`` events are waiting. In production the
+a background task sends the buffer to an async ``sink`` in batches: ``flush_interval_s``
+after the first event arrives, or as soon as ``max_batch`` events are waiting. With nothing
+buffered the task sleeps until an event comes (no timer ticks in an idle process). In production the
 sink calls the metrics actor (:func:`actor_sink`); it is never awaited on the request path.
 
 Delivery is at-least-once and ordered: a batch the sink fails on goes back to the front of
@@ -116,7 +117,9 @@ class MetricsRecorder:
             self._stats["dropped"] += 1
         buffer.append(event)
         self._stats["recorded"] += 1
-        if len(buffer) >= self._max_batch and not self._backoff:
+        # Wake the flush task when the buffer stops being empty (it sleeps while there is
+        # nothing to send) and when a batch is full (send it without waiting).
+        if (len(buffer) == 1 or len(buffer) >= self._max_batch) and not self._backoff:
             self._wake.set()
         if self._task is None and not self._closed:
             self._start_soon()
@@ -126,7 +129,9 @@ class MetricsRecorder:
         key = (name, tuple(sorted(labels.items())))
         if self._gauges.get(key) != value:
             self._gauges[key] = value
-            self._gauges_dirty = True
+            if not self._gauges_dirty:
+                self._gauges_dirty = True
+                self._wake.set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,11 +185,12 @@ class MetricsRecorder:
         # event being set, and close() would then wait for this task forever.
         while not self._closed:
             if not self._backoff:  # after a failure, retry as soon as the backoff ends
-                try:
-                    async with asyncio.timeout(self._interval):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                if not self._buffer and not self._gauges_dirty:
+                    # Idle: no timer ticks at all, except the gauges' keep-alive refresh.
+                    await self._wait_wake(self._gauge_refresh if self._gauges else None)
+                if len(self._buffer) < self._max_batch:
+                    self._wake.clear()  # only a full batch cuts the gathering short
+                    await self._wait_wake(self._interval)
             self._wake.clear()
             try:
                 await self._drain()
@@ -199,6 +205,15 @@ class MetricsRecorder:
                 continue
             self._backoff = 0.0
             await self._send_gauges()
+
+    async def _wait_wake(self, timeout_s: Optional[float]) -> None:
+        """Until ``record``/``set_gauge`` wakes the task, or ``timeout_s`` (None: no limit)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        self._wake.clear()
 
     async def _drain(self) -> int:
         sent = 0

@@ -68,6 +68,11 @@ class ActorModelState:
     async def set(self, model_id: str, loaded: bool) -> None:
         await self.handle.set.remote(model_id, loaded, self.path)
 
+    async def watch(
+        self, version: Optional[int], timeout_s: float
+    ) -> tuple[int, dict[str, bool]]:
+        return await self.handle.watch.remote(version, timeout_s, self.path)
+
 
 def model_state_backend(location: StateLocation) -> ModelStateBackend:
     """The model-state actor; its files sit in the apps' state folders, on the head node."""

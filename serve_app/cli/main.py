@@ -21,6 +21,7 @@ from typing import Optional
 
 from serve_app.cli.keys import add_keys_parser
 from serve_app.cli.serve_config import read_serve_config, validate
+from serve_app.cli.serve_env import serve_environment
 from serve_app.settings import ConfigError, TroupeSettings
 
 __all__ = ["main", "validate", "local_cpu_problem"]
@@ -92,18 +93,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     host, port = config.host, config.port
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    env = dict(os.environ)
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    serve_bin = Path(sys.executable).with_name("serve")
+    env = serve_environment(os.environ)  # Ray/Serve tuned for an idle-cheap gateway
     print(f"troupe: starting `serve run {path}` (gateway on {url}) ...", flush=True)
     # `serve run` gets its own session, so a terminal's Ctrl-C reaches it once (through
     # us), and SIGINT restored to the default: a shell starts background jobs with SIGINT
     # ignored, and Python would then never raise KeyboardInterrupt, which is how
     # `serve run` shuts Serve and Ray down cleanly.
     child = subprocess.Popen(
-        [str(serve_bin), "run", str(path)],
+        [sys.executable, "-m", "serve_app.cli.serve_launch", "run", str(path)],
         env=env,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),

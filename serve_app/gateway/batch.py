@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.gateway.idle import IDLE_POLL_MAX_S, IdleBackoff
 from serve_app.gateway.metering import RequestInfo
 from serve_app.settings.policies import BatchSettings
 from serve_app.protocol.native import InferenceRequest
@@ -155,28 +156,37 @@ class BatchRunner:
             self._task = None
 
     async def _loop(self) -> None:
+        wait = IdleBackoff(self.settings.poll_interval_s, IDLE_POLL_MAX_S)
         while True:
             try:
-                await self.step()
+                found = await self.step()
             except Exception as exc:  # the store is briefly unreachable: try again later
                 logger.warning("batch worker step failed: %s", type(exc).__name__)
+                found = 0
             try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait.next(found or len(self.running)))
             except TimeoutError:
                 pass
+            if self._wake.is_set():
+                wait.reset()
             self._wake.clear()
 
-    async def step(self) -> None:
-        """Claim what this replica has room for; deliver due webhooks."""
+    async def step(self) -> int:
+        """Claim what this replica has room for; deliver due webhooks. Returns how many
+        items and webhooks it started."""
         room = self.settings.concurrency - len(self.running)
         now = time.time()
+        found = 0
         if room > 0:
             for item in await self.store.batch_claim(self.worker, now, now + self.lease_s, room):
                 task = asyncio.create_task(self._run_item(item))
                 self.running.add(task)
                 task.add_done_callback(self.running.discard)
+                found += 1
         for job in await self.store.batch_webhooks_due(now, now + 60, 4):
             asyncio.create_task(self._deliver(job))
+            found += 1
+        return found
 
     async def _job(self, job_id: str) -> BatchJobRow:
         job = self.jobs.get(job_id)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from typing import Any, AsyncIterator, Optional, Protocol
 
+from actors.model_state import ModelStateActor
 from serve_app.errors import ModelNotLoaded, Timeout
 from serve_app.gateway.dispatch import Dispatcher
 from serve_app.gateway.replica_scaling import set_replicas
@@ -35,18 +36,33 @@ class ModelStateBackend(Protocol):
 
     async def set(self, model_id: str, loaded: bool) -> None: ...
 
+    async def watch(
+        self, version: Optional[int], timeout_s: float
+    ) -> tuple[int, dict[str, bool]]:
+        """Long poll: the state once its version differs from ``version`` (or timeout)."""
+        ...
+
 
 class MemoryModelState:
     """Load state in this process only (tests; a single gateway without Ray)."""
 
     def __init__(self) -> None:
-        self.state: dict[str, bool] = {}
+        self._actor = ModelStateActor(None)  # the same object, without Ray
+
+    @property
+    def state(self) -> dict[str, bool]:
+        return self._actor.state
 
     async def get_all(self) -> dict[str, bool]:
-        return dict(self.state)
+        return self._actor.get_all()
 
     async def set(self, model_id: str, loaded: bool) -> None:
-        self.state[model_id] = loaded
+        self._actor.set(model_id, loaded)
+
+    async def watch(
+        self, version: Optional[int], timeout_s: float
+    ) -> tuple[int, dict[str, bool]]:
+        return await self._actor.watch(version, timeout_s)
 
 
 class ModelStates:
@@ -75,9 +91,10 @@ class ModelStates:
                 details={"model": model_id, "load": f"POST /models/{model_id}/load"},
             )
 
-    async def refresh(self) -> None:
+    async def refresh(self, state: Optional[dict[str, bool]] = None) -> None:
         """Adopt the persisted load state (another gateway replica, or a redeploy)."""
-        state = await self.backend.get_all()
+        if state is None:
+            state = await self.backend.get_all()
         self.unloaded = {mid for mid, loaded in state.items() if not loaded and mid in self.models}
 
     async def unload(self, model: ModelConfig) -> dict[str, Any]:
@@ -120,21 +137,23 @@ class ModelStates:
             except Exception:  # a replica not up yet: the next sync retries
                 logger.warning("could not unload %s at start; will retry", model_id)
 
-    async def start_sync(self, interval_s: float = 2.0) -> None:
-        """Adopt persisted load state now, then keep following it (other replicas' changes)."""
+    async def start_sync(self, interval_s: float = 2.0, long_poll_s: float = 60.0) -> None:
+        """Adopt persisted load state now, then follow it (other replicas' changes) by a
+        long poll that answers on a change: no traffic while nothing changes."""
 
         async def loop() -> None:
             first = True
+            version: Optional[int] = None
             while True:
                 try:
                     if first:
                         await self.apply()
                         first = False
-                    else:
-                        await self.refresh()
+                    version, state = await self.backend.watch(version, long_poll_s)
+                    await self.refresh(state)
                 except Exception:  # the state actor restarting: keep the last known state
                     logger.warning("model state sync failed; retrying", exc_info=True)
-                await asyncio.sleep(interval_s)
+                    await asyncio.sleep(interval_s)
 
         self._task = asyncio.get_running_loop().create_task(loop())
 

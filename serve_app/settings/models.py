@@ -192,13 +192,16 @@ class ModelConfig(Strict):
     run_in: Literal["deployment", "gateway"] = Field(
         "deployment",
         description="Where the engine runs: its own Serve deployment, or inside each gateway "
-        "replica (no extra hop; only for remote engines, which hold no accelerator state).",
+        "replica (no extra hop; only for engines that hold no accelerator state: remote "
+        "providers and the mock).",
     )
 
     @model_validator(mode="after")
     def _gateway_only_remote(self) -> "ModelConfig":
-        if self.run_in == "gateway" and self.engine.provider == "local":
-            raise ValueError("run_in: gateway is only for remote engines (openai, anthropic, gemini)")
+        if (self.run_in == "gateway" and self.engine.provider == "local"
+                and self.engine.type != "mock"):
+            raise ValueError("run_in: gateway is only for remote engines (openai, anthropic, "
+                             "gemini) and the mock engine")
         if self.run_in == "gateway" and self.modality != "text":
             raise ValueError("run_in: gateway is only for text models; remote embeddings run "
                              "in their own deployment (run_in: deployment)")

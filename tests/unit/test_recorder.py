@@ -162,3 +162,25 @@ def test_record_costs_about_a_microsecond() -> None:
         rec.record(event)
     per_call_us = (time.process_time() - start) / len(events) * 1e6
     assert per_call_us < 10, f"record() took {per_call_us:.2f} us per call"
+
+
+async def test_an_idle_recorder_does_not_wake_until_an_event_arrives() -> None:
+    sink = Sink()
+    rec = MetricsRecorder(sink, flush_interval_s=0.005)
+    drains = 0
+    real_drain = rec._drain
+
+    async def counting_drain() -> int:
+        nonlocal drains
+        drains += 1
+        return await real_drain()
+
+    rec._drain = counting_drain  # type: ignore[method-assign]
+    await rec.start()
+    await asyncio.sleep(0.2)  # forty flush intervals with nothing to send
+    assert drains == 0
+    rec.record(ev(1))
+    await until(lambda: sink.delivered == ["e1"])
+    await asyncio.sleep(0.2)  # idle again after the flush
+    assert drains == 1
+    await rec.close()

@@ -1,0 +1,56 @@
+"""The environment ``troupe run`` gives ``serve run``: Ray and Serve tuned for a gateway.
+
+Ray's defaults suit a busy cluster; on a laptop running ``make run`` they made an idle
+gateway burn about a quarter of a core (issue 20: 27.6% of one core over 60 s with no
+traffic, measured by ``bench/idle_cpu.py``). Most of it is periodic work in every Ray
+process: the Serve controller's 10 Hz control loop, Serve's 10 Hz metrics export in every
+replica and proxy, the raylet's 10 Hz resource reports and 4 Hz memory checks, and each
+worker's metrics and task-event reports. The values below slow those ticks down where
+nothing waits on them.
+
+Every value is a default: a variable already set in the environment wins.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+__all__ = ["IDLE_FRIENDLY_ENV", "serve_environment"]
+
+IDLE_FRIENDLY_ENV: dict[str, str] = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # Not set: RAY_SERVE_THROUGHPUT_OPTIMIZED. bench/users_bench.py measured it worse for
+    # Troupe as users run it (throughput at c=32 x0.80, TTFT at c=16 x1.39, unary p50
+    # x1.06; results/20261203T142550Z-users.md). If a user turns it on, direct ingress
+    # would keep a stopping ingress replica open >= 30 s for external load balancers;
+    # with none in front, Ctrl-C would wait that long for nothing.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # Serve: the controller reconciles twice a second, not ten times (deploys and scaling
+    # react within 0.5 s; requests never wait on it), and replicas hand their cached
+    # metrics to Ray every 2 s instead of every 100 ms.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",
+    # Ray core, per node: resource reports, memory-pressure checks, idle-worker reaping
+    # and GC checks at 1 Hz, not 4-10 Hz (one node: nothing schedules on stale reports).
+    "RAY_raylet_report_resources_period_milliseconds": "1000",
+    "RAY_memory_monitor_refresh_ms": "1000",
+    "RAY_kill_idle_workers_interval_ms": "1000",
+    "RAY_raylet_check_gc_period_milliseconds": "1000",
+    "RAY_gcs_pull_resource_loads_period_milliseconds": "5000",
+    # Ray core, per worker: Ray's own metrics, task events and loop-lag probes feed the
+    # Ray dashboard only (Troupe's /metrics comes from its metrics actor).
+    "RAY_metrics_report_interval_ms": "30000",
+    "RAY_task_events_report_interval_ms": "5000",
+    "RAY_io_context_event_loop_lag_collection_interval_ms": "10000",
+    "RAY_core_worker_internal_heartbeat_ms": "5000",
+}
+
+
+def serve_environment(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` plus every default of :data:`IDLE_FRIENDLY_ENV` that ``base`` lacks."""
+    env = dict(base)
+    for key, value in IDLE_FRIENDLY_ENV.items():
+        env.setdefault(key, value)
+    return env
