@@ -1,0 +1,401 @@
+"""A realtime session: client events in, server events out.
+
+:class:`RealtimeSession` owns the session config, the input audio buffer with its turn
+detector, the conversation, at most one response in progress, and the input
+transcriptions. Every client event is handled in order; bad input of any kind becomes an
+``error`` event that names the event and field, and the session carries on. Model work
+(transcription, responses) runs in tasks, so audio keeps flowing while the models work:
+that is what lets new speech interrupt an answer (barge-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from typing import Any, Awaitable, Callable, Optional
+
+from pydantic import ValidationError
+
+from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.protocol.realtime import ResponseOptions, SessionConfig, first_error, merge
+from serve_app.realtime.audio import BadAudio
+from serve_app.realtime.conversation import Conversation, message_item, new_id
+from serve_app.realtime.models import Models, RealtimeMetrics
+from serve_app.realtime.response import ResponsePlan, ResponseRun
+from serve_app.realtime.input import InputBuffer
+from serve_app.realtime.vad import SpeechModel
+
+__all__ = ["RealtimeSession", "SessionLimits"]
+
+logger = logging.getLogger("troupe.realtime")
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+#: The shortest buffer a commit accepts (OpenAI's rule).
+MIN_COMMIT_MS = 100
+
+
+class SessionLimits:
+    """Bounds of one session (from ``settings.realtime``)."""
+
+    def __init__(self, max_buffer_s: float = 120.0, max_output_tokens: int = 1024) -> None:
+        self.max_buffer_s = max_buffer_s
+        self.max_output_tokens = max_output_tokens
+
+
+class RealtimeSession:
+    """One WebSocket's realtime conversation (see the module docstring)."""
+
+    def __init__(self, models: Models, config: SessionConfig, emit: Emit, session_id: str,
+                 limits: Optional[SessionLimits] = None, metrics: Optional[RealtimeMetrics] = None,
+                 vad_model: Optional[Callable[[], SpeechModel]] = None,
+                 admit: Optional[Callable[[], Awaitable[Any]]] = None) -> None:
+        self.models = models
+        self.emit_raw = emit
+        self.id = session_id
+        self.limits = limits or SessionLimits()
+        self.metrics = metrics or RealtimeMetrics()
+        self.vad_model = vad_model
+        #: Rate limits per response: None (no limit) or (rate_limits list, finish(tokens)).
+        self.admit = admit
+        self.conversation = Conversation()
+        self.config = config
+        self.trio = models.resolve(config.model, self._asr_name(config), config.audio.output.model,
+                                   config.output_modalities == ["audio"])
+        self.input = InputBuffer(config.input_format, config.audio.input.turn_detection,
+                                 self.limits.max_buffer_s, vad_model)
+        #: Bookkeeping kept off the wire items: each answer's run, each turn's audio seconds.
+        self.runs: dict[str, ResponseRun] = {}
+        self.audio_seconds: dict[str, float] = {}
+        self.speech_item: Optional[str] = None
+        self.turn_ended_at = time.perf_counter()
+        self.response: Optional[ResponseRun] = None
+        self.response_task: Optional[asyncio.Task] = None
+        self.last_spoken: Optional[ResponseRun] = None
+        self.transcriptions: dict[str, asyncio.Task] = {}
+
+    @staticmethod
+    def _asr_name(config: SessionConfig) -> Optional[str]:
+        tr = config.audio.input.transcription
+        return tr.model if tr is not None else None
+
+    # ------------------------------------------------------------------ output
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        await self.emit_raw({"event_id": new_id("event"), **event})
+
+    async def error(self, err: TroupeError, event_id: Optional[str] = None,
+                    code: Optional[str] = None) -> None:
+        code = code or (err.details or {}).get("realtime_code") or err.code.lower()
+        kind = "invalid_request_error" if err.status < 500 else "server_error"
+        await self.emit({"type": "error", "error": {
+            "type": kind, "code": code, "message": err.message,
+            "param": getattr(err, "param", None), "event_id": event_id}})
+
+    async def start(self) -> None:
+        await self.emit({"type": "session.created", "session": self.config.wire()})
+
+    # ------------------------------------------------------------------ input
+
+    async def handle(self, event: Any) -> None:
+        """One client event (already parsed JSON); errors become ``error`` events."""
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        if not isinstance(event_id, str):
+            event_id = None
+        try:
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise InvalidRequest('Every client event is a JSON object with a string "type", e.g. '
+                                     '{"type": "input_audio_buffer.append", "audio": "<base64>"}.',
+                                     param="type")
+            handler = _HANDLERS.get(event["type"])
+            if handler is None:
+                raise InvalidRequest(f"Unknown client event type {event['type']!r}; send one of "
+                                     f"{', '.join(sorted(_HANDLERS))}.", param="type",
+                                     details={"realtime_code": "invalid_event_type"})
+            await handler(self, event)
+        except TroupeError as err:
+            await self.error(err, event_id)
+        except BadAudio as exc:
+            await self.error(InvalidRequest(str(exc), param="audio",
+                                            details={"realtime_code": "invalid_audio"}), event_id)
+
+    async def session_update(self, event: dict[str, Any]) -> None:
+        update = event.get("session")
+        if not isinstance(update, dict):
+            raise InvalidRequest('session.update needs a "session" object, e.g. {"type": '
+                                 '"session.update", "session": {"output_modalities": ["text"]}}.',
+                                 param="session")
+        if "model" in update and update["model"] != self.config.model:
+            raise InvalidRequest("session.model cannot change during a session; connect again with "
+                                 "?model=... to use another model.", param="session.model")
+        try:
+            config = SessionConfig.model_validate(merge(self.config.model_dump(mode="json"), update))
+        except ValidationError as exc:
+            param, message = first_error(exc, "session")
+            raise InvalidRequest(message, param=param) from None
+        trio = self.models.resolve(config.model, self._asr_name(config), config.audio.output.model,
+                                   config.output_modalities == ["audio"])
+        self.config, self.trio = config, trio
+        self.input.configure(config.input_format, config.audio.input.turn_detection)
+        await self.emit({"type": "session.updated", "session": config.wire()})
+
+    async def append(self, event: dict[str, Any]) -> None:
+        audio = event.get("audio")
+        if not isinstance(audio, str):
+            raise InvalidRequest('input_audio_buffer.append needs "audio": base64 audio in the '
+                                 "session's input format.", param="audio")
+        try:
+            raw = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("audio is not valid base64.", param="audio",
+                                 details={"realtime_code": "invalid_audio"}) from None
+        for vad in self.input.append(self.config.input_format.to_pcm16(raw)):
+            if vad.kind == "speech_started":
+                await self._speech_started(vad.ms)
+            else:
+                await self._speech_stopped(vad.ms)
+
+    async def _speech_started(self, start_ms: int) -> None:
+        self.input.speech_started(start_ms)
+        self.speech_item = new_id("item")
+        await self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": start_ms,
+                         "item_id": self.speech_item})
+        td = self.config.audio.input.turn_detection
+        if td is not None and td.interrupt_response:
+            await self.interrupt()
+
+    async def _speech_stopped(self, end_ms: int) -> None:
+        self.turn_ended_at = time.perf_counter()
+        item_id = self.speech_item or new_id("item")
+        await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
+                         "item_id": item_id})
+        await self._commit(item_id)
+        td = self.config.audio.input.turn_detection
+        if td is not None and td.create_response and self.response_task is None:
+            await self._start_response(ResponseOptions())
+
+    async def commit(self, event: dict[str, Any]) -> None:
+        self.turn_ended_at = time.perf_counter()
+        await self._commit(self.speech_item or new_id("item"))
+
+    async def _commit(self, item_id: str) -> None:
+        if self.input.ms < MIN_COMMIT_MS:
+            raise InvalidRequest(
+                f"The input audio buffer holds {self.input.ms} ms; a commit needs at least "
+                f"{MIN_COMMIT_MS} ms of audio.", param="audio",
+                details={"realtime_code": "input_audio_buffer_commit_empty"})
+        rate = self.input.fmt.rate
+        pcm = self.input.take()
+        self.speech_item = None
+        previous = self.conversation.last_id()
+        item = message_item("user", [{"type": "input_audio", "transcript": None}], "completed", item_id)
+        self.conversation.add(item)
+        await self.emit({"type": "input_audio_buffer.committed", "previous_item_id": previous,
+                         "item_id": item_id})
+        await self.emit({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        seconds = len(pcm) / (2 * rate)
+        task = asyncio.create_task(self._transcribe(item, pcm, rate, seconds))
+        self.transcriptions[item_id] = task
+        task.add_done_callback(lambda _t, i=item_id: self.transcriptions.pop(i, None))
+
+    async def _transcribe(self, item: dict[str, Any], pcm: bytes, rate: int, seconds: float) -> None:
+        tr = self.config.audio.input.transcription
+        where = {"item_id": item["id"], "content_index": 0}
+        try:
+            text = await self.models.transcribe(
+                self.trio.asr, pcm, rate, f"{self.id}:{item['id']}:asr",
+                tr.language if tr else None, tr.prompt if tr else None)
+        except TroupeError as err:
+            await self.emit({"type": "conversation.item.input_audio_transcription.failed", **where,
+                             "error": {"type": "transcription_error", "code": err.code.lower(),
+                                       "message": err.message}})
+            return
+        item["content"][0]["transcript"] = text
+        self.audio_seconds[item["id"]] = seconds
+        await self.emit({"type": "conversation.item.input_audio_transcription.completed", **where,
+                         "transcript": text, "usage": {"type": "duration", "seconds": round(seconds, 3)}})
+        await self.emit({"type": "conversation.item.done", "item": item})
+
+    async def clear(self, event: dict[str, Any]) -> None:
+        self.input.clear()
+        self.speech_item = None
+        await self.emit({"type": "input_audio_buffer.cleared"})
+
+    # ------------------------------------------------------------------ items
+
+    async def item_create(self, event: dict[str, Any]) -> None:
+        item = self.conversation.check_message(event.get("item"))
+        previous = event.get("previous_item_id")
+        if previous is not None and not isinstance(previous, str):
+            raise InvalidRequest("previous_item_id must be an item id or \"root\".", param="previous_item_id")
+        before = self.conversation.add(item, previous)
+        await self.emit({"type": "conversation.item.added", "previous_item_id": before, "item": item})
+        await self.emit({"type": "conversation.item.done", "previous_item_id": before, "item": item})
+
+    async def item_delete(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id")
+        if self.response is not None and item_id == self.response.item["id"]:
+            raise InvalidRequest("That item is being written by the response in progress; cancel it "
+                                 "first.", param="item_id")
+        self.conversation.delete(item_id)
+        await self.emit({"type": "conversation.item.deleted", "item_id": item_id})
+
+    async def item_retrieve(self, event: dict[str, Any]) -> None:
+        item = self.conversation.get(event.get("item_id"))
+        await self.emit({"type": "conversation.item.retrieved", "item": item})
+
+    async def item_truncate(self, event: dict[str, Any]) -> None:
+        item = self.conversation.get(event.get("item_id"))
+        end = event.get("audio_end_ms")
+        if item.get("role") != "assistant" or item["content"][0].get("type") != "output_audio":
+            raise InvalidRequest("Only an assistant message with audio can be truncated.", param="item_id")
+        if event.get("content_index", 0) != 0:
+            raise InvalidRequest("content_index must be 0 (an answer has one audio part).",
+                                 param="content_index")
+        run = self.runs.get(item["id"])
+        total = run.sent_ms if run is not None else 0
+        if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= total:
+            raise InvalidRequest(f"audio_end_ms must be an integer from 0 to {total} (the item's "
+                                 "audio length in ms).", param="audio_end_ms")
+        await self._truncate(item, end)
+
+    async def _truncate(self, item: dict[str, Any], end_ms: int) -> None:
+        run = self.runs.get(item["id"])
+        if run is not None:
+            item["content"][0]["transcript"] = run.heard_text(end_ms)
+        await self.emit({"type": "conversation.item.truncated", "item_id": item["id"],
+                         "content_index": 0, "audio_end_ms": end_ms})
+
+    # ------------------------------------------------------------------ responses
+
+    async def response_create(self, event: dict[str, Any]) -> None:
+        try:
+            opts = ResponseOptions.model_validate(event.get("response") or {})
+        except ValidationError as exc:
+            param, message = first_error(exc, "response")
+            raise InvalidRequest(message, param=param) from None
+        if self.response_task is not None:
+            raise InvalidRequest("A response is already in progress; wait for response.done or send "
+                                 "response.cancel.", param="response",
+                                 details={"realtime_code": "conversation_already_has_active_response"})
+        self.turn_ended_at = time.perf_counter()
+        await self._start_response(opts)
+
+    async def response_cancel(self, event: dict[str, Any]) -> None:
+        wanted = event.get("response_id")
+        if self.response is None or (wanted is not None and wanted != self.response.id):
+            raise InvalidRequest("There is no response in progress to cancel.", param="response_id",
+                                 details={"realtime_code": "response_cancel_not_active"})
+        await self._cancel("client_cancelled")
+
+    async def interrupt(self) -> None:
+        """New speech: stop the answer being written, truncate what was not played."""
+        if self.response is not None and self.response.plan.audio:
+            run = self.response
+            played = run.played_ms()
+            await self._cancel("turn_detected")
+            if run.plan.in_conversation:
+                await self._truncate(run.item, played)
+        elif self.response is not None:
+            await self._cancel("turn_detected")
+        elif self.last_spoken is not None:  # finished writing, maybe still playing
+            run, self.last_spoken = self.last_spoken, None
+            played = run.played_ms()
+            if played < run.sent_ms and run.plan.in_conversation:
+                await self._truncate(run.item, played)
+
+    async def _cancel(self, reason: str) -> None:
+        run, task = self.response, self.response_task
+        if run is None or task is None:
+            return
+        run.cancel_reason = reason
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+
+    def _plan(self, opts: ResponseOptions) -> ResponsePlan:
+        cfg = self.config
+        modalities = opts.output_modalities or cfg.output_modalities
+        limit = opts.max_output_tokens or cfg.max_output_tokens
+        out = cfg.audio.output
+        voice = (opts.audio or {}).get("output", {}).get("voice") or out.voice
+        audio = modalities == ["audio"]
+        if audio and self.trio.tts is None:
+            raise InvalidRequest("No text-to-speech model is configured; ask for "
+                                 'output_modalities ["text"].', param="response.output_modalities")
+        return ResponsePlan(
+            self.trio, audio, opts.instructions if opts.instructions is not None else cfg.instructions,
+            min(self.limits.max_output_tokens, limit) if isinstance(limit, int) else self.limits.max_output_tokens,
+            0.0 if cfg.temperature is None else cfg.temperature, voice, out.speed, cfg.output_format,
+            opts.conversation == "auto", opts.metadata, self.turn_ended_at)
+
+    async def _start_response(self, opts: ResponseOptions) -> None:
+        plan = self._plan(opts)
+        extra = [self.conversation.check_message(i) for i in opts.input or []]
+        admitted = await self.admit() if self.admit is not None else None
+        finish: Optional[Callable[[int], None]] = None
+        if admitted is not None:
+            rate_limits, finish = admitted
+            if rate_limits:
+                await self.emit({"type": "rate_limits.updated", "rate_limits": rate_limits})
+        self.response_task = asyncio.create_task(self._respond(plan, extra, finish))
+
+    async def _respond(self, plan: ResponsePlan, extra: list[dict[str, Any]],
+                       finish: Optional[Callable[[int], None]]) -> None:
+        run: Optional[ResponseRun] = None
+        try:
+            if self.transcriptions:  # the answer needs the words of the turn
+                await asyncio.wait(list(self.transcriptions.values()))
+            convo = self.conversation if plan.in_conversation else Conversation()
+            for item in extra:
+                convo.add(item)
+            # audio heard since the last answer (each turn's seconds are counted once)
+            plan.audio_in_s = sum(self.audio_seconds.pop(i["id"], 0.0) for i in convo.items)
+            run = ResponseRun(self.models, plan, convo.messages(plan.instructions), self.emit,
+                              f"{self.id}:{len(convo.items)}")
+            self.response = run
+            self.runs[run.item["id"]] = run
+            if plan.in_conversation:
+                self.conversation.add(run.item)
+            figures = await run.run()
+            self.metrics.record(figures)
+            if plan.audio:
+                self.last_spoken = run
+        except TroupeError as err:
+            await self.error(err)
+        except Exception as exc:  # the session outlives a failed response
+            logger.exception("realtime response failed")
+            await self.error(as_troupe_error(exc))
+        finally:
+            self.response = None
+            self.response_task = None
+            if finish is not None:  # charge the answer's tokens to the key's limits
+                finish(sum(run.usage) if run is not None else 0)
+
+    async def close(self) -> None:
+        """The socket closed: stop all model work."""
+        tasks = [t for t in [self.response_task, *self.transcriptions.values()] if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    async def unsupported(self, event: dict[str, Any]) -> None:
+        raise InvalidRequest(f"{event['type']} is for WebRTC and SIP connections; over a WebSocket "
+                             "the client owns its playback buffer.", param="type")
+
+
+_HANDLERS: dict[str, Callable[[RealtimeSession, dict[str, Any]], Awaitable[None]]] = {
+    "session.update": RealtimeSession.session_update,
+    "input_audio_buffer.append": RealtimeSession.append,
+    "input_audio_buffer.commit": RealtimeSession.commit,
+    "input_audio_buffer.clear": RealtimeSession.clear,
+    "conversation.item.create": RealtimeSession.item_create,
+    "conversation.item.delete": RealtimeSession.item_delete,
+    "conversation.item.retrieve": RealtimeSession.item_retrieve,
+    "conversation.item.truncate": RealtimeSession.item_truncate,
+    "response.create": RealtimeSession.response_create,
+    "response.cancel": RealtimeSession.response_cancel,
+    "output_audio_buffer.clear": RealtimeSession.unsupported,
+}
