@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from serve_app.realtime.audio import AudioFormat, parse_format
 
-__all__ = ["SessionConfig", "ResponseOptions", "merge", "first_error", "IGNORED_FIELDS"]
+__all__ = ["IGNORED_FIELDS", "ResponseOptions", "SessionConfig", "first_error", "merge"]
 
 #: Session fields accepted and ignored on purpose (they change nothing here).
 IGNORED_FIELDS = ("tracing", "truncation", "include", "prompt", "object", "id", "expires_at")

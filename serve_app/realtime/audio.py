@@ -22,7 +22,7 @@ with warnings.catch_warnings():  # deprecated in 3.11-3.12, provided by audioop-
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-__all__ = ["AudioFormat", "FORMATS", "parse_format", "Resampler", "BadAudio"]
+__all__ = ["FORMATS", "AudioFormat", "BadAudio", "Resampler", "parse_format"]
 
 
 class BadAudio(ValueError):

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import ChatMessage
 
-__all__ = ["Conversation", "new_id", "message_item"]
+__all__ = ["Conversation", "message_item", "new_id"]
 
 #: Content part types, and the role that may send each.
 _TEXT_KEYS = {"input_text": "text", "output_text": "text", "input_audio": "transcript",

@@ -13,7 +13,14 @@ from typing import Callable, Optional
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.realtime import TurnDetection
 from serve_app.realtime.audio import AudioFormat
-from serve_app.realtime.vad import FRAME, VAD_RATE, SpeechModel, TurnDetector, VadEvent, VadSettings
+from serve_app.realtime.vad import (
+    FRAME,
+    VAD_RATE,
+    SpeechModel,
+    TurnDetector,
+    VadEvent,
+    VadSettings,
+)
 
 __all__ = ["InputBuffer"]
 

@@ -13,15 +13,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncGenerator, AsyncIterator, Optional, Protocol
 
 from serve_app.errors import InvalidRequest
 from serve_app.gateway.metering import RequestInfo
 from serve_app.gateway.voice import wav_from_pcm
-from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams, TextChunk
-from serve_app.protocol.modalities import AudioChunk, SpeechRequest, TranscriptionRequest
+from serve_app.protocol.internal import (
+    ChatMessage,
+    GenerationRequest,
+    SamplingParams,
+    TextChunk,
+)
+from serve_app.protocol.modalities import (
+    AudioChunk,
+    SpeechRequest,
+    TranscriptionRequest,
+)
 
-__all__ = ["Trio", "Models", "CoreModels", "RealtimeMetrics", "ResponseFigures"]
+__all__ = ["CoreModels", "Models", "RealtimeMetrics", "ResponseFigures", "Trio"]
 
 ROUTE = "/v1/realtime"
 logger = logging.getLogger("troupe.realtime")
@@ -31,9 +40,9 @@ logger = logging.getLogger("troupe.realtime")
 class Trio:
     """The three models a session uses."""
 
-    asr: str
+    asr: Optional[str]  # None: no speech-to-text model is configured (text input only)
     llm: str
-    tts: Optional[str]  # None: a text-only session with no speech model configured
+    tts: Optional[str]  # None: a text-only session
 
 
 class Models(Protocol):
@@ -45,10 +54,10 @@ class Models(Protocol):
                          language: Optional[str], prompt: Optional[str]) -> str: ...
 
     def generate(self, llm: str, messages: list[ChatMessage], max_tokens: Optional[int],
-                 temperature: float, request_id: str) -> AsyncIterator[TextChunk]: ...
+                 temperature: float, request_id: str) -> AsyncGenerator[TextChunk, None]: ...
 
     def speak(self, tts: str, text: str, voice: str, speed: float,
-              request_id: str) -> AsyncIterator[AudioChunk]: ...
+              request_id: str) -> AsyncGenerator[AudioChunk, None]: ...
 
     def price(self, llm: str, prompt_tokens: int, completion_tokens: int) -> Optional[float]: ...
 
@@ -61,19 +70,23 @@ class CoreModels:
         self.settings = core.settings.realtime
         self.info = RequestInfo(ROUTE, stream=True)
 
-    def _pick(self, given: Optional[str], configured: Optional[str], modality: str, param: str) -> str:
+    def _pick(self, given: Optional[str], configured: Optional[str], modality: str, param: str,
+              required: bool = True) -> Optional[str]:
         model_id = given or configured or next(
             (m.id for m in self.core.models.values() if m.modality == modality), None)
         if model_id is None:
+            if not required:
+                return None
             raise InvalidRequest(f"No {modality} model is configured, so /v1/realtime cannot run "
-                                 "a voice session; add one to the config.", param=param)
+                                 "this session; add one to the config.", param=param)
         self.core.admit(model_id, modality, ROUTE)
         return model_id
 
     def resolve(self, llm: str, asr: Optional[str], tts: Optional[str], audio_out: bool) -> Trio:
         text = self._pick(llm, self.settings.llm, "text", "model")
+        assert text is not None
         speech_in = self._pick(asr, self.settings.asr, "transcription",
-                               "session.audio.input.transcription.model")
+                               "session.audio.input.transcription.model", required=asr is not None)
         speech_out = None
         if audio_out or tts is not None:
             speech_out = self._pick(tts, self.settings.tts, "speech", "session.audio.output.model")

@@ -20,12 +20,17 @@ from typing import Any, Awaitable, Callable, Optional
 from pydantic import ValidationError
 
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
-from serve_app.protocol.realtime import ResponseOptions, SessionConfig, first_error, merge
+from serve_app.protocol.realtime import (
+    ResponseOptions,
+    SessionConfig,
+    first_error,
+    merge,
+)
 from serve_app.realtime.audio import BadAudio
 from serve_app.realtime.conversation import Conversation, message_item, new_id
+from serve_app.realtime.input import InputBuffer
 from serve_app.realtime.models import Models, RealtimeMetrics
 from serve_app.realtime.response import ResponsePlan, ResponseRun
-from serve_app.realtime.input import InputBuffer
 from serve_app.realtime.vad import SpeechModel
 
 __all__ = ["RealtimeSession", "SessionLimits"]
@@ -181,6 +186,11 @@ class RealtimeSession:
         await self._commit(self.speech_item or new_id("item"))
 
     async def _commit(self, item_id: str) -> None:
+        if self.trio.asr is None:
+            self.input.clear()
+            raise InvalidRequest("No speech-to-text model is configured, so audio cannot be "
+                                 "committed; send text with conversation.item.create.",
+                                 param="audio", details={"realtime_code": "no_transcription_model"})
         if self.input.ms < MIN_COMMIT_MS:
             raise InvalidRequest(
                 f"The input audio buffer holds {self.input.ms} ms; a commit needs at least "
@@ -203,6 +213,7 @@ class RealtimeSession:
     async def _transcribe(self, item: dict[str, Any], pcm: bytes, rate: int, seconds: float) -> None:
         tr = self.config.audio.input.transcription
         where = {"item_id": item["id"], "content_index": 0}
+        assert self.trio.asr is not None  # _commit refuses audio without one
         try:
             text = await self.models.transcribe(
                 self.trio.asr, pcm, rate, f"{self.id}:{item['id']}:asr",

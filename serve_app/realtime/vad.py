@@ -22,7 +22,7 @@ import numpy as np
 
 from serve_app.realtime.audio import Resampler, pcm16_to_float
 
-__all__ = ["SpeechModel", "SileroStream", "TurnDetector", "VadSettings", "VadEvent", "FRAME"]
+__all__ = ["FRAME", "SileroStream", "SpeechModel", "TurnDetector", "VadEvent", "VadSettings"]
 
 #: Samples per VAD frame at 16 kHz (32 ms), and the context the model sees before it.
 FRAME = 512

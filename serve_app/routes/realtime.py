@@ -108,6 +108,8 @@ class RealtimeSocket:
         llm = model or rt.llm or next((m.id for m in self.core.models.values() if m.modality == "text"), "")
         config = SessionConfig(model=llm)
         config.audio.output.voice = rt.voice
+        if rt.tts is None and not any(m.modality == "speech" for m in self.core.models.values()):
+            config.output_modalities = ["text"]  # nothing here can speak: answer in text
         return RealtimeSession(CoreModels(self.core), config, self.send, request_id_of_scope(self.ws.scope),
                                SessionLimits(rt.max_buffer_s, rt.max_output_tokens), self.metrics,
                                admit=self.admitter())

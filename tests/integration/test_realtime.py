@@ -14,7 +14,6 @@ import time
 import wave
 from typing import Any
 
-import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
