@@ -70,7 +70,9 @@ class Responding:
 
     async def interrupt(self) -> None:
         """New speech: stop the answer being written, truncate what was not played."""
-        if self.response is not None and self.response.plan.audio:
+        if self.response is None and self.response_task is not None:
+            await self._cancel(reason="turn_detected")  # still waiting for the last transcript
+        elif self.response is not None and self.response.plan.audio:
             run = self.response
             played = run.played_ms()
             await self._cancel("turn_detected")
@@ -86,11 +88,14 @@ class Responding:
 
     async def _cancel(self, reason: str) -> None:
         run, task = self.response, self.response_task
-        if run is None or task is None:
+        if task is None:
             return
-        run.cancel_reason = reason
+        if run is not None:
+            run.cancel_reason = reason
+        # without a run the answer had not started (it waited for the transcript): it ends
+        # before response.created, so there is nothing to tell the client
         task.cancel()
-        await asyncio.wait([task], timeout=5)
+        await asyncio.wait([task], timeout=5)  # its done callback (added first) has run
 
     def _plan(self, opts: ResponseOptions) -> ResponsePlan:
         cfg = self.config
@@ -117,11 +122,20 @@ class Responding:
             rate_limits, finish = admitted
             if rate_limits:
                 await self.emit({"type": "rate_limits.updated", "rate_limits": rate_limits})
-        self.response_task = asyncio.create_task(self._respond(plan, extra, finish))
+        task = asyncio.create_task(self._respond(plan, extra))
+        self.response_task = task
 
-    async def _respond(self, plan: ResponsePlan, extra: list[dict[str, Any]],
-                       finish: Optional[Callable[[int], None]]) -> None:
-        run: Optional[ResponseRun] = None
+        def ended(_: asyncio.Task) -> None:
+            # here, not in _respond's finally: a task cancelled before it ran has none
+            run = self.response
+            if self.response_task is task:
+                self.response, self.response_task = None, None
+            if finish is not None:  # charge the answer's tokens to the key's limits
+                finish(sum(run.usage) if run is not None else 0)
+
+        task.add_done_callback(ended)
+
+    async def _respond(self, plan: ResponsePlan, extra: list[dict[str, Any]]) -> None:
         try:
             if self.transcriptions:  # the answer needs the words of the turn
                 await asyncio.wait(list(self.transcriptions.values()))
@@ -145,8 +159,3 @@ class Responding:
         except Exception as exc:  # the session outlives a failed response
             logger.exception("realtime response failed")
             await self.error(as_troupe_error(exc))
-        finally:
-            self.response = None
-            self.response_task = None
-            if finish is not None:  # charge the answer's tokens to the key's limits
-                finish(sum(run.usage) if run is not None else 0)

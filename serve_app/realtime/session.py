@@ -206,10 +206,13 @@ class RealtimeSession(Responding):
         await self.emit({"type": "input_audio_buffer.committed", "previous_item_id": previous,
                          "item_id": item_id})
         await self.emit({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
-        seconds = len(pcm) / (2 * rate)
-        task = asyncio.create_task(self._transcribe(item, pcm, rate, seconds))
+        self._start_transcription(item, pcm, rate)
+
+    def _start_transcription(self, item: dict[str, Any], pcm: bytes, rate: int) -> None:
+        item_id = item["id"]
+        task = asyncio.create_task(self._transcribe(item, pcm, rate, len(pcm) / (2 * rate)))
         self.transcriptions[item_id] = task
-        task.add_done_callback(lambda _t, i=item_id: self.transcriptions.pop(i, None))
+        task.add_done_callback(lambda _t: self.transcriptions.pop(item_id, None))
 
     async def _transcribe(self, item: dict[str, Any], pcm: bytes, rate: int, seconds: float) -> None:
         tr = self.config.audio.input.transcription
@@ -242,9 +245,31 @@ class RealtimeSession(Responding):
         previous = event.get("previous_item_id")
         if previous is not None and not isinstance(previous, str):
             raise InvalidRequest("previous_item_id must be an item id or \"root\".", param="previous_item_id")
+        audio = self._item_audio(event["item"], item)
         before = self.conversation.add(item, previous)
         await self.emit({"type": "conversation.item.added", "previous_item_id": before, "item": item})
-        await self.emit({"type": "conversation.item.done", "previous_item_id": before, "item": item})
+        if audio is None:
+            await self.emit({"type": "conversation.item.done", "previous_item_id": before, "item": item})
+            return
+        rate = self.input.fmt.rate  # done follows the transcript, as for committed audio
+        self._start_transcription(item, audio, rate)
+
+    def _item_audio(self, sent: dict[str, Any], item: dict[str, Any]) -> Optional[bytes]:
+        """PCM of a user item's ``input_audio`` part that came without a transcript."""
+        part = sent["content"][0] if len(sent["content"]) == 1 else {}
+        if item["role"] != "user" or part.get("type") != "input_audio" or part.get("transcript"):
+            return None
+        if not isinstance(part.get("audio"), str) or self.trio.asr is None:
+            raise InvalidRequest("An input_audio part needs \"audio\" (base64, in the session's input "
+                                 "format) or a \"transcript\", and audio needs a speech-to-text model.",
+                                 param="item.content[0].audio")
+        try:
+            raw = base64.b64decode(part["audio"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("item.content[0].audio is not valid base64.",
+                                 param="item.content[0].audio",
+                                 details={"realtime_code": "invalid_audio"}) from None
+        return self.input.fmt.to_pcm16(raw)
 
     async def item_delete(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id")

@@ -20,6 +20,7 @@ from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError
 from serve_app.http.plumbing import request_id_of_scope
 from serve_app.policies.context import PRINCIPAL
 from serve_app.protocol.realtime import SessionConfig
+from serve_app.realtime.conversation import new_id
 from serve_app.realtime.models import CoreModels, RealtimeMetrics
 from serve_app.realtime.session import RealtimeSession, SessionLimits
 
@@ -70,7 +71,7 @@ class RealtimeSocket:
 
     async def refuse(self, err: TroupeError, code: int) -> None:
         """An ``error`` event, then the socket closes (auth, unknown model)."""
-        await self.send({"type": "error", "event_id": None, "error": {
+        await self.send({"type": "error", "event_id": new_id("event"), "error": {
             "type": "invalid_request_error" if err.status != 401 else "authentication_error",
             "code": err.code.lower(), "message": err.message, "param": getattr(err, "param", None)}})
         self.closed = True

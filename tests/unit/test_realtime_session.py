@@ -201,3 +201,42 @@ async def test_items_create_delete_retrieve_truncate() -> None:
                   "audio_end_ms": 99999})
     assert c.of("error")[-1]["error"]["param"] == "audio_end_ms"
     assert [m.content for m in c.models.prompts[0]][1:] == ["zero", "two"]
+
+
+async def test_user_audio_item_is_transcribed_and_answered() -> None:
+    c = Client(**PTT)
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user",
+        "content": [{"type": "input_audio", "audio": base64.b64encode(tone(0.3)).decode()}]}})
+    done = await c.wait_for("conversation.item.input_audio_transcription.completed")
+    assert done["transcript"] == "what is the capital of france"
+    assert c.models.heard == [(14400, 24000)]
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_audio", "audio": "%%%"}]}})
+    assert c.of("error")[-1]["error"]["param"] == "item.content[0].audio"
+    await c.send({"type": "response.create"})
+    assert (await c.wait_for("response.done"))["response"]["status"] == "completed"
+
+
+async def test_speech_while_the_answer_waits_for_its_transcript_drops_that_answer() -> None:
+    class SlowEars(FakeModels):
+        def __init__(self) -> None:
+            super().__init__()
+            import asyncio
+
+            self.release = asyncio.Event()
+
+        async def transcribe(self, *args, **kwargs) -> str:  # type: ignore[override]
+            await self.release.wait()
+            return await super().transcribe(*args, **kwargs)
+
+    models = SlowEars()
+    c = Client(models)
+    await c.append_pcm(silence(0.3) + tone(0.5) + silence(0.7))
+    assert c.session.response_task is not None and c.session.response is None
+    await c.append_pcm(tone(0.5) + silence(0.7))  # a second turn before the first was heard
+    models.release.set()
+    done = await c.wait_for("response.done")
+    assert done["response"]["status"] == "completed"
+    assert len(c.of("response.created")) == 1  # one answer, to both turns
+    assert [m.role for m in models.prompts[0]][1:] == ["user", "user"]
