@@ -14,10 +14,12 @@ import time
 import wave
 from typing import Any
 
+import httpx
 import pytest
 from openai import AsyncOpenAI
 
 from serve_app.realtime.audio import Resampler
+from tests.conftest import wait_until
 from tests.integration.test_websocket import engine_active_async, wait_engine_idle
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
@@ -68,6 +70,7 @@ async def events_until(conn: Any, kind: str, seen: list[Any], timeout: float = 3
 async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_path: Any) -> None:
     question = spoken("What is the capital of France?", tmp_path)
     seen: list[Any] = []
+    started = time.time()
     async with client(base_url).realtime.connect(model="mock-5ms") as conn:
         created = await events_until(conn, "session.created", seen)
         assert created.session.model == "mock-5ms"
@@ -89,6 +92,23 @@ async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_pa
     assert len(audio) > 24000  # over half a second of 24 kHz PCM16 answer
     assert done.response.status == "completed"
     assert done.response.usage.output_tokens > 0 and done.response.usage.input_tokens > 0
+    figures = done.response.model_extra["troupe"]
+    assert figures["audio_in_seconds"] > 1.5 and figures["audio_out_seconds"] > 0.5
+    assert figures["ttfa_ms"] > 0
+    # metered: the three model calls in the ledger under the route, the turn's audio and
+    # TTFA in Prometheus
+    usage = wait_until(lambda: (u := by_route(base_url, started)).get("/v1/realtime", {}).get(
+        "requests", 0) >= 3 and u, timeout=15, interval=0.1)
+    assert usage["/v1/realtime"]["errors"] == 0
+    metrics = wait_until(lambda: (t := httpx.get(base_url + "/metrics", timeout=10).text).count(
+        "troupe_custom_realtime_ttfa_ms_count_total{") and t, timeout=15, interval=0.1)
+    assert 'troupe_custom_realtime_audio_input_seconds_total{model="mock-5ms"}' in metrics
+    assert 'troupe_custom_realtime_responses_total{model="mock-5ms",status="completed"}' in metrics
+
+
+def by_route(base_url: str, start: float) -> dict[str, Any]:
+    body = httpx.get(base_url + "/v1/usage", params={"group_by": "route", "start": start}, timeout=10).json()
+    return {g["group"]: g for g in body["groups"]}
 
 
 async def test_bad_input_errors_keep_the_session(base_url: str) -> None:

@@ -240,3 +240,15 @@ async def test_speech_while_the_answer_waits_for_its_transcript_drops_that_answe
     assert done["response"]["status"] == "completed"
     assert len(c.of("response.created")) == 1  # one answer, to both turns
     assert [m.role for m in models.prompts[0]][1:] == ["user", "user"]
+
+
+async def test_audio_formats_accept_beta_names_and_refuse_other_rates() -> None:
+    c = Client(**PTT)
+    await c.send({"type": "session.update", "session": {"audio": {"input": {"format": "g711_ulaw"}}}})
+    assert c.of("session.updated")[-1]["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu", "rate": 8000}
+    await c.send({"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}}})
+    err = c.of("error")[-1]["error"]
+    assert err["param"] == "session.audio.output.format" and "24000" in err["message"]
+    await c.send({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/opus"}}}}})
+    assert c.of("error")[-1]["error"]["param"] == "session.audio.input.format"
+    assert c.session.config.input_format.type == "audio/pcmu"  # the bad updates changed nothing
