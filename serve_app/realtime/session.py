@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from serve_app.errors import InvalidRequest, TroupeError
 from serve_app.protocol.realtime import (
+    IGNORED_FIELDS,
     ResponseOptions,
     SessionConfig,
     first_error,
@@ -136,6 +137,9 @@ class RealtimeSession(Responding):
         if "model" in update and update["model"] != self.config.model:
             raise InvalidRequest("session.model cannot change during a session; connect again with "
                                  "?model=... to use another model.", param="session.model")
+        unknown = sorted(set(update) - set(SessionConfig.model_fields) - set(IGNORED_FIELDS))
+        if unknown:  # kept and echoed back, but nothing here reads them
+            logger.info("realtime session %s: ignoring unknown session fields %s", self.id, unknown)
         try:
             config = SessionConfig.model_validate(merge(self.config.model_dump(mode="json"), update))
         except ValidationError as exc:
