@@ -70,7 +70,7 @@ async def events_until(conn: Any, kind: str, seen: list[Any], timeout: float = 3
 async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_path: Any) -> None:
     question = spoken("What is the capital of France?", tmp_path)
     seen: list[Any] = []
-    started = time.time()
+    t0 = time.time()
     async with client(base_url).realtime.connect(model="mock-5ms") as conn:
         created = await events_until(conn, "session.created", seen)
         assert created.session.model == "mock-5ms"
@@ -97,7 +97,7 @@ async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_pa
     assert figures["ttfa_ms"] > 0
     # metered: the three model calls in the ledger under the route, the turn's audio and
     # TTFA in Prometheus
-    usage = wait_until(lambda: (u := by_route(base_url, started)).get("/v1/realtime", {}).get(
+    usage = wait_until(lambda: (u := by_route(base_url, t0)).get("/v1/realtime", {}).get(
         "requests", 0) >= 3 and u, timeout=15, interval=0.1)
     assert usage["/v1/realtime"]["errors"] == 0
     metrics = wait_until(lambda: (t := httpx.get(base_url + "/metrics", timeout=10).text).count(
