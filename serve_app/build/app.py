@@ -33,6 +33,7 @@ from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
 from serve_app.routes.playground import build_playground_router
+from serve_app.routes.realtime import build_realtime_router
 from serve_app.routes.responses_api import build_responses_router
 from serve_app.routes.voice import build_voice_router
 from serve_app.routes.websocket import build_ws_router
@@ -79,6 +80,7 @@ def build_fastapi_app(
     app.include_router(build_observability_router(core, metrics_actor))
     app.include_router(build_modalities_router(core))
     app.include_router(build_voice_router(core))
+    app.include_router(build_realtime_router(core, metrics_actor))
     app.include_router(build_playground_router())
     app.include_router(build_admin_router(core, lambda: session_actor))
     inner: Any = app

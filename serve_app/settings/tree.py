@@ -21,6 +21,7 @@ from serve_app.settings.models import (
     RayActorOptions,
 )
 from serve_app.settings.observability import TracingSettings
+from serve_app.settings.realtime import RealtimeSettings
 from serve_app.settings.policies import (
     AuthSettings,
     BatchSettings,
@@ -153,6 +154,9 @@ class TroupeSettings(Strict):
     )
     cors: CORSSettings = Field(default_factory=CORSSettings, description="CORS for browsers.")
     batch: BatchSettings = Field(default_factory=BatchSettings, description="Batch jobs.")
+    realtime: RealtimeSettings = Field(
+        default_factory=RealtimeSettings, description="The Realtime API (/v1/realtime)."
+    )
 
     def cpus_at_start(self) -> float:
         """Ray CPUs the app reserves once it is up: every replica that starts (fixed count,

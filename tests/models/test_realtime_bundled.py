@@ -1,0 +1,41 @@
+"""A spoken turn over /v1/realtime on the bundled models, with the official openai client.
+
+Piper says "What is the capital of France?"; the audio goes in 20 ms chunks with server
+VAD; Whisper hears it, SmolLM2 answers, Piper speaks; Whisper then transcribes the spoken
+answer, which must say Paris.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from bench.realtime_bench import pcm24_wav, realtime_turn, spoken_question, trio_args
+
+pytestmark = pytest.mark.models
+
+
+@pytest.fixture(scope="module")
+def trio_url(serve_instance: int) -> str:
+    from ray import serve
+
+    from serve_app.build.app import build_app
+
+    serve.run(build_app(trio_args()), name="realtime-trio", route_prefix="/trio")
+    url = f"http://127.0.0.1:{serve_instance}/trio"
+    assert httpx.get(url + "/health", timeout=120).json()["status"] == "ok"
+    return url
+
+
+async def test_spoken_question_gets_a_spoken_answer_that_says_paris(trio_url: str) -> None:
+    _, question = spoken_question(trio_url)
+    turn = await realtime_turn(trio_url, question, vad=True)
+    assert turn["status"] == "completed"
+    assert "capital of france" in turn["transcript"].lower()
+    assert len(turn["audio"]) > 24000 * 2 // 2  # at least half a second of answer
+    heard = httpx.post(trio_url + "/v1/audio/transcriptions", timeout=120,
+                       files={"file": ("answer.wav", pcm24_wav(turn["audio"]), "audio/wav")},
+                       data={"model": "whisper-tiny-en"})
+    heard.raise_for_status()
+    assert "paris" in heard.json()["text"].lower(), (turn["reply"], heard.json()["text"])
+    assert turn["server_ttfa_ms"] is not None and turn["ttfa_ms"] > 0
