@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Optional
 from deployments.engines.base import TextEngine, create_text_engine
 from serve_app.settings import ModelConfig
 from serve_app.errors import InferenceFailed, TroupeError
-from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.protocol.internal import ChunkJoiner, GenerationRequest, TextChunk
 from serve_app.tracing import (
     ATTR_FINISH_REASONS,
     ATTR_INPUT_TOKENS,
@@ -32,7 +32,7 @@ __all__ = ["LLMDeployment"]
 
 logger = logging.getLogger("troupe.llm")
 
-_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "tool_calls": "tool_calls"}
 
 
 class LLMDeployment:
@@ -116,6 +116,7 @@ class LLMDeployment:
                         completion,
                         stop_sequence=out.stop_sequence,
                     )
+                chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
                     chunk.cold_start = cold_start
@@ -156,27 +157,18 @@ class LLMDeployment:
 
     async def complete(self, request: GenerationRequest) -> TextChunk:
         """Run to completion; returns one chunk with the whole text and usage."""
-        parts: list[str] = []
+        joiner = ChunkJoiner()
         queue_ms = None
         cold_start = False
         stream = self.stream(request)
         try:
             async for chunk in stream:
-                parts.append(chunk.text)
+                joiner.add(chunk)
                 if chunk.queue_ms is not None:
                     queue_ms = chunk.queue_ms
                     cold_start = chunk.cold_start
                 if chunk.finish_reason is not None:
-                    return TextChunk(
-                        "".join(parts),
-                        chunk.completion_tokens,
-                        chunk.finish_reason,
-                        chunk.prompt_tokens,
-                        chunk.completion_tokens,
-                        queue_ms,
-                        stop_sequence=chunk.stop_sequence,
-                        cold_start=cold_start,
-                    )
+                    return joiner.joined(chunk, queue_ms, cold_start)
         finally:
             await stream.aclose()
         raise InferenceFailed("stream ended without a final chunk")  # stream() raises first
