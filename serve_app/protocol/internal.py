@@ -165,7 +165,8 @@ class SamplingParams:
 
 @dataclass(slots=True)
 class GenerationRequest:
-    """A text generation request: exactly one of ``messages`` (chat) or ``prompt`` (raw)."""
+    """A text generation request: exactly one of ``messages`` (chat), ``prompt`` (text) or
+    ``prompt_token_ids`` (completions' token-id prompts; always raw)."""
 
     request_id: str
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -185,6 +186,8 @@ class GenerationRequest:
     response_format: Optional[ResponseFormat] = None
     #: A ``prompt`` is sent as is; otherwise a prompt for a chat model is one user turn.
     raw: bool = False
+    #: A prompt given as token ids (``prompt`` is then None); ids are checked by the engine.
+    prompt_token_ids: Optional[tuple[int, ...]] = None
 
     def has_images(self) -> bool:
         """Whether any message carries an image part."""

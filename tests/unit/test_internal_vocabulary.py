@@ -106,3 +106,9 @@ def test_joined_chunk_without_extras_has_none():
     joiner.add(last)
     out = joiner.joined(last, None, False)
     assert out.logprobs is None and out.tool_calls is None and out.text == "hi"
+
+
+def test_a_token_id_prompt_is_carried_as_a_tuple():
+    req = GenerationRequest("r", prompt_token_ids=(1, 2, 3))
+    assert req.prompt is None and req.messages is None
+    assert pickle.loads(pickle.dumps(req)).prompt_token_ids == (1, 2, 3)
