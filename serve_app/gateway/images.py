@@ -114,7 +114,8 @@ async def admit_images(core: Any, model: Any, request: GenerationRequest) -> Non
     if not model.vision:
         vision = sorted(m.id for m in core.models.values() if m.vision)
         raise InvalidRequest(
-            f"Model {model.id!r} does not accept images. Models here that do: "
+            f"Model {model.id!r} does not accept images (sent in 'messages'). Models here "
+            "that do: "
             f"{', '.join(vision) or '(none)'}.",
             param="messages",
             details={"vision_models": vision},

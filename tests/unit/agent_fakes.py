@@ -71,8 +71,9 @@ async def oai(agw: GatewayUnderTest) -> AsyncIterator[Any]:
 async def claude(agw: GatewayUnderTest) -> AsyncIterator[Any]:
     """The official AsyncAnthropic client talking to the in-process gateway."""
     import anthropic
+    import httpx2  # the anthropic client's own fork of httpx
 
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=agw.app))
+    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=agw.app))
     client = anthropic.AsyncAnthropic(base_url="http://troupe.test", api_key="unused",
                                       http_client=http, max_retries=0)
     try:
