@@ -107,17 +107,22 @@ async def _inline(part: Any, allow: list[str], max_bytes: int) -> Any:
     return ImagePart(await _fetch(part.url, allow, max_bytes), part.detail)
 
 
-async def admit_images(core: Any, model: Any, request: GenerationRequest) -> None:
-    """Refuse images for a text-only model; check and inline them for a vision model."""
+async def admit_images(
+    core: Any, model: Any, request: GenerationRequest, param: str = "messages"
+) -> None:
+    """Refuse images for a text-only model; check and inline them for a vision model.
+
+    ``param`` is the request field that carries the turns (named in the 400).
+    """
     if not request.has_images():
         return
     if not model.vision:
         vision = sorted(m.id for m in core.models.values() if m.vision)
         raise InvalidRequest(
-            f"Model {model.id!r} does not accept images (sent in 'messages'). Models here "
+            f"Model {model.id!r} does not accept images (sent in '{param}'). Models here "
             "that do: "
             f"{', '.join(vision) or '(none)'}.",
-            param="messages",
+            param=param,
             details={"vision_models": vision},
         )
     options = core.settings.gateway

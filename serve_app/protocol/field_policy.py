@@ -27,16 +27,18 @@ IGNORED: dict[str, dict[str, str]] = {
         "metadata": _NO_STORE,
         "prompt_cache_key": _CACHE,
         "prompt_cache_retention": _CACHE,
+        "reasoning_effort": "these models do not reason in hidden tokens: no effort to set",
     },
     "/v1/completions": {"user": _ABUSE_ID},
     "/v1/responses": {
         "user": _ABUSE_ID,
         "safety_identifier": _ABUSE_ID,
-        "store": "responses are kept for previous_response_id whatever this says",
+        "store": "nothing is stored here; the response says store: false",
         "metadata": _NO_STORE,
         "prompt_cache_key": _CACHE,
         "prompt_cache_retention": _CACHE,
         "truncation": "'disabled' is the only behaviour: an over-long input is a 400",
+        "reasoning": "these models do not reason in hidden tokens: no effort or summary to set",
     },
     "/v1/messages": {
         "metadata": "Anthropic's user id for abuse monitoring; Troupe identifies callers by key",
@@ -44,7 +46,6 @@ IGNORED: dict[str, dict[str, str]] = {
     },
 }
 
-_REASONING = "these models do not reason in hidden tokens; omit it"
 _AUDIO = "text models here produce text only; omit it"
 
 #: Route -> field -> why it is refused (the 400 says this).
@@ -56,15 +57,14 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
         "web_search_options": "no web search here; omit it",
         "functions": "the legacy 'functions' field is not supported; send 'tools'",
         "function_call": "the legacy 'function_call' field is not supported; send 'tool_choice'",
-        "reasoning_effort": _REASONING,
         "verbosity": "output verbosity control is not supported; omit it",
     },
     "/v1/completions": {},
     "/v1/responses": {
-        "reasoning": _REASONING,
-        "background": "background responses are not supported; use /v1/batches",
-        "conversation": "conversations are not supported; chain with previous_response_id",
         "prompt": "stored prompt templates are not supported; send 'input'",
+        "top_logprobs": "logprobs are served on /v1/chat/completions; omit it here",
+        "include": "no extra output data is produced here; omit it",
+        "max_tool_calls": "a limit on tool calls is not enforced here; omit it",
     },
     "/v1/messages": {
         "container": "code execution containers are not supported; omit it",
