@@ -26,7 +26,8 @@ from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError, 
 from serve_app.http.plumbing import request_id_of_scope
 from serve_app.gateway.metering import RequestInfo
 from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
-from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
+from serve_app.protocol.internal import ChunkJoiner, TextChunk
+from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference, logprobs_out, tool_call_out
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
 from serve_app.gateway.voice import VoiceSocket, run_voice_end
@@ -297,17 +298,30 @@ class WebSocketSession:
         completion = 0
         prompt_tokens = 0
         index = 0
-        gen = native_request(self.core, body, f"{self.socket_id}:{rid}")
+        try:
+            gen = await native_request(self.core, body, f"{self.socket_id}:{rid}")
+        except TroupeError as exc:
+            await self.send(self.error(as_troupe_error(exc), rid))
+            return
         stream = self.core.stream(body.model, gen, WS_INFO)
         finish: Optional[str] = None
+        joiner = ChunkJoiner()
+        top = body.top_logprobs or 0
         try:
             async for chunk in stream:
                 completion += chunk.num_tokens
                 prompt_tokens = chunk.prompt_tokens
+                joiner.add(chunk)
                 if chunk.text:
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
-                    await self.send({"type": "token", "id": rid, "token": chunk.text, "index": index})
+                    message: dict[str, Any] = {"type": "token", "id": rid, "token": chunk.text,
+                                               "index": index}
+                    if chunk.logprobs is not None:
+                        message["logprobs"] = logprobs_out(chunk.logprobs, top)
+                    await self.send(message)
+                for delta in chunk.tool_calls or ():
+                    await self.send({"type": "tool_call", "id": rid, **tool_call_out(delta)})
                 index += chunk.num_tokens
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
@@ -328,8 +342,10 @@ class WebSocketSession:
         finally:
             await stream.aclose()
         ended = time.perf_counter()
+        calls = joiner.joined(TextChunk("", 0), None, False).tool_calls
         await self.send(
             {
+                **({"tool_calls": [tool_call_out(c) for c in calls]} if calls else {}),
                 "type": "complete",
                 "id": rid,
                 "model": body.model,
