@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from serve_app.errors import InvalidRequest
+from serve_app.gateway.agent_checks import refuse_unsupported
 from serve_app.protocol.internal import GenerationRequest, ImagePart
 
 __all__ = ["admit_images", "check_data_url", "host_allowed"]
@@ -112,8 +113,10 @@ async def admit_images(
 ) -> None:
     """Refuse images for a text-only model; check and inline them for a vision model.
 
-    ``param`` is the request field that carries the turns (named in the 400).
+    ``param`` is the request field that carries the turns (named in the 400). Agent fields
+    a remote provider adapter cannot carry are refused here too (every route calls this).
     """
+    refuse_unsupported(model, request, param)
     if not request.has_images():
         return
     if not model.vision:

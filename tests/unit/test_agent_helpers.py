@@ -108,3 +108,18 @@ async def test_private_or_plain_http_addresses_are_refused_even_when_listed(url)
     host = url.split("/")[2]
     with pytest.raises(InvalidRequest, match="private or reserved"):
         await _fetch(url, [host], 1024)
+
+
+def test_agent_fields_a_remote_adapter_would_drop_are_named() -> None:
+    from serve_app.gateway.agent_checks import unsupported_field
+    from serve_app.protocol.internal import ChatMessage, ResponseFormat, ToolSpec
+
+    plain = GenerationRequest("r", messages=[ChatMessage("user", "hi")])
+    assert unsupported_field(plain) is None
+    assert unsupported_field(GenerationRequest("r", tools=(ToolSpec("f"),))) == "tools"
+    assert unsupported_field(GenerationRequest(
+        "r", response_format=ResponseFormat("json_object"))) == "response_format"
+    assert unsupported_field(GenerationRequest("r", SamplingParams(logit_bias={1: 2.0}))) == "logit_bias"
+    assert unsupported_field(GenerationRequest("r", prompt_token_ids=(1,))) == "prompt"
+    tool_turn = GenerationRequest("r", messages=[ChatMessage("tool", "3", tool_call_id="c")])
+    assert unsupported_field(tool_turn, "input") == "input"
