@@ -151,7 +151,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     #: Token id -> bias added to its logit (-100 bans, +100 forces in practice).
     logit_bias: dict[int, float] = field(default_factory=dict)
-    #: Completions only: the output starts with the prompt.
+    #: Completions with a token-id prompt: the engine's first output starts with the
+    #: detokenized prompt (the gateway echoes text prompts itself, so it is False there).
     echo: bool = False
 
     def output_limit(self, room: int) -> int:
