@@ -29,7 +29,7 @@ from serve_app.protocol.internal import (
 __all__ = ["minimal_instance", "agent_plan", "token_logprob", "MOCK_VOCAB_SIZE", "FRAGMENT"]
 
 #: Token ids the mock accepts (logit_bias keys and token-id prompts beyond it are refused).
-MOCK_VOCAB_SIZE = 50_000
+MOCK_VOCAB_SIZE = 131_072
 #: Characters per streamed fragment of tool arguments and JSON outputs.
 FRAGMENT = 8
 
