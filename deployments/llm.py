@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Optional
 from deployments.engines.base import TextEngine
 from deployments.lifecycle import EngineHost
 from serve_app.errors import InferenceFailed, TroupeError
-from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.protocol.internal import ChunkJoiner, GenerationRequest, TextChunk
 from serve_app.settings import ModelConfig
 from serve_app.tracing import (
     ATTR_FINISH_REASONS,
@@ -34,7 +34,7 @@ __all__ = ["LLMDeployment"]
 
 logger = logging.getLogger("troupe.llm")
 
-_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "tool_calls": "tool_calls"}
 
 
 class LLMDeployment(EngineHost):
@@ -96,6 +96,7 @@ class LLMDeployment(EngineHost):
                         completion,
                         stop_sequence=out.stop_sequence,
                     )
+                chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
                     chunk.cold_start = cold_start
@@ -136,27 +137,18 @@ class LLMDeployment(EngineHost):
 
     async def complete(self, request: GenerationRequest) -> TextChunk:
         """Run to completion; returns one chunk with the whole text and usage."""
-        parts: list[str] = []
+        joiner = ChunkJoiner()
         queue_ms = None
         cold_start = False
         stream = self.stream(request)
         try:
             async for chunk in stream:
-                parts.append(chunk.text)
+                joiner.add(chunk)
                 if chunk.queue_ms is not None:
                     queue_ms = chunk.queue_ms
                     cold_start = chunk.cold_start
                 if chunk.finish_reason is not None:
-                    return TextChunk(
-                        "".join(parts),
-                        chunk.completion_tokens,
-                        chunk.finish_reason,
-                        chunk.prompt_tokens,
-                        chunk.completion_tokens,
-                        queue_ms,
-                        stop_sequence=chunk.stop_sequence,
-                        cold_start=cold_start,
-                    )
+                    return joiner.joined(chunk, queue_ms, cold_start)
         finally:
             await stream.aclose()
         raise InferenceFailed("stream ended without a final chunk")  # stream() raises first
@@ -173,6 +165,8 @@ class LLMDeployment(EngineHost):
             "started": self._started,
             "pid": os.getpid(),
             **({"remote": engine.stats()} if hasattr(engine, "stats") else {}),
+            # weights on disk, for GET /models (engines that know it set ``size_bytes``)
+            **({"size_bytes": engine.size_bytes} if hasattr(engine, "size_bytes") else {}),
         }
         if engine is None:
             out["engine_loaded"] = False

@@ -151,7 +151,7 @@ class GatewayCore:
         return model
 
     def capabilities(self, model: ModelConfig) -> list[str]:
-        return list(MODALITY_CAPABILITIES[model.modality])
+        return list(MODALITY_CAPABILITIES[model.modality]) + (["vision"] if model.vision else [])
 
     def modality_card(self, model: ModelConfig) -> dict[str, Any]:
         """Extra /models fields of a non-text model."""

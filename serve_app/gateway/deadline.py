@@ -40,7 +40,7 @@ from serve_app.errors import (
     RateLimitExceeded,
     Timeout,
 )
-from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.protocol.internal import ChunkJoiner, GenerationRequest, TextChunk
 
 __all__ = ["apply_start_within", "parse_duration", "stream_with_deadline", "MIN_S", "MAX_S"]
 
@@ -171,16 +171,15 @@ async def complete_with_deadline(
     core: Any, model_id: str, request: GenerationRequest, info: Any
 ) -> TextChunk:
     """The non-streaming form: the same tiers, the chunks joined into one result."""
-    parts: list[str] = []
+    joiner = ChunkJoiner()
     queue_ms = None
     async with contextlib.aclosing(stream_with_deadline(core, model_id, request, info)) as chunks:
         async for chunk in chunks:
-            parts.append(chunk.text)
+            joiner.add(chunk)
             if chunk.queue_ms is not None and queue_ms is None:
                 queue_ms = chunk.queue_ms
             if chunk.finish_reason is not None:
-                return TextChunk("".join(parts), chunk.completion_tokens, chunk.finish_reason,
-                                 chunk.prompt_tokens, chunk.completion_tokens, queue_ms)
+                return joiner.joined(chunk, queue_ms, False)
     raise InferenceFailed(f"Model {model_id!r} ended the stream without a final chunk.")
 
 

@@ -80,9 +80,8 @@ def test_responses_errors(oai: OpenAI, base_url: str) -> None:
         oai.responses.create(model="mock-5ms", input=QUESTION, previous_response_id="resp_123")
     assert info.value.body["param"] == "previous_response_id"
     with pytest.raises(openai.BadRequestError) as info:
-        oai.responses.create(model="mock-5ms", input=QUESTION,
-                             tools=[{"type": "function", "name": "f", "parameters": {}}])
-    assert info.value.body["param"] == "tools"
+        oai.responses.create(model="mock-5ms", input=QUESTION, tools=[{"type": "web_search"}])
+    assert info.value.body["param"] == "tools.0.type"
     # A failure after the stream started: an error event, then response.failed.
     events = list(oai.responses.create(model="mock-fail", input=QUESTION, stream=True,
                                        max_output_tokens=10))

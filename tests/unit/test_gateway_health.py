@@ -57,7 +57,7 @@ async def test_health_shows_engine_side_active_requests_and_cancel_frees_them(gw
 async def test_native_models_lists_loaded_state_and_resources(gw: GatewayUnderTest) -> None:
     response = await gw.get("/models")
     assert response.status_code == 200
-    data = {m["id"]: m for m in response.json()["data"]}
+    data = {m["id"]: m for m in response.json()["models"]}
     fast = data["mock-fast"]
     assert fast["loaded"] is True
     assert fast["engine"] == "mock"
