@@ -184,6 +184,8 @@ class LLMDeployment:
             "started": self._started,
             "pid": os.getpid(),
             **({"remote": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
+            # weights on disk, for GET /models (engines that know it set ``size_bytes``)
+            **({"size_bytes": self.engine.size_bytes} if hasattr(self.engine, "size_bytes") else {}),
         }
 
     async def check_health(self) -> None:

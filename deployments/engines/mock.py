@@ -16,9 +16,11 @@ import math
 import time
 from typing import AsyncIterator, Optional
 
+from serve_app.errors import InvalidRequest
 from serve_app.settings import MockEngineConfig
 from deployments.engines.base import plan_output_tokens
-from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from deployments.engines.mock_agent import MOCK_VOCAB_SIZE, agent_plan, token_logprob
+from serve_app.protocol.internal import EngineOutput, GenerationRequest, ToolCallDelta
 
 __all__ = ["MockTextEngine", "render_prompt", "mock_completion_tokens"]
 
@@ -36,7 +38,23 @@ def render_prompt(request: GenerationRequest) -> str:
         lines = [f"<{m.role}> {m.content}" for m in request.messages]
         lines.append("<assistant>")
         return "\n".join(lines)
+    if request.prompt_token_ids is not None:
+        return " ".join(_VOCAB[i % len(_VOCAB)] for i in request.prompt_token_ids)
     return request.prompt or ""
+
+
+def _check_token_ids(request: GenerationRequest) -> None:
+    """Token ids outside the mock's vocabulary are the client's error, as in a real engine."""
+    bad = sorted(k for k in request.sampling.logit_bias if not 0 <= k < MOCK_VOCAB_SIZE)
+    if bad:
+        raise InvalidRequest(
+            f"logit_bias keys {bad[:10]} are not token ids of this model "
+            f"(its vocabulary has {MOCK_VOCAB_SIZE} tokens).", param="logit_bias")
+    ids = request.prompt_token_ids or ()
+    if any(not 0 <= i < MOCK_VOCAB_SIZE for i in ids):
+        raise InvalidRequest(
+            f"the prompt has token ids outside this model's vocabulary (0..{MOCK_VOCAB_SIZE - 1}).",
+            param="prompt")
 
 
 def _digest(prompt: str, seed: Optional[int], temperature: float) -> bytes:
@@ -80,6 +98,8 @@ class MockTextEngine:
         self.config = config
         self.context_length = config.context_length
         self._active: dict[str, asyncio.Event] = {}
+        #: Tool-call delta per planned token (agent_plan), for requests that call tools.
+        self._deltas: dict[str, list[Optional[ToolCallDelta]]] = {}
 
     async def start(self) -> None:
         return None
@@ -97,6 +117,7 @@ class MockTextEngine:
             event.set()
 
     def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str, Optional[str]]:
+        _check_token_ids(request)
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
         sp = request.sampling
@@ -107,6 +128,12 @@ class MockTextEngine:
             "messages" if request.messages is not None else "prompt",
             sp.default_max_tokens,
         )
+        agent = agent_plan(request)
+        if agent is not None:
+            pieces, self._deltas[request.request_id], finish = agent
+            if len(pieces) > limit:
+                pieces, finish = pieces[:limit], "length"
+            return prompt_tokens, pieces, finish, None
         digest = _digest(prompt, sp.seed, sp.temperature)
         cfg = self.config
         span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)
@@ -129,8 +156,23 @@ class MockTextEngine:
                     break
         return prompt_tokens, tokens, finish, matched
 
+    def _extras(
+        self, request: GenerationRequest, tokens: list[str], sent: int, ready: int
+    ) -> dict:
+        """The logprobs and tool-call fragments of tokens ``sent..ready`` (when asked for)."""
+        extras: dict = {}
+        k = request.sampling.logprobs
+        if k is not None:
+            extras["logprobs"] = [token_logprob(i, tokens[i], k)
+                                  for i in range(sent, ready) if tokens[i]]
+        deltas = self._deltas.get(request.request_id)
+        if deltas is not None:
+            extras["tool_calls"] = [d for d in deltas[sent:ready] if d is not None] or None
+        return extras
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
         prompt_tokens, tokens, finish, matched = self._plan(request)
+        echo = render_prompt(request) if request.sampling.echo else ""
         abort = asyncio.Event()
         self._active[request.request_id] = abort
         try:
@@ -144,7 +186,7 @@ class MockTextEngine:
             sent = 0
             total = len(tokens)
             if total == 0:
-                yield EngineOutput("", 0, prompt_tokens, finish, matched)
+                yield EngineOutput(echo, 0, prompt_tokens, finish, matched)  # type: ignore[arg-type]
                 return
             while sent < total:
                 if abort.is_set():
@@ -167,12 +209,14 @@ class MockTextEngine:
                     raise RuntimeError(f"mock engine failure after {fail_at} tokens (configured)")
                 done = ready == total
                 yield EngineOutput(
-                    "".join(tokens[sent:ready]),
+                    echo + "".join(tokens[sent:ready]),
                     ready - sent,
                     prompt_tokens,
-                    finish if done else None,
+                    finish if done else None,  # type: ignore[arg-type]
                     matched if done else None,
+                    **self._extras(request, tokens, sent, ready),
                 )
-                sent = ready
+                sent, echo = ready, ""
         finally:
             self._active.pop(request.request_id, None)
+            self._deltas.pop(request.request_id, None)

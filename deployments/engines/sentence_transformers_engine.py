@@ -15,6 +15,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from deployments.engines.modality_base import EmbedOutput
+from serve_app.errors import InvalidRequest
 from serve_app.settings.modality import SentenceTransformersEngineConfig
 
 __all__ = ["SentenceTransformersEngine", "bundled_minilm_path"]
@@ -61,6 +62,12 @@ class SentenceTransformersEngine:
 
     def _texts(self, inputs: Sequence[Union[str, list[int]]]) -> list[str]:
         tok = self._tokenizer
+        size = len(tok)
+        for i, x in enumerate(inputs):
+            if not isinstance(x, str) and any(not 0 <= t < size for t in x):
+                raise InvalidRequest(
+                    f"input {i} has token ids outside this model's vocabulary (0..{size - 1}).",
+                    param="input")
         return [x if isinstance(x, str) else tok.decode(x, skip_special_tokens=True) for x in inputs]
 
     def count_tokens(self, inputs: Sequence[Union[str, list[int]]]) -> list[int]:

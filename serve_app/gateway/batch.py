@@ -191,8 +191,8 @@ class BatchRunner:
         body = InferenceRequest.model_validate({**item.request, "model": job.model})
         request_id = f"{item.job_id}:{item.item_id}:{item.attempts}"
         try:
-            result = await self.core.complete(job.model, native_request(self.core, body, request_id),
-                                              RequestInfo("/batch", key_id=job.key_id))
+            gen = await native_request(self.core, body, request_id)
+            result = await self.core.complete(job.model, gen, RequestInfo("/batch", key_id=job.key_id))
             state, payload = "succeeded", {"text": result.text, "finish_reason": result.finish_reason,
                                            "usage": result.usage()}
         except TroupeError as exc:

@@ -200,7 +200,7 @@ class GatewayCore(ModalityCalls):
         return model
 
     def capabilities(self, model: ModelConfig) -> list[str]:
-        return list(_CAPABILITIES[model.modality])
+        return list(_CAPABILITIES[model.modality]) + (["vision"] if model.vision else [])
 
     def note_unknown_fields(self, route: str, names: list[str]) -> None:
         """Log request fields we ignore, once per (route, field) so logs stay readable."""

@@ -142,6 +142,16 @@ async def read_json(request: Request, max_bytes: int, example: str) -> Any:
         ) from None
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _union_tag(part: Any) -> bool:
+    """Is this error-location part pydantic's name for a union member (``str``,
+    ``list[int]``, ``NamedChoiceIn``) rather than a field name or index?"""
+    return isinstance(part, str) and (
+        "[" in part or part in _TYPE_TAGS or part[:1].isupper())
+
+
 def parse_body(model: type[M], data: Any, example: str) -> M:
     """Validate decoded JSON into ``model``; the first problem becomes a 400 naming its field."""
     if not isinstance(data, dict):
@@ -154,7 +164,7 @@ def parse_body(model: type[M], data: Any, example: str) -> M:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         first = errors[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = ".".join(str(p) for p in first["loc"] if not _union_tag(p)) or None
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
         )

@@ -1,8 +1,9 @@
 """Anthropic Messages API wire types: the request model, the message object and stream events.
 
 Pure data: pydantic and orjson only, no gateway imports, so a remote Anthropic engine can
-reuse the same types to speak to the real API. Text content only; anything that needs
-tools, images or documents is refused with a 400 that names the field.
+reuse the same types to speak to the real API. Content blocks, tools and tool choice live in
+:mod:`serve_app.protocol.anthropic_tools`; documents, thinking and server tools are refused
+with a 400 that names the field.
 
 Request fields the gateway acts on are typed and validated (a bad value is a 400 naming
 the field); unknown fields are accepted and logged, as elsewhere. ``top_k`` is validated
@@ -12,17 +13,23 @@ Stream events, in order (each an SSE ``event:`` name with a JSON ``data:`` whose
 repeats the name)::
 
     message_start · content_block_start · ping · content_block_delta (text_delta) …
-    content_block_stop · message_delta (stop_reason, usage) · message_stop
+    content_block_stop · [content_block_start (tool_use) · content_block_delta
+    (input_json_delta) … · content_block_stop]* · message_delta (stop_reason, usage) ·
+    message_stop
 
 An error after the stream started is one ``error`` event in the error envelope.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.protocol.anthropic_tools import AnthropicTool, AnthropicToolChoice, ContentBlock
+from serve_app.protocol.internal import ResponseFormat
+from serve_app.protocol.openai_tools import check_json_schema
 
 __all__ = [
     "MESSAGES_EXAMPLE",
@@ -58,7 +65,7 @@ ANTHROPIC_ERROR_TYPES: dict[int, str] = {
     529: "overloaded_error",
 }
 
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
 
 class _Lenient(BaseModel):
@@ -85,25 +92,17 @@ def _check_text_blocks(blocks: list[TextBlock], where: str) -> list[TextBlock]:
 
 
 class AnthropicMessage(_Lenient):
-    """One turn: ``user`` or ``assistant``, content as a string or a list of text blocks."""
+    """One turn: ``user`` or ``assistant``, content as a string or a list of blocks."""
 
     role: Literal["user", "assistant"]
-    content: Union[str, list[TextBlock]]
+    content: Union[str, list[ContentBlock]]
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, value):
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("content must be a non-empty string or list of text blocks")
-            _check_text_blocks(value, "content")
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("content must be a non-empty string or list of blocks")
         return value
-
-    def text(self) -> str:
-        """The content flattened to text (blocks joined by newlines)."""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(b.text or "" for b in self.content)
 
 
 class MessagesRequest(_Lenient):
@@ -119,10 +118,12 @@ class MessagesRequest(_Lenient):
     stop_sequences: Optional[list[str]] = Field(None, max_length=16)
     stream: Optional[bool] = False
     metadata: Optional[dict[str, Any]] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[AnthropicTool]] = Field(None, max_length=128)
+    tool_choice: Optional[AnthropicToolChoice] = None
     thinking: Optional[dict[str, Any]] = None
     output_config: Optional[dict[str, Any]] = None
+    #: The structured-outputs beta's spelling of ``output_config.format``.
+    output_format: Optional[dict[str, Any]] = None
 
     @field_validator("system")
     @classmethod
@@ -138,15 +139,6 @@ class MessagesRequest(_Lenient):
             raise ValueError("stop sequences must be non-empty strings")
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError(
-                "tool use is not supported by this gateway's text models; remove 'tools'"
-            )
-        return value
-
     @field_validator("thinking")
     @classmethod
     def _no_thinking(cls, value):
@@ -159,13 +151,22 @@ class MessagesRequest(_Lenient):
 
     @field_validator("output_config")
     @classmethod
-    def _no_structured_output(cls, value):
+    def _output_config(cls, value):
         if value and value.get("format") is not None:
-            raise ValueError(
-                "structured outputs (output_config.format) are not supported by this "
-                "gateway's text models; omit 'format' ('effort' is accepted and ignored)"
-            )
+            _json_format(value["format"])
         return value
+
+    @field_validator("output_format")
+    @classmethod
+    def _output_format(cls, value):
+        if value is not None:
+            _json_format(value)
+        return value
+
+    def response_format(self) -> Optional[ResponseFormat]:
+        """The JSON-only mode, when ``output_config.format`` or ``output_format`` asks for it."""
+        fmt = (self.output_config or {}).get("format") or self.output_format
+        return None if fmt is None else _json_format(fmt)
 
     @model_validator(mode="after")
     def _turn_order(self) -> "MessagesRequest":
@@ -192,26 +193,21 @@ class MessagesRequest(_Lenient):
     def stop_tuple(self) -> tuple[str, ...]:
         return tuple(self.stop_sequences or ())
 
-    def turns(self) -> Iterator[tuple[str, str]]:
-        """``(role, text)`` turns, system first; consecutive same-role turns merged
-        (Anthropic combines them the same way)."""
-        system = self.system_text()
-        if system is not None:
-            yield "system", system
-        role, parts = self.messages[0].role, [self.messages[0].text()]
-        for message in self.messages[1:]:
-            if message.role == role:
-                parts.append(message.text())
-                continue
-            yield role, "\n\n".join(parts)
-            role, parts = message.role, [message.text()]
-        yield role, "\n\n".join(parts)
+
+def _json_format(fmt: Any) -> ResponseFormat:
+    """``{"type": "json_schema", "schema": {...}}`` as a response format (ValueError else)."""
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise ValueError("format must be {\"type\": \"json_schema\", \"schema\": {...}}")
+    schema = check_json_schema(fmt.get("schema"), "format.schema")
+    return ResponseFormat("json_schema", schema, None, True)
 
 
 def stop_reason_of(finish_reason: str, stop_sequence: Optional[str]) -> StopReason:
     """Map an internal finish reason to Anthropic's ``stop_reason``."""
     if finish_reason == "length":
         return "max_tokens"
+    if finish_reason == "tool_calls":
+        return "tool_use"
     if stop_sequence:
         return "stop_sequence"
     return "end_turn"
@@ -239,14 +235,16 @@ def message_object(
     stop_sequence: Optional[str],
     input_tokens: int,
     output_tokens: int,
+    tool_use: Optional[list[dict[str, Any]]] = None,
 ) -> dict[str, Any]:
     """The non-streamed ``message`` object (also ``message_start``'s payload, empty)."""
+    content = [{"type": "text", "text": text}] if text or (stop_reason and not tool_use) else []
     return {
         "id": msg_id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": text}] if text or stop_reason else [],
+        "content": content + list(tool_use or ()),
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
         "usage": _usage(input_tokens, output_tokens),
@@ -297,16 +295,33 @@ class MessageStreamEncoder:
             % orjson.dumps(text).decode()
         )
 
+    @staticmethod
+    def block_stop(index: int) -> tuple[str, str]:
+        return "content_block_stop", '{"type":"content_block_stop","index":%d}' % index
+
+    def tool_start(self, index: int, call_id: str, name: str) -> tuple[str, str]:
+        """A ``tool_use`` block opens at ``index`` (its input arrives as JSON fragments)."""
+        return self._event("content_block_start", {
+            "type": "content_block_start", "index": index,
+            "content_block": {"type": "tool_use", "id": call_id, "name": name, "input": {}}})
+
+    def tool_delta(self, index: int, partial_json: str) -> tuple[str, str]:
+        return self._event("content_block_delta", {
+            "type": "content_block_delta", "index": index,
+            "delta": {"type": "input_json_delta", "partial_json": partial_json}})
+
     def finish(
         self,
         stop_reason: StopReason,
         stop_sequence: Optional[str],
         input_tokens: int,
         output_tokens: int,
+        open_block: Optional[int] = 0,
     ) -> list[tuple[str, str]]:
-        """``content_block_stop``, ``message_delta`` (reason + usage) and ``message_stop``."""
+        """``content_block_stop`` (of the block still open), ``message_delta`` (reason +
+        usage) and ``message_stop``."""
         return [
-            ("content_block_stop", '{"type":"content_block_stop","index":0}'),
+            *([self.block_stop(open_block)] if open_block is not None else []),
             self._event(
                 "message_delta",
                 {

@@ -38,6 +38,15 @@ class EmbeddingsBody(_Body):
     dimensions: Optional[int] = None
     user: Optional[str] = None
 
+    @field_validator("input")
+    @classmethod
+    def _token_ids(cls, value):
+        ids = [value] if value and isinstance(value, list) and isinstance(value[0], int) else (
+            [x for x in value if isinstance(x, list)] if isinstance(value, list) else [])
+        if any(not 0 <= t < 2**31 for arr in ids for t in arr):
+            raise ValueError("token ids must be integers in the model's vocabulary (>= 0)")
+        return value
+
     def inputs(self) -> list[Union[str, list[int]]]:
         """One list of inputs: a string, a token array, or a list of either."""
         if isinstance(self.input, str):

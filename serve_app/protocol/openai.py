@@ -9,10 +9,19 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from serve_app.protocol.internal import MAX_TOP_LOGPROBS, ChatMessage
+from serve_app.protocol.openai_tools import (
+    ContentPartIn,
+    NamedChoiceIn,
+    ResponseFormatIn,
+    ToolCallIn,
+    ToolIn,
+    check_logit_bias,
+)
 
 __all__ = [
-    "ContentPart",
     "ChatMessageIn",
     "StreamOptions",
     "ChatCompletionRequest",
@@ -35,17 +44,15 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class ContentPart(_Lenient):
-    """One part of a message's content list; only text parts are served by text models."""
-
-    type: str
-    text: Optional[str] = None
-
-
 class ChatMessageIn(_Lenient):
+    """One chat turn: text or typed parts; an assistant turn may carry tool calls, and a
+    ``tool`` turn answers one by ``tool_call_id``."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = None
+    content: Union[str, list[ContentPartIn], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None
+    tool_call_id: Optional[str] = Field(None, min_length=1, max_length=256)
 
     def text(self) -> str:
         """Flatten the content to text (text parts joined by newlines)."""
@@ -53,21 +60,35 @@ class ChatMessageIn(_Lenient):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(p.text or "" for p in self.content)
+        return "\n".join(p.text or "" for p in self.content if p.type == "text")
 
     @field_validator("content")
     @classmethod
-    def _text_parts_only(cls, value):
+    def _parts_complete(cls, value):
         if isinstance(value, list):
-            for i, part in enumerate(value):
-                if part.type != "text":
-                    raise ValueError(
-                        f"content part {i} has type {part.type!r}; this gateway's text "
-                        "models accept only parts of type 'text'"
-                    )
-                if part.text is None:
-                    raise ValueError(f"content part {i} of type 'text' needs a 'text' field")
+            for part in value:
+                part.part()  # a text part without text, an image part without a URL
         return value
+
+    @model_validator(mode="after")
+    def _role_rules(self) -> "ChatMessageIn":
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a 'tool' message needs 'tool_call_id' (the call it answers)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an 'assistant' message may carry 'tool_calls'")
+        if isinstance(self.content, list) and self.role != "user" and any(
+            p.type == "image_url" for p in self.content
+        ):
+            raise ValueError("image parts are accepted only in 'user' messages")
+        return self
+
+    def internal(self) -> ChatMessage:
+        """This turn in the internal vocabulary."""
+        parts = tuple(p.part() for p in self.content) if isinstance(self.content, list) else ()
+        return ChatMessage(
+            self.role, self.text(), parts,
+            tuple(c.call() for c in self.tool_calls or ()), self.tool_call_id, self.name,
+        )
 
 
 class StreamOptions(_Lenient):
@@ -123,35 +144,96 @@ class _SamplingFields(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _AgentSampling(_SamplingFields):
+    """Penalties and logit bias, shared by chat and completions."""
+
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[dict[str, float]] = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        check_logit_bias(value)
+        return value
+
+
+class ChatCompletionRequest(_AgentSampling):
     messages: list[ChatMessageIn] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    tools: Optional[list[ToolIn]] = Field(None, max_length=128)
+    tool_choice: Union[Literal["auto", "none", "required"], NamedChoiceIn, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormatIn] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     def output_limit(self) -> Optional[int]:
         """``max_completion_tokens`` (current name) wins over ``max_tokens`` (legacy)."""
         return self.max_completion_tokens or self.max_tokens
 
+    def logprobs_k(self) -> Optional[int]:
+        """The internal ``SamplingParams.logprobs``: None off, else the top-k asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str]] = Field(...)
+
+#: A completions prompt: a string, strings (one choice each), token ids, token-id lists.
+_Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_AgentSampling):
+    prompt: _Prompt = Field(...)
     echo: Optional[bool] = False
     suffix: Optional[str] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1, le=128)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value):
+    def _prompts(cls, value):
         if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError(
-                    "send exactly one prompt per request (a list of one string is accepted)"
-                )
-            return value[0]
+            if not value:
+                raise ValueError("prompt must not be an empty list")
+            if any(isinstance(p, list) and not p for p in value):
+                raise ValueError("a token-id prompt must not be empty")
+            if any(isinstance(p, int) and p < 0 for p in value) or any(
+                isinstance(p, list) and any(t < 0 for t in p) for p in value
+            ):
+                raise ValueError("token ids must be integers >= 0")
         return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix (fill-in-the-middle) is not supported by these models")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value, info: ValidationInfo):
+        if value is not None and value != (info.data.get("n") or 1):
+            raise ValueError("best_of is supported only equal to n (no server-side ranking)")
+        return value
+
+    def prompts(self) -> list[Union[str, tuple[int, ...]]]:
+        """Each prompt: a string, or a token-id tuple."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [tuple(p)]  # type: ignore[arg-type]
+        return [x if isinstance(x, str) else tuple(x) for x in p]  # type: ignore[misc]
 
     def output_limit(self) -> Optional[int]:
         return self.max_tokens
-
-
 
 
 def unknown_fields(obj: BaseModel) -> list[str]:

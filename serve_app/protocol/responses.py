@@ -1,11 +1,13 @@
 """OpenAI Responses API wire types: the request model, the response object and stream events.
 
-Pure data (pydantic and orjson only, no gateway imports). Text in, text out: ``input`` is
-a string or a list of message items whose content is a string or ``input_text`` /
-``output_text`` parts. What needs state or tools the gateway does not have is refused
-with a 400 naming the field: ``tools``, ``previous_response_id``, ``conversation``,
-``background``, non-text input parts and non-message items, structured ``text.format``.
-``store`` is accepted and ignored (nothing is stored; responses say ``"store": false``).
+Pure data (pydantic and orjson only, no gateway imports). ``input`` is a string or a list
+of items: messages (content a string or ``input_text`` / ``output_text`` / ``input_image``
+parts), ``function_call`` and ``function_call_output`` items (see
+:mod:`serve_app.protocol.responses_tools`). Function tools, ``tool_choice``,
+``parallel_tool_calls`` and ``text.format`` take effect. What needs state the gateway does
+not keep is refused with a 400 naming the field: ``previous_response_id``,
+``conversation``, ``background``; so are hosted tools and other item types. ``store`` is
+accepted and ignored (nothing is stored; responses say ``"store": false``).
 
 Streamed events, in order (SSE ``event:`` name = the JSON ``type``, each with a
 ``sequence_number`` counting from 0)::
@@ -13,6 +15,8 @@ Streamed events, in order (SSE ``event:`` name = the JSON ``type``, each with a
     response.created · response.in_progress · response.output_item.added ·
     response.content_part.added · response.output_text.delta … · response.output_text.done ·
     response.content_part.done · response.output_item.done ·
+    [response.output_item.added (function_call) · response.function_call_arguments.delta … ·
+    response.function_call_arguments.done · response.output_item.done]* ·
     response.completed | response.incomplete (max_output_tokens hit)
 
 An error after the stream started is an ``error`` event followed by ``response.failed``.
@@ -20,10 +24,28 @@ An error after the stream started is an ``error`` event followed by ``response.f
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from serve_app.protocol.internal import ToolCallDelta
+from serve_app.protocol.responses_tools import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    NamedFunction,
+    TextFormat,
+    function_call_item,
+)
 
 __all__ = [
     "RESPONSES_EXAMPLE",
@@ -50,10 +72,12 @@ class _Lenient(BaseModel):
 
 
 class InputPart(_Lenient):
-    """One content part; only text parts can be served by text models."""
+    """One content part: text, or ``input_image`` with an ``image_url``."""
 
     type: str
     text: Optional[str] = None
+    image_url: Optional[str] = None
+    detail: Optional[Literal["auto", "low", "high"]] = None
 
 
 class InputMessage(_Lenient):
@@ -68,30 +92,37 @@ class InputMessage(_Lenient):
     def _text_only(cls, value):
         if isinstance(value, list):
             for i, part in enumerate(value):
+                if part.type == "input_image":
+                    if not part.image_url:
+                        raise ValueError(f"content part {i} of type 'input_image' needs "
+                                         "'image_url' (a data: URL or an http(s) URL)")
+                    continue
                 if part.type not in _TEXT_PARTS:
                     raise ValueError(
-                        f"content part {i} has type {part.type!r}; this gateway's text "
-                        "models accept only 'input_text' (and 'output_text' in history)"
+                        f"content part {i} has type {part.type!r}; accepted: 'input_text', "
+                        "'input_image' (and 'output_text' in history)"
                     )
                 if part.text is None:
                     raise ValueError(f"content part {i} of type {part.type!r} needs 'text'")
         return value
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(p.text or "" for p in self.content)
+    @model_validator(mode="after")
+    def _images_from_users(self) -> "InputMessage":
+        if isinstance(self.content, list) and self.role != "user" and any(
+                p.type == "input_image" for p in self.content):
+            raise ValueError("input_image parts are accepted only in 'user' messages")
+        return self
 
 
-_MESSAGE_ITEMS = TypeAdapter(list[InputMessage])
-
-
-class _TextFormat(_Lenient):
-    type: Literal["text"] = "text"
+_ITEM_ADAPTERS = {
+    "message": TypeAdapter(InputMessage),
+    "function_call": TypeAdapter(FunctionCallItem),
+    "function_call_output": TypeAdapter(FunctionCallOutputItem),
+}
 
 
 class _TextOptions(_Lenient):
-    format: Optional[_TextFormat] = None
+    format: Optional[TextFormat] = None
 
 
 _REFUSED = {
@@ -106,7 +137,7 @@ class ResponsesRequest(_Lenient):
     """``POST /v1/responses`` (text only)."""
 
     model: str = Field(..., min_length=1, max_length=256)
-    input: Union[str, list[InputMessage]]
+    input: Union[str, list[Union[InputMessage, FunctionCallItem, FunctionCallOutputItem]]]
     instructions: Optional[str] = None
     max_output_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
@@ -114,8 +145,9 @@ class ResponsesRequest(_Lenient):
     stream: Optional[bool] = False
     store: Optional[bool] = None
     metadata: Optional[dict[str, str]] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[FunctionTool]] = Field(None, max_length=128)
+    tool_choice: Union[Literal["auto", "none", "required"], NamedFunction, None] = None
+    parallel_tool_calls: Optional[bool] = None
     text: Optional[_TextOptions] = None
     previous_response_id: Optional[str] = None
     conversation: Optional[Any] = None
@@ -138,29 +170,23 @@ class ResponsesRequest(_Lenient):
             )
         if not value:
             raise ValueError("input is an empty list; send at least one message item")
+        items = []
         for i, item in enumerate(value):
-            kind = item.get("type", "message") if isinstance(item, dict) else None
-            if isinstance(item, dict) and kind != "message":
+            kind = item.get("type", "message") if isinstance(item, dict) else "message"
+            adapter = _ITEM_ADAPTERS.get(kind)
+            if adapter is None:
                 raise ValueError(
-                    f"input item {i} has type {kind!r}; this gateway accepts only message "
-                    'items, e.g. {"role": "user", "content": "Hello"}'
+                    f"input item {i} has type {kind!r}; accepted: message, function_call, "
+                    'function_call_output (e.g. {"role": "user", "content": "Hello"})'
                 )
-        try:
-            return _MESSAGE_ITEMS.validate_python(value)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first["loc"])
-            problem = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"input item {where}: {problem}") from None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError(
-                "tools are not supported by this gateway's text models; remove 'tools'"
-            )
-        return value
+            try:
+                items.append(adapter.validate_python(item))
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in (i, *first["loc"]))
+                problem = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"input item {where}: {problem}") from None
+        return items
 
     @field_validator("previous_response_id", "conversation", "background")
     @classmethod
@@ -169,16 +195,10 @@ class ResponsesRequest(_Lenient):
             raise ValueError(_REFUSED[info.field_name])
         return value
 
-    def turns(self) -> Iterator[tuple[str, str]]:
-        """``(role, text)`` turns: ``instructions`` first as the system prompt;
-        ``developer`` is served as ``system``."""
-        if self.instructions:
-            yield "system", self.instructions
-        if isinstance(self.input, str):
-            yield "user", self.input
-            return
-        for item in self.input:
-            yield ("system" if item.role == "developer" else item.role), item.text()
+    def text_format(self) -> dict[str, Any]:
+        """The ``text.format`` to echo in the response object."""
+        fmt = self.text.format if self.text is not None else None
+        return {"type": "text"} if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True)
 
 
 def response_id(request_id: str) -> str:
@@ -217,16 +237,19 @@ def response_object(
     text: Optional[str] = None,
     usage: Optional[tuple[int, int]] = None,
     error: Optional[dict[str, Any]] = None,
+    calls: Optional[list[ToolCallDelta]] = None,
 ) -> dict[str, Any]:
-    """The ``response`` object; ``text`` None means no output item yet.
+    """The ``response`` object; ``text`` None means no output item yet; ``calls`` (whole
+    tool calls) become ``function_call`` items after the message.
 
     ``status`` is one of ``in_progress``, ``completed``, ``incomplete`` (max_output_tokens
     hit) or ``failed`` (then ``error`` is ``{"code", "message"}``).
     """
     output = []
-    if text is not None:
-        item_status = "completed" if status == "completed" else "incomplete"
+    item_status = "completed" if status == "completed" else "incomplete"
+    if text is not None and (text or not calls):
         output.append(_message_item("msg_" + resp_id.removeprefix("resp_"), text, item_status))
+    output.extend(function_call_item(c, item_status, c.arguments) for c in calls or ())
     return {
         "id": resp_id,
         "object": "response",
@@ -240,14 +263,15 @@ def response_object(
         "max_output_tokens": body.max_output_tokens,
         "model": body.model,
         "output": output,
-        "parallel_tool_calls": False,
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": None,
         "reasoning": {"effort": None, "summary": None},
         "store": False,
         "temperature": 1.0 if body.temperature is None else body.temperature,
-        "text": {"format": {"type": "text"}},
-        "tool_choice": "none",
-        "tools": [],
+        "text": {"format": body.text_format()},
+        "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunction)
+                        else body.tool_choice or "auto"),
+        "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "truncation": "disabled",
         "usage": None if usage is None else _usage(*usage),
@@ -258,7 +282,8 @@ def response_object(
 
 def status_of(finish_reason: str) -> str:
     """The response ``status`` for an internal finish reason."""
-    return {"stop": "completed", "length": "incomplete"}.get(finish_reason, "failed")
+    return {"stop": "completed", "tool_calls": "completed", "length": "incomplete"}.get(
+        finish_reason, "failed")
 
 
 class ResponseStreamEncoder:
@@ -271,6 +296,7 @@ class ResponseStreamEncoder:
         self.body = body
         self.item_id = "msg_" + resp_id.removeprefix("resp_")
         self.seq = 0
+        self.message_open = True
         # The part of every delta event that never changes (cheap per-token framing).
         self._delta_head = (
             '{"type":"response.output_text.delta","item_id":"%s","output_index":0,'
@@ -309,17 +335,10 @@ class ResponseStreamEncoder:
             self._delta_head, orjson.dumps(text).decode(), seq,
         )
 
-    def finish(
-        self, text: str, finish_reason: str, input_tokens: int, output_tokens: int
-    ) -> list[tuple[str, str]]:
-        """``response.output_text.done`` … ``response.completed`` (or ``.incomplete``)."""
-        status = status_of(finish_reason)
-        item_status = "completed" if status == "completed" else "incomplete"
+    def message_done(self, text: str, item_status: str) -> list[tuple[str, str]]:
+        """Close the message item (output 0): text done, part done, item done."""
+        self.message_open = False
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        final = response_object(
-            self.resp_id, self.created_at, self.body, status, text, (input_tokens, output_tokens)
-        )
-        terminal = "response.incomplete" if status == "incomplete" else "response.completed"
         return [
             self._event("response.output_text.done", {**where, "text": text, "logprobs": []}),
             self._event("response.content_part.done", {**where, "part": self._part(text)}),
@@ -327,8 +346,50 @@ class ResponseStreamEncoder:
                 "response.output_item.done",
                 {"output_index": 0, "item": _message_item(self.item_id, text, item_status)},
             ),
-            self._event(terminal, {"response": final}),
         ]
+
+    def call_added(self, text: str, call: ToolCallDelta) -> list[tuple[str, str]]:
+        """A function call starts (output ``1 + call.index``), closing the message first."""
+        events = self.message_done(text, "completed") if self.message_open else []
+        item = function_call_item(call, "in_progress", "")
+        events.append(self._event("response.output_item.added",
+                                  {"output_index": 1 + call.index, "item": item}))
+        return events
+
+    def call_delta(self, call: ToolCallDelta, fragment: str) -> tuple[str, str]:
+        item = function_call_item(call, "in_progress", "")
+        return self._event("response.function_call_arguments.delta", {
+            "item_id": item["id"], "output_index": 1 + call.index, "delta": fragment})
+
+    def call_done(self, call: ToolCallDelta, status: str) -> list[tuple[str, str]]:
+        item = function_call_item(call, status, call.arguments)
+        return [
+            self._event("response.function_call_arguments.done", {
+                "item_id": item["id"], "output_index": 1 + call.index, "name": item["name"],
+                "arguments": call.arguments}),
+            self._event("response.output_item.done",
+                        {"output_index": 1 + call.index, "item": item}),
+        ]
+
+    def finish(
+        self, text: str, finish_reason: str, input_tokens: int, output_tokens: int,
+        calls: Optional[list[ToolCallDelta]] = None,
+    ) -> list[tuple[str, str]]:
+        """The open items' done events, then ``response.completed`` (or ``.incomplete``)."""
+        status = status_of(finish_reason)
+        item_status = "completed" if status == "completed" else "incomplete"
+        events = self.message_done(text, item_status) if self.message_open else []
+        for call in calls or ():
+            events.extend(self.call_done(call, item_status))
+        final = response_object(
+            self.resp_id, self.created_at, self.body, status, text, (input_tokens, output_tokens),
+            calls=calls,
+        )
+        if calls and not text:  # the stream opened a message item: the snapshot keeps it
+            final["output"].insert(0, _message_item(self.item_id, "", item_status))
+        terminal = "response.incomplete" if status == "incomplete" else "response.completed"
+        events.append(self._event(terminal, {"response": final}))
+        return events
 
     def failed(
         self, code: str, message: str, text: str, input_tokens: int, output_tokens: int

@@ -15,12 +15,22 @@ gateway checks no key here, as on every other route.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
 
 from serve_app.gateway.core import GatewayCore
-from serve_app.errors import InferenceFailed, TroupeError, anthropic_error_type, as_troupe_error
+from serve_app.errors import (
+    InferenceFailed,
+    InvalidRequest,
+    TroupeError,
+    anthropic_error_type,
+    as_troupe_error,
+)
+from serve_app.gateway.images import admit_images
+from serve_app.protocol.anthropic_tools import internal_messages, tool_choice_of, tool_specs, tool_use_blocks
+from serve_app.protocol.field_policy import check_fields
+from serve_app.protocol.openai_tools import check_tool_choice
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.anthropic import (
@@ -31,10 +41,10 @@ from serve_app.protocol.anthropic import (
     message_object,
     stop_reason_of,
 )
-from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.openai_api import peek_stream
-from serve_app.routes.text_common import named, next_chunk, turns_of
+from serve_app.routes.text_common import named, next_chunk
 from serve_app.http.sse import SSEResponse
 from serve_app.tracing import current_span, record_error
 
@@ -60,16 +70,7 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
             MESSAGES_EXAMPLE,
         )
         request_id = request_id_of(request)
-        core.note_unknown_fields(ROUTE, unknown_fields(body))
-        core.resolve(body.model)
-        gen = core.build_request(
-            request_id,
-            messages=turns_of(body.turns()),
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_tuple(),
-        )
+        gen = await _messages_request(core, body, request_id)
         msg_id = message_id(request_id)
         info = RequestInfo(ROUTE, stream=bool(body.stream))
         if body.stream:
@@ -78,7 +79,7 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
             return SSEResponse(_message_events(encoder, first, rest, request_id),
                                keepalive_s=core.settings.gateway.sse_keepalive_s)
         result = await core.complete(body.model, gen, info)
-        if result.finish_reason not in ("stop", "length"):
+        if result.finish_reason not in ("stop", "length", "tool_calls"):
             error = InferenceFailed(_CANCELLED)
             error.metered = True  # core.complete already counted this request
             raise error
@@ -86,11 +87,42 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
             message_object(
                 msg_id, body.model, result.text,
                 stop_reason_of(result.finish_reason, result.stop_sequence), result.stop_sequence,
-                result.prompt_tokens, result.completion_tokens,
+                result.prompt_tokens, result.completion_tokens, tool_use_blocks(result.tool_calls),
             )
         )
 
     return router
+
+
+async def _messages_request(
+    core: GatewayCore, body: MessagesRequest, request_id: str
+) -> GenerationRequest:
+    """A Messages body in the internal vocabulary (the one place that translates)."""
+    extras = unknown_fields(body)
+    core.note_unknown_fields(ROUTE, check_fields(ROUTE, extras, body.model_extra or {}))
+    model = core.resolve(body.model)
+    gen = core.build_request(
+        request_id,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_tuple(),
+    )
+    try:
+        gen.messages = internal_messages(body.system_text(), body.messages)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid messages: {exc}", param="messages") from None
+    try:
+        gen.tools = tool_specs(body.tools)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid tools: {exc}", param="tools") from None
+    gen.tool_choice, gen.parallel_tool_calls = tool_choice_of(body.tool_choice)
+    why = check_tool_choice(gen.tool_choice, gen.tools)
+    if why is not None:
+        raise InvalidRequest(why.replace("'required'", "'any'"), param="tool_choice")
+    gen.response_format = body.response_format()
+    await admit_images(core, model, gen)
+    return gen
 
 
 async def _message_events(
@@ -99,21 +131,35 @@ async def _message_events(
     rest: AsyncIterator[TextChunk],
     request_id: str,
 ) -> AsyncIterator[Any]:
-    """The Messages event sequence; a failure after the start is one ``error`` event."""
+    """The Messages event sequence; a failure after the start is one ``error`` event.
+
+    Text streams in block 0; each tool call opens its own ``tool_use`` block after it
+    (the block before is closed first) and streams its input as ``input_json_delta``.
+    """
     try:
         for event in encoder.start(first.prompt_tokens):
             yield named(event)
         chunk = first
+        open_block: Optional[int] = 0
         while True:
-            if chunk.text:
+            if chunk.text and open_block == 0:
                 yield named(encoder.delta(chunk.text))
+            for delta in chunk.tool_calls or ():
+                block = delta.index + 1
+                if delta.id is not None:
+                    if open_block is not None:
+                        yield named(encoder.block_stop(open_block))
+                    open_block = block
+                    yield named(encoder.tool_start(block, delta.id, delta.name or ""))
+                if delta.arguments:
+                    yield named(encoder.tool_delta(block, delta.arguments))
             finish = chunk.finish_reason
             if finish is not None:
-                if finish not in ("stop", "length"):
+                if finish not in ("stop", "length", "tool_calls"):
                     raise InferenceFailed(_CANCELLED)
                 for event in encoder.finish(
                     stop_reason_of(finish, chunk.stop_sequence), chunk.stop_sequence,
-                    chunk.prompt_tokens, chunk.completion_tokens,
+                    chunk.prompt_tokens, chunk.completion_tokens, open_block,
                 ):
                     yield named(event)
                 return

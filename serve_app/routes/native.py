@@ -11,11 +11,19 @@ from sse_starlette import ServerSentEvent
 
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.gateway.deadline import apply_start_within
-from serve_app.errors import TroupeError, as_troupe_error
+from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.gateway.images import admit_images
 from serve_app.http.plumbing import JSONResponse, error_event_data, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
 from serve_app.protocol.internal import GenerationRequest, TextChunk
-from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest
+from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest, logprobs_out, tool_call_out
+from serve_app.protocol.openai_tools import (
+    check_logit_bias,
+    check_tool_choice,
+    to_response_format,
+    to_tool_choice,
+    to_tool_specs,
+)
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.openai_api import peek_stream
 from serve_app.http.sse import SSEResponse
@@ -23,11 +31,14 @@ from serve_app.http.sse import SSEResponse
 __all__ = ["build_native_router", "native_request"]
 
 
-def native_request(core: GatewayCore, body: InferenceRequest, request_id: str) -> GenerationRequest:
-    """The internal request for a native body (REST and WebSocket share the fields)."""
+async def native_request(
+    core: GatewayCore, body: InferenceRequest, request_id: str
+) -> GenerationRequest:
+    """The internal request for a native body (REST, WebSocket and batch share the fields;
+    the one place that translates them)."""
+    model = core.resolve(body.model)
     request = core.build_request(
         request_id,
-        messages=body.messages,
         prompt=body.prompt,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -35,9 +46,30 @@ def native_request(core: GatewayCore, body: InferenceRequest, request_id: str) -
         seed=body.seed,
         stop=body.stop_tuple(),
     )
+    if body.messages is not None:
+        request.messages = [m.internal() for m in body.messages]
+    request.raw = body.raw
+    sampling = request.sampling
+    sampling.presence_penalty = body.presence_penalty or 0.0
+    sampling.frequency_penalty = body.frequency_penalty or 0.0
+    sampling.logit_bias = check_logit_bias(body.logit_bias)
+    sampling.logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    try:
+        request.tools = to_tool_specs(body.tools)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid tools: {exc}", param="tools") from None
+    try:
+        request.response_format = to_response_format(body.response_format)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid response_format: {exc}", param="response_format") from None
+    request.tool_choice = to_tool_choice(body.tool_choice)
+    why = check_tool_choice(request.tool_choice, request.tools)
+    if why is not None:
+        raise InvalidRequest(why, param="tool_choice")
+    request.parallel_tool_calls = body.parallel_tool_calls is not False
     if body.start_within is not None or body.service_tier is not None:
-        apply_start_within(core.resolve(body.model), request, body.start_within,
-                           body.service_tier)
+        apply_start_within(model, request, body.start_within, body.service_tier)
+    await admit_images(core, model, request)
     return request
 
 
@@ -87,8 +119,12 @@ def build_native_router(core: GatewayCore) -> APIRouter:
             data.append(
                 {
                     "id": model_id,
+                    "name": model.description or model_id,
+                    "type": model.modality,
+                    "size_bytes": s.get("size_bytes"),
                     "modality": model.modality,
                     "loaded": s.get("status") == "ok" and model_id not in core.unloaded,
+                    "context_size": s.get("context_length"),
                     "capabilities": core.capabilities(model),
                     **core.modality_card(model),
                     "context_length": s.get("context_length"),
@@ -105,7 +141,7 @@ def build_native_router(core: GatewayCore) -> APIRouter:
                     "pricing": model.pricing.model_dump(),
                 }
             )
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"models": data})
 
     async def _parse(request: Request) -> InferenceRequest:
         body = parse_body(
@@ -117,42 +153,45 @@ def build_native_router(core: GatewayCore) -> APIRouter:
         core.resolve(body.model)
         return body
 
-    def _request(body: InferenceRequest, request_id: str) -> GenerationRequest:
-        return native_request(core, body, request_id)
-
     @router.post("/inference")
     async def inference(request: Request) -> JSONResponse:
         body = await _parse(request)
         request_id = request_id_of(request)
-        result = await core.complete(body.model, _request(body, request_id), RequestInfo("/inference"))
-        return JSONResponse(
-            {
-                "id": request_id,
-                "model": body.model,
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "usage": result.usage(),
-                "request_id": request_id,
-            }
-        )
+        gen = await native_request(core, body, request_id)
+        result = await core.complete(body.model, gen, RequestInfo("/inference"))
+        out: dict[str, Any] = {
+            "id": request_id,
+            "model": body.model,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": result.usage(),
+            "request_id": request_id,
+        }
+        if result.tool_calls:
+            out["tool_calls"] = [tool_call_out(c) for c in result.tool_calls]
+        if body.logprobs:
+            out["logprobs"] = logprobs_out(result.logprobs, body.top_logprobs or 0)
+        return JSONResponse(out)
 
     @router.post("/inference/stream")
     async def inference_stream(request: Request) -> SSEResponse:
         body = await _parse(request)
         request_id = request_id_of(request)
+        gen = await native_request(core, body, request_id)
         first, rest = await peek_stream(
-            core.stream(body.model, _request(body, request_id), RequestInfo("/inference/stream", True))
+            core.stream(body.model, gen, RequestInfo("/inference/stream", True))
         )
-        return SSEResponse(_native_events(first, rest, request_id),
+        return SSEResponse(_native_events(first, rest, request_id, body.top_logprobs or 0),
                            keepalive_s=core.settings.gateway.sse_keepalive_s)
 
     return router
 
 
 async def _native_events(
-    first: TextChunk, rest: AsyncIterator[TextChunk], request_id: str
+    first: TextChunk, rest: AsyncIterator[TextChunk], request_id: str, top: int
 ) -> AsyncIterator[Any]:
-    """``{"token", "index"}`` events, then ``{"done": true, "finish_reason", "usage"}``.
+    """``{"token", "index"}`` events (with ``logprobs`` when asked), ``{"tool_call": {...}}``
+    fragments, then ``{"done": true, "finish_reason", "usage"}``.
 
     ``index`` counts tokens: a delta that carries several tokens has the index of its
     first token. An error after the stream started is a final ``event: error``.
@@ -162,7 +201,12 @@ async def _native_events(
     try:
         while True:
             if chunk.text:
-                yield orjson.dumps({"token": chunk.text, "index": index}).decode()
+                event: dict[str, Any] = {"token": chunk.text, "index": index}
+                if chunk.logprobs is not None:
+                    event["logprobs"] = logprobs_out(chunk.logprobs, top)
+                yield orjson.dumps(event).decode()
+            for delta in chunk.tool_calls or ():
+                yield orjson.dumps({"tool_call": tool_call_out(delta)}).decode()
             index += chunk.num_tokens
             if chunk.finish_reason is not None:
                 yield orjson.dumps(

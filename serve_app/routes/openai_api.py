@@ -6,23 +6,20 @@ orjson from small dicts (no pydantic on the way out) and flushed as soon as they
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
-import orjson
 from fastapi import APIRouter, Request
 
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.deadline import apply_start_within
-from serve_app.errors import TroupeError, as_troupe_error
-from serve_app.http.plumbing import (
-    JSONResponse,
-    error_event_data,
-    parse_body,
-    read_json,
-    request_id_of,
-)
+from serve_app.errors import InvalidRequest
+from serve_app.gateway.fanout import complete_all, fan_out, stream_all
+from serve_app.gateway.images import admit_images
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
+from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import (
     CHAT_EXAMPLE,
@@ -31,14 +28,24 @@ from serve_app.protocol.openai import (
     CompletionRequest,
     unknown_fields,
 )
+from serve_app.protocol.openai_tools import (
+    chat_logprobs_out,
+    check_logit_bias,
+    check_tool_choice,
+    completion_logprobs_out,
+    to_response_format,
+    to_tool_choice,
+    to_tool_specs,
+    tool_calls_out,
+)
+from serve_app.routes.openai_stream import chat_events, completion_events
 from serve_app.http.sse import SSEResponse
+from serve_app.settings import ModelConfig
 
-__all__ = ["build_openai_router", "peek_stream"]
+__all__ = ["build_openai_router", "peek_stream", "chat_request", "completion_requests"]
 
 
-async def peek_stream(
-    chunks: AsyncIterator[TextChunk],
-) -> tuple[TextChunk, AsyncIterator[TextChunk]]:
+async def peek_stream(chunks: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
     """Await the first chunk so errors before any output still get a real status code."""
     try:
         first = await chunks.__anext__()
@@ -62,12 +69,10 @@ def _admit(
     route: str,
     body: ChatCompletionRequest | CompletionRequest,
     request_id: str,
-    **text: Any,
-) -> GenerationRequest:
-    """The checks every OpenAI text route makes, then the internal request."""
-    core.note_unknown_fields(route, unknown_fields(body))
+) -> tuple[ModelConfig, GenerationRequest]:
+    """The checks every OpenAI text route makes, then the internal request (no input yet)."""
+    core.note_unknown_fields(route, check_fields(route, unknown_fields(body), body.model_extra or {}))
     model = core.resolve(body.model)
-    core.check_n(body.n)
     request = core.build_request(
         request_id,
         max_tokens=body.output_limit(),
@@ -75,10 +80,84 @@ def _admit(
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_tuple(),
-        **text,
     )
+    sampling = request.sampling
+    sampling.presence_penalty = body.presence_penalty or 0.0
+    sampling.frequency_penalty = body.frequency_penalty or 0.0
+    sampling.logit_bias = check_logit_bias(body.logit_bias)
     apply_start_within(model, request, body.start_within, body.service_tier)
+    return model, request
+
+
+def _invalid(param: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, with a ValueError turned into a 400 naming ``param``."""
+    try:
+        return fn()
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid {param}: {exc}", param=param) from None
+
+
+async def chat_request(
+    core: GatewayCore, body: ChatCompletionRequest, request_id: str
+) -> GenerationRequest:
+    """A chat completion body in the internal vocabulary (the one place that translates)."""
+    model, request = _admit(core, "/v1/chat/completions", body, request_id)
+    request.messages = [m.internal() for m in body.messages]
+    request.tools = _invalid("tools", lambda: to_tool_specs(body.tools))
+    request.tool_choice = to_tool_choice(body.tool_choice)
+    why = check_tool_choice(request.tool_choice, request.tools)
+    if why is not None:
+        raise InvalidRequest(why, param="tool_choice")
+    request.parallel_tool_calls = body.parallel_tool_calls is not False
+    request.response_format = _invalid(
+        "response_format", lambda: to_response_format(body.response_format))
+    request.sampling.logprobs = body.logprobs_k()
+    await admit_images(core, model, request)
     return request
+
+
+def completion_requests(
+    core: GatewayCore, body: CompletionRequest, request_id: str
+) -> tuple[list[GenerationRequest], list[str]]:
+    """One internal request per prompt (completions are raw text), and each one's echo."""
+    _model, base = _admit(core, "/v1/completions", body, request_id)
+    base.raw = True
+    base.sampling.logprobs = body.logprobs
+    prompts = body.prompts()
+    requests, echoes = [], []
+    for i, prompt in enumerate(prompts):
+        one = base if len(prompts) == 1 else dataclasses.replace(
+            base, request_id=f"{request_id}-p{i}", sampling=dataclasses.replace(base.sampling))
+        if isinstance(prompt, str):
+            one.prompt = prompt
+            echoes.append(prompt if body.echo else "")
+        else:  # the engine echoes a token-id prompt (only it can detokenize)
+            one.prompt_token_ids = prompt
+            one.sampling.echo = bool(body.echo)
+            echoes.append("")
+        requests.append(one)
+    return requests, echoes
+
+
+def _chat_choice(index: int, result: TextChunk, top: int) -> dict[str, Any]:
+    calls = tool_calls_out(result.tool_calls)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": result.text if result.text or not calls else None,
+        "refusal": None,
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return {"index": index, "message": message,
+            "logprobs": chat_logprobs_out(result.logprobs, top),
+            "finish_reason": result.finish_reason}
+
+
+def _usage(results: list[TextChunk], per_prompt: int) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for i, r in enumerate(results) if i % per_prompt == 0)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def build_openai_router(core: GatewayCore) -> APIRouter:
@@ -104,30 +183,28 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             ChatCompletionRequest, await read_json(request, max_body, CHAT_EXAMPLE), CHAT_EXAMPLE
         )
         request_id = request_id_of(request)
-        gen = _admit(core, "/v1/chat/completions", body, request_id, messages=body.messages)
+        gen = await chat_request(core, body, request_id)
+        n = body.n or 1
+        requests = fan_out(gen, n)
         completion_id = "chatcmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
         info = RequestInfo("/v1/chat/completions", stream=bool(body.stream))
+        top = body.top_logprobs or 0
         if body.stream:
-            first, rest = await peek_stream(core.stream(body.model, gen, info))
-            return SSEResponse(_chat_events(completion_id, now, body, first, rest, request_id),
-                               keepalive_s=core.settings.gateway.sse_keepalive_s)
-        result = await core.complete(body.model, gen, info)
+            first, rest = await peek_stream(stream_all(core, body.model, requests, info))
+            return SSEResponse(
+                chat_events(completion_id, now, body.model, body.include_usage(), top,
+                            first, rest, n, request_id),
+                keepalive_s=core.settings.gateway.sse_keepalive_s)
+        results = await complete_all(core, body.model, requests, info)
         return JSONResponse(
             {
                 "id": completion_id,
                 "object": "chat.completion",
                 "created": now,
                 "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text},
-                        "logprobs": None,
-                        "finish_reason": result.finish_reason,
-                    }
-                ],
-                "usage": result.usage(),
+                "choices": [_chat_choice(i, r, top) for i, r in enumerate(results)],
+                "usage": _usage(results, n),
             }
         )
 
@@ -139,124 +216,38 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             COMPLETION_EXAMPLE,
         )
         request_id = request_id_of(request)
-        gen = _admit(core, "/v1/completions", body, request_id, prompt=body.prompt)
+        prompts, echoes = completion_requests(core, body, request_id)
+        n = body.n or 1
+        requests = [r for p in prompts for r in fan_out(p, n)]
         completion_id = "cmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
-        echo = body.prompt if body.echo else ""
         info = RequestInfo("/v1/completions", stream=bool(body.stream))
         if body.stream:
-            first, rest = await peek_stream(core.stream(body.model, gen, info))
-            return SSEResponse(_completion_events(completion_id, now, body, first, rest, request_id, echo),
-                               keepalive_s=core.settings.gateway.sse_keepalive_s)
-        result = await core.complete(body.model, gen, info)
+            first, rest = await peek_stream(stream_all(core, body.model, requests, info))
+            return SSEResponse(
+                completion_events(completion_id, now, body.model, body.include_usage(), echoes,
+                                  n, body.logprobs, first, rest, request_id),
+                keepalive_s=core.settings.gateway.sse_keepalive_s)
+        results = await complete_all(core, body.model, requests, info)
+        choices = []
+        for i, r in enumerate(results):
+            echo = echoes[i // n]
+            choices.append({
+                "index": i,
+                "text": echo + r.text,
+                "logprobs": None if body.logprobs is None
+                else completion_logprobs_out(r.logprobs, body.logprobs, len(echo)),
+                "finish_reason": r.finish_reason,
+            })
         return JSONResponse(
             {
                 "id": completion_id,
                 "object": "text_completion",
                 "created": now,
                 "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": echo + result.text,
-                        "logprobs": None,
-                        "finish_reason": result.finish_reason,
-                    }
-                ],
-                "usage": result.usage(),
+                "choices": choices,
+                "usage": _usage(results, n),
             }
         )
 
     return router
-
-
-async def _chat_events(
-    completion_id: str,
-    created: int,
-    body: ChatCompletionRequest,
-    first: TextChunk,
-    rest: AsyncIterator[TextChunk],
-    request_id: str,
-) -> AsyncIterator[Any]:
-    """OpenAI chat.completion.chunk events, an optional usage chunk, then [DONE]."""
-    # Every chunk shares this prefix; only the choice differs (cheap, no dict per field).
-    head = (
-        '{"id":"%s","object":"chat.completion.chunk","created":%d,"model":%s,'
-        % (completion_id, created, orjson.dumps(body.model).decode())
-    )
-    include_usage = body.include_usage()
-    usage_tail = ',"usage":null}' if include_usage else "}"
-
-    def choice(delta: str, finish: Optional[str]) -> str:
-        return '%s"choices":[{"index":0,"delta":%s,"logprobs":null,"finish_reason":%s}]%s' % (
-            head, delta, orjson.dumps(finish).decode(), usage_tail,
-        )
-
-    chunk = first
-    try:
-        yield choice('{"role":"assistant","content":""}', None)
-        while True:
-            # "cancelled" is Troupe's own reason (OpenAI has none); after a cancel over
-            # HTTP nobody is left reading, so in practice clients never see it here.
-            finish = chunk.finish_reason
-            if chunk.text:
-                # The last text rides with the finish reason (one message fewer per stream).
-                yield choice('{"content":%s}' % orjson.dumps(chunk.text).decode(), finish)
-            elif finish is not None:
-                yield choice("{}", finish)
-            if finish is not None:
-                if include_usage:
-                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(chunk.usage()).decode())
-                break
-            chunk = await rest.__anext__()
-    except StopAsyncIteration:
-        pass
-    except TroupeError as exc:
-        yield error_event_data(as_troupe_error(exc), request_id, openai=True)
-    finally:
-        await rest.aclose()
-    yield "[DONE]"
-
-
-async def _completion_events(
-    completion_id: str,
-    created: int,
-    body: CompletionRequest,
-    first: TextChunk,
-    rest: AsyncIterator[TextChunk],
-    request_id: str,
-    echo: str,
-) -> AsyncIterator[Any]:
-    """OpenAI text_completion events, an optional usage chunk, then [DONE]."""
-    head = '{"id":"%s","object":"text_completion","created":%d,"model":%s,' % (
-        completion_id, created, orjson.dumps(body.model).decode(),
-    )
-    include_usage = body.include_usage()
-    usage_tail = ',"usage":null}' if include_usage else "}"
-
-    def choice(text: str, finish: Optional[str]) -> str:
-        return '%s"choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":%s}]%s' % (
-            head, orjson.dumps(text).decode(), orjson.dumps(finish).decode(), usage_tail,
-        )
-
-    chunk = first
-    try:
-        if echo:
-            yield choice(echo, None)
-        while True:
-            if chunk.finish_reason is not None:
-                yield choice(chunk.text, chunk.finish_reason)
-                if include_usage:
-                    yield '%s"choices":[],"usage":%s}' % (head, orjson.dumps(chunk.usage()).decode())
-                break
-            if chunk.text:
-                yield choice(chunk.text, None)
-            chunk = await rest.__anext__()
-    except StopAsyncIteration:
-        pass
-    except TroupeError as exc:
-        yield error_event_data(as_troupe_error(exc), request_id, openai=True)
-    finally:
-        await rest.aclose()
-    yield "[DONE]"
-

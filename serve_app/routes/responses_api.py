@@ -13,10 +13,19 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 
 from serve_app.gateway.core import GatewayCore
-from serve_app.errors import TroupeError, as_troupe_error
+from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.gateway.images import admit_images
+from serve_app.protocol.field_policy import check_fields
+from serve_app.protocol.openai_tools import check_tool_choice
+from serve_app.protocol.responses_tools import internal_messages, tool_choice_of, tool_specs
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
-from serve_app.protocol.internal import TextChunk
+from serve_app.protocol.internal import (
+    GenerationRequest,
+    TextChunk,
+    ToolCallDelta,
+    merge_tool_call_deltas,
+)
 from serve_app.protocol.openai import unknown_fields
 from serve_app.protocol.responses import (
     RESPONSES_EXAMPLE,
@@ -27,7 +36,7 @@ from serve_app.protocol.responses import (
     status_of,
 )
 from serve_app.routes.openai_api import peek_stream
-from serve_app.routes.text_common import named, next_chunk, turns_of
+from serve_app.routes.text_common import named, next_chunk
 from serve_app.http.sse import SSEResponse
 from serve_app.tracing import current_span, record_error
 
@@ -53,15 +62,7 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
             RESPONSES_EXAMPLE,
         )
         request_id = request_id_of(request)
-        core.note_unknown_fields(ROUTE, unknown_fields(body))
-        core.resolve(body.model)
-        gen = core.build_request(
-            request_id,
-            messages=turns_of(body.turns()),
-            max_tokens=body.max_output_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-        )
+        gen = await _responses_request(core, body, request_id)
         resp_id = response_id(request_id)
         created_at = int(time.time())
         info = RequestInfo(ROUTE, stream=bool(body.stream))
@@ -76,11 +77,42 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
         return JSONResponse(
             response_object(
                 resp_id, created_at, body, status, result.text,
-                (result.prompt_tokens, result.completion_tokens), error,
+                (result.prompt_tokens, result.completion_tokens), error, result.tool_calls,
             )
         )
 
     return router
+
+
+async def _responses_request(
+    core: GatewayCore, body: ResponsesRequest, request_id: str
+) -> GenerationRequest:
+    """A Responses body in the internal vocabulary (the one place that translates)."""
+    core.note_unknown_fields(ROUTE, check_fields(ROUTE, unknown_fields(body), body.model_extra or {}))
+    model = core.resolve(body.model)
+    gen = core.build_request(
+        request_id,
+        max_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+    )
+    gen.messages = internal_messages(body.instructions, body.input)
+    try:
+        gen.tools = tool_specs(body.tools)
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid tools: {exc}", param="tools") from None
+    gen.tool_choice = tool_choice_of(body.tool_choice)
+    why = check_tool_choice(gen.tool_choice, gen.tools)
+    if why is not None:
+        raise InvalidRequest(why, param="tool_choice")
+    gen.parallel_tool_calls = body.parallel_tool_calls is not False
+    fmt = body.text.format if body.text is not None else None
+    try:
+        gen.response_format = None if fmt is None else fmt.internal()
+    except ValueError as exc:
+        raise InvalidRequest(f"Invalid text.format: {exc}", param="text.format") from None
+    await admit_images(core, model, gen, param="input")
+    return gen
 
 
 async def _response_events(
@@ -89,6 +121,8 @@ async def _response_events(
     """The Responses event sequence; a failure after the start ends it with ``error`` +
     ``response.failed`` (never a hang, never a broken connection)."""
     parts: list[str] = []
+    starts: dict[int, ToolCallDelta] = {}  # each call's first delta (id and name)
+    deltas: list[ToolCallDelta] = []
     prompt_tokens = first.prompt_tokens
     output_tokens = 0
     chunk = first
@@ -96,9 +130,17 @@ async def _response_events(
         for event in encoder.start():
             yield named(event)
         while True:
-            if chunk.text:
+            if chunk.text and encoder.message_open:
                 parts.append(chunk.text)
                 yield named(encoder.delta(chunk.text))
+            for delta in chunk.tool_calls or ():
+                deltas.append(delta)
+                if delta.id is not None:
+                    starts[delta.index] = delta
+                    for event in encoder.call_added("".join(parts), delta):
+                        yield named(event)
+                if delta.arguments and delta.index in starts:
+                    yield named(encoder.call_delta(starts[delta.index], delta.arguments))
             output_tokens += chunk.num_tokens
             finish = chunk.finish_reason
             if finish is not None:
@@ -109,7 +151,8 @@ async def _response_events(
                     )
                 else:
                     events = encoder.finish(
-                        text, finish, chunk.prompt_tokens, chunk.completion_tokens
+                        text, finish, chunk.prompt_tokens, chunk.completion_tokens,
+                        _whole(deltas),
                     )
                 for event in events:
                     yield named(event)
@@ -124,3 +167,9 @@ async def _response_events(
             yield named(event)
     finally:
         await rest.aclose()
+
+
+def _whole(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """The streamed fragments as one whole delta per call."""
+    return [ToolCallDelta(i, c.id, c.name, c.arguments)
+            for i, c in enumerate(merge_tool_call_deltas(deltas))]

@@ -1,37 +1,19 @@
 """Small pieces the Responses and Anthropic Messages routes share.
 
-Both APIs frame streams as named SSE events (``event:`` + ``data:``) and hand the gateway
-their turns as ``(role, text)`` pairs; these helpers turn each into what the gateway and
-``SSEResponse`` take.
+Both APIs frame streams as named SSE events (``event:`` + ``data:``); these helpers turn
+each into what ``SSEResponse`` takes.
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator
 
 from sse_starlette import ServerSentEvent
 
 from serve_app.errors import InferenceFailed
 from serve_app.protocol.internal import TextChunk
 
-__all__ = ["Turn", "turns_of", "named", "next_chunk"]
-
-
-class Turn:
-    """A ``(role, text)`` turn with the ``role``/``text()`` surface ``build_request`` reads."""
-
-    __slots__ = ("role", "_text")
-
-    def __init__(self, role: str, text: str) -> None:
-        self.role = role
-        self._text = text
-
-    def text(self) -> str:
-        return self._text
-
-
-def turns_of(pairs: Iterable[tuple[str, str]]) -> list[Turn]:
-    return [Turn(role, text) for role, text in pairs]
+__all__ = ["named", "next_chunk"]
 
 
 def named(event: tuple[str, str]) -> ServerSentEvent:

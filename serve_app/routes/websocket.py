@@ -26,7 +26,8 @@ from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError, 
 from serve_app.http.plumbing import request_id_of_scope
 from serve_app.gateway.metering import RequestInfo
 from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
-from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference
+from serve_app.protocol.internal import TextChunk, ToolCallDelta, merge_tool_call_deltas
+from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference, logprobs_out, tool_call_out
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
 from serve_app.gateway.voice import VoiceSocket, run_voice_end
@@ -297,17 +298,22 @@ class WebSocketSession:
         completion = 0
         prompt_tokens = 0
         index = 0
-        gen = native_request(self.core, body, f"{self.socket_id}:{rid}")
+        try:
+            gen = await native_request(self.core, body, f"{self.socket_id}:{rid}")
+        except TroupeError as exc:
+            await self.send(self.error(as_troupe_error(exc), rid))
+            return
         stream = self.core.stream(body.model, gen, WS_INFO)
         finish: Optional[str] = None
+        deltas: list[ToolCallDelta] = []
         try:
             async for chunk in stream:
                 completion += chunk.num_tokens
                 prompt_tokens = chunk.prompt_tokens
-                if chunk.text:
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    await self.send({"type": "token", "id": rid, "token": chunk.text, "index": index})
+                deltas.extend(chunk.tool_calls or ())
+                for message in _chunk_messages(rid, chunk, index, body.top_logprobs or 0):
+                    first_token_at = first_token_at or time.perf_counter()
+                    await self.send(message)
                 index += chunk.num_tokens
                 if chunk.finish_reason is not None:
                     finish = chunk.finish_reason
@@ -330,15 +336,12 @@ class WebSocketSession:
         ended = time.perf_counter()
         await self.send(
             {
+                **_whole_calls(deltas),
                 "type": "complete",
                 "id": rid,
                 "model": body.model,
                 "finish_reason": finish or "cancelled",
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt_tokens + completion,
-                },
+                "usage": TextChunk("", 0, None, prompt_tokens, completion).usage(),
                 "cost_usd": self.core.prices.quote(body.model, prompt_tokens, completion),
                 "latency_ms": {
                     "ttft": None if first_token_at is None
@@ -347,6 +350,28 @@ class WebSocketSession:
                 },
             }
         )
+
+
+def _chunk_messages(rid: str, chunk: TextChunk, index: int, top: int) -> list[dict[str, Any]]:
+    """One chunk's ``token`` message (with ``logprobs`` when asked) and ``tool_call``
+    fragments."""
+    out: list[dict[str, Any]] = []
+    if chunk.text:
+        message: dict[str, Any] = {"type": "token", "id": rid, "token": chunk.text, "index": index}
+        if chunk.logprobs is not None:
+            message["logprobs"] = logprobs_out(chunk.logprobs, top)
+        out.append(message)
+    out.extend({"type": "tool_call", "id": rid, **tool_call_out(d)} for d in chunk.tool_calls or ())
+    return out
+
+
+def _whole_calls(deltas: list[ToolCallDelta]) -> dict[str, Any]:
+    """``{"tool_calls": [...]}`` of the whole calls for ``complete`` (empty when none)."""
+    calls = merge_tool_call_deltas(deltas)
+    if not calls:
+        return {}
+    return {"tool_calls": [tool_call_out(ToolCallDelta(i, c.id, c.name, c.arguments))
+                           for i, c in enumerate(calls)]}
 
 
 def build_ws_router(core: GatewayCore) -> APIRouter:

@@ -178,6 +178,9 @@ class ModelConfig(Strict):
     )
     pricing: PricingConfig = Field(default_factory=PricingConfig, description="Token prices.")
     description: str = Field("", description="Shown in GET /models.")
+    vision: bool = Field(
+        False, description="The model accepts image input (listed as the 'vision' capability)."
+    )
     flex_pool: Optional[str] = Field(
         None,
         description="Id of another configured model that serves this one's cheap tier for "

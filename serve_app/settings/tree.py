@@ -55,6 +55,15 @@ class GatewayOptions(Strict):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest accepted request body (413 beyond)."
     )
+    image_url_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs the gateway fetches for vision models "
+        "(exact names, or '.example.com' for a domain); data: URLs need no entry. Their "
+        "addresses pass the same private-address checks as webhook URLs.",
+    )
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest image accepted, inline or fetched."
+    )
     admin_key_env: str = Field(
         "TROUPE_ADMIN_KEY",
         description="Environment variable holding the admin key for /admin routes "

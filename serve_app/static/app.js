@@ -122,7 +122,7 @@
       return false;
     }
     clearBanner("models");
-    const details = new Map((native.data || []).map((m) => [m.id, m]));
+    const details = new Map((native.models || []).map((m) => [m.id, m]));
     const ids = (openai.data || []).map((m) => m.id);
     for (const id of details.keys()) if (!ids.includes(id)) ids.push(id);
     const models = ids.map((id) => details.get(id) || { id, capabilities: ["chat"], loaded: true });

@@ -21,7 +21,7 @@ FAKE_MEDIA = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-str
 
 
 def _model_with(base_url: str, capability: str) -> str:
-    models = httpx.get(base_url + "/models", timeout=10).json()["data"]
+    models = httpx.get(base_url + "/models", timeout=10).json()["models"]
     for model in models:
         if capability in model.get("capabilities", []):
             return model["id"]

@@ -121,7 +121,7 @@ def test_images_with_openai_client(client: OpenAI) -> None:
 
 
 def test_models_list_capabilities(http: httpx.Client, client: OpenAI) -> None:
-    native = {m["id"]: m for m in http.get("/models").json()["data"]}
+    native = {m["id"]: m for m in http.get("/models").json()["models"]}
     assert native["mock-embeddings"]["capabilities"] == ["embeddings"]
     assert native["mock-speech"]["capabilities"][0] == "text-to-speech"
     assert native["mock-transcription"]["capabilities"] == ["speech-to-text"]
@@ -148,7 +148,7 @@ def test_unload_then_load(http: httpx.Client, client: OpenAI, ledger_path: str) 
     health = http.get("/health").json()
     assert health["status"] == "ok"
     assert {m["id"]: m["status"] for m in health["models"]}["mock-image"] == "unloaded"
-    models = {m["id"]: m for m in http.get("/models").json()["data"]}
+    models = {m["id"]: m for m in http.get("/models").json()["models"]}
     assert models["mock-image"]["loaded"] is False and models["mock-speech"]["loaded"] is True
     with pytest.raises(openai.ConflictError) as info:
         client.images.generate(model="mock-image", prompt="x")

@@ -34,7 +34,7 @@ def test_health_lists_models_with_engine_counts(http: httpx.Client) -> None:
 
 
 def test_native_models(http: httpx.Client) -> None:
-    data = {m["id"]: m for m in http.get("/models").json()["data"]}
+    data = {m["id"]: m for m in http.get("/models").json()["models"]}
     m = data["mock-5ms"]
     assert m["loaded"] is True and "text-generation" in m["capabilities"]
     assert m["context_length"] == 4096

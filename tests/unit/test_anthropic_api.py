@@ -220,7 +220,7 @@ async def test_missing_max_tokens_is_a_400_naming_it(gw: GatewayUnderTest) -> No
         (body(messages=[*USER, {"role": "assistant", "content": "Sure"}]), "last message must have role 'user'"),
         (body(messages=[{"role": "system", "content": "x"}, *USER]), "messages.0.role"),
         (body(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]),
-         "type 'image'"),
+         "source.type"),
         (body(messages=[{"role": "user", "content": []}]), "non-empty"),
         (body(messages=[{"role": "user", "content": 5}]), "messages.0.content"),
         (body(messages="hello"), "messages"),
@@ -229,10 +229,9 @@ async def test_missing_max_tokens_is_a_400_naming_it(gw: GatewayUnderTest) -> No
         (body(temperature=1.5), "temperature: Input should be less than or equal to 1"),
         (body(stop_sequences=[""]), "stop sequences must be non-empty"),
         (body(system=[{"type": "image"}]), "system block 0"),
-        (body(tools=[{"name": "f", "input_schema": {}}]), "tool use is not supported"),
+        (body(tools=[{"name": "f", "input_schema": {}}]), "input_schema must have type 'object'"),
         (body(thinking={"type": "enabled", "budget_tokens": 1024}), "thinking"),
-        (body(output_config={"format": {"type": "json_schema", "schema": {}}}),
-         "output_config.format"),
+        (body(output_config={"format": {"type": "xml"}}), "output_config"),
     ],
 )
 async def test_bad_input_is_a_400_in_anthropic_envelope(

@@ -15,7 +15,9 @@ from serve_app.protocol.anthropic import (
     message_object,
     stop_reason_of,
 )
+from serve_app.protocol.anthropic_tools import internal_messages
 from serve_app.protocol.responses import ResponsesRequest, ResponseStreamEncoder, status_of
+from serve_app.protocol.responses_tools import internal_messages as responses_messages
 
 MODULES = [
     "serve_app.protocol.responses",
@@ -54,7 +56,8 @@ def test_anthropic_turns_merge_consecutive_roles_and_put_system_first() -> None:
             {"role": "user", "content": "4"},
         ],
     })
-    assert list(req.turns()) == [
+    turns = internal_messages(req.system_text(), req.messages)
+    assert [(t.role, t.content) for t in turns] == [
         ("system", "a\nb"), ("user", "1\n\n2"), ("assistant", "3"), ("user", "4")]
 
 
@@ -95,4 +98,5 @@ def test_responses_turns_put_instructions_first_and_serve_developer_as_system() 
         "input": [{"role": "developer", "content": "D"},
                   {"role": "user", "content": [{"type": "input_text", "text": "U"}]}],
     })
-    assert list(body.turns()) == [("system", "I"), ("system", "D"), ("user", "U")]
+    turns = responses_messages(body.instructions, body.input)
+    assert [(t.role, t.content) for t in turns] == [("system", "I"), ("system", "D"), ("user", "U")]

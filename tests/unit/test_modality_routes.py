@@ -280,7 +280,7 @@ async def test_images_bad_input_is_400(mgw, body, param, words) -> None:
 
 
 async def test_models_show_capabilities(mgw) -> None:
-    native = {m["id"]: m for m in (await mgw.get("/models")).json()["data"]}
+    native = {m["id"]: m for m in (await mgw.get("/models")).json()["models"]}
     assert native["emb"]["capabilities"] == ["embeddings"]
     assert native["tts"]["capabilities"][0] == "text-to-speech"
     assert native["asr"]["capabilities"] == ["speech-to-text"]
@@ -298,7 +298,7 @@ async def test_unload_then_409_then_load(mgw) -> None:
     assert mgw.deployments["emb"].engine is None  # the engine and its weights are gone
     err = _openai_error(await mgw.post("/v1/embeddings", json={"model": "emb", "input": "x"}), 409)
     assert err["code"] == "model_not_loaded" and "POST /models/emb/load" in err["message"]
-    native = {m["id"]: m for m in (await mgw.get("/models")).json()["data"]}
+    native = {m["id"]: m for m in (await mgw.get("/models")).json()["models"]}
     assert native["emb"]["loaded"] is False and native["tts"]["loaded"] is True
     health = await mgw.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"  # unloaded on purpose
