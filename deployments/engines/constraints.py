@@ -27,8 +27,6 @@ import re
 import threading
 from typing import Any, Optional
 
-import torch
-
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import GenerationRequest, NamedTool
 
@@ -184,14 +182,16 @@ class GrammarProcessor:
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
         import llguidance.torch as llt
+        import torch  # here, not at import: the vLLM adapter imports this module without torch
 
         self._matcher = matcher
         self._seen: Optional[int] = None
         self._mask = llt.allocate_token_bitmask(1, vocab_size)
         self._fill = llt.fill_next_token_bitmask
         self._bits = torch.arange(32, dtype=torch.int32)
+        self._torch = torch
 
-    def _sync(self, input_ids: torch.Tensor) -> None:
+    def _sync(self, input_ids: Any) -> None:
         length = int(input_ids.shape[-1])
         if self._seen is None:
             self._seen = length
@@ -201,8 +201,9 @@ class GrammarProcessor:
             self._matcher.consume_token(int(token))
         self._seen = length
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
         self._sync(input_ids)
+        torch = self._torch
         if self._matcher.is_stopped() or self._matcher.is_error():
             return scores
         self._fill(self._matcher, self._mask, 0)

@@ -40,7 +40,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from deployments.engines.base import plan_output_tokens
+from deployments.engines.base import check_prompt_ids, plan_output_tokens
 from deployments.engines.chat_render import render_messages
 from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.gguf_cache import resolve_model_dir
@@ -240,7 +240,7 @@ class TransformersTextEngine:
         """Prompt token ids: the chat template for messages, plain tokenization for a prompt."""
         tok = self._tokenizer
         if request.prompt_token_ids is not None:
-            return self._checked_ids(request.prompt_token_ids)
+            return check_prompt_ids(request.prompt_token_ids, len(tok))
         if request.messages is None and not request.raw and getattr(tok, "chat_template", None):
             # A native prompt for a chat model is one user turn (raw: sent as is).
             request = dataclasses.replace(request, messages=[ChatMessage("user", request.prompt or "")])
@@ -269,16 +269,6 @@ class TransformersTextEngine:
             ids = [int(start)]
         return ids
 
-    def _checked_ids(self, ids: tuple[int, ...]) -> list[int]:
-        size = len(self._tokenizer)
-        bad = [i for i in ids if not 0 <= int(i) < size]
-        if bad or not ids:
-            raise InvalidRequest(
-                f"prompt token ids must be in 0..{size - 1}; not: {bad[:10] or 'an empty list'}.",
-                param="prompt",
-            )
-        return [int(i) for i in ids]
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
         if self._model is None or self._closed or self._executor is None:
             raise ModelNotLoaded(
@@ -294,6 +284,8 @@ class TransformersTextEngine:
             "messages" if request.messages is not None else "prompt",
             getattr(request.sampling, "default_max_tokens", None),
         )
+        if request.sampling.echo:  # set by the gateway for token-id prompts: only we can detokenize
+            yield EngineOutput(self._tokenizer.decode(input_ids), 0, prompt_tokens)
         if max_new == 0:
             yield EngineOutput("", 0, prompt_tokens, "length")
             return

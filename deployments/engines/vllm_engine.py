@@ -41,10 +41,15 @@ import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
-from deployments.engines.base import plan_output_tokens
+from deployments.engines.base import check_prompt_ids, plan_output_tokens
 from deployments.engines.chat_render import render_messages
 from deployments.engines.tool_parsers import parser_for
-from deployments.engines.vllm_structured import agent_sampling_kwargs, shape_delta, to_vllm_structured
+from deployments.engines.vllm_structured import (
+    agent_sampling_kwargs,
+    shape_delta,
+    to_vllm_structured,
+    vocab_size_of,
+)
 from serve_app.settings import ConfigError, VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
@@ -337,6 +342,8 @@ class VLLMTextEngine:
         return list(tok.encode(request.prompt or ""))
 
     async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return check_prompt_ids(request.prompt_token_ids, vocab_size_of(self._tokenizer))
         if request.messages is not None:
             size = sum(len(m.content) for m in request.messages)
         else:
@@ -441,6 +448,8 @@ class VLLMTextEngine:
         parser = parser_for(request, self.config.tool_call_parser)
         top_k = request.sampling.logprobs
 
+        if request.sampling.echo:  # set by the gateway for token-id prompts: only we can detokenize
+            yield EngineOutput(self._tokenizer.decode(prompt_ids), 0, prompt_tokens)
         flight = _Flight()
         self._active[request_id] = flight
         stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id)

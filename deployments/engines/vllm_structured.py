@@ -16,11 +16,10 @@ import math
 from typing import Any, Optional
 
 from deployments.engines.constraints import constraint_schema, grammar_cache_for
-from deployments.engines.logits import check_logit_bias
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import MAX_TOP_LOGPROBS, GenerationRequest, TokenLogprob
 
-__all__ = ["agent_sampling_kwargs", "shape_delta", "to_vllm_structured", "token_logprobs_from_vllm"]
+__all__ = ["agent_sampling_kwargs", "vocab_size_of", "shape_delta", "to_vllm_structured", "token_logprobs_from_vllm"]
 
 #: The key ``build_sampling_kwargs`` uses; the default factory turns it into vLLM's type.
 STRUCTURED_KEY = "structured_outputs"
@@ -49,13 +48,15 @@ def agent_sampling_kwargs(request: GenerationRequest, tokenizer: Any = None) -> 
     if sp.frequency_penalty:
         kwargs["frequency_penalty"] = sp.frequency_penalty
     if sp.logit_bias:
-        vocab_size = _vocab_size(tokenizer)
+        from deployments.engines.logits import check_logit_bias  # torch: only when needed
+
+        vocab_size = vocab_size_of(tokenizer)
         kwargs["logit_bias"] = (
             check_logit_bias(sp.logit_bias, vocab_size) if vocab_size else dict(sp.logit_bias)
         )
     schema, param = constraint_schema(request)
     if schema is not None:
-        if hasattr(tokenizer, "get_vocab") and _vocab_size(tokenizer):
+        if hasattr(tokenizer, "get_vocab") and vocab_size_of(tokenizer):
             grammar_cache_for(tokenizer).matcher(schema, param)
         fmt = request.response_format
         plain_object = fmt is not None and fmt.type == "json_object" and schema == {"type": "object"}
@@ -131,7 +132,7 @@ def shape_delta(parser: Any, completion: Any, top_k: Optional[int], final: bool)
     return {"text": text, "tool_calls": deltas or None, "logprobs": logprobs}
 
 
-def _vocab_size(tokenizer: Any) -> Optional[int]:
+def vocab_size_of(tokenizer: Any) -> Optional[int]:
     """The tokenizer's vocabulary size, if it says (logit_bias ids are checked against it)."""
     try:
         return len(tokenizer) if tokenizer is not None else None

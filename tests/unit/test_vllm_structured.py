@@ -23,7 +23,7 @@ from serve_app.protocol.internal import (
     merge_tool_call_deltas,
 )
 from tests.unit.byte_tokenizer import byte_tokenizer
-from tests.unit.test_vllm_engine import FakeAsyncLLM, started_engine
+from tests.unit.test_vllm_engine import FakeAsyncLLM, FakeTokenizer, started_engine
 
 pytestmark = pytest.mark.asyncio
 
@@ -151,3 +151,22 @@ async def test_logprobs_come_back_per_token_in_troupes_shape():
     assert entries[0].logprob == -1.5 and entries[0].top == (("best", 7, -0.2),)
     plain = await outputs(engine, GenerationRequest("r2", SamplingParams(max_tokens=8), prompt="x"))
     assert all(o.logprobs is None for o in plain)
+
+
+class _DecodingTokenizer(FakeTokenizer):
+    def __len__(self) -> int:
+        return 2000
+
+    def decode(self, ids) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+
+async def test_token_id_prompts_are_checked_and_echoed_by_the_engine():
+    engine, fake = await started_engine(tokenizer=_DecodingTokenizer())
+    request = GenerationRequest("r1", SamplingParams(max_tokens=4, echo=True), prompt_token_ids=(5, 6))
+    outs = await outputs(engine, request)
+    assert outs[0].text == "t5 t6" and outs[0].num_tokens == 0
+    assert fake.submitted[0].prompt == {"prompt_token_ids": [5, 6]}
+    with pytest.raises(InvalidRequest, match="2000") as err:
+        await outputs(engine, GenerationRequest("r2", SamplingParams(max_tokens=4), prompt_token_ids=(1, 2000)))
+    assert err.value.param == "prompt"
