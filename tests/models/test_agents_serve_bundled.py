@@ -17,24 +17,25 @@ from pydantic import BaseModel, Field
 pytestmark = pytest.mark.models
 
 MODEL = "smollm2-135m"
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
            "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -9999, "maximum": 9999},
+                                        "b": {"type": "integer", "minimum": -9999, "maximum": 9999}},
        "required": ["a", "b"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": ADD}}]
 
 
 class Person(BaseModel):
-    name: str = Field(max_length=30)
+    name: str = Field(max_length=20)
     age: int = Field(ge=0, le=120)
     mood: Literal["happy", "sad", "calm"]
 
 
 class Verdict(BaseModel):
     positive: bool
-    reason: str = Field(max_length=60)
+    reason: str = Field(max_length=30)
 
 
 PEOPLE = ["a baker from Rome", "a young pilot", "an old sailor", "a shy student", "a famous singer",
@@ -61,7 +62,7 @@ def test_chat_parse_with_a_pydantic_model_20_of_20(client: OpenAI) -> None:
         who = PEOPLE[i % len(PEOPLE)]
         done = client.chat.completions.parse(
             model=MODEL, messages=[{"role": "user", "content": f"Describe {who}."}],
-            response_format=Person, max_tokens=80, temperature=0 if i < 10 else 0.8, seed=i,
+            response_format=Person, max_tokens=160, temperature=0 if i < 10 else 0.8, seed=i,
         )
         assert isinstance(done.choices[0].message.parsed, Person), done.choices[0].message.content
 
@@ -69,7 +70,7 @@ def test_chat_parse_with_a_pydantic_model_20_of_20(client: OpenAI) -> None:
 def test_responses_parse_with_a_text_format(client: OpenAI) -> None:
     for i, text in enumerate(["I loved it", "Terrible service", "Great value", "Never again", "Fine"]):
         done = client.responses.parse(model=MODEL, input=f"Review: {text}. Is it positive?",
-                                      text_format=Verdict, max_output_tokens=60, temperature=0)
+                                      text_format=Verdict, max_output_tokens=120, temperature=0)
         assert isinstance(done.output_parsed, Verdict), done.output_text
 
 
@@ -82,7 +83,7 @@ def test_required_and_named_tool_calls_20_of_20(client: OpenAI) -> None:
         choice = "required" if i < 10 else {"type": "function", "function": {"name": named}}
         done = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": ask}], tools=TOOLS, tool_choice=choice,
-            max_tokens=60, temperature=0 if i % 2 else 0.7, seed=i)
+            max_tokens=120, temperature=0 if i % 2 else 0.7, seed=i)
         [call] = done.choices[0].message.tool_calls
         assert done.choices[0].finish_reason == "tool_calls"
         schema = WEATHER if call.function.name == "get_weather" else ADD
