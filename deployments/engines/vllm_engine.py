@@ -44,12 +44,8 @@ from typing import Any, AsyncIterator, Callable, Optional
 from deployments.engines.base import check_prompt_ids, plan_output_tokens
 from deployments.engines.chat_render import render_messages
 from deployments.engines.tool_parsers import parser_for
-from deployments.engines.vllm_structured import (
-    agent_sampling_kwargs,
-    shape_delta,
-    to_vllm_structured,
-    vocab_size_of,
-)
+from deployments.engines.vllm_structured import agent_sampling_kwargs, shape_delta
+from deployments.engines.vllm_structured import to_vllm_structured, vocab_size_of
 from serve_app.settings import ConfigError, VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
