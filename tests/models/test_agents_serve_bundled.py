@@ -107,3 +107,28 @@ def test_streamed_call_reassembles_and_the_result_gets_an_answer(client: OpenAI)
                {"role": "tool", "tool_call_id": unary.id, "content": "18 C and sunny"}]
     final = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=40, temperature=0)
     assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_agents_sdk_two_step_loop(client: OpenAI) -> None:
+    """A function tool, its result fed back, a final answer (the SDK drives the loop)."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    seen: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        seen.append(city)
+        return f"It is 18 C and sunny in {city}."
+
+    model = agents.OpenAIChatCompletionsModel(
+        model=MODEL, openai_client=AsyncOpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0))
+    # required on the first turn; the SDK resets tool_choice after a call, so turn two answers
+    agent = agents.Agent(name="weather", instructions="Answer weather questions with the tool.", tools=[get_weather],
+                         model=model, model_settings=agents.ModelSettings(tool_choice="required", max_tokens=60,
+                                                                          temperature=0))
+    result = agents.Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    assert len(seen) == 1 and seen[0]
+    assert isinstance(result.final_output, str) and result.final_output.strip()
