@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Optional, Protocol, runtime_checkable
 
-from serve_app.errors import ContextLengthExceeded
+from serve_app.errors import ContextLengthExceeded, InvalidRequest
 from serve_app.protocol.internal import EngineOutput, GenerationRequest
 
-__all__ = ["TextEngine", "plan_output_tokens"]
+__all__ = ["TextEngine", "check_prompt_ids", "plan_output_tokens"]
 
 
 @runtime_checkable
@@ -82,3 +82,19 @@ def plan_output_tokens(
             details=dict(details, max_tokens=max_tokens),
         )
     return max(0, max_tokens)
+
+
+def check_prompt_ids(ids: "tuple[int, ...] | list[int]", vocab_size: Optional[int]) -> list[int]:
+    """A token-id prompt as a list, every id in the model's vocabulary (when it is known).
+
+    Raises:
+        InvalidRequest: an empty prompt, or ids outside ``0..vocab_size-1`` (named).
+    """
+    bad = [i for i in ids if vocab_size is not None and not 0 <= int(i) < vocab_size]
+    if bad or not ids:
+        limit = f"0..{vocab_size - 1}" if vocab_size is not None else "the vocabulary"
+        raise InvalidRequest(
+            f"prompt token ids must be in {limit}; not: {bad[:10] or 'an empty list'}.",
+            param="prompt",
+        )
+    return [int(i) for i in ids]

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -36,14 +37,16 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from deployments.engines.base import plan_output_tokens
+from deployments.engines.base import check_prompt_ids, plan_output_tokens
+from deployments.engines.chat_render import render_messages
+from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.gguf_cache import resolve_model_dir
 from deployments.engines.stop_strings import StopStringTracker
 from serve_app.errors import InvalidRequest, ModelNotLoaded
-from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
+from serve_app.protocol.internal import ChatMessage, EngineOutput, GenerationRequest, SamplingParams
 from serve_app.settings import TransformersEngineConfig
 
 __all__ = ["TransformersTextEngine", "plan_max_new_tokens"]
@@ -75,6 +78,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     queue: "asyncio.Queue[_Item]"
     tracker: StopStringTracker
+    out: SequenceOutput
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Optional[concurrent.futures.Future] = None
     ids: list[int] = field(default_factory=list)
@@ -84,6 +88,9 @@ class _Job:
     started: bool = False  # the worker picked it up
 
     def push(self, item: _Item) -> None:
+        text, tokens, finish, error = item
+        if error is None:  # tool calls out of the text, logprobs beside it
+            item = (self.out.shape(text, final=finish is not None), tokens, finish, error)  # type: ignore[assignment]
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the consumer's loop is gone: nobody is listening
@@ -232,11 +239,17 @@ class TransformersTextEngine:
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids: the chat template for messages, plain tokenization for a prompt."""
         tok = self._tokenizer
+        if request.prompt_token_ids is not None:
+            return check_prompt_ids(request.prompt_token_ids, len(tok))
+        if request.messages is None and not request.raw and getattr(tok, "chat_template", None):
+            # A native prompt for a chat model is one user turn (raw: sent as is).
+            request = dataclasses.replace(request, messages=[ChatMessage("user", request.prompt or "")])
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages, tools = render_messages(request, tok)
+            extra = {"tools": tools} if tools else {}
             try:
                 enc = tok.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=True
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
                 )
             except Exception as exc:  # jinja raises for roles/orders the template rejects
                 raise InvalidRequest(
@@ -262,6 +275,7 @@ class TransformersTextEngine:
                 f"Model {self.model_id!r} is not loaded on this replica (starting or stopping)."
             )
         input_ids = self.encode(request)
+        out = SequenceOutput(request, self._tokenizer, self.config.tool_call_parser)
         prompt_tokens = len(input_ids)
         max_new = plan_max_new_tokens(
             self.context_length,
@@ -270,6 +284,8 @@ class TransformersTextEngine:
             "messages" if request.messages is not None else "prompt",
             getattr(request.sampling, "default_max_tokens", None),
         )
+        if request.sampling.echo:  # set by the gateway for token-id prompts: only we can detokenize
+            yield EngineOutput(self._tokenizer.decode(input_ids), 0, prompt_tokens)
         if max_new == 0:
             yield EngineOutput("", 0, prompt_tokens, "length")
             return
@@ -283,6 +299,7 @@ class TransformersTextEngine:
             loop=loop,
             queue=asyncio.Queue(),
             tracker=StopStringTracker(request.sampling.stop),
+            out=out,
         )
         with self._jobs_lock:
             self._jobs[job.key] = job  # queued requests count as active
@@ -294,12 +311,12 @@ class TransformersTextEngine:
         job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))
         try:
             while True:
-                text, count, finish, error = await job.queue.get()
-                parts = [text]
+                shaped, count, finish, error = await job.queue.get()
+                parts = [shaped]
                 # The consumer lagged: merge everything that piled up into one delta.
                 while finish is None and error is None and not job.queue.empty():
-                    more_text, more_count, finish, error = job.queue.get_nowait()
-                    parts.append(more_text)
+                    more, more_count, finish, error = job.queue.get_nowait()
+                    parts.append(more)
                     count += more_count
                 if (finish is not None or error is not None) and not job.future.done():
                     # The worker is wrapping up (a stop string costs it one more step):
@@ -309,7 +326,9 @@ class TransformersTextEngine:
                 if error is not None:
                     raise error
                 matched = job.tracker.matched if finish == "stop" else None
-                yield EngineOutput("".join(parts), count, prompt_tokens, finish, matched)  # type: ignore[arg-type]
+                if finish is not None:
+                    finish = job.out.finish_reason(finish)  # type: ignore[arg-type]
+                yield _output(parts, count, prompt_tokens, finish, matched)
                 if finish is not None:
                     return
         finally:
@@ -366,6 +385,8 @@ class TransformersTextEngine:
                 pad_token_id=self._pad_id,
             )
             ids = torch.tensor([job.input_ids], dtype=torch.long)
+            procs = job.out.processors  # penalties, logit bias, grammar, logprobs
+            extra = {"logits_processor": LogitsProcessorList(procs)} if procs else {}
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 if sample:  # the global CPU generator is what generate() samples from
                     torch.manual_seed(sp.seed if sp.seed is not None else secrets.randbits(63))
@@ -375,6 +396,7 @@ class TransformersTextEngine:
                     generation_config=gen_config,
                     streamer=_TokenStreamer(lambda token: self._on_token(job, token)),
                     stopping_criteria=StoppingCriteriaList([_StopWhen(job)]),
+                    **extra,
                 )
         except BaseException as exc:  # report it to the consumer, then let it settle
             if not job.finished:
@@ -398,15 +420,29 @@ class TransformersTextEngine:
             return
         job.ids.append(token)
         job.pending_tokens += 1
+        grammar_done = job.out.on_token(token, token in self._eos_ids)
         if token in self._eos_ids:
             job.finish(job.tracker.flush(self._decode(job.ids[:-1])), "stop")
             return
         full = self._decode(job.ids)
         delta, hit = job.tracker.update(full)
-        if hit:
+        if grammar_done and not hit:  # a whole match: nothing more may follow
+            job.finish(delta + job.tracker.flush(full), "stop")
+        elif hit:
             job.finish(delta, "stop")
         elif len(job.ids) >= job.max_new_tokens:
             job.finish(delta + job.tracker.flush(full), "length")
         elif delta:
             job.push((delta, job.pending_tokens, None, None))
             job.pending_tokens = 0
+
+
+def _output(parts: list, count: int, prompt_tokens: int, finish: Any, matched: Optional[str]) -> EngineOutput:
+    """One EngineOutput from shaped deltas (text, logprobs, tool-call fragments) merged in order."""
+    logprobs = [lp for _, lps, _ in parts for lp in lps or ()]
+    calls = [d for _, _, ds in parts for d in ds or ()]
+    return EngineOutput(
+        "".join(text for text, _, _ in parts), count, prompt_tokens, finish, matched,
+        logprobs=logprobs if any(lps is not None for _, lps, _ in parts) else None,
+        tool_calls=calls or None,
+    )

@@ -41,7 +41,11 @@ import inspect
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
-from deployments.engines.base import plan_output_tokens
+from deployments.engines.base import check_prompt_ids, plan_output_tokens
+from deployments.engines.chat_render import render_messages
+from deployments.engines.tool_parsers import parser_for
+from deployments.engines.vllm_structured import agent_sampling_kwargs, shape_delta
+from deployments.engines.vllm_structured import to_vllm_structured, vocab_size_of
 from serve_app.settings import ConfigError, VLLMEngineConfig
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
@@ -130,8 +134,11 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
     return args
 
 
-def build_sampling_kwargs(request: GenerationRequest, max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.SamplingParams`` (``output_kind`` by member name)."""
+def build_sampling_kwargs(
+    request: GenerationRequest, max_tokens: int, tokenizer: Any = None
+) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.SamplingParams`` (``output_kind`` by member name; a
+    constraint as a plain ``structured_outputs`` dict, see :mod:`vllm_structured`)."""
     sp = request.sampling
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
@@ -143,6 +150,7 @@ def build_sampling_kwargs(request: GenerationRequest, max_tokens: int) -> dict[s
         kwargs["seed"] = sp.seed
     if sp.stop:
         kwargs["stop"] = list(sp.stop)
+    kwargs.update(agent_sampling_kwargs(request, tokenizer))
     return kwargs
 
 
@@ -164,7 +172,7 @@ def _vllm_sampling_params_factory() -> SamplingParamsFactory:
 
     def make(**kwargs: Any) -> Any:
         kwargs["output_kind"] = kinds[kwargs["output_kind"]]
-        return SamplingParams(**kwargs)
+        return SamplingParams(**to_vllm_structured(kwargs))
 
     return make
 
@@ -309,11 +317,11 @@ class VLLMTextEngine:
     def _render(self, request: GenerationRequest) -> list[int]:
         tok = self._tokenizer
         if request.messages is not None:
+            messages, tools = render_messages(request, tok)
+            extra = {"tools": tools} if tools else {}
             try:
                 text = tok.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in request.messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
+                    messages, tokenize=False, add_generation_prompt=True, **extra
                 )
             except self._template_errors as exc:
                 # Templates refuse some conversations on purpose (e.g. roles that do not
@@ -330,6 +338,8 @@ class VLLMTextEngine:
         return list(tok.encode(request.prompt or ""))
 
     async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return check_prompt_ids(request.prompt_token_ids, vocab_size_of(self._tokenizer))
         if request.messages is not None:
             size = sum(len(m.content) for m in request.messages)
         else:
@@ -356,7 +366,8 @@ class VLLMTextEngine:
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
         try:
-            return self._sampling_params_factory(**build_sampling_kwargs(request, max_tokens))
+            kwargs = build_sampling_kwargs(request, max_tokens, self._tokenizer)
+            return self._sampling_params_factory(**kwargs)
         except self._request_errors as exc:  # SamplingParams validates its own ranges
             raise InvalidRequest(
                 f"The engine refused the sampling parameters: {exc}. Send values in range, "
@@ -430,7 +441,11 @@ class VLLMTextEngine:
         prompt_tokens = len(prompt_ids)
         max_tokens = self._max_tokens(request, prompt_tokens)
         params = self._sampling_params(request, max_tokens)
+        parser = parser_for(request, self.config.tool_call_parser)
+        top_k = request.sampling.logprobs
 
+        if request.sampling.echo:  # set by the gateway for token-id prompts: only we can detokenize
+            yield EngineOutput(self._tokenizer.decode(prompt_ids), 0, prompt_tokens)
         flight = _Flight()
         self._active[request_id] = flight
         stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id)
@@ -441,7 +456,8 @@ class VLLMTextEngine:
                 completion = out.outputs[0]
                 reason = completion.finish_reason
                 if reason is None and not flight.aborting:
-                    yield EngineOutput(completion.text, len(completion.token_ids), prompt_tokens)
+                    shaped = shape_delta(parser, completion, top_k, final=False)
+                    yield EngineOutput(num_tokens=len(completion.token_ids), prompt_tokens=prompt_tokens, **shaped)
                     out = await anext(stream, None)
                     continue
                 finished = reason is not None
@@ -449,10 +465,12 @@ class VLLMTextEngine:
                 final = self._finish_reason(reason, request_id) if finished else "abort"
                 # vLLM's stop_reason is the matched stop string (or a stop token id).
                 matched = completion.stop_reason
-                yield EngineOutput(
-                    completion.text, len(completion.token_ids), prompt_tokens, final,
-                    matched if final == "stop" and isinstance(matched, str) else None,
-                )
+                matched = matched if final == "stop" and isinstance(matched, str) else None
+                shaped = shape_delta(parser, completion, top_k, final=True)
+                if final == "stop" and parser is not None and parser.calls_made:
+                    final = "tool_calls"
+                yield EngineOutput(num_tokens=len(completion.token_ids), prompt_tokens=prompt_tokens,
+                                   finish_reason=final, stop_sequence=matched, **shaped)
                 return
         finally:
             self._active.pop(request_id, None)
@@ -476,3 +494,4 @@ class VLLMTextEngine:
             "model %s: unknown vLLM finish reason %r, reported as stop", self.model_id, reason
         )
         return "stop"
+

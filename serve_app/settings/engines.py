@@ -88,6 +88,13 @@ class TransformersEngineConfig(_EngineConfig):
     context_length: Optional[int] = Field(
         None, ge=16, description="Override the model's own context size."
     )
+    tool_call_parser: Optional[Literal["hermes"]] = Field(
+        "hermes",
+        description="How tool calls are read from the model's output with tool_choice auto "
+        "(vLLM's --tool-call-parser names): hermes = <tool_call>{json}</tool_call>, also what "
+        "Troupe asks of models whose chat template cannot render tools. None: only required "
+        "or named tool calls (constrained decoding).",
+    )
 
 
 class VLLMEngineConfig(_EngineConfig):
@@ -102,6 +109,11 @@ class VLLMEngineConfig(_EngineConfig):
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start).")
     extra_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm AsyncEngineArgs."
+    )
+    tool_call_parser: Optional[Literal["hermes"]] = Field(
+        "hermes",
+        description="How tool calls are read from the output with tool_choice auto (as "
+        "vLLM's --tool-call-parser). None: only required or named calls (structured outputs).",
     )
 
 

@@ -156,8 +156,16 @@ async def test_context_length_exceeded(engine):
 
 
 async def test_raw_prompt(engine):
-    req = GenerationRequest("raw", SamplingParams(max_tokens=3, temperature=0), prompt="The capital of France is")
+    req = GenerationRequest("raw", SamplingParams(max_tokens=3, temperature=0), prompt="The capital of France is", raw=True)
     text, outs = await collect(engine, req)
     assert outs[0].prompt_tokens == len(engine._tokenizer("The capital of France is")["input_ids"])
     assert sum(o.num_tokens for o in outs) <= 3
     assert "Paris" in text
+
+
+async def test_a_prompt_that_is_not_raw_is_one_user_turn(engine):
+    prompt = "Tell me a short story about a robot."
+    req = GenerationRequest("turn", SamplingParams(max_tokens=12, temperature=0), prompt=prompt)
+    text, outs = await collect(engine, req)
+    assert outs[0].prompt_tokens == len(engine.encode(chat("t", [ChatMessage("user", prompt)])))
+    assert text.strip()  # as raw text the instruct model often stops at once
