@@ -1,0 +1,137 @@
+"""Ragged batches for a transformers causal LM: batched weights, attention per sequence.
+
+A decode step runs every running sequence's next token through the model as one batch
+(the Linear layers, which are nearly all the work, see one ``[B, hidden]`` matrix), while
+attention runs per sequence against that sequence's own key/value buffers: no padding, no
+mask, so each row computes exactly what it computes alone. This is registered as a
+transformers attention implementation (``troupe_ragged``); the model's own cache is not
+used (``use_cache=False``): the buffers travel in the ``troupe_kv`` keyword, which
+transformers forwards to the attention function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SeqKV", "RaggedModel", "ATTN_IMPL"]
+
+ATTN_IMPL = "troupe_ragged"
+_registered = False
+
+
+class SeqKV:
+    """One sequence's keys and values for every layer, in buffers that grow by doubling."""
+
+    __slots__ = ("keys", "values", "lengths")
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Tokens held (the position of the next token)."""
+        return self.lengths[-1]
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's."""
+        start, t = self.lengths[layer], key.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or start + t > buf_k.shape[2]:
+            capacity = max(16, 2 * (start + t))
+            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3])
+            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3])
+            if buf_k is not None:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]  # type: ignore[index]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, start : start + t] = key
+        buf_v[:, :, start : start + t] = value  # type: ignore[index]
+        self.lengths[layer] = start + t
+        return buf_k[:, :, : start + t], buf_v[:, :, : start + t]  # type: ignore[index]
+
+
+def _ragged_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    troupe_kv: Optional[Sequence[SeqKV]] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of each batch row against its own sequence's buffers (causal within new tokens)."""
+    if troupe_kv is None or len(troupe_kv) != query.shape[0]:
+        raise RuntimeError("troupe_ragged attention needs one SeqKV per batch row (troupe_kv=)")
+    outs = []
+    for row, kv in enumerate(troupe_kv):
+        keys, values = kv.append(module.layer_idx, key[row : row + 1], value[row : row + 1])
+        q = query[row : row + 1]
+        t, n = q.shape[2], keys.shape[2]
+        mask = None
+        if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
+            mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+        outs.append(
+            F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=(t > 1 and t == n),
+                scale=scaling, enable_gqa=True,
+            )
+        )
+    return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def register() -> None:
+    """Make ``troupe_ragged`` known to transformers (attention and mask interfaces)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPL, _ragged_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, _no_mask)
+    _registered = True
+
+
+class RaggedModel:
+    """Prefill and decode steps of a causal LM over per-sequence :class:`SeqKV` buffers."""
+
+    def __init__(self, model: Any) -> None:
+        register()
+        model.config._attn_implementation = ATTN_IMPL
+        self.model = model
+        self.num_layers = int(model.config.num_hidden_layers)
+
+    def new_kv(self) -> SeqKV:
+        return SeqKV(self.num_layers)
+
+    def prefill(self, kv: SeqKV, ids: Sequence[int]) -> torch.Tensor:
+        """Run a prompt (or the uncached rest of one) through; logits of its last token, [V]."""
+        start = kv.length
+        input_ids = torch.tensor([list(ids)], dtype=torch.long)
+        positions = torch.arange(start, start + len(ids), dtype=torch.long).unsqueeze(0)
+        return self._forward(input_ids, positions, [kv])[0]
+
+    def decode(self, kvs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
+        """One token per sequence, all in one batch; next-token logits, [B, V]."""
+        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long)
+        positions = torch.tensor([[kv.length] for kv in kvs], dtype=torch.long)
+        return self._forward(input_ids, positions, kvs)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kvs: Sequence[SeqKV]) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids, position_ids=positions, use_cache=False,
+                logits_to_keep=1, troupe_kv=list(kvs),
+            )
+        return out.logits[:, -1].float()
