@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -76,6 +77,7 @@ def load_baseline(path: str) -> type:
     spec = importlib.util.spec_from_file_location("engine_before", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module.TransformersTextEngine
 

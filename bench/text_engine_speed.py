@@ -11,7 +11,7 @@ Variants, all on the same CPU reservation (``--threads``, default 1 and 2):
 * ``fp32`` / ``bf16``: the ragged step loop (``deployments.engines.ragged``) on those weights.
 * ``int8-dynamic``: torch's ``quantize_dynamic`` of the Linear layers (int8 activations too).
 * ``int8``: int8 per-channel weights with bf16 activations (``deployments.engines.weights``;
-  the engine's default).
+  the engine's default); ``int8-bf16-head`` keeps the output head in bf16.
 
 Quality: greedy (temperature 0) answers on a fixed prompt set, compared with fp32's: the
 share of prompts whose first 32 tokens are identical, and the top-1 agreement of next-token
@@ -61,6 +61,12 @@ def load(folder: Path, variant: str) -> Any:
         return load_causal_lm(folder, "bfloat16")
     if variant == "int8":
         return load_causal_lm(folder, "int8")
+    if variant == "int8-bf16-head":
+        from deployments.engines.weights import quantize_linears
+
+        model = load_causal_lm(folder, "bfloat16")
+        quantize_linears(model, torch.bfloat16, skip=("lm_head",))
+        return model
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = load_causal_lm(folder, "float32")

@@ -2,8 +2,9 @@
 
 Each step (a token boundary) the loop expires waiting requests past their queue bound,
 lets cancelled or finished sequences leave (freeing their slot at once), admits waiting
-ones while slots and the step's token budget allow (each prefilled alone, so its first
-token comes in this step), then decodes all earlier sequences in one batch. Every sequence
+ones while slots and the step's token budget allow, then runs one model pass holding the
+prompts of the newcomers (their first token comes in this step) and one token of every
+sequence already decoding. Every sequence
 keeps its own sampler (seeded generator, temperature, top-p) and its own logits
 processors, called with transformers' ``LogitsProcessor`` signature on its own row.
 
@@ -38,9 +39,9 @@ class Stepper(Protocol):
 
     def new_kv(self) -> Any: ...
 
-    def prefill(self, kv: Any, ids: Sequence[int]) -> torch.Tensor: ...
-
-    def decode(self, kvs: Sequence[Any], tokens: Sequence[int]) -> torch.Tensor: ...
+    def step(self, kvs: Sequence[Any], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """New tokens of each sequence in one pass; next-token logits per sequence."""
+        ...
 
 
 class Sampler:
@@ -155,19 +156,8 @@ class BatchLoop:
                     self._cond.wait()
                 if self._closed:
                     break
-            self._step()
-            if not self.running and len(self.waiting):
-                self._idle_until_expiry()
+            self._step()  # waiting requests expire here: the loop only idles when none wait
         self._drain()
-
-    def _idle_until_expiry(self) -> None:
-        """Nothing could be admitted (all waiting were skipped): sleep until one may expire."""
-        if self.max_queue_wait_s is None:
-            return
-        oldest = min((s.enqueued_at for s in self.waiting), default=None)
-        if oldest is not None:
-            with self._cond:
-                self._cond.wait(max(0.0, oldest + self.max_queue_wait_s - now()))
 
     def _drain(self) -> None:
         for seq in list(self.running):
@@ -182,9 +172,9 @@ class BatchLoop:
         for seq in [s for s in self.running if s.done()]:
             self._leave(seq, None)
         decoding = list(self.running)
-        self._admit(len(decoding))
-        if decoding:
-            self._decode(decoding)
+        joining = self._admit(len(decoding))
+        if decoding or joining:
+            self._forward(joining + decoding, [s.ids for s in joining] + [s.ids[-1:] for s in decoding])
 
     def _expire(self) -> None:
         if self.max_queue_wait_s is None or not len(self.waiting):
@@ -194,32 +184,30 @@ class BatchLoop:
             if t - seq.enqueued_at > self.max_queue_wait_s and self.waiting.remove(seq):
                 self._on_expire(seq, self.expected_wait(getattr(seq.job, "priority", None)))
 
-    def _admit(self, decode_tokens: int) -> None:
-        used, admitted = decode_tokens, 0
+    def _admit(self, decode_tokens: int) -> list[Seq]:
+        """Waiting sequences that join in this step (slots and token budget allowing)."""
+        used, joining = decode_tokens, []
         while len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
             if seq is None:
-                return
+                break
             cost = len(seq.job.input_ids)
-            if admitted and used + cost > self.max_batch_tokens:
-                return  # over this step's budget: next step (one prefill always goes)
+            if (joining or decode_tokens) and used + cost > self.max_batch_tokens:
+                break  # over this step's budget: a later step (alone, a prompt always fits)
             self.waiting.pop()  # the peeked one (only this thread pops): its key rotates
             if not seq.job.future.set_running_or_notify_cancel():
                 continue  # cancelled while waiting: its done callback reported it
             seq.admitted_at = now()
+            seq.kv = self.stepper.new_kv()
+            seq.ids = list(seq.job.input_ids)
             self.running.append(seq)
-            used, admitted = used + cost, admitted + 1
-            try:
-                seq.kv = self.stepper.new_kv()
-                seq.ids = list(seq.job.input_ids)
-                logits = self.stepper.prefill(seq.kv, seq.ids)
-                self._emit(seq, logits)
-            except Exception as exc:
-                self._leave(seq, exc)
+            joining.append(seq)
+            used += cost
+        return joining
 
-    def _decode(self, seqs: list[Seq]) -> None:
+    def _forward(self, seqs: list[Seq], chunks: list[list[int]]) -> None:
         try:
-            logits = self.stepper.decode([s.kv for s in seqs], [s.ids[-1] for s in seqs])
+            logits = self.stepper.step([s.kv for s in seqs], chunks)
         except Exception as exc:
             for seq in seqs:
                 self._leave(seq, exc)

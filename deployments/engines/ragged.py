@@ -1,9 +1,11 @@
 """Ragged batches for a transformers causal LM: batched weights, attention per sequence.
 
-A decode step runs every running sequence's next token through the model as one batch
-(the Linear layers, which are nearly all the work, see one ``[B, hidden]`` matrix), while
-attention runs per sequence against that sequence's own key/value buffers: no padding, no
-mask, so each row computes exactly what it computes alone. This is registered as a
+A step packs the new tokens of every sequence (a whole prompt for a sequence joining, one
+token for each one decoding) into a single row and runs it through the model once: the
+Linear layers, which are nearly all the work, see one ``[tokens, hidden]`` matrix, while
+attention runs per segment against that sequence's own key/value buffers: no padding, no
+mask, so each sequence computes exactly what it computes alone (given row-independent
+matmuls, which the int8 and bf16 kernels are; see ``weights``). This is registered as a
 transformers attention implementation (``troupe_ragged``); the model's own cache is not
 used (``use_cache=False``): the buffers travel in the ``troupe_kv`` keyword, which
 transformers forwards to the attention function.
@@ -55,6 +57,18 @@ class SeqKV:
         return buf_k[:, :, : start + t], buf_v[:, :, : start + t]  # type: ignore[index]
 
 
+class Packed:
+    """The sequences of one step packed into a single row: (kv, start, length) per segment."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self, kvs: Sequence[SeqKV], lengths: Sequence[int]) -> None:
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        self.segments = list(zip(kvs, starts, lengths))
+
+
 def _ragged_attention(
     module: Any,
     query: torch.Tensor,
@@ -63,27 +77,32 @@ def _ragged_attention(
     attention_mask: Any,
     scaling: Optional[float] = None,
     dropout: float = 0.0,
-    troupe_kv: Optional[Sequence[SeqKV]] = None,
+    troupe_kv: Optional[Packed] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention of each batch row against its own sequence's buffers (causal within new tokens)."""
-    if troupe_kv is None or len(troupe_kv) != query.shape[0]:
-        raise RuntimeError("troupe_ragged attention needs one SeqKV per batch row (troupe_kv=)")
+    """Attention of each packed segment against its own sequence's buffers (causal within
+    its new tokens). Without ``troupe_kv`` (a plain forward or ``generate``) it is sdpa."""
+    if troupe_kv is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     outs = []
-    for row, kv in enumerate(troupe_kv):
-        keys, values = kv.append(module.layer_idx, key[row : row + 1], value[row : row + 1])
-        q = query[row : row + 1]
-        t, n = q.shape[2], keys.shape[2]
+    for kv, start, t in troupe_kv.segments:
+        end = start + t
+        keys, values = kv.append(module.layer_idx, key[:, :, start:end], value[:, :, start:end])
+        n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
             mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
         outs.append(
             F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=(t > 1 and t == n),
-                scale=scaling, enable_gqa=True,
+                query[:, :, start:end], keys, values, attn_mask=mask,
+                is_causal=(t > 1 and t == n), scale=scaling, enable_gqa=True,
             )
         )
-    return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -115,23 +134,26 @@ class RaggedModel:
     def new_kv(self) -> SeqKV:
         return SeqKV(self.num_layers)
 
-    def prefill(self, kv: SeqKV, ids: Sequence[int]) -> torch.Tensor:
-        """Run a prompt (or the uncached rest of one) through; logits of its last token, [V]."""
-        start = kv.length
-        input_ids = torch.tensor([list(ids)], dtype=torch.long)
-        positions = torch.arange(start, start + len(ids), dtype=torch.long).unsqueeze(0)
-        return self._forward(input_ids, positions, [kv])[0]
-
-    def decode(self, kvs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
-        """One token per sequence, all in one batch; next-token logits, [B, V]."""
-        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long)
-        positions = torch.tensor([[kv.length] for kv in kvs], dtype=torch.long)
-        return self._forward(input_ids, positions, kvs)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kvs: Sequence[SeqKV]) -> torch.Tensor:
+    def step(self, kvs: Sequence[SeqKV], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """New tokens of several sequences (a prompt, or one decode token each) in one
+        forward pass; the next-token logits of each sequence, [len(chunks), V]."""
+        lengths = [len(c) for c in chunks]
+        input_ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long)
+        positions = torch.cat([
+            torch.arange(kv.length, kv.length + n, dtype=torch.long) for kv, n in zip(kvs, lengths)
+        ]).unsqueeze(0)
+        last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
         with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids, position_ids=positions, use_cache=False,
-                logits_to_keep=1, troupe_kv=list(kvs),
+                logits_to_keep=last, troupe_kv=Packed(kvs, lengths),
             )
-        return out.logits[:, -1].float()
+        return out.logits[0].float()
+
+    def prefill(self, kv: SeqKV, ids: Sequence[int]) -> torch.Tensor:
+        """Run a prompt (or the uncached rest of one) through; logits of its last token, [V]."""
+        return self.step([kv], [ids])[0]
+
+    def decode(self, kvs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
+        """One token per sequence, all in one pass; next-token logits, [B, V]."""
+        return self.step(kvs, [[t] for t in tokens])

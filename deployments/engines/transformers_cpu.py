@@ -167,7 +167,7 @@ class TransformersTextEngine:
         self._eos_ids, self._pad_id = eos_ids, pad
         if not self.config.context_length:
             self.context_length = int(model.config.max_position_embeddings)
-        if hasattr(model, "decode") and hasattr(model, "prefill"):
+        if hasattr(model, "step") and hasattr(model, "new_kv"):
             stepper = model
         else:
             from deployments.engines.ragged import RaggedModel
@@ -382,14 +382,14 @@ class TransformersTextEngine:
         """A request waited longer than ``max_queue_wait_s``: it ends with 429 OVERLOADED."""
         job = seq.job
         job.finished = True
+        if job.future is not None:  # settle it first: the consumer must not wait on it
+            job.future.cancel()
         bound = self.config.max_queue_wait_s or 0.0
         job.push(("", 0, None, Overloaded(
             f"Model {self.model_id!r} is busy: this request waited {bound:g} s "
             "(max_queue_wait_s) without starting; retry later.",
             retry_after_s=max(wait_s, 1.0),
         )))
-        if job.future is not None:
-            job.future.cancel()
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

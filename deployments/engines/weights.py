@@ -45,16 +45,19 @@ class Int8WeightLinear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def quantize_linears(model: nn.Module, act_dtype: torch.dtype = torch.bfloat16) -> int:
+def quantize_linears(
+    model: nn.Module, act_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ()
+) -> int:
     """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8WeightLinear`; returns how many.
 
-    A tied output head (``lm_head`` sharing the embedding) gets its own int8 copy; the
+    Layers named in ``skip`` (e.g. ``lm_head``) keep their weights. A tied output head
+    (``lm_head`` sharing the embedding) that is quantized gets its own int8 copy; the
     embedding lookup keeps its full-precision table.
     """
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and name not in skip:
                 setattr(module, name, Int8WeightLinear(child, act_dtype))
                 count += 1
     return count

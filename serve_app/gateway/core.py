@@ -25,7 +25,7 @@ from serve_app.errors import (
     TroupeError,
     as_troupe_error,
 )
-from serve_app.gateway.metering import RequestInfo, RequestMeter
+from serve_app.gateway.metering import RequestInfo, RequestMeter, _key_id
 from serve_app.gateway.modalities import MODALITY_CAPABILITIES, ModalityCalls, ModelStateBackend
 from serve_app.policies.context import authorize_model, note_usage
 from serve_app.pricing import PriceTable
@@ -316,6 +316,9 @@ class GatewayCore(ModalityCalls):
         """
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
+        if isinstance(request, GenerationRequest):  # queue fairness and class at local engines
+            request.api_key_id = _key_id(info)
+            request.priority = "batch" if info.route == "/batch" else "interactive"
         error: Optional[TroupeError] = None
         self._dispatch(model_id, request)
         timeout = self.settings.gateway.request_timeout_s
@@ -370,6 +373,9 @@ class GatewayCore(ModalityCalls):
         """
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
+        if isinstance(request, GenerationRequest):  # queue fairness and class at local engines
+            request.api_key_id = _key_id(info)
+            request.priority = "batch" if info.route == "/batch" else "interactive"
         error: Optional[TroupeError] = None
         self._dispatch(model_id, request)
         generator = getattr(self._stream_handles[model_id], method).remote(request)

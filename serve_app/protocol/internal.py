@@ -75,6 +75,10 @@ class GenerationRequest:
     service_tier: Optional[str] = None
     #: start_within window: try flex first, fall back to standard after this many seconds.
     start_within_s: Optional[float] = None
+    #: The caller's API key id: local engines take turns across keys in their queue.
+    api_key_id: Optional[str] = None
+    #: Queue class at local engines: "interactive" goes before "batch" (batch jobs).
+    priority: Literal["interactive", "batch"] = "interactive"
 
 
 @dataclass(slots=True)

@@ -88,7 +88,7 @@ class TransformersEngineConfig(_EngineConfig):
     max_batch_tokens: int = Field(
         2048, ge=1,
         description="Token budget of one step (decode tokens plus prompt tokens prefilled); "
-        "at least one waiting prompt is prefilled per step whatever its length.",
+        "a prompt longer than the budget runs in a step of its own.",
     )
     max_waiting: int = Field(
         256, ge=0, description="Requests a replica queues beyond its batch (then 429)."

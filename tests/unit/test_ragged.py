@@ -59,6 +59,8 @@ def test_ragged_matches_the_plain_forward():
     want = [reference_greedy(model, p, 6) for p in PROMPTS]
     stepper = RaggedModel(model)
     assert ragged_greedy(stepper, PROMPTS, 6) == want
+    # The same model still serves plain forwards and generate() (sdpa without troupe_kv).
+    assert [reference_greedy(model, p, 6) for p in PROMPTS] == want
 
 
 # float32 is not batch-invariant on CPU (a one-row matmul takes another kernel than a
@@ -97,3 +99,21 @@ def test_int8_linear_is_close_to_the_float_layer():
     x = torch.randn(3, 64)
     assert q(x).dtype == x.dtype
     assert torch.allclose(q(x), linear(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_prompts_joining_a_decoding_batch_change_nothing(weights):
+    """One pass packing two prompts with two decoding sequences equals each alone."""
+    stepper = RaggedModel(tiny_llama(weights))
+    alone = ragged_greedy(stepper, PROMPTS, 4)
+    kvs = [stepper.new_kv() for _ in PROMPTS]
+    outs = [[int(stepper.prefill(kvs[i], PROMPTS[i]).argmax())] for i in (0, 1)] + [[], []]
+    logits = stepper.step(kvs, [outs[0][-1:], outs[1][-1:], PROMPTS[2], PROMPTS[3]])
+    for out, row in zip(outs, logits):
+        out.append(int(row.argmax()))
+    for _ in range(3):
+        logits = stepper.step(kvs, [o[-1:] for o in outs])
+        for out, row in zip(outs, logits):
+            out.append(int(row.argmax()))
+    assert outs[0][:4] == alone[0] and outs[1][:4] == alone[1]
+    assert outs[2][:4] == alone[2] and outs[3][:4] == alone[3]

@@ -1,7 +1,7 @@
 """Fast tests of the transformers CPU engine: no model weights are loaded.
 
 The cache logic runs with a fake converter, and the streaming/cancellation machinery runs
-on a fake tokenizer and a fake model with the batch loop's prefill/decode surface.
+on a fake tokenizer and a fake model with the batch loop's ``Stepper`` surface.
 """
 
 from __future__ import annotations
@@ -254,11 +254,7 @@ class FakeModel:
         self.produced += 1
         return logits
 
-    def prefill(self, kv, ids):
-        time.sleep(self.delay)
-        return self._next(kv)
-
-    def decode(self, kvs, tokens):
+    def step(self, kvs, chunks):
         time.sleep(self.delay)
         return torch.stack([self._next(kv) for kv in kvs])
 
