@@ -192,6 +192,7 @@ class LLMDeployment:
             "started": self._started,
             "pid": os.getpid(),
             **({"remote": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
+            **({"queue": self.engine.queue_stats()} if hasattr(self.engine, "queue_stats") else {}),
         }
 
     async def check_health(self) -> None:

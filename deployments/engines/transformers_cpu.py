@@ -213,7 +213,7 @@ class TransformersTextEngine:
         if jobs and self._loop is not None:
             self._loop.wake()
 
-    def stats(self) -> dict[str, Any]:
+    def queue_stats(self) -> dict[str, Any]:
         """Queue gauges of this replica (depth, running, expected wait) for /health."""
         if self._loop is None:
             return {"queue_depth": 0, "running": 0, "expected_wait_s": 0.0}

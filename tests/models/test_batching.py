@@ -74,7 +74,7 @@ async def test_eight_streams_batched_equal_alone(engine, alone):
     for i, (got, want) in enumerate(zip(together, alone)):
         assert got == want, f"case {i} differs when batched: {got!r} != {want!r}"
     assert {r[2] for r in alone} >= {"stop", "length"}  # stop strings and lengths both exercised
-    assert engine.active_requests() == 0 and engine.stats()["running"] == 0
+    assert engine.active_requests() == 0 and engine.queue_stats()["running"] == 0
 
 
 async def test_cancel_one_mid_batch(engine, alone):
@@ -86,7 +86,7 @@ async def test_cancel_one_mid_batch(engine, alone):
     for _ in range(3):
         await victim.__anext__()
     await victim.aclose()  # frees its slot before returning
-    assert engine.stats()["running"] <= 3
+    assert engine.queue_stats()["running"] <= 3
     results = await asyncio.gather(*tasks)
     assert results == [alone[0], alone[5], alone[7]]
     produced = engine.tokens_generated_total - before

@@ -108,7 +108,7 @@ async def test_an_admitted_request_never_waits_past_the_bound():
     waited = time.monotonic() - started
     assert 0.1 <= waited < 0.5, waited
     assert info.value.retry_after_s >= 1
-    assert engine.stats()["queue_depth"] == 0
+    assert engine.queue_stats()["queue_depth"] == 0
     await running.aclose()
     assert engine.active_requests() == 0
 
@@ -135,5 +135,5 @@ async def test_flood_every_request_answered_or_refused_in_time():
     assert "ok" in kinds
     slack = 0.5  # one step plus event-loop scheduling on a busy machine
     assert all(wait <= bound + slack for _, wait, _ in outcomes), max(w for _, w, _ in outcomes)
-    stats = engine.stats()
+    stats = engine.queue_stats()
     assert stats["queue_depth"] == 0 and stats["running"] == 0 and engine.active_requests() == 0
