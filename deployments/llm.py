@@ -115,6 +115,7 @@ class LLMDeployment:
                         prompt_tokens,
                         completion,
                         stop_sequence=out.stop_sequence,
+                        cached_tokens=getattr(out, "cached_tokens", 0),
                     )
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
@@ -176,6 +177,7 @@ class LLMDeployment:
                         queue_ms,
                         stop_sequence=chunk.stop_sequence,
                         cold_start=cold_start,
+                        cached_tokens=chunk.cached_tokens,
                     )
         finally:
             await stream.aclose()

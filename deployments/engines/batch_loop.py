@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 
 from deployments.engines.fair_queue import FairQueue, ServiceTime, now, stats
+from deployments.engines.prefix_cache import PrefixCache
 
 __all__ = ["Stepper", "Sampler", "Seq", "BatchLoop"]
 
@@ -83,6 +84,7 @@ class Seq:
     scores_hook: Optional[Callable[[torch.Tensor, int], None]] = None
     kv: Any = None
     ids: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens taken from the prefix cache
     enqueued_at: float = 0.0
     admitted_at: float = 0.0
 
@@ -104,6 +106,7 @@ class BatchLoop:
         on_token: Callable[[Any, int], None],
         on_leave: Callable[[Seq, Optional[BaseException]], None],
         on_expire: Callable[[Seq, float], None],
+        prefix_cache: Optional[PrefixCache] = None,
         name: str = "troupe-batch",
     ) -> None:
         self.stepper = stepper
@@ -114,6 +117,7 @@ class BatchLoop:
         self.waiting: FairQueue[Seq] = FairQueue()
         self.running: list[Seq] = []
         self.service = ServiceTime()
+        self.prefix_cache = prefix_cache
         self.steps = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -174,7 +178,8 @@ class BatchLoop:
         decoding = list(self.running)
         joining = self._admit(len(decoding))
         if decoding or joining:
-            self._forward(joining + decoding, [s.ids for s in joining] + [s.ids[-1:] for s in decoding])
+            chunks = [s.ids[s.cached:] for s in joining] + [s.ids[-1:] for s in decoding]
+            self._forward(joining + decoding, chunks)
 
     def _expire(self) -> None:
         if self.max_queue_wait_s is None or not len(self.waiting):
@@ -198,8 +203,12 @@ class BatchLoop:
             if not seq.job.future.set_running_or_notify_cancel():
                 continue  # cancelled while waiting: its done callback reported it
             seq.admitted_at = now()
-            seq.kv = self.stepper.new_kv()
             seq.ids = list(seq.job.input_ids)
+            if self.prefix_cache is not None:
+                seq.cached, seq.kv = self.prefix_cache.lookup(seq.ids)
+                seq.job.cached_tokens = seq.cached
+            if seq.kv is None:
+                seq.kv = self.stepper.new_kv()
             self.running.append(seq)
             joining.append(seq)
             used += cost
@@ -237,5 +246,7 @@ class BatchLoop:
         if seq in self.running:
             self.running.remove(seq)
             self.service.observe(now() - seq.admitted_at)
+            if self.prefix_cache is not None and error is None and not seq.job.cancel.is_set():
+                self.prefix_cache.store(seq.ids, seq.kv)
         seq.kv = None
         self._on_leave(seq, error)

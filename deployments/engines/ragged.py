@@ -39,6 +39,14 @@ class SeqKV:
         """Tokens held (the position of the next token)."""
         return self.lengths[-1]
 
+    def fork(self, n: int) -> "SeqKV":
+        """A private copy of the first ``n`` tokens (a cached prefix for a new sequence)."""
+        copy = SeqKV(len(self.lengths))
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and v is not None:
+                copy.append(layer, k[:, :, :n], v[:, :, :n])
+        return copy
+
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's."""
         start, t = self.lengths[layer], key.shape[2]

@@ -41,6 +41,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from deployments.engines.base import plan_output_tokens
 from deployments.engines.batch_loop import BatchLoop, Sampler, Seq
 from deployments.engines.gguf_cache import resolve_model_dir
+from deployments.engines.prefix_cache import PrefixCache
 from deployments.engines.stop_strings import StopStringTracker
 from serve_app.errors import InvalidRequest, ModelNotLoaded, Overloaded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
@@ -79,6 +80,7 @@ class _Job:
     produced: int = 0  # tokens the model computed for this job (incl. any discarded)
     finished: bool = False  # the final item was pushed
     priority: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
     def push(self, item: _Item) -> None:
         try:
@@ -183,6 +185,7 @@ class TransformersTextEngine:
             on_token=self._on_token,
             on_leave=self._on_leave,
             on_expire=self._on_expire,
+            prefix_cache=PrefixCache(cfg.prefix_cache_tokens) if cfg.prefix_cache_tokens else None,
             name=f"troupe-gen-{self.model_id}",
         )
 
@@ -288,7 +291,9 @@ class TransformersTextEngine:
                 if error is not None:
                     raise error
                 matched = job.tracker.matched if finish == "stop" else None
-                yield EngineOutput("".join(parts), count, prompt_tokens, finish, matched)  # type: ignore[arg-type]
+                yield EngineOutput(
+                    "".join(parts), count, prompt_tokens, finish, matched, job.cached_tokens  # type: ignore[arg-type]
+                )
                 if finish is not None:
                     return
         finally:

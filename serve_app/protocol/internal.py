@@ -8,7 +8,7 @@ slotted dataclasses because they cross a Ray handle on every request and every s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 __all__ = [
     "ChatMessage",
@@ -97,6 +97,8 @@ class EngineOutput:
     #: On a ``stop`` finish: the stop string that ended the output (None for EOS, or when
     #: the engine cannot tell, e.g. an upstream that does not say).
     stop_sequence: Optional[str] = None
+    #: Prompt tokens served from a cached prefix (not recomputed).
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -118,11 +120,16 @@ class TextChunk:
     stop_sequence: Optional[str] = None
     #: First chunk only: the request was sent before its replica was up (a cold start).
     cold_start: bool = False
+    #: Final chunk only: prompt tokens the engine served from a cached prefix.
+    cached_tokens: int = 0
 
-    def usage(self) -> dict[str, int]:
-        """OpenAI-style usage of a final chunk."""
-        return {
+    def usage(self) -> dict[str, Any]:
+        """OpenAI-style usage of a final chunk (``prompt_tokens_details`` when a prefix was cached)."""
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage

@@ -90,6 +90,11 @@ class TransformersEngineConfig(_EngineConfig):
         description="Token budget of one step (decode tokens plus prompt tokens prefilled); "
         "a prompt longer than the budget runs in a step of its own.",
     )
+    prefix_cache_tokens: int = Field(
+        0, ge=0,
+        description="Prefix reuse: tokens of finished sequences' key/value buffers kept per "
+        "replica (LRU; about 23 KB per token for SmolLM2); 0 turns it off.",
+    )
     max_waiting: int = Field(
         256, ge=0, description="Requests a replica queues beyond its batch (then 429)."
     )

@@ -92,3 +92,25 @@ async def test_cancel_one_mid_batch(engine, alone):
     produced = engine.tokens_generated_total - before
     assert produced == sum(alone[i][1] for i in (0, 5, 7)) + 3  # exact: nothing after the cancel
     assert engine.active_requests() == 0
+
+
+async def test_second_turn_prefill_comes_from_the_prefix_cache():
+    from deployments.engines.transformers_cpu import TransformersTextEngine
+
+    eng = TransformersTextEngine(
+        "smollm2", TransformersEngineConfig(num_threads=1, prefix_cache_tokens=4096))
+    await eng.start()
+    try:
+        turn1 = [ChatMessage("user", "What is the capital of France?")]
+        outs = [o async for o in eng.generate(GenerationRequest(
+            "t1", SamplingParams(temperature=0.0, max_tokens=16), messages=turn1))]
+        answer = "".join(o.text for o in outs)
+        assert outs[-1].cached_tokens == 0
+        turn2 = turn1 + [ChatMessage("assistant", answer), ChatMessage("user", "And of Italy?")]
+        outs2 = [o async for o in eng.generate(GenerationRequest(
+            "t2", SamplingParams(temperature=0.0, max_tokens=16), messages=turn2))]
+        assert outs2[-1].cached_tokens >= outs[-1].prompt_tokens  # turn 1's prompt at least
+        assert outs2[-1].cached_tokens < outs2[-1].prompt_tokens
+        assert "".join(o.text for o in outs2)
+    finally:
+        await eng.shutdown()
