@@ -83,14 +83,17 @@ async def test_cancel_one_mid_batch(engine, alone):
     victim = engine.generate(GenerationRequest(
         "victim", SamplingParams(temperature=0.0, max_tokens=200),
         messages=[ChatMessage("user", "Write a very long story about a dragon.")]))
+    sent = 0
     for _ in range(3):
-        await victim.__anext__()
+        sent += (await victim.__anext__()).num_tokens
     await victim.aclose()  # frees its slot before returning
     assert engine.queue_stats()["running"] <= 3
     results = await asyncio.gather(*tasks)
-    assert results == [alone[0], alone[5], alone[7]]
-    produced = engine.tokens_generated_total - before
-    assert produced == sum(alone[i][1] for i in (0, 5, 7)) + 3  # exact: nothing after the cancel
+    assert results == [alone[0], alone[5], alone[7]]  # the others are intact
+    victim_computed = engine.tokens_generated_total - before - sum(alone[i][1] for i in (0, 5, 7))
+    # It stops at the next token boundary: at most the step in flight (and text held back
+    # for an incomplete character) beyond what it was sent, never a long tail.
+    assert sent <= victim_computed <= sent + 3
     assert engine.active_requests() == 0
 
 

@@ -45,7 +45,9 @@ async def engine():
     torch.set_num_threads(1)
     from deployments.engines.transformers_cpu import TransformersTextEngine
 
-    eng = TransformersTextEngine("smollm2", TransformersEngineConfig(num_threads=1))
+    # float32 weights: the exact answers below are fp32's (tests/models/test_batching.py
+    # runs the default int8 weights).
+    eng = TransformersTextEngine("smollm2", TransformersEngineConfig(num_threads=1, weights="float32"))
     await eng.start()
     yield eng
     await eng.shutdown()
