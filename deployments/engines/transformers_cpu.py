@@ -315,7 +315,8 @@ class TransformersTextEngine:
         """Refuse a request whose queue wait would exceed the bounds (429 OVERLOADED)."""
         loop, cfg = self._loop, self.config
         assert loop is not None
-        if len(loop.waiting) >= cfg.max_waiting:
+        busy = len(loop.running) + len(loop.waiting) >= loop.max_num_seqs
+        if busy and len(loop.waiting) >= cfg.max_waiting:
             wait = max(loop.expected_wait(priority), 1.0)
             raise Overloaded(
                 f"Model {self.model_id!r} has {len(loop.waiting)} requests waiting on this "

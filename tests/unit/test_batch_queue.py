@@ -97,6 +97,17 @@ async def test_admission_refuses_a_wait_past_the_bound_with_retry_after():
     assert engine.active_requests() == 0
 
 
+async def test_count_bound_refuses_only_when_it_would_queue():
+    engine = make(delay=0.01, max_num_seqs=1, max_waiting=0)
+    running = engine.generate(req("one", max_tokens=60))
+    await running.__anext__()  # a free slot: admitted although nothing may queue
+    with pytest.raises(Overloaded) as info:
+        async for _ in engine.generate(req("two")):
+            pass
+    assert "waiting" in info.value.message and info.value.retry_after_s >= 1
+    await running.aclose()
+
+
 async def test_an_admitted_request_never_waits_past_the_bound():
     engine = make(delay=0.01, max_num_seqs=1, max_queue_wait_s=0.1)
     running = engine.generate(req("long", max_tokens=60))  # ~0.6 s, no service estimate yet
