@@ -26,8 +26,9 @@ import torch
 
 from deployments.engines.fair_queue import FairQueue, ServiceTime, now, stats
 from deployments.engines.prefix_cache import PrefixCache
+from serve_app.errors import Overloaded
 
-__all__ = ["Stepper", "Sampler", "Seq", "BatchLoop"]
+__all__ = ["Stepper", "Sampler", "Seq", "BatchLoop", "admission_check"]
 
 logger = logging.getLogger("troupe.engine.batch")
 
@@ -250,3 +251,25 @@ class BatchLoop:
                 self.prefix_cache.store(seq.ids, seq.kv)
         seq.kv = None
         self._on_leave(seq, error)
+
+
+def admission_check(loop: BatchLoop, config: Any, model_id: str, priority: Optional[str]) -> None:
+    """Refuse a request whose queue wait would pass the bounds: 429 OVERLOADED, Retry-After.
+
+    ``config`` carries ``max_waiting`` (a count) and ``max_queue_wait_s`` (seconds).
+    """
+    busy = len(loop.running) + len(loop.waiting) >= loop.max_num_seqs
+    if busy and len(loop.waiting) >= config.max_waiting:
+        wait = max(loop.expected_wait(priority), 1.0)
+        raise Overloaded(
+            f"Model {model_id!r} has {len(loop.waiting)} requests waiting on this replica "
+            f"(the most it queues); retry in about {wait:.0f} s.",
+            retry_after_s=wait,
+        )
+    wait = loop.expected_wait(priority)
+    if config.max_queue_wait_s is not None and wait > config.max_queue_wait_s:
+        raise Overloaded(
+            f"Model {model_id!r} is busy: a new request would wait about {wait:.0f} s "
+            f"(more than max_queue_wait_s={config.max_queue_wait_s:g}); retry later.",
+            retry_after_s=wait,
+        )

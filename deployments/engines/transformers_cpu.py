@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.engines.base import plan_output_tokens
-from deployments.engines.batch_loop import BatchLoop, Sampler, Seq
+from deployments.engines.batch_loop import BatchLoop, Sampler, Seq, admission_check
 from deployments.engines.gguf_cache import resolve_model_dir
 from deployments.engines.prefix_cache import PrefixCache
 from deployments.engines.stop_strings import StopStringTracker
@@ -311,30 +311,11 @@ class TransformersTextEngine:
                 except Exception:  # already reported through the queue
                     pass
 
-    def _admission(self, priority: Optional[str]) -> None:
-        """Refuse a request whose queue wait would exceed the bounds (429 OVERLOADED)."""
-        loop, cfg = self._loop, self.config
-        assert loop is not None
-        busy = len(loop.running) + len(loop.waiting) >= loop.max_num_seqs
-        if busy and len(loop.waiting) >= cfg.max_waiting:
-            wait = max(loop.expected_wait(priority), 1.0)
-            raise Overloaded(
-                f"Model {self.model_id!r} has {len(loop.waiting)} requests waiting on this "
-                f"replica (the most it queues); retry in about {wait:.0f} s.",
-                retry_after_s=wait,
-            )
-        wait = loop.expected_wait(priority)
-        if cfg.max_queue_wait_s is not None and wait > cfg.max_queue_wait_s:
-            raise Overloaded(
-                f"Model {self.model_id!r} is busy: a new request would wait about {wait:.0f} s "
-                f"(more than max_queue_wait_s={cfg.max_queue_wait_s:g}); retry later.",
-                retry_after_s=wait,
-            )
-
     def _enqueue(self, request: GenerationRequest, input_ids: list[int], max_new: int) -> _Job:
         """Admit a request (or raise Overloaded) and put it in the loop's waiting room."""
         priority = getattr(request, "priority", None)
-        self._admission(priority)
+        assert self._loop is not None
+        admission_check(self._loop, self.config, self.model_id, priority)
         job = _Job(
             key=next(self._keys),
             request_id=request.request_id,
