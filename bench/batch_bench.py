@@ -83,7 +83,8 @@ def load_baseline(path: str) -> type:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    config = TransformersEngineConfig(num_threads=args.threads, max_num_seqs=args.max_num_seqs)
+    config = TransformersEngineConfig(num_threads=args.threads, max_num_seqs=args.max_num_seqs,
+                                      prefix_cache_tokens=args.prefix_cache_tokens)
     new = TransformersTextEngine("smollm2", config)
     await new.start()
     old = None
@@ -160,11 +161,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prefix-cache-tokens", type=int, default=0,
+                        help="engine prefix_cache_tokens (the warm-up fills it with the chat template's prefix)")
     args = parser.parse_args()
     rows = asyncio.run(run(args))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     RESULTS.mkdir(exist_ok=True)
-    lines = [f"# Continuous batching sweep (SmolLM2-135M, {args.threads} thread(s), max_tokens {args.max_tokens})",
+    lines = [f"# Continuous batching sweep (SmolLM2-135M, {args.threads} thread(s), max_tokens {args.max_tokens}, "
+             f"prefix cache {args.prefix_cache_tokens} tokens)",
              "", *summary(rows)]
     (RESULTS / f"{stamp}-batching.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{stamp}-batching.json").write_text(json.dumps({"args": vars(args), **rows}, indent=2))
