@@ -95,6 +95,7 @@ class LLMDeployment(EngineHost):
                         prompt_tokens,
                         completion,
                         stop_sequence=out.stop_sequence,
+                        cached_tokens=getattr(out, "cached_tokens", 0),
                     )
                 chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
                 if queue_ms is not None:
@@ -167,6 +168,7 @@ class LLMDeployment(EngineHost):
             **({"remote": engine.stats()} if hasattr(engine, "stats") else {}),
             # weights on disk, for GET /models (engines that know it set ``size_bytes``)
             **({"size_bytes": engine.size_bytes} if hasattr(engine, "size_bytes") else {}),
+            **({"queue": engine.queue_stats()} if hasattr(engine, "queue_stats") else {}),
         }
         if engine is None:
             out["engine_loaded"] = False

@@ -11,12 +11,15 @@ as JSON inside ``<tools>``, calls as ``<tool_call>`` blocks, results as
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Optional
 
+from deployments.engines.base import check_prompt_ids
+from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, NamedTool, ToolSpec
 
-__all__ = ["template_renders_tools", "render_messages", "tool_json"]
+__all__ = ["template_renders_tools", "render_messages", "tool_json", "encode_prompt"]
 
 _INSTRUCTIONS = (
     "You can call functions to help with the user's request. The functions are described "
@@ -121,3 +124,39 @@ def _add_system(turns: list[dict], text: str) -> None:
         turns[0] = {"role": "system", "content": turns[0]["content"] + "\n\n" + text}
     else:
         turns.insert(0, {"role": "system", "content": text})
+
+
+def encode_prompt(tok: Any, request: GenerationRequest, model_id: str,
+                  eos_ids: frozenset[int]) -> list[int]:
+    """Prompt token ids for a local engine: checked ``prompt_token_ids``; the chat template
+    for messages (tools rendered), and for a non-raw prompt to a chat model (one user turn);
+    plain tokenization for a raw prompt."""
+    if request.prompt_token_ids is not None:
+        return check_prompt_ids(request.prompt_token_ids, len(tok))
+    if request.messages is None and not request.raw and getattr(tok, "chat_template", None):
+        # A native prompt for a chat model is one user turn (raw: sent as is).
+        request = dataclasses.replace(request, messages=[ChatMessage("user", request.prompt or "")])
+    if request.messages is not None:
+        messages, tools = render_messages(request, tok)
+        extra = {"tools": tools} if tools else {}
+        try:
+            enc = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
+            )
+        except Exception as exc:  # jinja raises for roles/orders the template rejects
+            raise InvalidRequest(
+                f"The chat template of model {model_id!r} rejected these messages: {exc}",
+                param="messages",
+            ) from None
+        ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
+    else:
+        ids = tok(request.prompt or "", add_special_tokens=True)["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    ids = [int(i) for i in ids]
+    if not ids:  # an empty raw prompt: start from BOS (or EOS) like other engines do
+        start = tok.bos_token_id if tok.bos_token_id is not None else min(eos_ids)
+        ids = [int(start)]
+    return ids

@@ -3,14 +3,18 @@
 Weights come from local files only; nothing ever talks to a model hub.
 
 * **Weights.** Local files only: the bundled GGUF converted once to safetensors, or a
-  folder or ``.gguf`` named by ``config.model_path`` (:mod:`deployments.engines.gguf_cache`).
-* **Generation.** One worker thread per replica runs ``model.generate`` (requests queue
-  behind it and count as active). A token-id streamer decodes each new token, trims stop
-  strings and hands deltas to the event loop with ``call_soon_threadsafe``; a consumer that
-  lags receives what piled up as one merged delta. A stopping criterion checks a
-  ``threading.Event``, so closing the stream or ``abort()`` stops generation after the
-  token being computed, and ``active_requests()`` drops once the worker has really stopped
-  (the final output of a request is yielded only after that, too).
+  folder or ``.gguf`` named by ``config.model_path`` (:mod:`deployments.engines.gguf_cache`),
+  held as int8, bfloat16 or float32 (``config.weights``, :mod:`deployments.engines.weights`).
+* **Generation.** Continuous batching (:mod:`deployments.engines.batch_loop`): one loop
+  thread per replica steps up to ``max_num_seqs`` requests a token at a time; requests
+  join and leave at token boundaries, each with its own sampling, stop strings and
+  processors. The waiting room is fair across API keys, serves interactive traffic
+  first and is bounded by expected wait (:mod:`deployments.engines.fair_queue`). Each
+  new token is decoded, stop strings trimmed, and deltas handed to the event loop with
+  ``call_soon_threadsafe``; a consumer that lags receives what piled up as one merged
+  delta. Closing the stream or ``abort()`` removes the request at the next token
+  boundary, and ``active_requests()`` drops once its slot is free (the final output of
+  a request is yielded only after that, too).
 """
 
 from __future__ import annotations
@@ -25,36 +29,29 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Optional
 
-import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-
-from deployments.engines.base import check_prompt_ids, plan_output_tokens
-from deployments.engines.chat_render import render_messages
-from deployments.engines.sequence_output import SequenceOutput
+from deployments.engines.base import plan_output_tokens
+from deployments.engines.batch_loop import BatchLoop, Sampler, Seq, admission_check
+from deployments.engines.chat_render import encode_prompt
 from deployments.engines.gguf_cache import resolve_model_dir
+from deployments.engines.prefix_cache import PrefixCache
+from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.stop_strings import StopStringTracker
-from serve_app.errors import InvalidRequest, ModelNotLoaded
-from serve_app.protocol.internal import ChatMessage, EngineOutput, GenerationRequest, SamplingParams
+from serve_app.errors import ModelNotLoaded, Overloaded
+from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
 from serve_app.settings import TransformersEngineConfig
 
 __all__ = ["TransformersTextEngine", "plan_max_new_tokens"]
 
 logger = logging.getLogger("troupe.engine.transformers")
-
-#: vLLM's cut-off: a temperature below this is greedy decoding.
-_GREEDY_EPS = 1e-5
 
 # The shared rule (explicit max_tokens must fit; otherwise the default, capped by the room).
 plan_max_new_tokens = plan_output_tokens
@@ -78,6 +75,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     queue: "asyncio.Queue[_Item]"
     tracker: StopStringTracker
+    #: Processors, logprobs and tool-call parsing of this sequence (agent features).
     out: SequenceOutput
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Optional[concurrent.futures.Future] = None
@@ -85,12 +83,13 @@ class _Job:
     pending_tokens: int = 0  # counted but not yet sent
     produced: int = 0  # tokens the model computed for this job (incl. any discarded)
     finished: bool = False  # the final item was pushed
-    started: bool = False  # the worker picked it up
+    priority: Optional[str] = None
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
 
     def push(self, item: _Item) -> None:
         text, tokens, finish, error = item
         if error is None:  # tool calls out of the text, logprobs beside it
-            item = (self.out.shape(text, final=finish is not None), tokens, finish, error)  # type: ignore[assignment]
+            item = (self.out.shape(text, final=finish is not None), tokens, finish, error)  # type: ignore[assignment]  # the consumer reads shaped text
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the consumer's loop is gone: nobody is listening
@@ -102,35 +101,6 @@ class _Job:
         self.finished = True
         self.push((text, self.pending_tokens, finish, None))
         self.pending_tokens = 0
-
-
-class _TokenStreamer(BaseStreamer):
-    """Receives token ids from ``generate`` (the prompt first) and forwards them to the engine."""
-
-    def __init__(self, on_token: Callable[[int], None]) -> None:
-        self._on_token = on_token
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() hands over the prompt ids first
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self._on_token(int(token))
-
-    def end(self) -> None:
-        pass
-
-
-class _StopWhen(StoppingCriteria):
-    """Ends generation once the job is finished (stop string, ...) or cancelled."""
-
-    def __init__(self, job: _Job) -> None:
-        self._job = job
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        done = self._job.finished or self._job.cancel.is_set()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class TransformersTextEngine:
@@ -149,7 +119,7 @@ class TransformersTextEngine:
         self._model: Any = None
         self._eos_ids: frozenset[int] = frozenset()
         self._pad_id: Optional[int] = None
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._loop: Optional[BatchLoop] = None
         self._jobs: dict[int, _Job] = {}
         self._jobs_lock = threading.Lock()
         self._keys = itertools.count()
@@ -170,8 +140,11 @@ class TransformersTextEngine:
         )
 
     def _load(self) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import torch
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
+
+        from deployments.engines.weights import load_causal_lm
 
         torch.set_num_threads(self.config.num_threads)
         folder = resolve_model_dir(self.config)
@@ -179,17 +152,18 @@ class TransformersTextEngine:
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in replica logs
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=torch.float32, local_files_only=True
-            )
+            model = load_causal_lm(folder, self.config.weights)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        model.eval()
         self._attach(tokenizer, model, folder)
 
     def _attach(self, tokenizer: Any, model: Any, folder: Optional[Path] = None) -> None:
-        """Adopt a loaded tokenizer and model and start the worker (tests pass fakes)."""
+        """Adopt a loaded tokenizer and model and start the batch loop.
+
+        ``model`` is a transformers causal LM, or anything with the loop's ``Stepper``
+        methods (tests pass fakes).
+        """
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -202,11 +176,24 @@ class TransformersTextEngine:
         self._eos_ids, self._pad_id = eos_ids, pad
         if not self.config.context_length:
             self.context_length = int(model.config.max_position_embeddings)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix=f"troupe-gen-{self.model_id}",
-            initializer=torch.set_num_threads,
-            initargs=(self.config.num_threads,),
+        if hasattr(model, "step") and hasattr(model, "new_kv"):
+            stepper = model
+        else:
+            from deployments.engines.ragged import RaggedModel
+
+            stepper = RaggedModel(model)
+        cfg = self.config
+        self._loop = BatchLoop(
+            stepper,
+            max_num_seqs=cfg.max_num_seqs,
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_queue_wait_s=cfg.max_queue_wait_s,
+            num_threads=cfg.num_threads,
+            on_token=self._on_token,
+            on_leave=self._on_leave,
+            on_expire=self._on_expire,
+            prefix_cache=PrefixCache(cfg.prefix_cache_tokens) if cfg.prefix_cache_tokens else None,
+            name=f"troupe-gen-{self.model_id}",
         )
 
     async def shutdown(self) -> None:
@@ -217,9 +204,9 @@ class TransformersTextEngine:
             job.cancel.set()
             if job.future is not None:
                 job.future.cancel()
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            await asyncio.to_thread(loop.close)
         self._model = self._tokenizer = None  # let the weights go
 
     def active_requests(self) -> int:
@@ -233,49 +220,27 @@ class TransformersTextEngine:
             job.cancel.set()
             if job.future is not None:
                 job.future.cancel()  # still queued: it never runs (its done callback reports abort)
+        if jobs and self._loop is not None:
+            self._loop.wake()
+
+    def queue_stats(self) -> dict[str, Any]:
+        """Queue gauges of this replica (depth, running, expected wait) for /health."""
+        if self._loop is None:
+            return {"queue_depth": 0, "running": 0, "expected_wait_s": 0.0}
+        return self._loop.stats()
 
     # ---------------------------------------------------------------- requests
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """Prompt token ids: the chat template for messages, plain tokenization for a prompt."""
-        tok = self._tokenizer
-        if request.prompt_token_ids is not None:
-            return check_prompt_ids(request.prompt_token_ids, len(tok))
-        if request.messages is None and not request.raw and getattr(tok, "chat_template", None):
-            # A native prompt for a chat model is one user turn (raw: sent as is).
-            request = dataclasses.replace(request, messages=[ChatMessage("user", request.prompt or "")])
-        if request.messages is not None:
-            messages, tools = render_messages(request, tok)
-            extra = {"tools": tools} if tools else {}
-            try:
-                enc = tok.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
-                )
-            except Exception as exc:  # jinja raises for roles/orders the template rejects
-                raise InvalidRequest(
-                    f"The chat template of model {self.model_id!r} rejected these messages: {exc}",
-                    param="messages",
-                ) from None
-            ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-        else:
-            ids = tok(request.prompt or "", add_special_tokens=True)["input_ids"]
-        if hasattr(ids, "tolist"):
-            ids = ids.tolist()
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        ids = [int(i) for i in ids]
-        if not ids:  # an empty raw prompt: start from BOS (or EOS) like other engines do
-            start = tok.bos_token_id if tok.bos_token_id is not None else min(self._eos_ids)
-            ids = [int(start)]
-        return ids
+        return encode_prompt(self._tokenizer, request, self.model_id, self._eos_ids)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
-        if self._model is None or self._closed or self._executor is None:
+        if self._model is None or self._closed or self._loop is None:
             raise ModelNotLoaded(
                 f"Model {self.model_id!r} is not loaded on this replica (starting or stopping)."
             )
         input_ids = self.encode(request)
-        out = SequenceOutput(request, self._tokenizer, self.config.tool_call_parser)
         prompt_tokens = len(input_ids)
         max_new = plan_max_new_tokens(
             self.context_length,
@@ -289,26 +254,7 @@ class TransformersTextEngine:
         if max_new == 0:
             yield EngineOutput("", 0, prompt_tokens, "length")
             return
-        loop = asyncio.get_running_loop()
-        job = _Job(
-            key=next(self._keys),
-            request_id=request.request_id,
-            input_ids=input_ids,
-            max_new_tokens=max_new,
-            sampling=request.sampling,
-            loop=loop,
-            queue=asyncio.Queue(),
-            tracker=StopStringTracker(request.sampling.stop),
-            out=out,
-        )
-        with self._jobs_lock:
-            self._jobs[job.key] = job  # queued requests count as active
-        try:
-            job.future = self._executor.submit(self._run, job)
-        except RuntimeError:  # executor shut down meanwhile
-            self._drop(job)
-            raise ModelNotLoaded(f"Model {self.model_id!r} is shutting down on this replica.") from None
-        job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))
+        job = self._enqueue(request, input_ids, max_new)
         try:
             while True:
                 shaped, count, finish, error = await job.queue.get()
@@ -327,8 +273,8 @@ class TransformersTextEngine:
                     raise error
                 matched = job.tracker.matched if finish == "stop" else None
                 if finish is not None:
-                    finish = job.out.finish_reason(finish)  # type: ignore[arg-type]
-                yield _output(parts, count, prompt_tokens, finish, matched)
+                    finish = job.out.finish_reason(finish)  # type: ignore[arg-type]  # tool_calls after calls
+                yield _output(parts, count, prompt_tokens, finish, matched, job.cached_tokens)
                 if finish is not None:
                     return
         finally:
@@ -346,7 +292,34 @@ class TransformersTextEngine:
                 except Exception:  # already reported through the queue
                     pass
 
-    # ---------------------------------------------------------------- worker side
+    def _enqueue(self, request: GenerationRequest, input_ids: list[int], max_new: int) -> _Job:
+        """Admit a request (or raise Overloaded) and put it in the loop's waiting room."""
+        priority = getattr(request, "priority", None)
+        assert self._loop is not None
+        admission_check(self._loop, self.config, self.model_id, priority)
+        job = _Job(
+            key=next(self._keys),
+            request_id=request.request_id,
+            input_ids=input_ids,
+            max_new_tokens=max_new,
+            sampling=request.sampling,
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+            tracker=StopStringTracker(request.sampling.stop),
+            out=SequenceOutput(request, self._tokenizer, self.config.tool_call_parser),
+            priority=priority,
+        )
+        job.future = concurrent.futures.Future()
+        job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))
+        sp = request.sampling
+        seq = Seq(job, Sampler(sp.temperature, sp.top_p, sp.seed), job.out.processors)
+        with self._jobs_lock:
+            self._jobs[job.key] = job  # queued requests count as active
+        assert self._loop is not None
+        self._loop.submit(seq, getattr(request, "api_key_id", None), priority)
+        return job
+
+    # ---------------------------------------------------------------- loop side
 
     def _drop(self, job: _Job) -> None:
         with self._jobs_lock:
@@ -362,52 +335,30 @@ class TransformersTextEngine:
             else:
                 job.finish("", "abort")
 
-    def _run(self, job: _Job) -> None:
-        job.started = True
-        if job.cancel.is_set():
-            job.finish("", "abort")
-            return
-        sp = job.sampling
-        sample = sp.temperature is not None and sp.temperature > _GREEDY_EPS
-        try:
-            from transformers import GenerationConfig
+    def _on_leave(self, seq: Seq, error: Optional[BaseException]) -> None:
+        """The loop let a sequence go (finished, cancelled or failed): report, free the slot."""
+        job = seq.job
+        if not job.finished:
+            job.finished = True
+            if error is not None:
+                job.push(("", job.pending_tokens, None, error))
+            else:  # left without EOS, stop string or max_tokens: cancelled
+                job.push(("", job.pending_tokens, "abort", None))
+        if job.future is not None and not job.future.done():
+            job.future.set_result(None)
 
-            gen_config = GenerationConfig(
-                max_new_tokens=job.max_new_tokens,
-                min_new_tokens=0,
-                do_sample=sample,
-                temperature=float(sp.temperature) if sample else 1.0,
-                top_p=min(max(float(sp.top_p), 1e-6), 1.0) if sample else 1.0,
-                top_k=0 if sample else None,  # OpenAI semantics: no top-k cut when sampling
-                repetition_penalty=1.0,
-                num_beams=1,
-                eos_token_id=sorted(self._eos_ids) or None,
-                pad_token_id=self._pad_id,
-            )
-            ids = torch.tensor([job.input_ids], dtype=torch.long)
-            procs = job.out.processors  # penalties, logit bias, grammar, logprobs
-            extra = {"logits_processor": LogitsProcessorList(procs)} if procs else {}
-            with torch.random.fork_rng(devices=[]), torch.inference_mode():
-                if sample:  # the global CPU generator is what generate() samples from
-                    torch.manual_seed(sp.seed if sp.seed is not None else secrets.randbits(63))
-                self._model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    generation_config=gen_config,
-                    streamer=_TokenStreamer(lambda token: self._on_token(job, token)),
-                    stopping_criteria=StoppingCriteriaList([_StopWhen(job)]),
-                    **extra,
-                )
-        except BaseException as exc:  # report it to the consumer, then let it settle
-            if not job.finished:
-                job.finished = True
-                job.push(("", job.pending_tokens, None, exc))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        if not job.finished:  # ended without EOS, stop string or max_tokens: cancelled
-            text = "" if job.cancel.is_set() else job.tracker.flush(self._decode(job.ids))
-            job.finish(text, "abort" if job.cancel.is_set() else "length")
+    def _on_expire(self, seq: Seq, wait_s: float) -> None:
+        """A request waited longer than ``max_queue_wait_s``: it ends with 429 OVERLOADED."""
+        job = seq.job
+        job.finished = True
+        if job.future is not None:  # settle it first: the consumer must not wait on it
+            job.future.cancel()
+        bound = self.config.max_queue_wait_s or 0.0
+        job.push(("", 0, None, Overloaded(
+            f"Model {self.model_id!r} is busy: this request waited {bound:g} s "
+            "(max_queue_wait_s) without starting; retry later.",
+            retry_after_s=max(wait_s, 1.0),
+        )))
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -437,12 +388,13 @@ class TransformersTextEngine:
             job.pending_tokens = 0
 
 
-def _output(parts: list, count: int, prompt_tokens: int, finish: Any, matched: Optional[str]) -> EngineOutput:
+def _output(parts: list, count: int, prompt_tokens: int, finish: Any, matched: Optional[str],
+            cached_tokens: int) -> EngineOutput:
     """One EngineOutput from shaped deltas (text, logprobs, tool-call fragments) merged in order."""
     logprobs = [lp for _, lps, _ in parts for lp in lps or ()]
     calls = [d for _, _, ds in parts for d in ds or ()]
     return EngineOutput(
         "".join(text for text, _, _ in parts), count, prompt_tokens, finish, matched,
         logprobs=logprobs if any(lps is not None for _, lps, _ in parts) else None,
-        tool_calls=calls or None,
+        tool_calls=calls or None, cached_tokens=cached_tokens,
     )

@@ -22,8 +22,9 @@ from serve_app.errors import (
     as_troupe_error,
 )
 from serve_app.gateway.coalesce import Coalescer
-from serve_app.gateway.metering import RequestInfo, RequestMeter
+from serve_app.gateway.metering import RequestInfo, RequestMeter, key_id
 from serve_app.policies.context import note_usage
+from serve_app.protocol.internal import GenerationRequest
 from serve_app.protocol.metrics import RequestEvent
 from serve_app.protocol.modalities import EmbeddingRequest
 from serve_app.settings import ModelConfig, TroupeSettings
@@ -164,6 +165,9 @@ class Dispatcher:
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
         request.dispatched_at = time.time()
+        if isinstance(request, GenerationRequest):  # queue fairness and class at local engines
+            request.api_key_id = key_id(info)
+            request.priority = "batch" if info.route == "/batch" else "interactive"
         self._model_in_flight[model_id] += 1
         self._report_in_flight(model_id)
         return meter

@@ -16,7 +16,7 @@ from serve_app.policies.context import PRINCIPAL
 from serve_app.protocol.internal import TextChunk
 from serve_app.protocol.metrics import RequestEvent
 
-__all__ = ["RequestInfo", "RequestMeter", "MAX_GAP_SAMPLES"]
+__all__ = ["RequestInfo", "RequestMeter", "MAX_GAP_SAMPLES", "key_id"]
 
 #: Inter-token samples kept per request (the histogram needs a sample, not every gap).
 MAX_GAP_SAMPLES = 256
@@ -98,7 +98,7 @@ class RequestMeter:
             model=self.model,
             route=self.info.route,
             provider=self.provider,
-            key_id=_key_id(self.info),
+            key_id=key_id(self.info),
             tier=self.info.tier,
             status=status,
             error_code=error_code,
@@ -115,7 +115,7 @@ class RequestMeter:
         )
 
 
-def _key_id(info: RequestInfo) -> str:
+def key_id(info: RequestInfo) -> str:
     """The route's key id, else the caller's (set by the policy layer), else anonymous."""
     if info.key_id != "anonymous":
         return info.key_id

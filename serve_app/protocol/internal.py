@@ -8,7 +8,7 @@ slotted dataclasses because they cross a Ray handle on every request and every s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 __all__ = [
     "TextPart",
@@ -189,6 +189,10 @@ class GenerationRequest:
     raw: bool = False
     #: A prompt given as token ids (``prompt`` is then None); ids are checked by the engine.
     prompt_token_ids: Optional[tuple[int, ...]] = None
+    #: The caller's API key id: local engines take turns across keys in their queue.
+    api_key_id: Optional[str] = None
+    #: Queue class at local engines: "interactive" goes before "batch" (batch jobs).
+    priority: Literal["interactive", "batch"] = "interactive"
 
     def has_images(self) -> bool:
         """Whether any message carries an image part."""
@@ -260,6 +264,8 @@ class EngineOutput:
     logprobs: Optional[list[TokenLogprob]] = None
     #: Tool-call fragments parsed from the output (the text then carries none of it).
     tool_calls: Optional[list[ToolCallDelta]] = None
+    #: Prompt tokens served from a cached prefix (not recomputed).
+    cached_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -284,14 +290,19 @@ class TextChunk:
     #: As on EngineOutput.
     logprobs: Optional[list[TokenLogprob]] = None
     tool_calls: Optional[list[ToolCallDelta]] = None
+    #: Final chunk only: prompt tokens the engine served from a cached prefix.
+    cached_tokens: int = 0
 
-    def usage(self) -> dict[str, int]:
-        """OpenAI-style usage of a final chunk."""
-        return {
+    def usage(self) -> dict[str, Any]:
+        """OpenAI-style usage of a final chunk (``prompt_tokens_details`` when a prefix was cached)."""
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
 
 
 class ChunkJoiner:
@@ -331,4 +342,5 @@ class ChunkJoiner:
             logprobs=self._logprobs,
             tool_calls=[ToolCallDelta(i, c.id, c.name, c.arguments) for i, c in enumerate(calls)]
             or None,
+            cached_tokens=last.cached_tokens,
         )

@@ -144,6 +144,7 @@ async def _health(core: GatewayCore) -> JSONResponse:
                 "active_requests": s.get("active_requests"),
                 "reason": s.get("reason"),
                 **({"remote": s["remote"]} if "remote" in s else {}),
+                **({"queue": s["queue"]} if "queue" in s else {}),
             }
         )
     # a model unloaded on purpose (POST /models/{id}/unload) or scaled to zero by its

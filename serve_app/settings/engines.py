@@ -95,6 +95,32 @@ class TransformersEngineConfig(_EngineConfig):
         "Troupe asks of models whose chat template cannot render tools. None: only required "
         "or named tool calls (constrained decoding).",
     )
+    weights: Literal["int8", "bfloat16", "float32"] = Field(
+        "int8",
+        description="How the weights are held: int8 per-channel weight-only with bf16 "
+        "activations (fastest on CPU), bfloat16, or float32.",
+    )
+    max_num_seqs: int = Field(
+        8, ge=1, le=256, description="Requests decoded together (continuous batching slots)."
+    )
+    max_batch_tokens: int = Field(
+        2048, ge=1,
+        description="Token budget of one step (decode tokens plus prompt tokens prefilled); "
+        "a prompt longer than the budget runs in a step of its own.",
+    )
+    prefix_cache_tokens: int = Field(
+        0, ge=0,
+        description="Prefix reuse: tokens of finished sequences' key/value buffers kept per "
+        "replica (LRU; about 23 KB per token for SmolLM2); 0 turns it off.",
+    )
+    max_waiting: int = Field(
+        256, ge=0, description="Requests a replica queues beyond its batch (then 429)."
+    )
+    max_queue_wait_s: Optional[float] = Field(
+        30.0, gt=0,
+        description="Longest expected wait in the queue: a request that would wait longer "
+        "gets 429 OVERLOADED with Retry-After, and none waits past it (null: no bound).",
+    )
 
 
 class VLLMEngineConfig(_EngineConfig):

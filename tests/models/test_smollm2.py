@@ -45,7 +45,9 @@ async def engine():
     torch.set_num_threads(1)
     from deployments.engines.transformers_cpu import TransformersTextEngine
 
-    eng = TransformersTextEngine("smollm2", TransformersEngineConfig(num_threads=1))
+    # float32 weights: the exact answers below are fp32's (tests/models/test_batching.py
+    # runs the default int8 weights).
+    eng = TransformersTextEngine("smollm2", TransformersEngineConfig(num_threads=1, weights="float32"))
     await eng.start()
     yield eng
     await eng.shutdown()
@@ -106,22 +108,26 @@ async def test_cancel_mid_stream_frees_the_slot(engine):
 
 
 async def test_abort_running_and_queued(engine):
-    running = engine.generate(chat("run", STORY, max_tokens=200))
-    await running.__anext__()
-    queued = engine.generate(chat("queued", STORY, max_tokens=200))
-    queued_first = asyncio.ensure_future(queued.__anext__())
-    await asyncio.sleep(0.05)
-    assert engine.active_requests() == 2  # the queued request counts as active
-    await engine.abort("queued")
-    out = await asyncio.wait_for(queued_first, 1.0)
-    assert (out.finish_reason, out.num_tokens) == ("abort", 0)
-    await engine.abort("run")
-    last = None
-    async for last in running:
-        pass
-    assert last is not None and last.finish_reason == "abort"
-    await asyncio.sleep(0)
-    assert engine.active_requests() == 0
+    slots, engine._loop.max_num_seqs = engine._loop.max_num_seqs, 1  # one slot: the second waits
+    try:
+        running = engine.generate(chat("run", STORY, max_tokens=200))
+        await running.__anext__()
+        queued = engine.generate(chat("queued", STORY, max_tokens=200))
+        queued_first = asyncio.ensure_future(queued.__anext__())
+        await asyncio.sleep(0.05)
+        assert engine.active_requests() == 2  # the queued request counts as active
+        await engine.abort("queued")
+        out = await asyncio.wait_for(queued_first, 1.0)
+        assert (out.finish_reason, out.num_tokens) == ("abort", 0)
+        await engine.abort("run")
+        last = None
+        async for last in running:
+            pass
+        assert last is not None and last.finish_reason == "abort"
+        await asyncio.sleep(0)
+        assert engine.active_requests() == 0
+    finally:
+        engine._loop.max_num_seqs = slots
 
 
 async def test_stop_strings_are_trimmed(engine):

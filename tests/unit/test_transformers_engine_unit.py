@@ -1,8 +1,7 @@
 """Fast tests of the transformers CPU engine: no model weights are loaded.
 
 The cache logic runs with a fake converter, and the streaming/cancellation machinery runs
-on a fake tokenizer and a fake ``generate`` that follow the transformers contract
-(``streamer.put(prompt)`` first, then one ``put`` per token; stopping criteria per step).
+on a fake tokenizer and a fake model with the batch loop's ``Stepper`` surface.
 """
 
 from __future__ import annotations
@@ -234,7 +233,8 @@ class FakeTokenizer:
 
 
 class FakeModel:
-    """Emits ``script`` (cycled) one token per ``delay`` seconds, like transformers 5."""
+    """The batch loop's Stepper surface: each sequence emits ``script`` (cycled), one token
+    per step; a step takes ``delay`` seconds whatever the batch size."""
 
     def __init__(self, script, delay=0.002, fail_at=None):
         self.script, self.delay, self.fail_at = script, delay, fail_at
@@ -242,26 +242,25 @@ class FakeModel:
         self.config = SimpleNamespace(max_position_embeddings=64)
         self.produced = 0
 
-    def generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria):
-        streamer.put(input_ids)
-        seq = input_ids
-        for i in range(generation_config.max_new_tokens):
-            time.sleep(self.delay)
-            if i == self.fail_at:
-                raise ValueError("boom")
-            token = self.script[i % len(self.script)]
-            seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
-            self.produced += 1
-            done = bool(stopping_criteria(seq, None).any()) or token == EOS
-            streamer.put(torch.tensor([token]))  # after the criteria, as in transformers 5
-            if done:
-                break
-        streamer.end()
-        return seq
+    def new_kv(self):
+        return SimpleNamespace(n=0)
+
+    def _next(self, kv):
+        if kv.n == self.fail_at:
+            raise ValueError("boom")
+        logits = torch.zeros(16)
+        logits[self.script[kv.n % len(self.script)]] = 1.0
+        kv.n += 1
+        self.produced += 1
+        return logits
+
+    def step(self, kvs, chunks):
+        time.sleep(self.delay)
+        return torch.stack([self._next(kv) for kv in kvs])
 
 
-def make_engine(script, **model_kw):
-    engine = TransformersTextEngine("fake", TransformersEngineConfig())
+def make_engine(script, config=None, **model_kw):
+    engine = TransformersTextEngine("fake", config or TransformersEngineConfig())
     model = FakeModel(script, **model_kw)
     engine._attach(FakeTokenizer(), model)
     return engine, model
@@ -357,7 +356,7 @@ async def test_task_cancellation_stops_the_worker():
 
 
 async def test_abort_queued_and_running():
-    engine, _ = make_engine([3], delay=0.01)
+    engine, _ = make_engine([3], TransformersEngineConfig(max_num_seqs=1), delay=0.01)
     running = engine.generate(req("run", max_tokens=60))
     await running.__anext__()
     queued = engine.generate(req("queued", max_tokens=60))

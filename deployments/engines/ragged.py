@@ -1,0 +1,167 @@
+"""Ragged batches for a transformers causal LM: batched weights, attention per sequence.
+
+A step packs the new tokens of every sequence (a whole prompt for a sequence joining, one
+token for each one decoding) into a single row and runs it through the model once: the
+Linear layers, which are nearly all the work, see one ``[tokens, hidden]`` matrix, while
+attention runs per segment against that sequence's own key/value buffers: no padding, no
+mask, so each sequence computes exactly what it computes alone (given row-independent
+matmuls, which the int8 and bf16 kernels are; see ``weights``). This is registered as a
+transformers attention implementation (``troupe_ragged``); the model's own cache is not
+used (``use_cache=False``): the buffers travel in the ``troupe_kv`` keyword, which
+transformers forwards to the attention function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["SeqKV", "RaggedModel", "ATTN_IMPL"]
+
+ATTN_IMPL = "troupe_ragged"
+_registered = False
+
+
+class SeqKV:
+    """One sequence's keys and values for every layer, in buffers that grow by doubling."""
+
+    __slots__ = ("keys", "values", "lengths")
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Tokens held (the position of the next token)."""
+        return self.lengths[-1]
+
+    def fork(self, n: int) -> "SeqKV":
+        """A private copy of the first ``n`` tokens (a cached prefix for a new sequence)."""
+        copy = SeqKV(len(self.lengths))
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None and v is not None:
+                copy.append(layer, k[:, :, :n], v[:, :, :n])
+        return copy
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's."""
+        start, t = self.lengths[layer], key.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or start + t > buf_k.shape[2]:
+            capacity = max(16, 2 * (start + t))
+            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3])
+            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3])
+            if buf_k is not None:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = buf_v[:, :, :start]  # type: ignore[index]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, start : start + t] = key
+        buf_v[:, :, start : start + t] = value  # type: ignore[index]
+        self.lengths[layer] = start + t
+        return buf_k[:, :, : start + t], buf_v[:, :, : start + t]  # type: ignore[index]
+
+
+class Packed:
+    """The sequences of one step packed into a single row: (kv, start, length) per segment."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self, kvs: Sequence[SeqKV], lengths: Sequence[int]) -> None:
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        self.segments = list(zip(kvs, starts, lengths))
+
+
+def _ragged_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    troupe_kv: Optional[Packed] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of each packed segment against its own sequence's buffers (causal within
+    its new tokens). Without ``troupe_kv`` (a plain forward or ``generate``) it is sdpa."""
+    if troupe_kv is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    outs = []
+    for kv, start, t in troupe_kv.segments:
+        end = start + t
+        keys, values = kv.append(module.layer_idx, key[:, :, start:end], value[:, :, start:end])
+        n = keys.shape[2]
+        mask = None
+        if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
+            mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+        outs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end], keys, values, attn_mask=mask,
+                is_causal=(t > 1 and t == n), scale=scaling, enable_gqa=True,
+            )
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def register() -> None:
+    """Make ``troupe_ragged`` known to transformers (attention and mask interfaces)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPL, _ragged_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, _no_mask)
+    _registered = True
+
+
+class RaggedModel:
+    """Prefill and decode steps of a causal LM over per-sequence :class:`SeqKV` buffers."""
+
+    def __init__(self, model: Any) -> None:
+        register()
+        model.config._attn_implementation = ATTN_IMPL
+        self.model = model
+        self.num_layers = int(model.config.num_hidden_layers)
+
+    def new_kv(self) -> SeqKV:
+        return SeqKV(self.num_layers)
+
+    def step(self, kvs: Sequence[SeqKV], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """New tokens of several sequences (a prompt, or one decode token each) in one
+        forward pass; the next-token logits of each sequence, [len(chunks), V]."""
+        lengths = [len(c) for c in chunks]
+        input_ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long)
+        positions = torch.cat([
+            torch.arange(kv.length, kv.length + n, dtype=torch.long) for kv, n in zip(kvs, lengths)
+        ]).unsqueeze(0)
+        last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids, position_ids=positions, use_cache=False,
+                logits_to_keep=last, troupe_kv=Packed(kvs, lengths),
+            )
+        return out.logits[0].float()
+
+    def prefill(self, kv: SeqKV, ids: Sequence[int]) -> torch.Tensor:
+        """Run a prompt (or the uncached rest of one) through; logits of its last token, [V]."""
+        return self.step([kv], [ids])[0]
+
+    def decode(self, kvs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
+        """One token per sequence, all in one pass; next-token logits, [B, V]."""
+        return self.step(kvs, [[t] for t in tokens])

@@ -1,0 +1,74 @@
+"""How the CPU text engine holds its weights: int8 (default), bfloat16 or float32.
+
+Decoding a small model on one CPU thread is bound by reading the weights once per step,
+so the fewer bytes per weight the faster each token. ``int8`` keeps each Linear layer's
+weight as int8 with one scale per output channel and multiplies with bf16 activations
+(``torch.ops.aten._weight_int8pack_mm``, the weight-only kernel torchao and gpt-fast use
+on CPU); nothing else is quantized. Unlike torch's dynamic quantization, activations are
+not quantized per batch, so a row's result does not depend on which other rows share the
+batch: batching changes no output. Measurements: ``bench/text_engine_speed.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["WeightsKind", "Int8WeightLinear", "quantize_linears", "load_causal_lm"]
+
+WeightsKind = Literal["int8", "bfloat16", "float32"]
+
+
+class Int8WeightLinear(nn.Module):
+    """A Linear layer whose weight is int8 with a per-output-channel scale (no bias kept)."""
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(act_dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype))
+        self.act_dtype = act_dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).to(self.act_dtype)
+        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_linears(
+    model: nn.Module, act_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ()
+) -> int:
+    """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8WeightLinear`; returns how many.
+
+    Layers named in ``skip`` (e.g. ``lm_head``) keep their weights. A tied output head
+    (``lm_head`` sharing the embedding) that is quantized gets its own int8 copy; the
+    embedding lookup keeps its full-precision table.
+    """
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and name not in skip:
+                setattr(module, name, Int8WeightLinear(child, act_dtype))
+                count += 1
+    return count
+
+
+def load_causal_lm(folder: Path, weights: WeightsKind) -> Any:
+    """Load a causal LM from a local folder in the requested weight format (eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    if weights == "int8":
+        quantize_linears(model, torch.bfloat16)
+    return model.eval()
