@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 from deployments.engines.base import TextEngine
 from deployments.lifecycle import EngineHost
 from serve_app.errors import InferenceFailed, TroupeError
-from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.protocol.internal import EngineFinishReason, GenerationRequest, TextChunk, WireFinishReason
 from serve_app.settings import ModelConfig
 from serve_app.tracing import (
     ATTR_FINISH_REASONS,
@@ -34,7 +34,7 @@ __all__ = ["LLMDeployment"]
 
 logger = logging.getLogger("troupe.llm")
 
-_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_WIRE_FINISH: dict[EngineFinishReason, WireFinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
 class LLMDeployment(EngineHost):
@@ -55,7 +55,7 @@ class LLMDeployment(EngineHost):
             request.sampling.default_max_tokens = self.model.default_max_tokens
         return request
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextChunk, None]:
         """Stream deltas; the last chunk has ``finish_reason`` and exact usage.
 
         Cancelling the caller (a disconnected client, a WebSocket ``cancel``) closes

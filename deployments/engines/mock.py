@@ -18,7 +18,7 @@ from typing import AsyncIterator, Optional
 
 from serve_app.settings import MockEngineConfig
 from deployments.engines.base import plan_output_tokens
-from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
 
 __all__ = ["MockTextEngine", "render_prompt", "mock_completion_tokens"]
 
@@ -96,7 +96,7 @@ class MockTextEngine:
         if event is not None:
             event.set()
 
-    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str, Optional[str]]:
+    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], EngineFinishReason, Optional[str]]:
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
         sp = request.sampling
@@ -111,6 +111,7 @@ class MockTextEngine:
         cfg = self.config
         span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)
         natural = cfg.min_output_tokens + (digest[0] % (span + 1))
+        finish: EngineFinishReason
         if cfg.ignore_eos or natural > limit:
             count, finish = limit, "length"
         else:

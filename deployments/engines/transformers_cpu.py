@@ -43,7 +43,7 @@ from deployments.engines.base import plan_output_tokens
 from deployments.engines.gguf_cache import resolve_model_dir
 from deployments.engines.stop_strings import StopStringTracker
 from serve_app.errors import InvalidRequest, ModelNotLoaded
-from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest, SamplingParams
 from serve_app.settings import TransformersEngineConfig
 
 __all__ = ["TransformersTextEngine", "plan_max_new_tokens"]
@@ -60,7 +60,7 @@ plan_max_new_tokens = plan_output_tokens
 # --------------------------------------------------------------------------- the engine
 
 
-_Item = tuple[str, int, Optional[str], Optional[BaseException]]  # text, tokens, finish, error
+_Item = tuple[str, int, Optional[EngineFinishReason], Optional[BaseException]]  # text, tokens, finish, error
 
 
 @dataclass(eq=False)
@@ -89,7 +89,7 @@ class _Job:
         except RuntimeError:  # the consumer's loop is gone: nobody is listening
             self.cancel.set()
 
-    def finish(self, text: str, finish: str) -> None:
+    def finish(self, text: str, finish: EngineFinishReason) -> None:
         if self.finished:
             return
         self.finished = True
@@ -121,7 +121,7 @@ class _StopWhen(StoppingCriteria):
     def __init__(self, job: _Job) -> None:
         self._job = job
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         done = self._job.finished or self._job.cancel.is_set()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
@@ -291,7 +291,7 @@ class TransformersTextEngine:
         except RuntimeError:  # executor shut down meanwhile
             self._drop(job)
             raise ModelNotLoaded(f"Model {self.model_id!r} is shutting down on this replica.") from None
-        job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))
+        job.future.add_done_callback(lambda fut: self._on_done(job, fut))
         try:
             while True:
                 text, count, finish, error = await job.queue.get()
@@ -309,7 +309,7 @@ class TransformersTextEngine:
                 if error is not None:
                     raise error
                 matched = job.tracker.matched if finish == "stop" else None
-                yield EngineOutput("".join(parts), count, prompt_tokens, finish, matched)  # type: ignore[arg-type]
+                yield EngineOutput("".join(parts), count, prompt_tokens, finish, matched)
                 if finish is not None:
                     return
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -163,7 +164,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         settings = config.apps
         url = url or f"http://{config.host}:{config.port}"
     try:
-        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:
         print(f"troupe: no Ray cluster at {args.address!r} ({exc}). Start the gateway first "
               "(make run), or pass --address of a running cluster.", file=sys.stderr)

@@ -27,7 +27,9 @@ def _serve_details() -> dict[str, Any]:
     with their node and state, target replica counts."""
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().get_serve_details()
+    client = _get_global_client()
+    assert client is not None  # it raises instead of returning None unless asked not to
+    return client.get_serve_details()
 
 
 def _node_label(replica: dict[str, Any]) -> str:

@@ -148,6 +148,10 @@ class CompletionRequest(_SamplingFields):
             return value[0]
         return value
 
+    def prompt_text(self) -> str:
+        """The one prompt (the validator already unwrapped a list of one)."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
     def output_limit(self) -> Optional[int]:
         return self.max_tokens
 

@@ -15,7 +15,7 @@ gateway checks no key here, as on every other route.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from fastapi import APIRouter, Request
 
@@ -96,9 +96,9 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
 async def _message_events(
     encoder: MessageStreamEncoder,
     first: TextChunk,
-    rest: AsyncIterator[TextChunk],
+    rest: AsyncGenerator[TextChunk, None],
     request_id: str,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """The Messages event sequence; a failure after the start is one ``error`` event."""
     try:
         for event in encoder.start(first.prompt_tokens):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 import orjson
 from fastapi import APIRouter, Request
@@ -160,8 +160,8 @@ async def _models(core: GatewayCore) -> JSONResponse:
 
 
 async def _native_events(
-    first: TextChunk, rest: AsyncIterator[TextChunk], request_id: str
-) -> AsyncIterator[Any]:
+    first: TextChunk, rest: AsyncGenerator[TextChunk, None], request_id: str
+) -> AsyncGenerator[Any, None]:
     """``{"token", "index"}`` events, then ``{"done": true, "finish_reason", "usage"}``.
 
     ``index`` counts tokens: a delta that carries several tokens has the index of its

@@ -7,7 +7,7 @@ orjson from small dicts (no pydantic on the way out) and flushed as soon as they
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 import orjson
 from fastapi import APIRouter, Request
@@ -37,8 +37,8 @@ __all__ = ["build_openai_router", "peek_stream"]
 
 
 async def peek_stream(
-    chunks: AsyncIterator[TextChunk],
-) -> tuple[TextChunk, AsyncIterator[TextChunk]]:
+    chunks: AsyncGenerator[TextChunk, None],
+) -> tuple[TextChunk, AsyncGenerator[TextChunk, None]]:
     """Await the first chunk so errors before any output still get a real status code."""
     try:
         first = await chunks.__anext__()
@@ -132,10 +132,10 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
             COMPLETION_EXAMPLE,
         )
         request_id = request_id_of(request)
-        gen = _admit(core, "/v1/completions", body, request_id, prompt=body.prompt)
+        gen = _admit(core, "/v1/completions", body, request_id, prompt=body.prompt_text())
         completion_id = "cmpl-" + request_id.removeprefix("req_").replace("-", "")
         now = int(time.time())
-        echo = body.prompt if body.echo else ""
+        echo = body.prompt_text() if body.echo else ""
         info = RequestInfo("/v1/completions", stream=bool(body.stream))
         if body.stream:
             first, rest = await peek_stream(core.stream(body.model, gen, info))
@@ -177,9 +177,9 @@ async def _chat_events(
     created: int,
     body: ChatCompletionRequest,
     first: TextChunk,
-    rest: AsyncIterator[TextChunk],
+    rest: AsyncGenerator[TextChunk, None],
     request_id: str,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """OpenAI chat.completion.chunk events, an optional usage chunk, then [DONE]."""
     # Every chunk shares this prefix; only the choice differs (cheap, no dict per field).
     head = (
@@ -225,10 +225,10 @@ async def _completion_events(
     created: int,
     body: CompletionRequest,
     first: TextChunk,
-    rest: AsyncIterator[TextChunk],
+    rest: AsyncGenerator[TextChunk, None],
     request_id: str,
     echo: str,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """OpenAI text_completion events, an optional usage chunk, then [DONE]."""
     head = '{"id":"%s","object":"text_completion","created":%d,"model":%s,' % (
         completion_id, created, orjson.dumps(body.model).decode(),
