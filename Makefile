@@ -55,7 +55,7 @@ install-dev: $(VENV)/.installed-dev
 
 # Convert the bundled GGUF to safetensors once (~20-70 s); later starts load in ~1 s.
 models: $(VENV)/.installed
-	$(BIN)/python -m deployments.engines.gguf_cache --prepare
+	$(BIN)/troupe prepare
 
 # espeak-ng turns text into phonemes for the Piper voice (GPL-3+: run as a program only).
 system-deps:

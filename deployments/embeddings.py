@@ -128,7 +128,7 @@ class EmbeddingDeployment(EngineHost):
             for i, result, waited in zip(valid, results, queue_ms):
                 result.queue_ms = waited
                 out[i] = result
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  # every slot is filled above: its error or its result
 
     async def embed_batch(self, requests: list[EmbeddingRequest]) -> list[EmbeddingResult]:
         """One engine call for every input of every request, split back per request."""

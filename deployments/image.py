@@ -15,6 +15,7 @@ import numpy as np
 from deployments.engines.modality_base import ImageEngine
 from deployments.lifecycle import EngineHost
 from serve_app.settings import ModelConfig
+from serve_app.settings.modality import image_sizes
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import ImageRequest, ImageResult
 
@@ -43,7 +44,7 @@ class ImageDeployment(EngineHost):
         super().__init__(model, engine)
 
     def sizes(self) -> list[str]:
-        return list(self.model.engine.sizes)
+        return image_sizes(self.model.engine)
 
     async def generate(self, request: ImageRequest) -> ImageResult:
         engine = await self._ready_engine()

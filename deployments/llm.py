@@ -11,12 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 from deployments.engines.base import TextEngine
 from deployments.lifecycle import EngineHost
 from serve_app.errors import InferenceFailed, TroupeError
-from serve_app.protocol.internal import ChunkJoiner, GenerationRequest, TextChunk
+from serve_app.protocol.internal import (
+    ChunkJoiner,
+    EngineFinishReason,
+    EngineOutput,
+    GenerationRequest,
+    TextChunk,
+    WireFinishReason,
+)
 from serve_app.settings import ModelConfig
 from serve_app.tracing import (
     ATTR_FINISH_REASONS,
@@ -24,6 +31,7 @@ from serve_app.tracing import (
     ATTR_MODEL,
     ATTR_OUTPUT_TOKENS,
     ATTR_REQUEST_ID,
+    Span,
     SpanKind,
     end_span,
     extract_context,
@@ -34,7 +42,45 @@ __all__ = ["LLMDeployment"]
 
 logger = logging.getLogger("troupe.llm")
 
-_WIRE_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled", "tool_calls": "tool_calls"}
+_WIRE_FINISH: dict[EngineFinishReason, WireFinishReason] = {
+    "stop": "stop", "length": "length", "abort": "cancelled", "tool_calls": "tool_calls",
+}
+
+
+def _to_chunk(out: EngineOutput, completion: int) -> TextChunk:
+    """The wire chunk of one engine output; the final one carries the exact usage."""
+    if out.finish_reason is None:
+        chunk = TextChunk(out.text, out.num_tokens, None, out.prompt_tokens)
+    else:
+        chunk = TextChunk(
+            out.text,
+            out.num_tokens,
+            _WIRE_FINISH[out.finish_reason],
+            out.prompt_tokens,
+            completion,
+            stop_sequence=out.stop_sequence,
+            cached_tokens=out.cached_tokens,
+        )
+    chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
+    return chunk
+
+
+def _end_spans(
+    span: Span,
+    engine_span: Span,
+    failure: Optional[BaseException],
+    prompt_tokens: int,
+    completion: int,
+    finish: Optional[str],
+) -> None:
+    """End "engine.generate" (with the token usage) and "deployment.stream"."""
+    usage: dict[str, Any] = {
+        ATTR_INPUT_TOKENS: prompt_tokens, ATTR_OUTPUT_TOKENS: completion,
+    }
+    if finish is not None:
+        usage[ATTR_FINISH_REASONS] = (finish,)
+    end_span(engine_span, failure, usage)
+    end_span(span, failure)
 
 
 class LLMDeployment(EngineHost):
@@ -55,7 +101,7 @@ class LLMDeployment(EngineHost):
             request.sampling.default_max_tokens = self.model.default_max_tokens
         return request
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TextChunk, None]:
         """Stream deltas; the last chunk has ``finish_reason`` and exact usage.
 
         Cancelling the caller (a disconnected client, a WebSocket ``cancel``) closes
@@ -85,19 +131,7 @@ class LLMDeployment(EngineHost):
             async for out in outputs:
                 completion += out.num_tokens
                 prompt_tokens = out.prompt_tokens
-                if out.finish_reason is None:
-                    chunk = TextChunk(out.text, out.num_tokens, None, out.prompt_tokens)
-                else:
-                    chunk = TextChunk(
-                        out.text,
-                        out.num_tokens,
-                        _WIRE_FINISH[out.finish_reason],
-                        prompt_tokens,
-                        completion,
-                        stop_sequence=out.stop_sequence,
-                        cached_tokens=getattr(out, "cached_tokens", 0),
-                    )
-                chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
+                chunk = _to_chunk(out, completion)
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
                     chunk.cold_start = cold_start
@@ -117,24 +151,22 @@ class LLMDeployment(EngineHost):
                 failure = exc
             raise
         except Exception as exc:  # an engine crash: name it, keep the traceback in logs
-            logger.exception("engine error on model %s request %s", self.model.id, request.request_id)
-            failure = InferenceFailed(
-                f"Model {self.model.id!r} failed while generating: {type(exc).__name__}. "
-                "The request was not completed; retry it, and report it if it repeats.",
-                details={"exception": type(exc).__name__},
-            )
+            failure = self._engine_crash(exc, request)
             raise failure from None
         finally:
             try:
                 await outputs.aclose()
             finally:
-                usage: dict[str, Any] = {
-                    ATTR_INPUT_TOKENS: prompt_tokens, ATTR_OUTPUT_TOKENS: completion,
-                }
-                if finish is not None:
-                    usage[ATTR_FINISH_REASONS] = (finish,)
-                end_span(engine_span, failure, usage)
-                end_span(span, failure)
+                _end_spans(span, engine_span, failure, prompt_tokens, completion, finish)
+
+    def _engine_crash(self, exc: Exception, request: GenerationRequest) -> InferenceFailed:
+        """Log an engine's unexpected error (with its traceback) and name it for the client."""
+        logger.exception("engine error on model %s request %s", self.model.id, request.request_id)
+        return InferenceFailed(
+            f"Model {self.model.id!r} failed while generating: {type(exc).__name__}. "
+            "The request was not completed; retry it, and report it if it repeats.",
+            details={"exception": type(exc).__name__},
+        )
 
     async def complete(self, request: GenerationRequest) -> TextChunk:
         """Run to completion; returns one chunk with the whole text and usage."""

@@ -7,7 +7,7 @@ OpenAI's voice names map onto the engine's own voices, so OpenAI clients work un
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 from deployments.audio import StreamingEncoder
 from deployments.engines.modality_base import OPENAI_VOICES, SpeechEngine
@@ -73,7 +73,7 @@ class SpeechDeployment(EngineHost):
             )
         return voice
 
-    async def synthesize(self, request: SpeechRequest) -> AsyncIterator[AudioChunk]:
+    async def synthesize(self, request: SpeechRequest) -> AsyncGenerator[AudioChunk, None]:
         """Encoded audio chunks, one or more per sentence; the last one has ``last`` set."""
         engine = await self._ready_engine()
         voice = self.check(request, engine)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from serve_app.protocol.anthropic import ANTHROPIC_ERROR_TYPES
 from serve_app.protocol.anthropic import error_envelope as anthropic_envelope
@@ -174,6 +174,8 @@ class IdempotencyKeyReused(TroupeError):
 
 class RateLimitExceeded(TroupeError):
     status, code, openai_type = 429, "RATE_LIMIT_EXCEEDED", "rate_limit_error"
+    #: x-ratelimit-* headers of the limit that refused (set by the limiter).
+    rate_headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 class Overloaded(TroupeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, TypeGuard, Union
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -63,7 +63,7 @@ class Histogram:
         return out
 
 
-def finite_ms(value: Optional[float]) -> bool:
+def finite_ms(value: Optional[float]) -> TypeGuard[float]:
     return value is not None and value >= 0 and math.isfinite(value)
 
 

@@ -36,7 +36,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 try:  # POSIX advisory locks; without them the atomic rename alone keeps the cache sound
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # a module or None: the lock step checks
 
 __all__ = [
     "MARKER",

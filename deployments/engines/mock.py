@@ -20,7 +20,7 @@ from serve_app.errors import InvalidRequest
 from serve_app.settings import MockEngineConfig
 from deployments.engines.base import plan_output_tokens
 from deployments.engines.mock_agent import MOCK_VOCAB_SIZE, agent_plan, token_logprob
-from serve_app.protocol.internal import EngineOutput, GenerationRequest, ToolCallDelta
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest, ToolCallDelta
 
 __all__ = ["MockTextEngine", "render_prompt", "mock_completion_tokens"]
 
@@ -116,7 +116,7 @@ class MockTextEngine:
         if event is not None:
             event.set()
 
-    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str, Optional[str]]:
+    def _plan(self, request: GenerationRequest) -> tuple[int, list[str], EngineFinishReason, Optional[str]]:
         _check_token_ids(request)
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
@@ -138,6 +138,7 @@ class MockTextEngine:
         cfg = self.config
         span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)
         natural = cfg.min_output_tokens + (digest[0] % (span + 1))
+        finish: EngineFinishReason
         if cfg.ignore_eos or natural > limit:
             count, finish = limit, "length"
         else:

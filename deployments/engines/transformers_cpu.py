@@ -46,7 +46,7 @@ from deployments.engines.prefix_cache import PrefixCache
 from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.stop_strings import StopStringTracker
 from serve_app.errors import ModelNotLoaded, Overloaded
-from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest, SamplingParams
 from serve_app.settings import TransformersEngineConfig
 
 __all__ = ["TransformersTextEngine", "plan_max_new_tokens"]
@@ -60,7 +60,7 @@ plan_max_new_tokens = plan_output_tokens
 # --------------------------------------------------------------------------- the engine
 
 
-_Item = tuple[str, int, Optional[str], Optional[BaseException]]  # text, tokens, finish, error
+_Item = tuple[str, int, Optional[EngineFinishReason], Optional[BaseException]]  # text, tokens, finish, error
 
 
 @dataclass(eq=False)
@@ -95,7 +95,7 @@ class _Job:
         except RuntimeError:  # the consumer's loop is gone: nobody is listening
             self.cancel.set()
 
-    def finish(self, text: str, finish: str) -> None:
+    def finish(self, text: str, finish: EngineFinishReason) -> None:
         if self.finished:
             return
         self.finished = True

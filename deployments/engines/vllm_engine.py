@@ -262,7 +262,9 @@ class VLLMTextEngine:
         if self._engine_factory is None or self._sampling_params_factory is None:
             self._bind_vllm()
         self._template_errors = _template_errors()
-        engine = self._engine_factory(dict(self.engine_args))
+        engine_factory = self._engine_factory
+        assert engine_factory is not None  # _bind_vllm filled what the caller did not inject
+        engine = engine_factory(dict(self.engine_args))
         tokenizer = engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM releases made it a coroutine
             tokenizer = await tokenizer
@@ -365,6 +367,8 @@ class VLLMTextEngine:
         )
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
+        factory = self._sampling_params_factory
+        assert factory is not None  # start() bound it before any request
         try:
             kwargs = build_sampling_kwargs(request, max_tokens, self._tokenizer)
             return self._sampling_params_factory(**kwargs)

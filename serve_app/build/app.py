@@ -117,7 +117,9 @@ def _serve_bind_host() -> Optional[str]:
     try:
         from ray.serve.context import _get_global_client
 
-        return _get_global_client().http_config.host
+        client = _get_global_client()
+        assert client is not None  # it raises instead of returning None unless asked not to
+        return client.http_config.host
     except Exception:  # no Serve client here: unknown, so auth stays on
         return None
 
@@ -231,7 +233,7 @@ def build_app(args: Optional[dict[str, Any]] = None):
         if model.run_in == "deployment"
     }
     gw = settings.gateway
-    gateway = serve.deployment(serve.ingress()(Gateway)).options(
+    gateway = serve.deployment(serve.ingress()(Gateway)).options(  # type: ignore[attr-defined]  # Ray's stub: deployment(cls) is a Deployment
         name="Gateway",
         num_replicas=gw.num_replicas,
         max_ongoing_requests=gw.max_ongoing_requests,

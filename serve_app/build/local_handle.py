@@ -11,7 +11,7 @@ engine (one connection pool) per such model.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 __all__ = ["LocalHandle"]
 
@@ -32,7 +32,7 @@ class _Call:
 class _Stream:
     """An async iterator with ``cancel()`` (like a DeploymentResponseGenerator)."""
 
-    def __init__(self, agen: AsyncIterator[Any]) -> None:
+    def __init__(self, agen: AsyncGenerator[Any, None]) -> None:
         self._agen = agen
 
     def __aiter__(self) -> "_Stream":
@@ -42,7 +42,7 @@ class _Stream:
         return await self._agen.__anext__()
 
     def cancel(self) -> None:
-        closing = self._agen.aclose()  # type: ignore[attr-defined]
+        closing = self._agen.aclose()
         task = asyncio.ensure_future(closing)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 

@@ -50,8 +50,8 @@ def _batch_embeddings(replica: Any) -> None:
 def _replica_class(model: ModelConfig) -> type:
     base = plain_class(model.modality)
 
-    class ModelReplica(base):  # type: ignore[misc, valid-type]
-        async def __init__(  # type: ignore[misc]
+    class ModelReplica(base):  # type: ignore[misc, valid-type]  # the base is chosen at run time by modality
+        async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__; typing wants it sync
             self,
             model_config: dict[str, Any],
             tracing: Optional[dict[str, Any]] = None,
@@ -61,7 +61,7 @@ def _replica_class(model: ModelConfig) -> type:
             setup_tracing(TracingSettings.model_validate(tracing or {}), "model",
                           span_sink(metrics_enabled))
             install_session(session)
-            base.__init__(self, model_config)
+            super().__init__(model_config)
             if model.modality == "embeddings":
                 _batch_embeddings(self)
             await self.start()  # load weights before the replica reports healthy
@@ -93,5 +93,5 @@ def model_deployment(model: ModelConfig) -> Any:
     """The Serve deployment (not yet bound) for one configured model."""
     from ray import serve
 
-    return serve.deployment(_replica_class(model)).options(
+    return serve.deployment(_replica_class(model)).options(  # type: ignore[attr-defined]  # Ray's stub: deployment(cls) is a Deployment
         name=model.deployment_name, **_serve_options(model))

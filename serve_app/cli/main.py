@@ -1,4 +1,4 @@
-"""The ``troupe`` command: run, validate, status, keys.
+"""The ``troupe`` command: run, validate, status, prepare, keys.
 
 ``troupe run CONFIG`` validates the config, starts ``serve run CONFIG`` as a child
 process, waits until ``/health`` answers, and prints the URL and an example request.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -160,7 +161,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         settings = config.apps
         url = url or f"http://{config.host}:{config.port}"
     try:
-        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=args.address, logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:
         print(f"troupe: no Ray cluster at {args.address!r} ({exc}). Start the gateway first "
               "(make run), or pass --address of a running cluster.", file=sys.stderr)
@@ -170,6 +171,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     print(json.dumps(rows, indent=2) if args.json else format_status(rows))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Convert the bundled SmolLM2 GGUF to safetensors once, so later starts load in ~1 s."""
+    from deployments.engines import gguf_cache
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.monotonic()
+    path = gguf_cache.prepare_bundled_model(args.cache_dir)
+    print(f"{path} ready ({time.monotonic() - started:.1f} s)")
     return 0
 
 
@@ -189,6 +201,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     val = sub.add_parser("validate", help="check a Serve config's Troupe settings")
     val.add_argument("config")
     val.set_defaults(func=cmd_validate)
+    prep = sub.add_parser("prepare", help="convert the bundled GGUF model once (make models)")
+    prep.add_argument("--cache-dir", default=None, help="cache root (default ~/.cache/troupe/models)")
+    prep.set_defaults(func=cmd_prepare)
     add_keys_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

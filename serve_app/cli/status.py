@@ -27,7 +27,9 @@ def _serve_details() -> dict[str, Any]:
     with their node and state, target replica counts."""
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().get_serve_details()
+    client = _get_global_client()
+    assert client is not None  # it raises instead of returning None unless asked not to
+    return client.get_serve_details()
 
 
 def _node_label(replica: dict[str, Any]) -> str:
@@ -105,51 +107,65 @@ def collect_status(
     groups = _placement_group_gpus()
     for app_name, app in sorted(applications.items()):
         for dep_name, dep in sorted((app.get("deployments") or {}).items()):
-            config = dep.get("deployment_config") or {}
-            replicas = dep.get("replicas") or []
-            states: dict[str, int] = {}
-            nodes: dict[str, int] = {}
-            for replica in replicas:
-                state = _name(replica.get("state"))
-                states[state] = states.get(state, 0) + 1
-                if state == "RUNNING":
-                    nodes[_node_label(replica)] = nodes.get(_node_label(replica), 0) + 1
-            running = states.get("RUNNING", 0)
-            actor = config.get("ray_actor_options") or {}
-            options = configured.get((app_name, dep_name))
-            gpus = _gpus_per_replica(config, replicas, groups, options)
             flight = None if in_flight is None else in_flight.get(dep_name, 0.0)
-            cap = config.get("max_ongoing_requests")
-            row: dict[str, Any] = {
-                "application": app_name,
-                "deployment": dep_name,
-                "status": _name(dep.get("status")),
-                "replicas": states,
-                "target_replicas": dep.get("target_num_replicas"),
-                "nodes": nodes,
-                "num_cpus": actor.get("num_cpus"),
-                "num_gpus": gpus,
-                "gpus_in_use": gpus * running,
-                "max_ongoing_requests": cap,
-                "in_flight": flight,
-                # Requests beyond what the running replicas' caps can hold wait in queue.
-                "queued": None if flight is None or cap is None
-                else max(0.0, flight - running * cap),
-                "autoscaling": None,
-            }
-            auto = config.get("autoscaling_config")
-            if auto:
-                row["autoscaling"] = {
-                    "min": auto.get("min_replicas"),
-                    "max": auto.get("max_replicas"),
-                    "target_ongoing_requests": auto.get("target_ongoing_requests"),
-                }
-                if options is not None and options.autoscaling is not None:
-                    row["autoscaling"]["cold_start_timeout_s"] = (
-                        options.autoscaling.cold_start_timeout_s
-                    )
-            rows.append(row)
+            options = configured.get((app_name, dep_name))
+            rows.append(_deployment_row(app_name, dep_name, dep, groups, options, flight))
     return rows
+
+
+def _deployment_row(
+    app_name: str,
+    dep_name: str,
+    dep: dict[str, Any],
+    groups: dict[str, float],
+    options: Any,
+    flight: Optional[float],
+) -> dict[str, Any]:
+    """The status row of one deployment from Serve's details of it."""
+    config = dep.get("deployment_config") or {}
+    replicas = dep.get("replicas") or []
+    states: dict[str, int] = {}
+    nodes: dict[str, int] = {}
+    for replica in replicas:
+        state = _name(replica.get("state"))
+        states[state] = states.get(state, 0) + 1
+        if state == "RUNNING":
+            nodes[_node_label(replica)] = nodes.get(_node_label(replica), 0) + 1
+    running = states.get("RUNNING", 0)
+    actor = config.get("ray_actor_options") or {}
+    gpus = _gpus_per_replica(config, replicas, groups, options)
+    cap = config.get("max_ongoing_requests")
+    return {
+        "application": app_name,
+        "deployment": dep_name,
+        "status": _name(dep.get("status")),
+        "replicas": states,
+        "target_replicas": dep.get("target_num_replicas"),
+        "nodes": nodes,
+        "num_cpus": actor.get("num_cpus"),
+        "num_gpus": gpus,
+        "gpus_in_use": gpus * running,
+        "max_ongoing_requests": cap,
+        "in_flight": flight,
+        # Requests beyond what the running replicas' caps can hold wait in queue.
+        "queued": None if flight is None or cap is None
+        else max(0.0, flight - running * cap),
+        "autoscaling": _autoscaling(config.get("autoscaling_config"), options),
+    }
+
+
+def _autoscaling(auto: Optional[dict[str, Any]], options: Any) -> Optional[dict[str, Any]]:
+    """The autoscaling bounds and target (None for a fixed replica count)."""
+    if not auto:
+        return None
+    row = {
+        "min": auto.get("min_replicas"),
+        "max": auto.get("max_replicas"),
+        "target_ongoing_requests": auto.get("target_ongoing_requests"),
+    }
+    if options is not None and options.autoscaling is not None:
+        row["cold_start_timeout_s"] = options.autoscaling.cold_start_timeout_s
+    return row
 
 
 def format_status(rows: list[dict[str, Any]]) -> str:

@@ -86,27 +86,7 @@ async def voice_events(
     pending = ""
     reply: list[str] = []
     usage: dict[str, int] = {}
-    audio_started = False
-    audio_seconds = 0.0
-    first_audio_at: Optional[float] = None
-
-    async def speak(text: str) -> AsyncIterator[tuple[str, Any]]:
-        nonlocal audio_started, audio_seconds, first_audio_at
-        if not text.strip():
-            return
-        speech = SpeechRequest(request_id + ":tts", text, opts.voice, "pcm")
-        async for chunk in core.speak(opts.tts, speech, info):
-            if not audio_started:
-                audio_started = True
-                yield "audio.start", {"format": "pcm", "sample_rate": chunk.sample_rate,
-                                      "sample_format": "s16le", "channels": 1}
-            if chunk.data:
-                if first_audio_at is None:
-                    first_audio_at = time.perf_counter()
-                yield "audio", chunk.data
-            if chunk.last:
-                audio_seconds += chunk.audio_seconds
-
+    speaker = _Speaker(core, opts, request_id + ":tts", info)
     stream = core.stream(opts.llm, request, info)
     try:
         async for chunk in stream:
@@ -117,25 +97,23 @@ async def voice_events(
             if chunk.finish_reason is not None:
                 usage = chunk.usage()
             # speak each finished sentence while the model keeps writing the next one
-            match = None
-            for match in _SENTENCE_END.finditer(pending):
-                pass
-            if match is not None:
-                sentence, pending = pending[: match.end()], pending[match.end():]
-                async for event in speak(sentence):
+            sentences, pending = _finished_sentences(pending)
+            if sentences:
+                async for event in speaker.speak(sentences):
                     yield event
     finally:
         await stream.aclose()
-    async for event in speak(pending):
+    async for event in speaker.speak(pending):
         yield event
-    if audio_started:
+    if speaker.started:
         yield "audio.end", None
     now = time.perf_counter()
+    first_audio_at = speaker.first_audio_at
     yield "complete", {
         "transcript": heard.text,
         "reply": "".join(reply),
         "usage": usage,
-        "audio_seconds": round(audio_seconds, 3),
+        "audio_seconds": round(speaker.seconds, 3),
         "models": {"asr": opts.asr, "llm": opts.llm, "tts": opts.tts},
         "latency_ms": {
             "transcript": round((transcript_at - started) * 1000, 1),
@@ -143,6 +121,44 @@ async def voice_events(
             "total": round((now - started) * 1000, 1),
         },
     }
+
+
+def _finished_sentences(pending: str) -> tuple[str, str]:
+    """(the finished sentences, the unfinished rest) of the reply text not spoken yet."""
+    ends = [match.end() for match in _SENTENCE_END.finditer(pending)]
+    if not ends:
+        return "", pending
+    return pending[: ends[-1]], pending[ends[-1]:]
+
+
+class _Speaker:
+    """Speaks a reply piece by piece; remembers whether audio started, when, and how much."""
+
+    def __init__(self, core: Any, opts: VoiceOptions, request_id: str, info: RequestInfo) -> None:
+        self.core = core
+        self.opts = opts
+        self.request_id = request_id
+        self.info = info
+        self.started = False
+        self.seconds = 0.0
+        self.first_audio_at: Optional[float] = None
+
+    async def speak(self, text: str) -> AsyncIterator[tuple[str, Any]]:
+        """``("audio.start", format)`` before the first audio, then ``("audio", pcm)``..."""
+        if not text.strip():
+            return
+        speech = SpeechRequest(self.request_id, text, self.opts.voice, "pcm")
+        async for chunk in self.core.speak(self.opts.tts, speech, self.info):
+            if not self.started:
+                self.started = True
+                yield "audio.start", {"format": "pcm", "sample_rate": chunk.sample_rate,
+                                      "sample_format": "s16le", "channels": 1}
+            if chunk.data:
+                if self.first_audio_at is None:
+                    self.first_audio_at = time.perf_counter()
+                yield "audio", chunk.data
+            if chunk.last:
+                self.seconds += chunk.audio_seconds
 
 
 class VoiceSocket:

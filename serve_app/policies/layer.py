@@ -303,8 +303,8 @@ class PolicyMiddleware:
             await self.app(scope, receive, send)
         finally:
             USAGE.reset(usage_token)
-            if admission is not None:
-                layer.limiter.finish(admission, tally.tokens)  # type: ignore[union-attr]
+            if admission is not None and layer.limiter is not None:
+                layer.limiter.finish(admission, tally.tokens)
             if guard is not None:
                 await guard.abandon()  # no-op when the response was stored
 

@@ -281,7 +281,7 @@ class RateLimiter:
             retry_after_s=wait,
             details={"limit": limit, "limit_kind": what, "retry_after_s": round(wait, 3)},
         )
-        err.rate_headers = _headers(limit, 0, reset_at, now)  # type: ignore[attr-defined]
+        err.rate_headers = _headers(limit, 0, reset_at, now)
         return err
 
     def _warn(self, exc: BaseException) -> None:

@@ -52,8 +52,8 @@ class EmbeddingsBody(_Body):
         if isinstance(self.input, str):
             return [self.input]
         if self.input and all(isinstance(x, int) for x in self.input):
-            return [list(self.input)]  # one token array
-        return list(self.input)  # type: ignore[arg-type]
+            return [[x for x in self.input if isinstance(x, int)]]  # one token array
+        return [x for x in self.input if not isinstance(x, int)]
 
 
 class SpeechBody(_Body):

@@ -15,7 +15,7 @@ gateway checks no key here, as on every other route.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
 
@@ -128,9 +128,9 @@ async def _messages_request(
 async def _message_events(
     encoder: MessageStreamEncoder,
     first: TextChunk,
-    rest: AsyncIterator[TextChunk],
+    rest: AsyncGenerator[TextChunk, None],
     request_id: str,
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     """The Messages event sequence; a failure after the start is one ``error`` event.
 
     Text streams in block 0; each tool call opens its own ``tool_use`` block after it

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -43,6 +43,7 @@ from serve_app.protocol.modalities_api import (
     parse_size,
 )
 from serve_app.protocol.openai import unknown_fields
+from serve_app.settings.modality import image_sizes
 
 __all__ = ["build_modalities_router", "subtitles"]
 
@@ -83,7 +84,7 @@ def _embedding_payload(result: Any, encoding: str) -> list[dict[str, Any]]:
     return data
 
 
-async def _audio_bytes(first: AudioChunk, rest: AsyncIterator[AudioChunk]) -> AsyncIterator[bytes]:
+async def _audio_bytes(first: AudioChunk, rest: AsyncGenerator[AudioChunk, None]) -> AsyncGenerator[bytes, None]:
     try:
         if first.data:
             yield first.data
@@ -94,7 +95,7 @@ async def _audio_bytes(first: AudioChunk, rest: AsyncIterator[AudioChunk]) -> As
         await rest.aclose()
 
 
-async def _peek(chunks: AsyncIterator[AudioChunk]) -> tuple[AudioChunk, AsyncIterator[AudioChunk]]:
+async def _peek(chunks: AsyncGenerator[AudioChunk, None]) -> tuple[AudioChunk, AsyncGenerator[AudioChunk, None]]:
     """Await the first chunk so early errors (bad voice, empty input) get a real status."""
     try:
         first = await chunks.__anext__()
@@ -311,7 +312,7 @@ def _add_image_route(router: APIRouter, core: GatewayCore, max_body: int) -> Non
                 f"returns images inline only. Send \"response_format\": \"b64_json\". Example: {IMAGE_EXAMPLE}",
                 param="response_format",
             )
-        offered = list(model.engine.sizes)
+        offered = image_sizes(model.engine)
         size = body.size or offered[0]
         wh = parse_size(size)
         if wh is None or size not in offered:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 import orjson
 from fastapi import APIRouter, Request
@@ -200,8 +200,8 @@ async def _models(core: GatewayCore) -> JSONResponse:
 
 
 async def _native_events(
-    first: TextChunk, rest: AsyncIterator[TextChunk], request_id: str, top: int
-) -> AsyncIterator[Any]:
+    first: TextChunk, rest: AsyncGenerator[TextChunk, None], request_id: str, top: int
+) -> AsyncGenerator[Any, None]:
     """``{"token", "index"}`` events (with ``logprobs`` when asked), ``{"tool_call": {...}}``
     fragments, then ``{"done": true, "finish_reason", "usage"}``.
 

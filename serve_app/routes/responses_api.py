@@ -8,7 +8,7 @@ encode with :mod:`serve_app.protocol.responses`.
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from fastapi import APIRouter, Request
 
@@ -116,8 +116,8 @@ async def _responses_request(
 
 
 async def _response_events(
-    encoder: ResponseStreamEncoder, first: TextChunk, rest: AsyncIterator[TextChunk]
-) -> AsyncIterator[Any]:
+    encoder: ResponseStreamEncoder, first: TextChunk, rest: AsyncGenerator[TextChunk, None]
+) -> AsyncGenerator[Any, None]:
     """The Responses event sequence; a failure after the start ends it with ``error`` +
     ``response.failed`` (never a hang, never a broken connection)."""
     parts: list[str] = []

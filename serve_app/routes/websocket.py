@@ -110,7 +110,7 @@ class WebSocketSession:
             return
         key = f"voice:{vid}"
         self.tasks[key] = task
-        task.add_done_callback(lambda _t, k=key: self._forget(k))
+        task.add_done_callback(lambda _t: self._forget(key))
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -261,10 +261,10 @@ class WebSocketSession:
         usage_token = USAGE.set(tally)  # the task's copy of the context counts its tokens
         task = asyncio.create_task(self.run_inference(body))
         USAGE.reset(usage_token)
-        if admission is not None:
-            task.add_done_callback(lambda _t, a=admission: limiter.finish(a, tally.tokens))
+        if admission is not None and limiter is not None:
+            task.add_done_callback(lambda _t: limiter.finish(admission, tally.tokens))
         self.tasks[body.id] = task
-        task.add_done_callback(lambda _t, rid=body.id: self._forget(rid))
+        task.add_done_callback(lambda _t: self._forget(body.id))
 
     def _forget(self, rid: str) -> None:
         self.tasks.pop(rid, None)

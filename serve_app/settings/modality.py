@@ -24,6 +24,7 @@ __all__ = [
     "GANImageEngineConfig",
     "DiffusersEngineConfig",
     "MODALITY_ENGINE_CONFIGS",
+    "image_sizes",
 ]
 
 #: Every modality a model can have.
@@ -185,6 +186,13 @@ class DiffusersEngineConfig(_ModalityEngine):
         default_factory=lambda: ["512x512", "768x768", "1024x1024"],
         description="Sizes offered (WxH); others get 400.",
     )
+
+
+def image_sizes(engine: BaseModel) -> list[str]:
+    """The sizes (WxH) an image model's engine config offers."""
+    if isinstance(engine, (MockImageEngineConfig, GANImageEngineConfig, DiffusersEngineConfig)):
+        return list(engine.sizes)
+    raise TypeError(f"{type(engine).__name__} is not an image engine config")
 
 
 #: engine ``type`` -> the modality it serves (text engines live in serve_app.settings).

@@ -86,7 +86,9 @@ class MetricsSettings(Strict):
     store_url: Optional[str] = Field(
         None,
         description="Ledger store: sqlite:///abs/path.db or postgresql://user@host:port/db. "
-        "Default: $TROUPE_STATE_DIR/troupe.db (~/.local/share/troupe/troupe.db).",
+        "Default: a SQLite file of this Serve app's own, "
+        "$TROUPE_STATE_DIR/apps/<app name>-<digest>/troupe.db (TROUPE_STATE_DIR defaults to "
+        "~/.local/share/troupe); two apps share a store only when both name it here.",
     )
     flush_interval_s: float = Field(
         0.5, gt=0, le=60, description="Longest time an event waits in a replica's buffer."
@@ -104,12 +106,6 @@ class MetricsSettings(Strict):
     serve_poll_interval_s: float = Field(
         15.0, ge=0, description="How often the actor reads replica counts from Serve (0: never)."
     )
-
-    def resolved_store_url(self) -> str:
-        if self.store_url:
-            return self.store_url
-        base = os.environ.get("TROUPE_STATE_DIR") or os.path.expanduser("~/.local/share/troupe")
-        return "sqlite:///" + os.path.join(os.path.abspath(base), "troupe.db").lstrip("/")
 
 
 class SessionSettings(Strict):

@@ -23,7 +23,7 @@ def span_to_dict(span: ReadableSpan, role: Optional[str] = None) -> dict[str, An
     ctx = span.context
     parent = span.parent
     status = span.status
-    attributes = span.attributes.copy() if span.attributes else {}  # a mappingproxy
+    attributes: dict[str, Any] = dict(span.attributes) if span.attributes else {}  # a copy: the span's own is read-only
     for key, value in attributes.items():
         if type(value) is tuple:  # sequence attributes: JSON-shaped lists
             attributes[key] = list(value)

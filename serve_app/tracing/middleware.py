@@ -6,7 +6,8 @@ from typing import Any, Iterable, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from serve_app.tracing import process
 from serve_app.tracing.propagation import context_from_headers
@@ -17,6 +18,11 @@ __all__ = ["TracingMiddleware"]
 _UNTRACED_PATHS = frozenset(
     {"/", "/health", "/metrics", "/traces", "/favicon.ico", "/docs", "/openapi.json"}
 )
+
+
+def _status_unset(span: Span) -> bool:
+    """Whether no one set the span's status yet (only SDK spans can tell; others say yes)."""
+    return not isinstance(span, ReadableSpan) or span.status.status_code is StatusCode.UNSET
 
 
 class TracingMiddleware:
@@ -75,7 +81,7 @@ class TracingMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 span.set_attribute("http.response.status_code", status)
-                if status >= 500 and span.status.status_code is StatusCode.UNSET:
+                if status >= 500 and _status_unset(span):
                     span.set_status(Status(StatusCode.ERROR, f"HTTP {status}"))
             await send(message)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -121,7 +121,7 @@ class _SpanScope:
         exc_type: Optional[type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
-    ) -> bool:
+    ) -> Literal[False]:
         otel_context.detach(self._token)
         end_span(self._span, exc)
         return False
@@ -133,7 +133,7 @@ class _NoSpanScope:
     def __enter__(self) -> Span:
         return INVALID_SPAN
 
-    def __exit__(self, *exc: object) -> bool:
+    def __exit__(self, *exc: object) -> Literal[False]:
         return False
 
 

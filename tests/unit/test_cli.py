@@ -89,3 +89,34 @@ def test_run_refuses_a_config_that_cannot_fit_this_machine(tmp_path: Path, capsy
     assert "never be scheduled" in capsys.readouterr().err
     assert main(["validate", str(big)]) == 0
     assert "warning: on this machine" in capsys.readouterr().out
+
+
+class _RecordingPrepare:
+    """Stands in for the GGUF conversion: records where it was asked to put the model."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.calls: list[object] = []
+
+    def __call__(self, cache_dir: object = None) -> Path:
+        self.calls.append(cache_dir)
+        return self.folder
+
+
+def test_prepare_converts_the_bundled_model_into_the_given_cache(tmp_path: Path, monkeypatch, capsys) -> None:
+    from deployments.engines import gguf_cache
+
+    fake = _RecordingPrepare(tmp_path / "SmolLM2")
+    monkeypatch.setattr(gguf_cache, "prepare_bundled_model", fake)
+    assert main(["prepare", "--cache-dir", str(tmp_path)]) == 0
+    assert fake.calls == [str(tmp_path)]
+    assert f"{tmp_path / 'SmolLM2'} ready" in capsys.readouterr().out
+
+
+def test_prepare_defaults_to_the_shared_cache(monkeypatch, tmp_path: Path) -> None:
+    from deployments.engines import gguf_cache
+
+    fake = _RecordingPrepare(tmp_path)
+    monkeypatch.setattr(gguf_cache, "prepare_bundled_model", fake)
+    assert main(["prepare"]) == 0
+    assert fake.calls == [None]  # prepare_bundled_model picks ~/.cache/troupe/models

@@ -27,13 +27,13 @@ from typing import Any, Optional
 from deployments.engines.remote.engine import RemoteEngine, StreamState
 from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import InferenceFailed, TroupeError
-from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
 from serve_app.settings import AnthropicEngineConfig
 
 __all__ = ["AnthropicTextEngine", "build_messages_body", "anthropic_usage"]
 
-_STOP = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop", "pause_turn": "stop",
-         "max_tokens": "length"}
+_STOP: dict[str, EngineFinishReason] = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "stop",
+                                        "pause_turn": "stop", "max_tokens": "length"}
 
 
 def build_messages_body(

@@ -228,7 +228,7 @@ class RemoteEngine:
         correction = 0
         if state.completion_tokens is not None:
             correction = max(0, state.completion_tokens - state.reported)
-        return EngineOutput("", correction, state.prompt_tokens, state.finish_reason)  # type: ignore[arg-type]
+        return EngineOutput("", correction, state.prompt_tokens, state.finish_reason)
 
     async def _upstream_error(
         self, response: aiohttp.ClientResponse, clock: Deadlines, secret: str

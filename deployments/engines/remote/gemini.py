@@ -28,13 +28,13 @@ from urllib.parse import quote
 from deployments.engines.remote.engine import RemoteEngine, StreamState
 from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import AuthenticationFailed, InferenceFailed, TroupeError
-from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
 from serve_app.settings import GeminiEngineConfig
 
 __all__ = ["GeminiTextEngine", "build_generate_body"]
 
-_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "FINISH_REASON_UNSPECIFIED": "stop",
-           "OTHER": "stop", "MALFORMED_FUNCTION_CALL": "stop"}
+_FINISH: dict[str, EngineFinishReason] = {"STOP": "stop", "MAX_TOKENS": "length", "FINISH_REASON_UNSPECIFIED": "stop",
+                                          "OTHER": "stop", "MALFORMED_FUNCTION_CALL": "stop"}
 _FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
                        "IMAGE_SAFETY", "LANGUAGE"})
 

@@ -39,12 +39,13 @@ from deployments.engines.remote.engine import RemoteEngine, StreamState
 from deployments.engines.remote.sse import SSEParser
 from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import InferenceFailed, TroupeError
-from serve_app.protocol.internal import EngineOutput, GenerationRequest
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
 from serve_app.settings import OpenAIEngineConfig
 
 __all__ = ["OpenAITextEngine", "SSEParser", "build_chat_body", "build_embeddings_body"]
 
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
+_FINISH: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop",
+                                          "function_call": "stop"}
 _CONTENT_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
 
 

@@ -26,7 +26,7 @@ from serve_app.errors import (
     PaymentRequired,
     TroupeError,
 )
-from serve_app.protocol.internal import EngineOutput
+from serve_app.protocol.internal import EngineFinishReason, EngineOutput
 
 __all__ = ["StreamState", "StreamHost", "read_answer", "mid_stream_failure"]
 
@@ -37,7 +37,7 @@ class StreamState:
 
     got_bytes: bool = False
     done: bool = False
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[EngineFinishReason] = None
     prompt_tokens: int = 0
     completion_tokens: Optional[int] = None
     #: num_tokens already yielded (one per content chunk).
