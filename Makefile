@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote bench-users bench-idle clean help
+.PHONY: lint install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote bench-users bench-idle clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
@@ -48,6 +48,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python $(BIN)/uv
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(call pkg_install,-c constraints.txt -e ".[dev]")
+	@# The openai-agents SDK (the agent-loop tests) pins websockets<17, which the openai
+	@# client's realtime tests have at 17: the SDK and its own packages go in --no-deps.
+	$(call pkg_install,--no-deps "openai-agents==0.24.0" "griffelib==2.4.1" "mcp==2.3.0" "mcp-types==2.3.0")
 	touch $@
 
 install: $(VENV)/.installed
@@ -84,7 +87,12 @@ system-test-deps:
 
 # tests/cluster starts its own multi-node Ray cluster, so it runs in a second pytest
 # process (the first one's session Ray is a private single-node one).
-test: install-dev models system-deps system-test-deps
+# ruff (lint and import order) and mypy over the package, then the tests.
+lint: install-dev
+	$(BIN)/ruff check serve_app actors deployments
+	$(BIN)/mypy
+
+test: install-dev models system-deps system-test-deps lint
 	$(BIN)/python -m pytest tests --ignore=tests/cluster -p no:cacheprovider -q -rs --durations=25
 	$(BIN)/python -m pytest tests/cluster -p no:cacheprovider -q -rs --durations=10
 

@@ -168,8 +168,8 @@ class BatchLoop:
         for seq in list(self.running):
             seq.job.cancel.set()
             self._leave(seq, None)
-        while (seq := self.waiting.pop()) is not None:
-            seq.job.future.cancel()
+        while (queued := self.waiting.pop()) is not None:
+            queued.job.future.cancel()
 
     def _step(self) -> None:
         self.steps += 1
@@ -192,7 +192,7 @@ class BatchLoop:
 
     def _admit(self, decode_tokens: int) -> list[Seq]:
         """Waiting sequences that join in this step (slots and token budget allowing)."""
-        used, joining = decode_tokens, []
+        used, joining = decode_tokens, list[Seq]()
         while len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
             if seq is None:

@@ -30,7 +30,8 @@ _AUTO = (
     '<tool_call></tool_call> tags:\n<tool_call>\n{{"name": <function name>, "arguments": '
     "<arguments object>}}\n</tool_call>\nOtherwise answer normally."
 )
-_REQUIRED = 'Answer with one function call as a JSON object: {"name": <function name>, "arguments": <arguments object>}.'
+_REQUIRED = ('Answer with one function call as a JSON object: '
+             '{"name": <function name>, "arguments": <arguments object>}.')
 _NAMED = "Answer with the arguments of a call to the function {name} as one JSON object."
 
 

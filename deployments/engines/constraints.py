@@ -25,10 +25,13 @@ import hashlib
 import json
 import re
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import GenerationRequest, NamedTool
+
+if TYPE_CHECKING:  # llguidance is imported where a grammar is compiled
+    from llguidance._lib import JsonCompileOptions
 
 __all__ = [
     "GrammarCache",
@@ -39,7 +42,7 @@ __all__ = [
 ]
 
 #: Compact JSON: a small model given free whitespace can loop on newlines forever.
-_JSON_DEFAULTS = {"whitespace_flexible": False}
+_JSON_DEFAULTS: "JsonCompileOptions" = {"whitespace_flexible": False}
 
 
 def forced_tool_schema(request: GenerationRequest) -> Optional[dict]:

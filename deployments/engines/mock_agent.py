@@ -96,7 +96,7 @@ def _tools_to_call(request: GenerationRequest) -> list[ToolSpec]:
         return []
     if isinstance(choice, NamedTool):
         return [t for t in tools if t.name == choice.name][:1]
-    after_result = bool(request.messages) and request.messages[-1].role == "tool"
+    after_result = bool(request.messages) and request.messages[-1].role == "tool"  # type: ignore[index]  # bool() checked it is a non-empty list
     if choice == "auto" and after_result:
         return []
     said = _last_user(request)

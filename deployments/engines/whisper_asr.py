@@ -50,7 +50,8 @@ class FasterWhisperEngine:
     def _run(self, audio: np.ndarray, language: Optional[str], prompt: Optional[str],
              temperature: float) -> TranscriptionResult:
         segments, info = self.model.transcribe(
-            audio, beam_size=self.config.beam_size, language=language or (self.languages[0] if self.languages else None),
+            audio, beam_size=self.config.beam_size,
+            language=language or (self.languages[0] if self.languages else None),
             initial_prompt=prompt, temperature=temperature, condition_on_previous_text=False,
         )
         segs = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Optional
 
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 
@@ -48,7 +48,7 @@ async def complete_all(
 
 async def stream_all(
     core: Any, model_id: str, requests: list[GenerationRequest], info: Any
-) -> AsyncIterator[tuple[int, TextChunk]]:
+) -> AsyncGenerator[tuple[int, TextChunk], None]:
     """``(choice index, chunk)`` pairs of every request's stream, as they come.
 
     The first failure ends the whole stream (raised here); closing it cancels every

@@ -4,7 +4,8 @@ One async generator, :func:`voice_events`, drives it through the three model dep
 (speech-to-text, text, text-to-speech) over GatewayCore, so each model keeps its own
 metering, errors and load state. Reply audio is produced sentence by sentence while the
 LLM is still writing, as raw 16-bit PCM (concatenable). ``POST /voice/pipeline``
-(``serve_app/routes/voice.py``) collects the events into one JSON answer; ``/ws`` (``voice.start`` / binary frames / ``voice.end``)
+(``serve_app/routes/voice.py``) collects the events into one JSON answer; ``/ws``
+(``voice.start`` / binary frames / ``voice.end``)
 forwards them as they come (:class:`VoiceSocket`).
 """
 

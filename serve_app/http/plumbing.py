@@ -233,7 +233,7 @@ def install_error_handlers(
     """
 
     async def on_troupe_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, TroupeError)  # registered for this class only (Starlette types handlers by Exception)
+        assert isinstance(exc, TroupeError)  # registered for it (Starlette types handlers by Exception)
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id_of(request), exc.message)
         if on_rejected is not None and not exc.metered:
@@ -241,14 +241,14 @@ def install_error_handlers(
         return error_response(exc, request.scope)
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)  # registered for this class only (Starlette types handlers by Exception)
+        assert isinstance(exc, RequestValidationError)  # registered for it (Starlette types handlers by Exception)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first.get("loc", ())) or None
         return error_response(InvalidRequest(f"Invalid request: {first['msg']}", param=param),
                               request.scope)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)  # registered for this class only (Starlette types handlers by Exception)
+        assert isinstance(exc, StarletteHTTPException)  # registered for it (Starlette types handlers by Exception)
         if exc.status_code == 404:
             err: TroupeError = NotFound(
                 f"No route {request.method} {request.url.path}. The OpenAI routes live under "

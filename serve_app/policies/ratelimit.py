@@ -38,7 +38,7 @@ class QuotaClient:
 
     def __init__(self, target: Any) -> None:
         self.target = target
-        self.remote = hasattr(getattr(target, "lease"), "remote")
+        self.remote = hasattr(target.lease, "remote")
 
     async def call(self, method: str, *args: Any) -> Any:
         fn = getattr(self.target, method)

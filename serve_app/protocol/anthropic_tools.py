@@ -131,8 +131,8 @@ def _user_turns(blocks: list[ContentBlock]) -> list[ChatMessage]:
             text = b.text_of()
             out.append(ChatMessage("tool", f"Error: {text}" if b.is_error else text,
                                    tool_call_id=b.tool_use_id))
-    parts = tuple(TextPart(b.text or "") if b.type == "text" else ImagePart(b.source.url_of())
-                  for b in blocks if b.type in ("text", "image") and (b.type != "image" or b.source))
+    parts = tuple(TextPart(b.text or "") if b.source is None else ImagePart(b.source.url_of())
+                  for b in blocks if b.type == "text" or (b.type == "image" and b.source))
     if parts:
         text = "\n".join(p.text for p in parts if isinstance(p, TextPart))
         has_image = any(isinstance(p, ImagePart) for p in parts)
@@ -183,7 +183,8 @@ def tool_choice_of(choice: Optional[AnthropicToolChoice]) -> tuple[ToolChoice, b
     parallel = not choice.disable_parallel_tool_use
     if choice.type == "tool":
         return NamedTool(choice.name or ""), parallel
-    return {"auto": "auto", "any": "required", "none": "none"}[choice.type], parallel
+    simple: dict[str, ToolChoice] = {"auto": "auto", "any": "required", "none": "none"}
+    return simple[choice.type], parallel
 
 
 def tool_use_blocks(deltas: Optional[list[ToolCallDelta]]) -> list[dict[str, Any]]:

@@ -229,8 +229,8 @@ class CompletionRequest(_AgentSampling):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [tuple(p)]  # type: ignore[arg-type]
-        return [x if isinstance(x, str) else tuple(x) for x in p]  # type: ignore[misc]
+            return [tuple(x for x in p if isinstance(x, int))]
+        return [x if isinstance(x, str) else tuple(x) for x in p if not isinstance(x, int)]
 
     def output_limit(self) -> Optional[int]:
         return self.max_tokens

@@ -90,6 +90,10 @@ class Audio(_Open):
 Modalities = list[Literal["text", "audio"]]
 
 
+def _audio_only() -> Modalities:
+    return ["audio"]
+
+
 def _one_modality(value: list[str]) -> list[str]:
     if sorted(set(value)) not in (["audio"], ["text"]):
         raise ValueError('must be ["audio"] (spoken answers with a transcript) or ["text"]')
@@ -101,7 +105,7 @@ class SessionConfig(_Open):
 
     type: Literal["realtime"] = "realtime"
     model: str
-    output_modalities: Modalities = Field(default_factory=lambda: ["audio"])
+    output_modalities: Modalities = Field(default_factory=_audio_only)
     instructions: str = DEFAULT_INSTRUCTIONS
     audio: Audio = Field(default_factory=Audio)
     max_output_tokens: Union[int, Literal["inf"]] = "inf"

@@ -100,7 +100,7 @@ class CoreModels:
         return result.text.strip()
 
     async def generate(self, llm: str, messages: list[ChatMessage], max_tokens: Optional[int],
-                       temperature: float, request_id: str) -> AsyncIterator[TextChunk]:
+                       temperature: float, request_id: str) -> AsyncGenerator[TextChunk, None]:
         request = GenerationRequest(request_id, SamplingParams(max_tokens=max_tokens,
                                                                temperature=temperature), messages)
         async with contextlib.aclosing(self.core.stream(llm, request, self.info)) as chunks:
@@ -108,7 +108,7 @@ class CoreModels:
                 yield chunk
 
     async def speak(self, tts: str, text: str, voice: str, speed: float,
-                    request_id: str) -> AsyncIterator[AudioChunk]:
+                    request_id: str) -> AsyncGenerator[AudioChunk, None]:
         request = SpeechRequest(request_id, text, voice, "pcm", speed)
         async with contextlib.aclosing(self.core.speak(tts, request, self.info)) as chunks:
             async for chunk in chunks:

@@ -172,9 +172,8 @@ class ResponseRun:
                 if not plan.audio:
                     continue
                 pending += chunk.text
-                match = None
-                for match in _SENTENCE_END.finditer(pending):
-                    pass
+                ends = list(_SENTENCE_END.finditer(pending))
+                match = ends[-1] if ends else None
                 if match is not None:  # speak each finished sentence while the model writes on
                     sentence, pending = pending[: match.end()], pending[match.end():]
                     await self._speak(sentence)

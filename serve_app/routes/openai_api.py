@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional
 
 from fastapi import APIRouter, Request
 
@@ -45,7 +45,7 @@ from serve_app.settings import ModelConfig
 __all__ = ["build_openai_router", "peek_stream", "chat_request", "completion_requests"]
 
 
-async def peek_stream(chunks: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+async def peek_stream(chunks: AsyncGenerator[Any, None]) -> tuple[Any, AsyncGenerator[Any, None]]:
     """Await the first chunk so errors before any output still get a real status code."""
     try:
         first = await chunks.__anext__()

@@ -7,7 +7,7 @@ with orjson from small dicts and share one prefix string per stream.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncGenerator, Callable, Optional
 
 import orjson
 
@@ -23,7 +23,7 @@ from serve_app.protocol.openai_tools import (
 __all__ = ["Choices", "chat_events", "completion_events"]
 
 #: ``(choice index, chunk)`` pairs, the first already awaited (see ``peek_stream``).
-Choices = AsyncIterator[tuple[int, TextChunk]]
+Choices = AsyncGenerator[tuple[int, TextChunk], None]
 
 
 def _dumps(value: Any) -> str:
@@ -55,7 +55,7 @@ async def _drive(
     emit: Callable[[int, TextChunk], list[str]],
     usage_line: Callable[[], Optional[str]],
     request_id: str,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Encode every pair with ``emit`` until ``total`` choices finished; then usage, [DONE]."""
     item = first
     finished = 0
@@ -66,9 +66,9 @@ async def _drive(
             if item[1].finish_reason is not None:
                 finished += 1
                 if finished == total:
-                    line = usage_line()
-                    if line is not None:
-                        yield line
+                    usage = usage_line()
+                    if usage is not None:
+                        yield usage
                     break
             item = await rest.__anext__()
     except StopAsyncIteration:
@@ -83,7 +83,7 @@ async def _drive(
 async def chat_events(
     completion_id: str, created: int, model: str, include_usage: bool, top_logprobs: int,
     first: tuple[int, TextChunk], rest: Choices, n: int, request_id: str,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """OpenAI chat.completion.chunk events for ``n`` choices.
 
     Each choice opens with a role delta; text rides in ``content``, tool calls in
@@ -131,7 +131,7 @@ async def completion_events(
     completion_id: str, created: int, model: str, include_usage: bool,
     echoes: list[str], n: int, logprobs: Optional[int],
     first: tuple[int, TextChunk], rest: Choices, request_id: str,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """OpenAI text_completion events: choice ``i`` is prompt ``i // n``'s choice ``i % n``;
     ``echoes[p]`` (the prompt when echo is on) opens that prompt's choices."""
     head = '{"id":"%s","object":"text_completion","created":%d,"model":%s,' % (
