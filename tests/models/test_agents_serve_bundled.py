@@ -6,7 +6,7 @@ unary call; the tool result fed back gets a text answer."""
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Literal, Iterator
 
 import httpx
 import jsonschema
@@ -43,7 +43,7 @@ PEOPLE = ["a baker from Rome", "a young pilot", "an old sailor", "a shy student"
 
 
 @pytest.fixture(scope="module")
-def client(serve_instance: int) -> OpenAI:
+def client(serve_instance: int) -> Iterator[OpenAI]:
     from ray import serve
 
     from serve_app.build.app import build_app
@@ -54,7 +54,8 @@ def client(serve_instance: int) -> OpenAI:
     serve.run(build_app(args), name="agents", route_prefix="/agents")
     url = f"http://127.0.0.1:{serve_instance}/agents"
     assert httpx.get(url + "/health", timeout=120).json()["status"] == "ok"
-    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    yield OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    serve.delete("agents")  # its replica's CPU goes back to the next module's app
 
 
 def test_chat_parse_with_a_pydantic_model_20_of_20(client: OpenAI) -> None:

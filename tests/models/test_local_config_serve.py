@@ -6,6 +6,8 @@ random port) and talks to it with the official openai client and a WebSocket cli
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import asyncio
 import json
 import time
@@ -23,7 +25,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "config" / "local.yaml"
 
 
 @pytest.fixture(scope="module")
-def local_url(serve_instance: int) -> str:
+def local_url(serve_instance: int) -> Iterator[str]:
     from ray import serve
 
     from serve_app.build.app import build_app
@@ -32,7 +34,8 @@ def local_url(serve_instance: int) -> str:
     serve.run(build_app(args), name="local", route_prefix="/local")
     url = f"http://127.0.0.1:{serve_instance}/local"
     assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
-    return url
+    yield url
+    serve.delete("local")  # its replicas' CPUs go back to the next module's app
 
 
 def active(url: str, model: str) -> int:
@@ -96,7 +99,7 @@ def test_all_five_bundled_models_serve_their_routes(local_url: str) -> None:
 
     from PIL import Image
 
-    models = {m["id"]: m for m in httpx.get(local_url + "/models", timeout=30).json()["data"]}
+    models = {m["id"]: m for m in httpx.get(local_url + "/models", timeout=30).json()["models"]}
     expected = {"smollm2-135m": "text-generation", "all-minilm-l6-v2": "embeddings",
                 "piper-joe": "text-to-speech", "whisper-tiny-en": "speech-to-text",
                 "dcgan-faces": "image-generation"}

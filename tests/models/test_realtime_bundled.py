@@ -7,6 +7,8 @@ answer, which must say Paris.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import httpx
 import pytest
 
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.models
 
 
 @pytest.fixture(scope="module")
-def trio_url(serve_instance: int) -> str:
+def trio_url(serve_instance: int) -> Iterator[str]:
     from ray import serve
 
     from serve_app.build.app import build_app
@@ -24,7 +26,8 @@ def trio_url(serve_instance: int) -> str:
     serve.run(build_app(trio_args()), name="realtime-trio", route_prefix="/trio")
     url = f"http://127.0.0.1:{serve_instance}/trio"
     assert httpx.get(url + "/health", timeout=120).json()["status"] == "ok"
-    return url
+    yield url
+    serve.delete("realtime-trio")
 
 
 async def test_spoken_question_gets_a_spoken_answer_that_says_paris(trio_url: str) -> None:
