@@ -12,9 +12,11 @@ import os
 import time
 from typing import Any, AsyncIterator, Optional
 
+from deployments.adapters import AdapterSlots, LocalMultiplexer
+from deployments.adapter_files import scan_adapter_folder
 from deployments.engines.base import TextEngine, create_text_engine
 from serve_app.settings import ModelConfig
-from serve_app.errors import InferenceFailed, TroupeError
+from serve_app.errors import InferenceFailed, InvalidRequest, TroupeError
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.tracing import (
     ATTR_FINISH_REASONS,
@@ -53,6 +55,30 @@ class LLMDeployment:
         #: Unix time the engine finished loading: a request sent before it waited for
         #: this replica to start (a cold start, e.g. after scale to zero).
         self._ready_at: Optional[float] = None
+        #: Who served a request (shown to clients); the builder sets Serve's replica id.
+        self.replica_id = f"pid-{os.getpid()}"
+        self.adapters = self._adapter_slots()  # LoRA adapters (issue 19); None: none served
+
+    def _adapter_slots(self) -> Optional[AdapterSlots]:
+        settings = self.model.adapters
+        if settings is None:
+            return None
+        paths = {**(scan_adapter_folder(settings.folder) if settings.folder else {}), **settings.paths}
+        slots = AdapterSlots(self.engine, paths)
+        slots.get = LocalMultiplexer(slots.load, settings.max_loaded)
+        return slots
+
+    async def _acquire_adapter(self, request: GenerationRequest) -> Optional[float]:
+        """Load the request's adapter if needed (through the multiplexer); the ms it waited."""
+        if request.adapter is None:
+            return None
+        if self.adapters is None:
+            raise InvalidRequest(
+                f"Model {self.model.id!r} serves no adapters; send model={self.model.id!r}.",
+                param="model",
+            )
+        _, waited = await self.adapters.acquire(request.adapter, request.adapter_path)
+        return waited
 
     async def _ensure_started(self) -> None:
         if self._started:
@@ -62,6 +88,9 @@ class LLMDeployment:
                 await self.engine.start()
                 self._started = True
                 self._ready_at = time.time()
+                if self.adapters is not None and self.model.adapters is not None:
+                    for adapter_id in self.model.adapters.preload:
+                        await self.adapters.get(adapter_id)
 
     async def start(self) -> None:
         """Load the engine now (the builder calls this from the replica's constructor)."""
@@ -87,6 +116,7 @@ class LLMDeployment:
         await self._ensure_started()
         cold_start = bool(request.dispatched_at) and request.dispatched_at < (self._ready_at or 0)
         self._limit(request)
+        adapter_load_ms = await self._acquire_adapter(request)
         self._served += 1
         completion = 0
         prompt_tokens = 0
@@ -115,6 +145,8 @@ class LLMDeployment:
                         prompt_tokens,
                         completion,
                         stop_sequence=out.stop_sequence,
+                        adapter_load_ms=adapter_load_ms,
+                        replica=self.replica_id,
                     )
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
@@ -145,6 +177,8 @@ class LLMDeployment:
         finally:
             try:
                 await outputs.aclose()
+                if request.adapter is not None and self.adapters is not None:
+                    await self.adapters.release(request.adapter)
             finally:
                 usage: dict[str, Any] = {
                     ATTR_INPUT_TOKENS: prompt_tokens, ATTR_OUTPUT_TOKENS: completion,
@@ -176,6 +210,8 @@ class LLMDeployment:
                         queue_ms,
                         stop_sequence=chunk.stop_sequence,
                         cold_start=cold_start,
+                        adapter_load_ms=chunk.adapter_load_ms,
+                        replica=chunk.replica,
                     )
         finally:
             await stream.aclose()
@@ -191,6 +227,8 @@ class LLMDeployment:
             "engine": self.model.engine.type,
             "started": self._started,
             "pid": os.getpid(),
+            "replica": self.replica_id,
+            **({"adapters": self.adapters.stats()} if self.adapters is not None else {}),
             **({"remote": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
         }
 

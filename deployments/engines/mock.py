@@ -80,6 +80,17 @@ class MockTextEngine:
         self.config = config
         self.context_length = config.context_length
         self._active: dict[str, asyncio.Event] = {}
+        #: LoRA adapters "loaded" (issue 19): an adapter changes the output like a real one.
+        self.adapters: set[str] = set()
+
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Pretend to load an adapter (taking ``adapter_load_delay_ms``)."""
+        if self.config.adapter_load_delay_ms:
+            await asyncio.sleep(self.config.adapter_load_delay_ms / 1000.0)
+        self.adapters.add(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        self.adapters.discard(adapter_id)
 
     async def start(self) -> None:
         return None
@@ -99,6 +110,10 @@ class MockTextEngine:
     def _plan(self, request: GenerationRequest) -> tuple[int, list[str], str, Optional[str]]:
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
+        if request.adapter is not None:
+            if request.adapter not in self.adapters:
+                raise RuntimeError(f"adapter {request.adapter!r} is not loaded on this replica")
+            prompt = f"<adapter {request.adapter}>\n{prompt}"
         sp = request.sampling
         limit = plan_output_tokens(
             self.context_length,

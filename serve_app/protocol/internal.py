@@ -75,6 +75,9 @@ class GenerationRequest:
     service_tier: Optional[str] = None
     #: start_within window: try flex first, fall back to standard after this many seconds.
     start_within_s: Optional[float] = None
+    #: LoRA adapter id to run with (None: the base model) and its local folder (issue 19).
+    adapter: Optional[str] = None
+    adapter_path: Optional[str] = None
 
 
 @dataclass(slots=True)
@@ -114,6 +117,10 @@ class TextChunk:
     stop_sequence: Optional[str] = None
     #: First chunk only: the request was sent before its replica was up (a cold start).
     cold_start: bool = False
+    #: Final chunk only: ms this request waited for its adapter to load (None: already loaded).
+    adapter_load_ms: Optional[float] = None
+    #: Final chunk only: the replica that served it (its Serve replica id, else its pid).
+    replica: Optional[str] = None
 
     def usage(self) -> dict[str, int]:
         """OpenAI-style usage of a final chunk."""

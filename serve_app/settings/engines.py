@@ -68,6 +68,11 @@ class MockEngineConfig(_EngineConfig):
         None, ge=0,
         description="Raise an engine error after this many tokens (tests of mid-stream errors).",
     )
+    adapter_load_delay_ms: float = Field(
+        0.0, ge=0, le=60_000,
+        description="Time loading one LoRA adapter takes (the mock's output depends on the "
+        "adapter id; it loads no weights).",
+    )
 
 
 class TransformersEngineConfig(_EngineConfig):

@@ -9,6 +9,7 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.settings.adapters import AdapterSettings
 from serve_app.settings.base import Strict
 from serve_app.settings.engines import (
     EngineConfig,
@@ -194,6 +195,11 @@ class ModelConfig(Strict):
         description="Where the engine runs: its own Serve deployment, or inside each gateway "
         "replica (no extra hop; only for remote engines, which hold no accelerator state).",
     )
+    adapters: Optional[AdapterSettings] = Field(
+        None,
+        description="LoRA adapters on this text model (mock, transformers and vllm engines); "
+        "None: the model serves no adapters and refuses registrations.",
+    )
 
     @model_validator(mode="after")
     def _gateway_only_remote(self) -> "ModelConfig":
@@ -202,6 +208,13 @@ class ModelConfig(Strict):
         if self.run_in == "gateway" and self.modality != "text":
             raise ValueError("run_in: gateway is only for text models; remote embeddings run "
                              "in their own deployment (run_in: deployment)")
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_on_local_text(self) -> "ModelConfig":
+        if self.adapters is not None and (self.modality != "text" or self.provider != "local"):
+            raise ValueError("adapters are served only by local text engines (mock, "
+                             "transformers, vllm); remove 'adapters' from this model")
         return self
 
     @model_validator(mode="before")

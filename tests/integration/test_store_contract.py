@@ -306,8 +306,8 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert conn.execute(
                 "SELECT component, version FROM schema_version ORDER BY component"
-            ).fetchall() == [("api_keys", 1), ("batch", 1), ("credentials", 1),
-                             ("idempotency", 1), ("ledger", 2)]
+            ).fetchall() == [("adapters", 1), ("api_keys", 1), ("batch", 1),
+                             ("credentials", 1), ("idempotency", 1), ("ledger", 3)]
     finally:
         await store.close()
 
@@ -337,6 +337,42 @@ async def test_credentials_put_replace_list_delete_and_survive_reopen(
     assert await second.credential_delete("anthropic") is True
     assert await second.credential_delete("anthropic") is False
     assert [r.name for r in await second.credential_list()] == ["openai"]
+
+
+# --- LoRA adapters registered at run time ------------------------------------------------
+
+
+async def test_adapters_put_replace_list_delete_and_survive_reopen(
+    make_store: StoreFactory,
+) -> None:
+    from serve_app.store.adapter_tables import AdapterRow
+
+    first = make_store()
+    await first.open()
+    assert await first.adapter_list() == []
+    await first.adapter_put(AdapterRow("smollm2", "support", "/a/support", 10.0))
+    await first.adapter_put(AdapterRow("mock", "support", "/b/support", 11.0))
+    await first.adapter_put(AdapterRow("smollm2", "support", "/a/support-v2", 12.5))
+    await first.close()
+    second = make_store()
+    await second.open()
+    assert await second.adapter_list() == [
+        AdapterRow("mock", "support", "/b/support", 11.0),
+        AdapterRow("smollm2", "support", "/a/support-v2", 12.5),
+    ]
+    assert await second.adapter_delete("smollm2", "support") is True
+    assert await second.adapter_delete("smollm2", "support") is False
+    assert [(r.base, r.adapter_id) for r in await second.adapter_list()] == [("mock", "support")]
+
+
+async def test_adapter_load_ms_round_trips_in_the_ledger(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.open()
+    await store.ledger_append([entry(event_id="lora-1", model="base:one", adapter_load_ms=12.5),
+                               entry(event_id="lora-2", model="base:one")])
+    rows = {e.event.event_id: e.event for e in await store.ledger_window(0, 10_000)}
+    assert (rows["lora-1"].adapter_load_ms, rows["lora-2"].adapter_load_ms) == (12.5, None)
+    assert rows["lora-1"].model == "base:one"
 
 
 # --- API keys ------------------------------------------------------------------------------
