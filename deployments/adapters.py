@@ -47,12 +47,12 @@ class AdapterSlots:
     """Adapter state of one replica: known paths, in-use counts, loads and evictions.
 
     Args:
-        engine: the text engine; it has ``load_adapter(id, path)`` and
-            ``unload_adapter(id)`` coroutines.
+        engine: returns the replica's current text engine (a reload replaces it); the
+            engine has ``load_adapter(id, path)`` and ``unload_adapter(id)`` coroutines.
         paths: adapter id -> folder known from config (requests may name others).
     """
 
-    def __init__(self, engine: Any, paths: Optional[dict[str, str]] = None) -> None:
+    def __init__(self, engine: Callable[[], Any], paths: Optional[dict[str, str]] = None) -> None:
         self.engine = engine
         self.paths: dict[str, str] = dict(paths or {})
         self.loaded: set[str] = set()
@@ -76,7 +76,7 @@ class AdapterSlots:
         if adapter_id in self.loaded:  # evicted but still in use, then wanted again
             return AdapterLease(self, adapter_id, 0.0)
         started = time.perf_counter()
-        await self.engine.load_adapter(adapter_id, path)
+        await self.engine().load_adapter(adapter_id, path)
         self.loaded.add(adapter_id)
         self.loads += 1
         return AdapterLease(self, adapter_id, (time.perf_counter() - started) * 1000.0)
@@ -92,7 +92,7 @@ class AdapterSlots:
     async def _unload(self, adapter_id: str) -> None:
         if adapter_id in self.loaded:
             self.loaded.discard(adapter_id)
-            await self.engine.unload_adapter(adapter_id)
+            await self.engine().unload_adapter(adapter_id)
 
     async def acquire(self, adapter_id: str, path: Optional[str]) -> tuple[AdapterLease, Optional[float]]:
         """Get the adapter loaded for one request; returns the lease and the load time this

@@ -64,7 +64,7 @@ class LLMDeployment:
         if settings is None:
             return None
         paths = {**(scan_adapter_folder(settings.folder) if settings.folder else {}), **settings.paths}
-        slots = AdapterSlots(self.engine, paths)
+        slots = AdapterSlots(lambda: self.engine, paths)
         slots.get = LocalMultiplexer(slots.load, settings.max_loaded)
         return slots
 
@@ -227,8 +227,8 @@ class LLMDeployment:
             "engine": self.model.engine.type,
             "started": self._started,
             "pid": os.getpid(),
-            "replica": self.replica_id,
-            **({"adapters": self.adapters.stats()} if self.adapters is not None else {}),
+            **({"replica": self.replica_id, "adapters": self.adapters.stats()}
+               if self.adapters is not None else {}),
             **({"remote": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
         }
 

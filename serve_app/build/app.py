@@ -22,6 +22,7 @@ from serve_app.routes.modalities import build_modalities_router
 
 
 from serve_app.routes.admin import build_admin_router
+from serve_app.routes.adapters import build_adapters_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
 from serve_app.routes.openai_api import build_openai_router
@@ -73,6 +74,7 @@ def build_fastapi_app(
     app.include_router(build_voice_router(core))
     app.include_router(build_playground_router())
     app.include_router(build_admin_router(core, lambda: session_actor))
+    app.include_router(build_adapters_router(core))  # LoRA adapters (issue 19)
     inner: Any = app
     if policies is not None:
         from serve_app.policies.layer import PolicyMiddleware
@@ -235,6 +237,7 @@ class Gateway:
         )
         setup_tracing(parsed.tracing, "gateway", _span_sink(parsed.metrics.enabled))
         self.policies = policy_layer(parsed, self.core)
+        self.core.adapters.store = self.policies.store  # registered adapters persist there
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(
@@ -246,6 +249,7 @@ class Gateway:
         """Serve's periodic health check; also starts the policy layer's background work
         (key refresh, batch worker) on a replica that has not served a request yet."""
         await self.policies.ready()
+        await self.core.adapters.refresh()  # adapters registered on another replica
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
         for handle in getattr(self, "local_handles", {}).values():  # in-gateway engines
@@ -268,6 +272,16 @@ def _in_gateway_handles(settings: TroupeSettings) -> dict[str, Any]:
     }
 
 
+def _multiplex_adapters(replica: Any) -> None:
+    """Hand the replica's adapter LRU to Serve's model multiplexing (issue 19), and name the
+    replica by its Serve id."""
+    from ray import serve
+
+    replica.replica_id = serve.get_replica_context().replica_id.unique_id
+    if replica.adapters is not None:
+        replica.adapters.get = replica.get_adapter
+
+
 def model_deployment(model: ModelConfig):
     """The Serve deployment (not yet bound) for one configured model."""
     from ray import serve
@@ -279,6 +293,8 @@ def model_deployment(model: ModelConfig):
         from serve_app.build.modality import modality_deployment
 
         return modality_deployment(model, _setup_model_replica)
+
+    max_adapters = model.adapters.max_loaded if model.adapters is not None else 1
 
     class TextModel(TextLifecycle, LLMDeployment):
         async def __init__(  # type: ignore[misc]
@@ -295,7 +311,13 @@ def model_deployment(model: ModelConfig):
             tracing_settings = TracingSettings.model_validate(tracing or {})
             setup_tracing(tracing_settings, "model", _span_sink(metrics_enabled))
             LLMDeployment.__init__(self, model_config)
+            _multiplex_adapters(self)
             await self.start()  # load weights before the replica reports healthy
+
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def get_adapter(self, adapter_id: str) -> Any:
+            """Serve's multiplexed loader: it keeps the LRU and routes by adapter id."""
+            return await self.adapters.load(adapter_id)
 
         async def __del__(self) -> None:  # Serve awaits an async __del__ on shutdown
             await self.shutdown()

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
+from serve_app.gateway.adapters import AdapterCatalog
 from serve_app.gateway.coalesce import Coalescer
 from serve_app.settings import ModelConfig, TroupeSettings
 from serve_app.errors import (
@@ -176,6 +177,8 @@ class GatewayCore(ModalityCalls):
             m.id: {"deployment": m.deployment_name} for m in settings.models
         }
         self.models: dict[str, ModelConfig] = {m.id: m for m in settings.models}
+        #: LoRA adapters per base model (issue 19); the builder gives it the store.
+        self.adapters = AdapterCatalog(self.models)
         #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
         self.prices = PriceTable.from_models(settings.models)
         self._handles = handles
@@ -188,6 +191,9 @@ class GatewayCore(ModalityCalls):
 
     def resolve(self, model_id: str) -> ModelConfig:
         model = self.models.get(model_id)
+        adapter = None if model is not None else self.adapters.split(model_id)  # issue 19
+        if adapter is not None:
+            model_id, model = adapter.base, self.models[adapter.base]
         if model is None:
             available = ", ".join(sorted(self.models)) or "(none)"
             raise ModelNotFound(
@@ -288,6 +294,7 @@ class GatewayCore(ModalityCalls):
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
+        model_id = self.adapters.route(model_id, request)  # "<base>:<adapter>" -> base
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
             from serve_app.gateway.deadline import complete_with_deadline
@@ -316,6 +323,7 @@ class GatewayCore(ModalityCalls):
         """
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
+        meter.adapter = getattr(request, "adapter", None)
         error: Optional[TroupeError] = None
         self._dispatch(model_id, request)
         timeout = self.settings.gateway.request_timeout_s
@@ -325,7 +333,8 @@ class GatewayCore(ModalityCalls):
             response = _NothingToCancel()
             waiting: Any = merger.submit(request)
         else:
-            response = waiting = getattr(self._handles[model_id], method).remote(request)
+            handle = self.adapters.handle_for(self._handles[model_id], request)
+            response = waiting = getattr(handle, method).remote(request)
         try:
             if merger is None:
                 await _wait_for_replica(response, self.models[model_id])
@@ -370,9 +379,11 @@ class GatewayCore(ModalityCalls):
         """
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
+        meter.adapter = getattr(request, "adapter", None)
         error: Optional[TroupeError] = None
         self._dispatch(model_id, request)
-        generator = getattr(self._stream_handles[model_id], method).remote(request)
+        handle = self.adapters.handle_for(self._stream_handles[model_id], request)
+        generator = getattr(handle, method).remote(request)
         idle = self.settings.gateway.stream_idle_timeout_s
         finished = False
         try:
@@ -410,6 +421,7 @@ class GatewayCore(ModalityCalls):
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> AsyncIterator[TextChunk]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
+        model_id = self.adapters.route(model_id, request)  # "<base>:<adapter>" -> base
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
             from serve_app.gateway.deadline import stream_with_deadline

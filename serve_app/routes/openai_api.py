@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Optional
 import orjson
 from fastapi import APIRouter, Request
 
+from serve_app.gateway.adapters import adapter_card, replica_header
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.deadline import apply_start_within
 from serve_app.errors import TroupeError, as_troupe_error
@@ -49,6 +50,9 @@ async def peek_stream(
 
 
 def _model_card(model_id: str, created: int, core: Optional[GatewayCore] = None) -> dict[str, Any]:
+    adapter = core.adapters.split(model_id) if core is not None else None
+    if adapter is not None:  # a LoRA adapter on a base model (issue 19)
+        return adapter_card(adapter, created)
     card = {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
     if core is not None:  # Troupe extension: what the model does
         model = core.models[model_id]
@@ -90,7 +94,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
     @router.get("/models")
     async def list_models() -> JSONResponse:
         return JSONResponse(
-            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]}
+            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]
+             + [adapter_card(ref, created) for ref in core.adapters.cards()]}
         )
 
     @router.get("/models/{model_id:path}")
@@ -128,7 +133,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                     }
                 ],
                 "usage": result.usage(),
-            }
+            },
+            headers=replica_header(result),
         )
 
     @router.post("/completions")
@@ -164,7 +170,8 @@ def build_openai_router(core: GatewayCore) -> APIRouter:
                     }
                 ],
                 "usage": result.usage(),
-            }
+            },
+            headers=replica_header(result),
         )
 
     return router
