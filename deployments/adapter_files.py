@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from serve_app.errors import AdapterInvalid
+from serve_app.settings import ModelConfig, TransformersEngineConfig, VLLMEngineConfig
 
-__all__ = ["AdapterInfo", "inspect_adapter", "scan_adapter_folder", "WEIGHT_FILES"]
+__all__ = ["AdapterInfo", "base_names", "inspect_adapter", "scan_adapter_folder", "WEIGHT_FILES"]
+
+#: The bundled CPU text model's name (adapters trained on it name it as their base).
+BUNDLED_TEXT_MODEL = "SmolLM2-135M-Instruct"
 
 #: File names PEFT saves adapter weights under (safetensors first, the pickle format after).
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -102,6 +106,18 @@ def inspect_adapter(
     if isinstance(targets, str):
         targets = (targets,)
     return AdapterInfo(str(folder), rank, base, tuple(targets))
+
+
+def base_names(model: ModelConfig) -> list[str]:
+    """Names an adapter's ``base_model_name_or_path`` may carry for ``model`` (a ModelConfig):
+    its id, the configured ``adapters.base_names`` and the engine's weights path."""
+    names = [model.id, *(model.adapters.base_names if model.adapters else [])]
+    engine = model.engine
+    if isinstance(engine, VLLMEngineConfig):
+        names.append(engine.model)
+    elif isinstance(engine, TransformersEngineConfig):
+        names.append(engine.model_path or BUNDLED_TEXT_MODEL)
+    return names
 
 
 def scan_adapter_folder(folder: str) -> dict[str, str]:

@@ -50,10 +50,18 @@ class AdapterSlots:
         engine: returns the replica's current text engine (a reload replaces it); the
             engine has ``load_adapter(id, path)`` and ``unload_adapter(id)`` coroutines.
         paths: adapter id -> folder known from config (requests may name others).
+        check: ``check(adapter_id, path)`` raises :class:`AdapterInvalid` for a folder the
+            model cannot serve (run before every load).
     """
 
-    def __init__(self, engine: Callable[[], Any], paths: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        engine: Callable[[], Any],
+        paths: Optional[dict[str, str]] = None,
+        check: Optional[Callable[[str, str], Any]] = None,
+    ) -> None:
         self.engine = engine
+        self._check = check
         self.paths: dict[str, str] = dict(paths or {})
         self.loaded: set[str] = set()
         self.in_use: dict[str, int] = {}
@@ -75,6 +83,8 @@ class AdapterSlots:
         self._doomed.discard(adapter_id)
         if adapter_id in self.loaded:  # evicted but still in use, then wanted again
             return AdapterLease(self, adapter_id, 0.0)
+        if self._check is not None:
+            self._check(adapter_id, path)
         started = time.perf_counter()
         await self.engine().load_adapter(adapter_id, path)
         self.loaded.add(adapter_id)

@@ -13,7 +13,7 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from deployments.adapters import AdapterSlots, LocalMultiplexer
-from deployments.adapter_files import scan_adapter_folder
+from deployments.adapter_files import base_names, inspect_adapter, scan_adapter_folder
 from deployments.engines.base import TextEngine, create_text_engine
 from serve_app.settings import ModelConfig
 from serve_app.errors import InferenceFailed, InvalidRequest, TroupeError
@@ -64,7 +64,12 @@ class LLMDeployment:
         if settings is None:
             return None
         paths = {**(scan_adapter_folder(settings.folder) if settings.folder else {}), **settings.paths}
-        slots = AdapterSlots(lambda: self.engine, paths)
+        names = base_names(self.model)
+
+        def check(adapter_id: str, path: str) -> None:
+            inspect_adapter(path, settings.max_rank, names, adapter_id)
+
+        slots = AdapterSlots(lambda: self.engine, paths, check)
         slots.get = LocalMultiplexer(slots.load, settings.max_loaded)
         return slots
 

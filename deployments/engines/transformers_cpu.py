@@ -41,6 +41,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from deployments.engines.base import plan_output_tokens
 from deployments.engines.gguf_cache import resolve_model_dir
+from deployments.engines.lora_peft import PeftAdapters
 from deployments.engines.stop_strings import StopStringTracker
 from serve_app.errors import InvalidRequest, ModelNotLoaded
 from serve_app.protocol.internal import EngineOutput, GenerationRequest, SamplingParams
@@ -82,6 +83,7 @@ class _Job:
     produced: int = 0  # tokens the model computed for this job (incl. any discarded)
     finished: bool = False  # the final item was pushed
     started: bool = False  # the worker picked it up
+    adapter: Optional[str] = None  # LoRA adapter id (issue 19); None: the base model
 
     def push(self, item: _Item) -> None:
         try:
@@ -147,6 +149,25 @@ class TransformersTextEngine:
         self._jobs_lock = threading.Lock()
         self._keys = itertools.count()
         self._closed = False
+        self._lora: Optional[PeftAdapters] = None  # LoRA adapters (issue 19), made on first load
+
+    # ---------------------------------------------------------------- adapters (issue 19)
+
+    async def _on_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the generation thread: model changes never race a running step."""
+        if self._executor is None:
+            raise ModelNotLoaded(f"Model {self.model_id!r} is not loaded on this replica.")
+        return await asyncio.wrap_future(self._executor.submit(fn))
+
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Load a PEFT LoRA adapter (see :mod:`deployments.engines.lora_peft`)."""
+        if self._lora is None:
+            self._lora = PeftAdapters(self._model)
+        await self._on_worker(lambda: self._lora.load(adapter_id, path))  # type: ignore[union-attr]
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        if self._lora is not None:
+            await self._on_worker(lambda: self._lora.unload(adapter_id))  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -283,6 +304,7 @@ class TransformersTextEngine:
             loop=loop,
             queue=asyncio.Queue(),
             tracker=StopStringTracker(request.sampling.stop),
+            adapter=request.adapter,
         )
         with self._jobs_lock:
             self._jobs[job.key] = job  # queued requests count as active
@@ -369,7 +391,12 @@ class TransformersTextEngine:
             with torch.random.fork_rng(devices=[]), torch.inference_mode():
                 if sample:  # the global CPU generator is what generate() samples from
                     torch.manual_seed(sp.seed if sp.seed is not None else secrets.randbits(63))
-                self._model.generate(
+                model, lora_kwargs = (  # the job's adapter, per sequence (issue 19)
+                    self._lora.generate_target([job.adapter]) if self._lora is not None
+                    else (self._model, {})
+                )
+                model.generate(
+                    **lora_kwargs,
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     generation_config=gen_config,

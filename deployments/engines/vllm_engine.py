@@ -42,8 +42,14 @@ import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.engines.base import plan_output_tokens
+from deployments.engines.vllm_lora import VLLMAdapters, lora_rank_slot
 from serve_app.settings import ConfigError, VLLMEngineConfig
-from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
+from serve_app.errors import (
+    ContextLengthExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotLoaded,
+)
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
 
 __all__ = [
@@ -116,6 +122,9 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
     }
     if config.max_model_len is not None:
         args["max_model_len"] = config.max_model_len
+    if config.max_loras is not None:  # LoRA adapters (issue 19)
+        args.update(enable_lora=True, max_loras=config.max_loras,
+                    max_lora_rank=lora_rank_slot(config.max_lora_rank))
     if config.tensor_parallel_size > 1:
         # Use the replica's placement group (see the module docstring).
         args["distributed_executor_backend"] = "ray"
@@ -231,6 +240,7 @@ class VLLMTextEngine:
         *,
         engine_factory: Optional[EngineFactory] = None,
         sampling_params_factory: Optional[SamplingParamsFactory] = None,
+        lora_request_factory: Optional[Callable[..., Any]] = None,
     ) -> None:
         self.model_id = model_id
         self.config = config
@@ -244,6 +254,8 @@ class VLLMTextEngine:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._active: dict[str, _Flight] = {}
+        #: LoRA adapters (``lora_request_factory``: vLLM's LoRARequest; tests inject one).
+        self.lora = VLLMAdapters(model_id, config.max_loras is not None, lora_request_factory)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -278,6 +290,7 @@ class VLLMTextEngine:
             self._engine_factory = _vllm_engine_factory
         if self._sampling_params_factory is None:
             self._sampling_params_factory = _vllm_sampling_params_factory()
+        self.lora.bind_vllm()
         if self.config.tensor_parallel_size > 1 and not _in_placement_group():
             logger.warning(
                 "model %s: tensor_parallel_size=%d but the replica runs outside a placement "
@@ -433,7 +446,9 @@ class VLLMTextEngine:
 
         flight = _Flight()
         self._active[request_id] = flight
-        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        lora = self.lora.for_request(request)
+        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                 **({"lora_request": lora} if lora is not None else {}))
         finished = False  # vLLM reported a finish reason: nothing left to abort
         try:
             out = await self._first_output(stream, request, prompt_tokens, max_tokens)
@@ -461,6 +476,17 @@ class VLLMTextEngine:
                     await engine.abort(request_id)
             finally:
                 await stream.aclose()
+
+    # ---------------------------------------------------------- adapters (issue 19)
+
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Add a LoRA adapter to vLLM (see :mod:`deployments.engines.vllm_lora`)."""
+        if self._engine is None:
+            raise ModelNotLoaded(f"Model {self.model_id!r} is not loaded on this replica.")
+        await self.lora.load(self._engine, adapter_id, path)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        await self.lora.unload(self._engine, adapter_id)
 
     def _finish_reason(self, reason: str, request_id: str) -> EngineFinishReason:
         mapped = _FINISH_REASONS.get(str(reason))

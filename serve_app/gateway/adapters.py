@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from deployments.adapter_files import inspect_adapter, scan_adapter_folder
+from deployments.adapter_files import base_names, inspect_adapter, scan_adapter_folder
 from serve_app.errors import AdapterNotFound, InvalidRequest, ModelNotFound
 from serve_app.settings import ModelConfig
 from serve_app.settings.adapters import ADAPTER_ID_PATTERN
@@ -38,17 +38,6 @@ class AdapterRef:
     def model_id(self) -> str:
         """The id metering and listings use: ``"<base>:<adapter>"``."""
         return f"{self.base}:{self.adapter_id}"
-
-
-def _base_names(model: ModelConfig) -> list[str]:
-    names = [model.id, *((model.adapters.base_names) if model.adapters else [])]
-    for attr in ("model_path", "model"):  # transformers / vllm engine weights
-        value = getattr(model.engine, attr, None)
-        if isinstance(value, str):
-            names.append(value)
-    if model.engine.type == "transformers" and not getattr(model.engine, "model_path", None):
-        names.append("SmolLM2-135M-Instruct")  # the bundled model's name
-    return names
 
 
 class AdapterCatalog:
@@ -181,7 +170,7 @@ class AdapterCatalog:
                 param="id",
             )
         assert model.adapters is not None
-        inspect_adapter(path, model.adapters.max_rank, _base_names(model), adapter_id)
+        inspect_adapter(path, model.adapters.max_rank, base_names(model), adapter_id)
         if self.store is not None:
             from serve_app.store.adapter_tables import AdapterRow
 

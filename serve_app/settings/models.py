@@ -219,6 +219,21 @@ class ModelConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _vllm_lora_slots(cls, data: Any) -> Any:
+        """vLLM sizes its LoRA slots at start: from ``adapters`` unless the engine sets them."""
+        if not isinstance(data, dict) or not isinstance(data.get("adapters"), dict):
+            return data
+        engine = data.get("engine")
+        if not isinstance(engine, dict) or engine.get("type") != "vllm":
+            return data
+        adapters = data["adapters"]
+        fields = AdapterSettings.model_fields
+        defaults = {"max_loras": adapters.get("max_loaded", fields["max_loaded"].default),
+                    "max_lora_rank": adapters.get("max_rank", fields["max_rank"].default)}
+        return {**data, "engine": {**defaults, **engine}}
+
+    @model_validator(mode="before")
+    @classmethod
     def _modality_mock(cls, data: Any) -> Any:
         if isinstance(data, dict):
             engine = engine_type_for(data.get("modality", "text"), data.get("engine"))
