@@ -9,6 +9,8 @@ import pytest
 
 from serve_app import errors
 from serve_app.errors import (
+    AdapterInvalid,
+    AdapterNotFound,
     AuthenticationFailed,
     AuthorizationFailed,
     ContentFiltered,
@@ -21,8 +23,6 @@ from serve_app.errors import (
     InvalidRequest,
     MethodNotAllowed,
     ModelNotFound,
-    AdapterInvalid,
-    AdapterNotFound,
     ModelNotLoaded,
     NotFound,
     Overloaded,
