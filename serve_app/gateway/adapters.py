@@ -3,7 +3,8 @@
 Clients name an adapter as ``"<base>:<adapter>"`` or by the adapter's own id (a model id
 always wins over an adapter id). Adapters come from config (``adapters.paths`` and the
 scanned ``adapters.folder``) and from ``POST /models/{base}/adapters`` (kept in the store,
-so a redeploy keeps them; another gateway replica reads them on its first miss).
+so a redeploy keeps them; the other gateway replicas re-read the store at their next
+health check, every few seconds).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from serve_app.settings.adapters import ADAPTER_ID_PATTERN
 __all__ = ["AdapterCatalog", "AdapterRef", "adapter_card", "replica_header"]
 
 _ID_RE = re.compile(ADAPTER_ID_PATTERN)
-#: A miss re-reads the store at most this often (adapters registered on another replica).
+#: The store is re-read at most this often (adapters registered on another replica).
 _REFRESH_EVERY_S = 1.0
 
 
@@ -85,18 +86,6 @@ class AdapterCatalog:
                 return adapters[model_id]
         return None
 
-    async def find(self, model_id: str) -> Optional[AdapterRef]:
-        """:meth:`split`, re-reading the store once on a miss (another replica registered it)."""
-        try:
-            ref = self.split(model_id)
-        except AdapterNotFound:
-            if not await self.refresh():
-                raise
-            return self.split(model_id)
-        if ref is None and model_id not in self.models and await self.refresh():
-            return self.split(model_id)
-        return ref
-
     def _not_found(self, base: str, adapter_id: str) -> AdapterNotFound:
         known = sorted(self.by_base.get(base, {}))
         return AdapterNotFound(
@@ -113,7 +102,9 @@ class AdapterCatalog:
     # ------------------------------------------------------------ registration
 
     async def refresh(self) -> bool:
-        """Re-read registered adapters from the store (rate limited); True when it read."""
+        """Re-read registered adapters from the store (at most once a second); True when it
+        read. Called by the gateway's health check, so registrations made on another
+        gateway replica arrive within one health-check period."""
         now = time.monotonic()
         if self.store is None or now - self._refreshed < _REFRESH_EVERY_S:
             return False
