@@ -264,3 +264,26 @@ async def test_registration_needs_the_admin_key_and_a_base_with_adapters(
     assert plain.status_code == 400 and "serves no adapters" in plain.json()["error"]["message"]
     unknown = await gw.client.delete("/models/mock/adapters/nope", headers=ADMIN)
     assert unknown.status_code == 404 and "a, b" in unknown.json()["error"]["message"]
+
+
+async def test_a_registration_survives_a_restart_and_reaches_other_gateways(tmp_path: Path) -> None:
+    from serve_app.gateway.adapters import AdapterCatalog
+    from serve_app.store.sqlite import SQLiteStore
+
+    settings = load_settings({"models": [{"id": "mock", "engine": {"type": "mock"},
+                                          "adapters": {"max_loaded": 2}}]})
+    models = {m.id: m for m in settings.models}
+    store = SQLiteStore(tmp_path / "state.db")
+    await store.open()
+    try:
+        first, second = AdapterCatalog(models, store), AdapterCatalog(models, store)
+        await first.register("mock", "late", make_adapter(tmp_path / "late"))
+        assert second.split("late") is None  # not yet read
+        assert await second.refresh()
+        ref = second.split("mock:late")
+        assert ref is not None and ref.path == str(tmp_path / "late")
+        restarted = AdapterCatalog(models, store)
+        await restarted.refresh()
+        assert [r.model_id for r in restarted.cards()] == ["mock:late"]
+    finally:
+        await store.close()
