@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from deployments.engines.gguf_cache import BUNDLED_GGUF, cache_name_for
 from serve_app.errors import AdapterInvalid
 from serve_app.settings import ModelConfig, TransformersEngineConfig, VLLMEngineConfig
 
@@ -116,7 +117,13 @@ def base_names(model: ModelConfig) -> list[str]:
     if isinstance(engine, VLLMEngineConfig):
         names.append(engine.model)
     elif isinstance(engine, TransformersEngineConfig):
-        names.append(engine.model_path or BUNDLED_TEXT_MODEL)
+        # An adapter trained on the converted cache folder names that folder as its base.
+        if engine.model_path is None:
+            names += [BUNDLED_TEXT_MODEL, Path(BUNDLED_GGUF).stem]
+        else:
+            names.append(engine.model_path)
+            if engine.model_path.endswith(".gguf"):
+                names.append(cache_name_for(Path(engine.model_path).expanduser()))
     return names
 
 

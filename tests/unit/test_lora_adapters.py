@@ -287,3 +287,14 @@ async def test_a_registration_survives_a_restart_and_reaches_other_gateways(tmp_
         assert [r.model_id for r in restarted.cards()] == ["mock:late"]
     finally:
         await store.close()
+
+
+def test_adapters_built_on_the_bundled_models_cache_folder_fit_it(tmp_path: Path) -> None:
+    from deployments.adapter_files import base_names
+
+    model = load_settings({"models": [{"id": "smollm2", "engine": {"type": "transformers"},
+                                       "adapters": {}}]}).models[0]
+    for base in ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                 "/root/.cache/troupe/models/SmolLM2-135M-Instruct.Q4_1"):
+        path = make_adapter(tmp_path / base.replace("/", "_"), base=base)
+        assert inspect_adapter(path, 8, base_names(model)).base_model == base
