@@ -100,6 +100,17 @@ class MockTextEngine:
         self._active: dict[str, asyncio.Event] = {}
         #: Tool-call delta per planned token (agent_plan), for requests that call tools.
         self._deltas: dict[str, list[Optional[ToolCallDelta]]] = {}
+        #: LoRA adapters "loaded" (issue 19): an adapter changes the output like a real one.
+        self.adapters: set[str] = set()
+
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Pretend to load an adapter (taking ``adapter_load_delay_ms``)."""
+        if self.config.adapter_load_delay_ms:
+            await asyncio.sleep(self.config.adapter_load_delay_ms / 1000.0)
+        self.adapters.add(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        self.adapters.discard(adapter_id)
 
     async def start(self) -> None:
         return None
@@ -120,6 +131,10 @@ class MockTextEngine:
         _check_token_ids(request)
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
+        if request.adapter is not None:
+            if request.adapter not in self.adapters:
+                raise RuntimeError(f"adapter {request.adapter!r} is not loaded on this replica")
+            prompt = f"<adapter {request.adapter}>\n{prompt}"
         sp = request.sampling
         limit = plan_output_tokens(
             self.context_length,

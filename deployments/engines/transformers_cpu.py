@@ -42,6 +42,7 @@ from deployments.engines.base import plan_output_tokens
 from deployments.engines.batch_loop import BatchLoop, Sampler, Seq, admission_check
 from deployments.engines.chat_render import encode_prompt
 from deployments.engines.gguf_cache import resolve_model_dir
+from deployments.engines.lora_peft import PeftAdapterMethods, PeftAdapters
 from deployments.engines.prefix_cache import PrefixCache
 from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.stop_strings import StopStringTracker
@@ -85,6 +86,7 @@ class _Job:
     finished: bool = False  # the final item was pushed
     priority: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    adapter: Optional[str] = None  # LoRA adapter id (issue 19); None: the base model
 
     def push(self, item: _Item) -> None:
         text, tokens, finish, error = item
@@ -103,7 +105,7 @@ class _Job:
         self.pending_tokens = 0
 
 
-class TransformersTextEngine:
+class TransformersTextEngine(PeftAdapterMethods):
     """See the module docstring. Implements :class:`deployments.engines.base.TextEngine`."""
 
     def __init__(self, model_id: str, config: TransformersEngineConfig) -> None:
@@ -124,6 +126,7 @@ class TransformersTextEngine:
         self._jobs_lock = threading.Lock()
         self._keys = itertools.count()
         self._closed = False
+        self._lora: Optional[PeftAdapters] = None  # LoRA adapters (issue 19), made on first load
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -308,6 +311,7 @@ class TransformersTextEngine:
             tracker=StopStringTracker(request.sampling.stop),
             out=SequenceOutput(request, self._tokenizer, self.config.tool_call_parser),
             priority=priority,
+            adapter=request.adapter,
         )
         job.future = concurrent.futures.Future()
         job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))

@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
+from serve_app.gateway.adapters import adapter_card
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.gateway.deadline import apply_start_within
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
@@ -196,6 +197,7 @@ async def _models(core: GatewayCore) -> JSONResponse:
                 "pricing": model.pricing.model_dump(),
             }
         )
+    data.extend(adapter_card(ref, int(core.started_at)) for ref in core.adapters.cards())
     return JSONResponse({"models": data})
 
 

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import APIRouter, Request
 
+from serve_app.gateway.adapters import adapter_card, replica_header
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.deadline import apply_start_within
 from serve_app.errors import InvalidRequest
@@ -56,6 +57,9 @@ async def peek_stream(chunks: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[An
 
 
 def _model_card(model_id: str, created: int, core: Optional[GatewayCore] = None) -> dict[str, Any]:
+    adapter = core.adapters.split(model_id) if core is not None else None
+    if adapter is not None:  # a LoRA adapter on a base model (issue 19)
+        return adapter_card(adapter, created)
     card = {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
     if core is not None:  # Troupe extension: what the model does
         model = core.models[model_id]
@@ -167,7 +171,8 @@ def _add_model_routes(router: APIRouter, core: GatewayCore) -> None:
     @router.get("/models")
     async def list_models() -> JSONResponse:
         return JSONResponse(
-            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]}
+            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]
+             + [adapter_card(ref, created) for ref in core.adapters.cards()]}
         )
 
     @router.get("/models/{model_id:path}")
@@ -207,7 +212,8 @@ def _add_chat_route(router: APIRouter, core: GatewayCore, max_body: int) -> None
                 "model": body.model,
                 "choices": [_chat_choice(i, r, top) for i, r in enumerate(results)],
                 "usage": _usage(results, n),
-            }
+            },
+            headers=replica_header(results[0]),
         )
 
 
@@ -253,7 +259,8 @@ def _add_completions_route(router: APIRouter, core: GatewayCore, max_body: int) 
                 "model": body.model,
                 "choices": choices,
                 "usage": _usage(results, n),
-            }
+            },
+            headers=replica_header(results[0]),
         )
 
 
