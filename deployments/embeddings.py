@@ -14,9 +14,9 @@ import numpy as np
 
 from deployments.engines.modality_base import EmbeddingEngine
 from deployments.lifecycle import EngineHost
-from serve_app.settings import ModelConfig
 from serve_app.errors import ContextLengthExceeded, InvalidRequest, TroupeError
 from serve_app.protocol.modalities import EmbeddingRequest, EmbeddingResult
+from serve_app.settings import ModelConfig
 
 __all__ = ["EmbeddingDeployment", "EMBEDDINGS_EXAMPLE"]
 

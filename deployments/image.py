@@ -14,10 +14,10 @@ import numpy as np
 
 from deployments.engines.modality_base import ImageEngine
 from deployments.lifecycle import EngineHost
-from serve_app.settings import ModelConfig
-from serve_app.settings.modality import image_sizes
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import ImageRequest, ImageResult
+from serve_app.settings import ModelConfig
+from serve_app.settings.modality import image_sizes
 
 __all__ = ["ImageDeployment", "IMAGE_EXAMPLE", "MAX_IMAGES", "to_png"]
 

@@ -13,9 +13,11 @@ import logging
 import os
 from typing import Any, AsyncGenerator, Optional
 
+from deployments.adapter_files import base_names, inspect_adapter, scan_adapter_folder
+from deployments.adapters import AdapterSlots, LocalMultiplexer
 from deployments.engines.base import TextEngine
 from deployments.lifecycle import EngineHost
-from serve_app.errors import InferenceFailed, TroupeError
+from serve_app.errors import InferenceFailed, InvalidRequest, TroupeError
 from serve_app.protocol.internal import (
     ChunkJoiner,
     EngineFinishReason,
@@ -47,8 +49,12 @@ _WIRE_FINISH: dict[EngineFinishReason, WireFinishReason] = {
 }
 
 
-def _to_chunk(out: EngineOutput, completion: int) -> TextChunk:
-    """The wire chunk of one engine output; the final one carries the exact usage."""
+def _to_chunk(
+    out: EngineOutput, completion: int, adapter_load_ms: Optional[float] = None,
+    replica: Optional[str] = None,
+) -> TextChunk:
+    """The wire chunk of one engine output; the final one carries the exact usage (and,
+    for LoRA requests, the adapter's load wait and the replica that served it)."""
     if out.finish_reason is None:
         chunk = TextChunk(out.text, out.num_tokens, None, out.prompt_tokens)
     else:
@@ -60,9 +66,23 @@ def _to_chunk(out: EngineOutput, completion: int) -> TextChunk:
             completion,
             stop_sequence=out.stop_sequence,
             cached_tokens=out.cached_tokens,
+            adapter_load_ms=adapter_load_ms,
+            replica=replica,
         )
     chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
     return chunk
+
+
+def _open_spans(request: GenerationRequest, model_id: str) -> tuple[Span, Span]:
+    """Start "deployment.stream" (a child of the gateway's span) and "engine.generate"."""
+    attributes = {ATTR_MODEL: model_id, ATTR_REQUEST_ID: request.request_id}
+    span = start_span(
+        "deployment.stream",
+        parent=extract_context(request.trace_context),
+        kind=SpanKind.SERVER,
+        attributes=attributes,
+    )
+    return span, start_span("engine.generate", parent=span, attributes=attributes)
 
 
 def _end_spans(
@@ -95,6 +115,54 @@ class LLMDeployment(EngineHost):
 
     def __init__(self, model: ModelConfig | dict[str, Any], engine: Optional[TextEngine] = None):
         super().__init__(model, engine)
+        #: Who served a request (shown to clients); the builder sets Serve's replica id.
+        self.replica_id = f"pid-{os.getpid()}"
+        self.adapters = self._adapter_slots()  # LoRA adapters (issue 19); None: none served
+
+    # ---------------------------------------------------------- adapters (issue 19)
+
+    def _adapter_slots(self) -> Optional[AdapterSlots]:
+        settings = self.model.adapters
+        if settings is None:
+            return None
+        paths = {**(scan_adapter_folder(settings.folder) if settings.folder else {}),
+                 **settings.paths}
+        names = base_names(self.model)
+
+        def check(adapter_id: str, path: str) -> None:
+            inspect_adapter(path, settings.max_rank, names, adapter_id)
+
+        slots = AdapterSlots(lambda: self.engine, paths, check)
+        slots.get = LocalMultiplexer(slots.load, settings.max_loaded)
+        return slots
+
+    async def _ensure_started(self) -> None:
+        """Start the engine; then put back the adapters a reload dropped (a fresh engine
+        after unload/load) and load the configured ``preload`` ones."""
+        was_started = self._started
+        await super()._ensure_started()
+        if was_started or not self._started or self.adapters is None:
+            return
+        for adapter_id in sorted(self.adapters.loaded):
+            await self.adapters.engine().load_adapter(adapter_id, self.adapters.paths[adapter_id])
+        for adapter_id in self.model.adapters.preload if self.model.adapters else ():
+            await self.adapters.get(adapter_id)
+
+    async def _acquire_adapter(self, request: GenerationRequest) -> Optional[float]:
+        """Load the request's adapter if needed (through the multiplexer); the ms it waited."""
+        if request.adapter is None:
+            return None
+        if self.adapters is None:
+            raise InvalidRequest(
+                f"Model {self.model.id!r} serves no adapters; send model={self.model.id!r}.",
+                param="model",
+            )
+        _, waited = await self.adapters.acquire(request.adapter, request.adapter_path)
+        return waited
+
+    async def _release_adapter(self, request: GenerationRequest) -> None:
+        if request.adapter is not None and self.adapters is not None:
+            await self.adapters.release(request.adapter)
 
     def _limit(self, request: GenerationRequest) -> GenerationRequest:
         if request.sampling.default_max_tokens is None:
@@ -113,25 +181,19 @@ class LLMDeployment(EngineHost):
         engine = await self._ready_engine()
         cold_start = bool(request.dispatched_at) and request.dispatched_at < (self._ready_at or 0)
         self._limit(request)
+        adapter_load_ms = await self._acquire_adapter(request)
         self._served += 1
         completion = 0
         prompt_tokens = 0
         finish: Optional[str] = None
         failure: Optional[BaseException] = None
-        attributes = {ATTR_MODEL: self.model.id, ATTR_REQUEST_ID: request.request_id}
-        span = start_span(
-            "deployment.stream",
-            parent=extract_context(request.trace_context),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
-        engine_span = start_span("engine.generate", parent=span, attributes=attributes)
+        span, engine_span = _open_spans(request, self.model.id)
         outputs = engine.generate(request)
         try:
             async for out in outputs:
                 completion += out.num_tokens
                 prompt_tokens = out.prompt_tokens
-                chunk = _to_chunk(out, completion)
+                chunk = _to_chunk(out, completion, adapter_load_ms, self.replica_id)
                 if queue_ms is not None:
                     chunk.queue_ms, queue_ms = queue_ms, None
                     chunk.cold_start = cold_start
@@ -157,6 +219,7 @@ class LLMDeployment(EngineHost):
             try:
                 await outputs.aclose()
             finally:
+                await self._release_adapter(request)
                 _end_spans(span, engine_span, failure, prompt_tokens, completion, finish)
 
     def _engine_crash(self, exc: Exception, request: GenerationRequest) -> InferenceFailed:
@@ -197,6 +260,8 @@ class LLMDeployment(EngineHost):
             "engine": self.model.engine.type,
             "started": self._started,
             "pid": os.getpid(),
+            **({"replica": self.replica_id, "adapters": self.adapters.stats()}
+               if self.adapters is not None else {}),
             **({"remote": engine.stats()} if hasattr(engine, "stats") else {}),
             # weights on disk, for GET /models (engines that know it set ``size_bytes``)
             **({"size_bytes": engine.size_bytes} if hasattr(engine, "size_bytes") else {}),

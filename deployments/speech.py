@@ -12,9 +12,9 @@ from typing import Any, AsyncGenerator, Optional
 from deployments.audio import StreamingEncoder
 from deployments.engines.modality_base import OPENAI_VOICES, SpeechEngine
 from deployments.lifecycle import EngineHost
-from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import AUDIO_FORMATS, AudioChunk, SpeechRequest
+from serve_app.settings import ModelConfig
 
 __all__ = ["SpeechDeployment", "SPEECH_EXAMPLE", "MAX_SPEECH_CHARS", "voice_map"]
 

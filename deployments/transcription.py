@@ -13,9 +13,9 @@ from typing import Any, Optional
 from deployments.audio import AudioDecodeError, decode_audio
 from deployments.engines.modality_base import TranscriptionEngine
 from deployments.lifecycle import EngineHost
-from serve_app.settings import ModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.modalities import TranscriptionRequest, TranscriptionResult
+from serve_app.settings import ModelConfig
 
 __all__ = ["TranscriptionDeployment", "MAX_AUDIO_SECONDS", "TRANSCRIPTION_EXAMPLE"]
 

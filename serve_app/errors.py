@@ -5,12 +5,14 @@
     TroupeError                      (500 INTERNAL_ERROR)
      ├── InvalidRequest              400 INVALID_REQUEST
      │    ├── ContextLengthExceeded  400 CONTEXT_LENGTH_EXCEEDED
-     │    └── ContentFiltered        400 CONTENT_FILTERED
+     │    ├── ContentFiltered        400 CONTENT_FILTERED
+     │    └── AdapterInvalid         400 ADAPTER_INVALID
      ├── AuthenticationFailed        401 AUTHENTICATION_FAILED
      ├── PaymentRequired             402 PAYMENT_REQUIRED
      ├── AuthorizationFailed         403 AUTHORIZATION_FAILED
      ├── NotFound                    404 NOT_FOUND
      │    └── ModelNotFound          404 MODEL_NOT_FOUND
+     │         └── AdapterNotFound   404 ADAPTER_NOT_FOUND
      ├── MethodNotAllowed            405 METHOD_NOT_ALLOWED
      ├── ModelNotLoaded              409 MODEL_NOT_LOADED
      ├── IdempotencyInProgress       409 IDEMPOTENCY_IN_PROGRESS
@@ -51,6 +53,8 @@ __all__ = [
     "AuthorizationFailed",
     "NotFound",
     "ModelNotFound",
+    "AdapterNotFound",
+    "AdapterInvalid",
     "MethodNotAllowed",
     "ModelNotLoaded",
     "RequestTooLarge",
@@ -146,6 +150,18 @@ class NotFound(TroupeError):
 
 class ModelNotFound(NotFound):
     status, code, openai_type = 404, "MODEL_NOT_FOUND", "not_found_error"
+
+
+class AdapterNotFound(ModelNotFound):
+    """A LoRA adapter id the base model does not know (the message lists the known ones)."""
+
+    status, code, openai_type = 404, "ADAPTER_NOT_FOUND", "not_found_error"
+
+
+class AdapterInvalid(InvalidRequest):
+    """A LoRA adapter that cannot be served: missing files, another base, rank too large."""
+
+    status, code, openai_type = 400, "ADAPTER_INVALID", "invalid_request_error"
 
 
 class MethodNotAllowed(TroupeError):

@@ -230,6 +230,8 @@ class PriceTable:
         price = self._prices.get(model)
         if price is None and "/" in model:
             price = self._prices.get(model.rsplit("/", 1)[1])
+        if price is None and ":" in model:  # a LoRA adapter "<base>:<adapter>" costs its base
+            price = self._prices.get(model.rsplit(":", 1)[0])
         return price
 
     def quote(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:

@@ -21,6 +21,7 @@ DEFAULT_BUCKETS_MS: dict[str, tuple[float, ...]] = {
     "e2e": (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000),
     "cold_start_ttft": (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000,
                         600000),
+    "adapter_load": (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000),
 }
 """Histogram bucket upper bounds in milliseconds (exposed in seconds)."""
 
@@ -31,6 +32,8 @@ _HISTOGRAM_HELP = {
     "e2e": "End-to-end request latency at the gateway.",
     "cold_start_ttft": "Time to first token of requests that waited for their replica to "
                        "start (scale from zero).",
+    "adapter_load": "Time a request waited for its LoRA adapter to load on the replica "
+                    "(model label: <base>:<adapter>).",
 }
 
 _BASE = ("model", "provider", "route", "key_id", "tier")
@@ -112,6 +115,8 @@ class Aggregates:
             self._histogram("ttft", key).observe(ev.ttft_ms)
             if ev.cold_start:
                 self._histogram("cold_start_ttft", key).observe(ev.ttft_ms)
+        if finite_ms(ev.adapter_load_ms):
+            self._histogram("adapter_load", key).observe(ev.adapter_load_ms)
         if finite_ms(ev.e2e_ms):
             self._histogram("e2e", key).observe(ev.e2e_ms)
         if ev.inter_token_ms:

@@ -16,6 +16,7 @@ engine contract) cannot be expressed; see bench/README.md.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import secrets
 import threading
@@ -41,8 +42,10 @@ class Stepper(Protocol):
 
     def new_kv(self) -> Any: ...
 
-    def step(self, kvs: Sequence[Any], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
-        """New tokens of each sequence in one pass; next-token logits per sequence."""
+    def step(self, kvs: Sequence[Any], chunks: Sequence[Sequence[int]],
+             adapters: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
+        """New tokens of each sequence in one pass; next-token logits per sequence.
+        ``adapters``: each sequence's LoRA adapter, passed only when one has any."""
         ...
 
 
@@ -122,6 +125,8 @@ class BatchLoop:
         self.steps = 0
         self._cond = threading.Condition()
         self._closed = False
+        #: Work for the loop's thread between two steps (LoRA adapter loads and unloads).
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -135,6 +140,18 @@ class BatchLoop:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify()
+
+    def run_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the loop's thread before its next step, so a change to the model
+        (a LoRA adapter load or unload) never races a forward; the future gets its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closed:
+                future.set_exception(RuntimeError("the batch loop is closed"))
+                return future
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
 
     def expected_wait(self, priority: Optional[str]) -> float:
         ahead = self.waiting.depth(FairQueue.rank(priority))
@@ -157,11 +174,15 @@ class BatchLoop:
         torch.set_num_threads(self.num_threads)
         while True:
             with self._cond:
-                while not self._closed and not self.running and not len(self.waiting):
+                while (not self._closed and not self.running and not len(self.waiting)
+                       and not self._calls):
                     self._cond.wait()
                 if self._closed:
                     break
-            self._step()  # waiting requests expire here: the loop only idles when none wait
+                calls, self._calls = self._calls, []
+            _run_calls(calls)
+            if self.running or len(self.waiting):
+                self._step()  # waiting requests expire here: the loop only idles when none wait
         self._drain()
 
     def _drain(self) -> None:
@@ -170,6 +191,10 @@ class BatchLoop:
             self._leave(seq, None)
         while (queued := self.waiting.pop()) is not None:
             queued.job.future.cancel()
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for _, future in calls:
+            future.set_exception(RuntimeError("the batch loop is closed"))
 
     def _step(self) -> None:
         self.steps += 1
@@ -205,7 +230,7 @@ class BatchLoop:
                 continue  # cancelled while waiting: its done callback reported it
             seq.admitted_at = now()
             seq.ids = list(seq.job.input_ids)
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and _adapter(seq) is None:
                 seq.cached, seq.kv = self.prefix_cache.lookup(seq.ids)
                 seq.job.cached_tokens = seq.cached
             if seq.kv is None:
@@ -216,8 +241,12 @@ class BatchLoop:
         return joining
 
     def _forward(self, seqs: list[Seq], chunks: list[list[int]]) -> None:
+        adapters = [_adapter(s) for s in seqs]
         try:
-            logits = self.stepper.step([s.kv for s in seqs], chunks)
+            if any(a is not None for a in adapters):  # LoRA sequences (issue 19) in this step
+                logits = self.stepper.step([s.kv for s in seqs], chunks, adapters)
+            else:
+                logits = self.stepper.step([s.kv for s in seqs], chunks)
         except Exception as exc:
             for seq in seqs:
                 self._leave(seq, exc)
@@ -247,10 +276,26 @@ class BatchLoop:
         if seq in self.running:
             self.running.remove(seq)
             self.service.observe(now() - seq.admitted_at)
-            if self.prefix_cache is not None and error is None and not seq.job.cancel.is_set():
+            if (self.prefix_cache is not None and error is None and not seq.job.cancel.is_set()
+                    and _adapter(seq) is None):  # an adapter's keys/values are its own
                 self.prefix_cache.store(seq.ids, seq.kv)
         seq.kv = None
         self._on_leave(seq, error)
+
+
+def _adapter(seq: Seq) -> Optional[str]:
+    """The sequence's LoRA adapter (None: the base model)."""
+    return getattr(seq.job, "adapter", None)
+
+
+def _run_calls(calls: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+    for fn, future in calls:
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # the caller's future re-raises it
+            future.set_exception(exc)
 
 
 def admission_check(loop: BatchLoop, config: Any, model_id: str, priority: Optional[str]) -> None:

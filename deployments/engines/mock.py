@@ -16,11 +16,11 @@ import math
 import time
 from typing import AsyncIterator, Optional
 
-from serve_app.errors import InvalidRequest
-from serve_app.settings import MockEngineConfig
 from deployments.engines.base import plan_output_tokens
 from deployments.engines.mock_agent import MOCK_VOCAB_SIZE, agent_plan, token_logprob
+from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest, ToolCallDelta
+from serve_app.settings import MockEngineConfig
 
 __all__ = ["MockTextEngine", "render_prompt", "mock_completion_tokens"]
 
@@ -100,6 +100,17 @@ class MockTextEngine:
         self._active: dict[str, asyncio.Event] = {}
         #: Tool-call delta per planned token (agent_plan), for requests that call tools.
         self._deltas: dict[str, list[Optional[ToolCallDelta]]] = {}
+        #: LoRA adapters "loaded" (issue 19): an adapter changes the output like a real one.
+        self.adapters: set[str] = set()
+
+    async def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Pretend to load an adapter (taking ``adapter_load_delay_ms``)."""
+        if self.config.adapter_load_delay_ms:
+            await asyncio.sleep(self.config.adapter_load_delay_ms / 1000.0)
+        self.adapters.add(adapter_id)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        self.adapters.discard(adapter_id)
 
     async def start(self) -> None:
         return None
@@ -120,6 +131,10 @@ class MockTextEngine:
         _check_token_ids(request)
         prompt = render_prompt(request)
         prompt_tokens = max(1, len(prompt.split()))
+        if request.adapter is not None:
+            if request.adapter not in self.adapters:
+                raise RuntimeError(f"adapter {request.adapter!r} is not loaded on this replica")
+            prompt = f"<adapter {request.adapter}>\n{prompt}"
         sp = request.sampling
         limit = plan_output_tokens(
             self.context_length,
@@ -128,6 +143,7 @@ class MockTextEngine:
             "messages" if request.messages is not None else "prompt",
             sp.default_max_tokens,
         )
+        finish: EngineFinishReason
         agent = agent_plan(request)
         if agent is not None:
             pieces, self._deltas[request.request_id], finish = agent
@@ -138,7 +154,6 @@ class MockTextEngine:
         cfg = self.config
         span = max(cfg.max_output_tokens - cfg.min_output_tokens, 0)
         natural = cfg.min_output_tokens + (digest[0] % (span + 1))
-        finish: EngineFinishReason
         if cfg.ignore_eos or natural > limit:
             count, finish = limit, "length"
         else:
@@ -187,7 +202,7 @@ class MockTextEngine:
             sent = 0
             total = len(tokens)
             if total == 0:
-                yield EngineOutput(echo, 0, prompt_tokens, finish, matched)  # type: ignore[arg-type]
+                yield EngineOutput(echo, 0, prompt_tokens, finish, matched)
                 return
             while sent < total:
                 if abort.is_set():
@@ -213,7 +228,7 @@ class MockTextEngine:
                     echo + "".join(tokens[sent:ready]),
                     ready - sent,
                     prompt_tokens,
-                    finish if done else None,  # type: ignore[arg-type]
+                    finish if done else None,
                     matched if done else None,
                     **self._extras(request, tokens, sent, ready),
                 )

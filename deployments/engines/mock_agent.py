@@ -19,6 +19,7 @@ import json
 from typing import Any, Optional
 
 from serve_app.protocol.internal import (
+    EngineFinishReason,
     GenerationRequest,
     NamedTool,
     TokenLogprob,
@@ -108,7 +109,9 @@ def _tools_to_call(request: GenerationRequest) -> list[ToolSpec]:
     return named
 
 
-def agent_plan(request: GenerationRequest) -> Optional[tuple[list[str], list[Optional[ToolCallDelta]], str]]:
+def agent_plan(
+    request: GenerationRequest,
+) -> Optional[tuple[list[str], list[Optional[ToolCallDelta]], EngineFinishReason]]:
     """``(text per token, tool-call delta per token, finish)``, or None for plain text."""
     calls = _tools_to_call(request)
     if calls:

@@ -13,13 +13,13 @@ from typing import AsyncIterator, Optional, Sequence, Union
 import numpy as np
 
 from deployments.engines.modality_base import EmbedOutput, split_sentences
+from serve_app.protocol.modalities import TranscriptionResult, TranscriptionSegment
 from serve_app.settings.modality import (
     MockEmbeddingsEngineConfig,
     MockImageEngineConfig,
     MockSpeechEngineConfig,
     MockTranscriptionEngineConfig,
 )
-from serve_app.protocol.modalities import TranscriptionResult, TranscriptionSegment
 
 __all__ = ["MockEmbeddingEngine", "MockSpeechEngine", "MockTranscriptionEngine", "MockImageEngine"]
 

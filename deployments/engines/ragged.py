@@ -138,13 +138,36 @@ class RaggedModel:
         model.config._attn_implementation = ATTN_IMPL
         self.model = model
         self.num_layers = int(model.config.num_hidden_layers)
+        #: LoRA adapters on this model (a ``lora_peft.PeftAdapters``; issue 19), or None.
+        self.lora: Any = None
 
     def new_kv(self) -> SeqKV:
         return SeqKV(self.num_layers)
 
-    def step(self, kvs: Sequence[SeqKV], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+    def step(self, kvs: Sequence[SeqKV], chunks: Sequence[Sequence[int]],
+             adapters: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
         """New tokens of several sequences (a prompt, or one decode token each) in one
-        forward pass; the next-token logits of each sequence, [len(chunks), V]."""
+        forward pass; the next-token logits of each sequence, [len(chunks), V].
+
+        Once LoRA adapters are loaded, the step runs one pass per adapter among its
+        sequences (``adapters``; None: the base model): a packed step is a single batch
+        row, and peft chooses adapters per row.
+        """
+        if self.lora is None or self.lora.peft is None:
+            return self._forward(self.model, {}, kvs, chunks)
+        names = list(adapters) if adapters is not None else [None] * len(chunks)
+        rows: list[Optional[torch.Tensor]] = [None] * len(chunks)
+        for name in dict.fromkeys(names):  # in order of first appearance
+            picked = [i for i, n in enumerate(names) if n == name]
+            model, kwargs = self.lora.generate_target([name])
+            logits = self._forward(model, kwargs, [kvs[i] for i in picked],
+                                   [chunks[i] for i in picked])
+            for i, row in zip(picked, logits, strict=True):
+                rows[i] = row
+        return torch.stack(rows)  # type: ignore[arg-type]  # every row was filled
+
+    def _forward(self, model: Any, kwargs: dict[str, Any], kvs: Sequence[SeqKV],
+                 chunks: Sequence[Sequence[int]]) -> torch.Tensor:
         lengths = [len(c) for c in chunks]
         input_ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long)
         positions = torch.cat([
@@ -152,9 +175,9 @@ class RaggedModel:
         ]).unsqueeze(0)
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
         with torch.inference_mode():
-            out = self.model(
+            out = model(
                 input_ids=input_ids, position_ids=positions, use_cache=False,
-                logits_to_keep=last, troupe_kv=Packed(kvs, lengths),
+                logits_to_keep=last, troupe_kv=Packed(kvs, lengths), **kwargs,
             )
         return out.logits[0].float()
 

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -42,6 +43,7 @@ from deployments.engines.base import plan_output_tokens
 from deployments.engines.batch_loop import BatchLoop, Sampler, Seq, admission_check
 from deployments.engines.chat_render import encode_prompt
 from deployments.engines.gguf_cache import resolve_model_dir
+from deployments.engines.lora_peft import PeftAdapterMethods, PeftAdapters
 from deployments.engines.prefix_cache import PrefixCache
 from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.stop_strings import StopStringTracker
@@ -85,6 +87,7 @@ class _Job:
     finished: bool = False  # the final item was pushed
     priority: Optional[str] = None
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    adapter: Optional[str] = None  # LoRA adapter id (issue 19); None: the base model
 
     def push(self, item: _Item) -> None:
         text, tokens, finish, error = item
@@ -103,7 +106,7 @@ class _Job:
         self.pending_tokens = 0
 
 
-class TransformersTextEngine:
+class TransformersTextEngine(PeftAdapterMethods):
     """See the module docstring. Implements :class:`deployments.engines.base.TextEngine`."""
 
     def __init__(self, model_id: str, config: TransformersEngineConfig) -> None:
@@ -124,6 +127,7 @@ class TransformersTextEngine:
         self._jobs_lock = threading.Lock()
         self._keys = itertools.count()
         self._closed = False
+        self._lora: Optional[PeftAdapters] = None  # LoRA adapters (issue 19), made on first load
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -255,6 +259,8 @@ class TransformersTextEngine:
             yield EngineOutput("", 0, prompt_tokens, "length")
             return
         job = self._enqueue(request, input_ids, max_new)
+        future = job.future
+        assert future is not None  # _enqueue sets it
         try:
             while True:
                 shaped, count, finish, error = await job.queue.get()
@@ -264,22 +270,21 @@ class TransformersTextEngine:
                     more, more_count, finish, error = job.queue.get_nowait()
                     parts.append(more)
                     count += more_count
-                if (finish is not None or error is not None) and not job.future.done():
+                if (finish is not None or error is not None) and not future.done():
                     # The worker is wrapping up (a stop string costs it one more step):
                     # wait, so a client holding the final output sees the slot free.
                     with contextlib.suppress(Exception):
-                        await asyncio.shield(asyncio.wrap_future(job.future))
+                        await asyncio.shield(asyncio.wrap_future(future))
                 if error is not None:
                     raise error
                 matched = job.tracker.matched if finish == "stop" else None
                 if finish is not None:
-                    finish = job.out.finish_reason(finish)  # type: ignore[arg-type]  # tool_calls after calls
+                    finish = job.out.finish_reason(finish)  # tool_calls after calls
                 yield _output(parts, count, prompt_tokens, finish, matched, job.cached_tokens)
                 if finish is not None:
                     return
         finally:
             job.cancel.set()  # no-op once finished; otherwise stops the worker at the next token
-            future = job.future
             if not future.cancel() and not future.done():
                 # Wait (briefly: about one token) until the worker has really stopped, so
                 # the slot is free when aclose() returns.
@@ -308,9 +313,10 @@ class TransformersTextEngine:
             tracker=StopStringTracker(request.sampling.stop),
             out=SequenceOutput(request, self._tokenizer, self.config.tool_call_parser),
             priority=priority,
+            adapter=request.adapter,
         )
         job.future = concurrent.futures.Future()
-        job.future.add_done_callback(lambda fut, job=job: self._on_done(job, fut))
+        job.future.add_done_callback(functools.partial(self._on_done, job))
         sp = request.sampling
         seq = Seq(job, Sampler(sp.temperature, sp.top_p, sp.seed), job.out.processors)
         with self._jobs_lock:

@@ -44,11 +44,18 @@ from typing import Any, AsyncIterator, Callable, Optional
 from deployments.engines.base import check_prompt_ids, plan_output_tokens
 from deployments.engines.chat_render import render_messages
 from deployments.engines.tool_parsers import parser_for
-from deployments.engines.vllm_structured import agent_sampling_kwargs, shape_delta
-from deployments.engines.vllm_structured import to_vllm_structured, vocab_size_of
-from serve_app.settings import ConfigError, VLLMEngineConfig
+from deployments.engines.vllm_lora import LoRAMethods, VLLMAdapters, lora_engine_args
+from deployments.engines.vllm_structured import (
+    agent_sampling_kwargs,
+    shape_delta,
+    template_errors,
+    to_vllm_structured,
+    vllm_request_errors,
+    vocab_size_of,
+)
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
+from serve_app.settings import ConfigError, VLLMEngineConfig
 
 __all__ = [
     "VLLMTextEngine",
@@ -120,6 +127,7 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
     }
     if config.max_model_len is not None:
         args["max_model_len"] = config.max_model_len
+    args.update(lora_engine_args(config))  # LoRA adapters (issue 19)
     if config.tensor_parallel_size > 1:
         # Use the replica's placement group (see the module docstring).
         args["distributed_executor_backend"] = "ray"
@@ -177,30 +185,6 @@ def _vllm_sampling_params_factory() -> SamplingParamsFactory:
     return make
 
 
-def _vllm_request_errors() -> tuple[type[BaseException], ...]:
-    """Exception types vLLM uses to refuse a request at submission (input validation)."""
-    errors: list[type[BaseException]] = [ValueError]
-    try:  # newer vLLM: VLLMValidationError is a VLLMClientError, no longer a ValueError
-        from vllm.exceptions import VLLMValidationError
-
-        errors.append(VLLMValidationError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def _template_errors() -> tuple[type[BaseException], ...]:
-    """Errors a chat template raises for a conversation it refuses, or a model without one.
-
-    Templates call ``raise_exception`` (a jinja2 TemplateError) for e.g. roles that do not
-    alternate; transformers raises ValueError when no template is set. jinja2 comes with
-    torch and transformers, but is imported only when an engine starts.
-    """
-    from jinja2 import TemplateError
-
-    return (TemplateError, ValueError)
-
-
 def _in_placement_group() -> bool:
     import ray
 
@@ -219,7 +203,7 @@ class _Flight:
         self.aborting = False
 
 
-class VLLMTextEngine:
+class VLLMTextEngine(LoRAMethods):
     """Troupe's text engine over vLLM ``AsyncLLM`` with DELTA outputs.
 
     Args:
@@ -230,6 +214,7 @@ class VLLMTextEngine:
         sampling_params_factory: builds sampling params from
             :func:`build_sampling_kwargs`' dict; default ``vllm.SamplingParams`` with
             ``output_kind`` resolved to ``RequestOutputKind.DELTA``. Tests pass a recorder.
+        lora_request_factory: builds LoRA requests; default ``vllm``'s ``LoRARequest``.
     """
 
     def __init__(
@@ -239,6 +224,7 @@ class VLLMTextEngine:
         *,
         engine_factory: Optional[EngineFactory] = None,
         sampling_params_factory: Optional[SamplingParamsFactory] = None,
+        lora_request_factory: Optional[Callable[..., Any]] = None,
     ) -> None:
         self.model_id = model_id
         self.config = config
@@ -252,6 +238,7 @@ class VLLMTextEngine:
         self._engine: Any = None
         self._tokenizer: Any = None
         self._active: dict[str, _Flight] = {}
+        self.lora = VLLMAdapters(model_id, config.max_loras is not None, lora_request_factory)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -261,7 +248,7 @@ class VLLMTextEngine:
             return
         if self._engine_factory is None or self._sampling_params_factory is None:
             self._bind_vllm()
-        self._template_errors = _template_errors()
+        self._template_errors = template_errors()
         engine_factory = self._engine_factory
         assert engine_factory is not None  # _bind_vllm filled what the caller did not inject
         engine = engine_factory(dict(self.engine_args))
@@ -283,11 +270,12 @@ class VLLMTextEngine:
                 "GPU nodes.",
                 details={"exception": type(exc).__name__},
             ) from exc
-        self._request_errors = _vllm_request_errors()
+        self._request_errors = vllm_request_errors()
         if self._engine_factory is None:
             self._engine_factory = _vllm_engine_factory
         if self._sampling_params_factory is None:
             self._sampling_params_factory = _vllm_sampling_params_factory()
+        self.lora.bind_vllm()
         if self.config.tensor_parallel_size > 1 and not _in_placement_group():
             logger.warning(
                 "model %s: tensor_parallel_size=%d but the replica runs outside a placement "
@@ -371,7 +359,7 @@ class VLLMTextEngine:
         assert factory is not None  # start() bound it before any request
         try:
             kwargs = build_sampling_kwargs(request, max_tokens, self._tokenizer)
-            return self._sampling_params_factory(**kwargs)
+            return factory(**kwargs)
         except self._request_errors as exc:  # SamplingParams validates its own ranges
             raise InvalidRequest(
                 f"The engine refused the sampling parameters: {exc}. Send values in range, "
@@ -452,7 +440,8 @@ class VLLMTextEngine:
             yield EngineOutput(self._tokenizer.decode(prompt_ids), 0, prompt_tokens)
         flight = _Flight()
         self._active[request_id] = flight
-        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                 **self.lora.request_kwargs(request))
         finished = False  # vLLM reported a finish reason: nothing left to abort
         try:
             out = await self._first_output(stream, request, prompt_tokens, max_tokens)

@@ -19,7 +19,8 @@ from deployments.engines.constraints import constraint_schema, grammar_cache_for
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import MAX_TOP_LOGPROBS, GenerationRequest, TokenLogprob
 
-__all__ = ["agent_sampling_kwargs", "vocab_size_of", "shape_delta", "to_vllm_structured", "token_logprobs_from_vllm"]
+__all__ = ["agent_sampling_kwargs", "vocab_size_of", "shape_delta", "to_vllm_structured",
+           "token_logprobs_from_vllm", "vllm_request_errors", "template_errors"]
 
 #: The key ``build_sampling_kwargs`` uses; the default factory turns it into vLLM's type.
 STRUCTURED_KEY = "structured_outputs"
@@ -138,3 +139,27 @@ def vocab_size_of(tokenizer: Any) -> Optional[int]:
         return len(tokenizer) if tokenizer is not None else None
     except TypeError:
         return None
+
+
+def vllm_request_errors() -> tuple[type[BaseException], ...]:
+    """Exception types vLLM uses to refuse a request at submission (input validation)."""
+    errors: list[type[BaseException]] = [ValueError]
+    try:  # newer vLLM: VLLMValidationError is a VLLMClientError, no longer a ValueError
+        from vllm.exceptions import VLLMValidationError
+
+        errors.append(VLLMValidationError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def template_errors() -> tuple[type[BaseException], ...]:
+    """Errors a chat template raises for a conversation it refuses, or a model without one.
+
+    Templates call ``raise_exception`` (a jinja2 TemplateError) for e.g. roles that do not
+    alternate; transformers raises ValueError when no template is set. jinja2 comes with
+    torch and transformers, but is imported only when an engine starts.
+    """
+    from jinja2 import TemplateError
+
+    return (TemplateError, ValueError)

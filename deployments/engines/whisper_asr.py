@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from serve_app.settings.modality import FasterWhisperEngineConfig
 from serve_app.protocol.modalities import TranscriptionResult, TranscriptionSegment
+from serve_app.settings.modality import FasterWhisperEngineConfig
 
 __all__ = ["FasterWhisperEngine"]
 

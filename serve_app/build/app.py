@@ -26,6 +26,7 @@ from serve_app.build.actors import (
 from serve_app.build.replicas import model_deployment
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.http.plumbing import RequestIdMiddleware, install_error_handlers
+from serve_app.routes.adapters import build_adapters_router
 from serve_app.routes.admin import build_admin_router
 from serve_app.routes.anthropic_api import build_anthropic_router
 from serve_app.routes.modalities import build_modalities_router
@@ -72,17 +73,15 @@ def build_fastapi_app(
         lifespan=core.model_states.lifespan,  # follows load/unload state (gateway/model_state.py)
     )
     install_error_handlers(app, on_rejected=core.reject)
-    app.include_router(build_openai_router(core))
-    app.include_router(build_responses_router(core))
-    app.include_router(build_anthropic_router(core))
-    app.include_router(build_native_router(core))
-    app.include_router(build_ws_router(core))
-    app.include_router(build_observability_router(core, metrics_actor))
-    app.include_router(build_modalities_router(core))
-    app.include_router(build_voice_router(core))
-    app.include_router(build_realtime_router(core, metrics_actor))
-    app.include_router(build_playground_router())
-    app.include_router(build_admin_router(core, lambda: session_actor))
+    for router in (
+        build_openai_router(core), build_responses_router(core), build_anthropic_router(core),
+        build_native_router(core), build_ws_router(core),
+        build_observability_router(core, metrics_actor), build_modalities_router(core),
+        build_voice_router(core), build_realtime_router(core, metrics_actor),
+        build_playground_router(), build_admin_router(core, lambda: session_actor),
+        build_adapters_router(core),  # LoRA adapters (issue 19)
+    ):
+        app.include_router(router)
     inner: Any = app
     if policies is not None:
         from serve_app.policies.layer import PolicyMiddleware
@@ -181,6 +180,7 @@ class Gateway:
         )
         setup_tracing(parsed.tracing, "gateway", span_sink(parsed.metrics.enabled))
         self.policies = policy_layer(parsed, self.core, self.state.store_url)
+        self.core.adapters.store = self.policies.store  # registered adapters persist there
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(
@@ -192,6 +192,7 @@ class Gateway:
         """Serve's periodic health check; also starts the policy layer's background work
         (key refresh, batch worker) on a replica that has not served a request yet."""
         await self.policies.ready()
+        await self.core.adapters.refresh()  # adapters registered on another replica
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
         for handle in getattr(self, "local_handles", {}).values():  # in-gateway engines

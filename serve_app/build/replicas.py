@@ -47,6 +47,32 @@ def _batch_embeddings(replica: Any) -> None:
     )(replica.embed_batch)
 
 
+def _multiplex_adapters(replica: Any) -> None:
+    """Hand a text replica's adapter LRU to Serve's model multiplexing (issue 19), and name
+    the replica by its Serve id."""
+    from ray import serve
+
+    replica.replica_id = serve.get_replica_context().replica_id.unique_id
+    if replica.adapters is not None:
+        replica.adapters.get = replica.get_adapter
+
+
+def _text_replica(replica: type, model: ModelConfig) -> type:
+    """The text replica with Serve's ``@serve.multiplexed`` adapter loader: Serve keeps the
+    LRU of LoRA adapters per replica and routes a request to one that holds its adapter."""
+    from ray import serve
+
+    max_adapters = model.adapters.max_loaded if model.adapters is not None else 1
+
+    class TextModel(replica):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def get_adapter(self, adapter_id: str) -> Any:
+            """Serve's multiplexed loader: it keeps the LRU and routes by adapter id."""
+            return await self.adapters.load(adapter_id)
+
+    return TextModel
+
+
 def _replica_class(model: ModelConfig) -> type:
     base = plain_class(model.modality)
 
@@ -64,14 +90,17 @@ def _replica_class(model: ModelConfig) -> type:
             super().__init__(model_config)
             if model.modality == "embeddings":
                 _batch_embeddings(self)
+            if model.modality == "text":
+                _multiplex_adapters(self)
             await self.start()  # load weights before the replica reports healthy
 
         async def __del__(self) -> None:  # Serve awaits an async __del__ on shutdown
             await self.shutdown()
 
+    replica = _text_replica(ModelReplica, model) if model.modality == "text" else ModelReplica
     name = "TextModel" if model.modality == "text" else f"{model.modality.capitalize()}Model"
-    ModelReplica.__name__ = ModelReplica.__qualname__ = name
-    return ModelReplica
+    replica.__name__ = replica.__qualname__ = name
+    return replica
 
 
 def _serve_options(model: ModelConfig) -> dict[str, Any]:

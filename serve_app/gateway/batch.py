@@ -25,10 +25,10 @@ import orjson
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
 from serve_app.gateway.idle import IDLE_POLL_MAX_S, IdleBackoff
 from serve_app.gateway.metering import RequestInfo
-from serve_app.settings.policies import BatchSettings
-from serve_app.protocol.native import InferenceRequest
-from serve_app.store.policy_rows import BatchItemRow, BatchJobRow
 from serve_app.gateway.webhooks import SIGNATURE_HEADER, SafeResolver, UnsafeWebhookURL, check_webhook_url, sign_payload
+from serve_app.protocol.native import InferenceRequest
+from serve_app.settings.policies import BatchSettings
+from serve_app.store.policy_rows import BatchItemRow, BatchJobRow
 
 __all__ = ["BatchRunner", "job_view", "webhook_secret"]
 

@@ -18,6 +18,7 @@ import time
 from typing import Any, AsyncGenerator, Callable, Optional
 
 from serve_app.errors import InvalidRequest, ModelNotFound, TroupeError
+from serve_app.gateway.adapters import AdapterCatalog
 from serve_app.gateway.deadline import complete_with_deadline, stream_with_deadline
 from serve_app.gateway.dispatch import Dispatcher
 from serve_app.gateway.metering import RequestInfo, RequestMeter
@@ -100,6 +101,9 @@ class GatewayCore:
         self.dispatcher = Dispatcher(settings, handles, record, gauge)
         #: Load/unload state of the models (serve_app/gateway/model_state.py).
         self.model_states = ModelStates(self.models, self.dispatcher, model_state)
+        #: LoRA adapters per base model (issue 19); the builder gives it the store.
+        self.adapters = AdapterCatalog(self.models)
+        self.dispatcher.route_handle = self.adapters.handle_for
         #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
         self.prices = PriceTable.from_models(settings.models)
         self.started_at = time.time()
@@ -139,6 +143,9 @@ class GatewayCore:
 
     def resolve(self, model_id: str) -> ModelConfig:
         model = self.models.get(model_id)
+        adapter = None if model is not None else self.adapters.split(model_id)  # issue 19
+        if adapter is not None:
+            model_id, model = adapter.base, self.models[adapter.base]
         if model is None:
             available = ", ".join(sorted(self.models)) or "(none)"
             raise ModelNotFound(
@@ -234,6 +241,7 @@ class GatewayCore:
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> TextChunk:
         """Run a request to completion on the model's deployment."""
+        model_id = self.adapters.route(model_id, request)  # "<base>:<adapter>" -> base
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
             return await complete_with_deadline(self, model_id, request, info)
@@ -246,6 +254,7 @@ class GatewayCore:
         self, model_id: str, request: GenerationRequest, info: RequestInfo
     ) -> AsyncGenerator[TextChunk, None]:
         """Stream a request's chunks; closing this generator cancels the remote work."""
+        model_id = self.adapters.route(model_id, request)  # "<base>:<adapter>" -> base
         self.admit(model_id, "text", info.route)
         if request.start_within_s is not None:  # flex first, standard after the window
             async with contextlib.aclosing(

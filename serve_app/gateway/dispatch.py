@@ -158,12 +158,16 @@ class Dispatcher:
         }
         #: Per embeddings model: this replica's merger of concurrent requests (None: off).
         self._mergers: dict[str, Optional[Coalescer]] = {}
+        #: The handle a request goes through (the adapter catalog routes LoRA requests to a
+        #: replica holding their adapter, issue 19); default: the model's own handle.
+        self.route_handle: Callable[[Any, Any], Any] = lambda handle, request: handle
 
     # ------------------------------------------------------------- accounting
 
     def _open(self, model_id: str, request: Any, info: RequestInfo) -> RequestMeter:
         self.in_flight += 1
         meter = RequestMeter(request.request_id, model_id, info, self.models[model_id].provider)
+        meter.adapter = getattr(request, "adapter", None)
         request.dispatched_at = time.time()
         if isinstance(request, GenerationRequest):  # queue fairness and class at local engines
             request.api_key_id = key_id(info)
@@ -227,7 +231,8 @@ class Dispatcher:
             response = _NothingToCancel()
             waiting: Any = merger.submit(request)
         else:
-            response = waiting = getattr(self.handles[model_id], method).remote(request)
+            handle = self.route_handle(self.handles[model_id], request)
+            response = waiting = getattr(handle, method).remote(request)
         try:
             if merger is None:
                 await wait_for_replica(response, self.models[model_id])
@@ -271,7 +276,8 @@ class Dispatcher:
         """
         meter = self._open(model_id, request, info)
         error: Optional[TroupeError] = None
-        generator = getattr(self._stream_handles[model_id], method).remote(request)
+        handle = self.route_handle(self._stream_handles[model_id], request)
+        generator = getattr(handle, method).remote(request)
         idle = self.settings.gateway.stream_idle_timeout_s
         finished = False
         try:

@@ -38,6 +38,7 @@ class RequestMeter:
     __slots__ = (
         "request_id", "model", "provider", "info", "started", "last", "ttft_ms", "gaps",
         "prompt_tokens", "completion_tokens", "queue_ms", "finish_reason", "cold_start",
+        "adapter", "adapter_load_ms",
     )
 
     def __init__(
@@ -56,6 +57,9 @@ class RequestMeter:
         self.queue_ms: Optional[float] = None
         self.finish_reason: Optional[str] = None
         self.cold_start = False
+        #: LoRA adapter the request ran with: metered as model "<base>:<adapter>".
+        self.adapter: Optional[str] = None
+        self.adapter_load_ms: Optional[float] = None
 
     def chunk(self, chunk: TextChunk) -> None:
         """Account for one chunk as it arrives from the model deployment."""
@@ -75,6 +79,8 @@ class RequestMeter:
                 self.gaps.extend([per_token] * min(chunk.num_tokens, MAX_GAP_SAMPLES - len(self.gaps)))
             self.last = now
             self.completion_tokens += chunk.num_tokens
+        if chunk.adapter_load_ms is not None:
+            self.adapter_load_ms = chunk.adapter_load_ms
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
             self.completion_tokens = chunk.completion_tokens
@@ -95,7 +101,7 @@ class RequestMeter:
         return RequestEvent(
             event_id=self.request_id,
             ts=time.time(),
-            model=self.model,
+            model=self.model if self.adapter is None else f"{self.model}:{self.adapter}",
             route=self.info.route,
             provider=self.provider,
             key_id=key_id(self.info),
@@ -112,6 +118,7 @@ class RequestMeter:
             e2e_ms=(time.perf_counter() - self.started) * 1000.0,
             inter_token_ms=self.gaps,
             cold_start=self.cold_start,
+            adapter_load_ms=self.adapter_load_ms,
         )
 
 

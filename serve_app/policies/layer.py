@@ -6,7 +6,7 @@ are covered without code of their own.
 * **public**: ``GET``/``HEAD`` of ``auth.public_paths`` (health, playground, docs) and
   ``OPTIONS`` (CORS preflights): no key needed.
 * **admin**: ``/admin/...``, ``/metrics``, ``/metrics/custom``, ``/traces`` and
-  ``POST /models/{id}/load|unload``: an admin key.
+  ``POST /models/{id}/load|unload``, ``/models/{id}/adapters[/{adapter}]``: an admin key.
 * everything else: any valid key; a model-scoped key is checked where the gateway
   resolves the model id (``GatewayCore.resolve``), whatever the route or body format.
 
@@ -65,6 +65,8 @@ def classify(method: str, path: str, public_paths: tuple[str, ...]) -> str:
         return "admin"
     if method == "POST" and path.startswith("/models/") and path.endswith(("/load", "/unload")):
         return "admin"
+    if path.startswith("/models/") and (path.endswith("/adapters") or "/adapters/" in path):
+        return "admin"  # LoRA adapter registration (serve_app/routes/adapters.py)
     if method in ("GET", "HEAD"):
         for public in public_paths:
             if path == public or (public.endswith("/") and public != "/" and path.startswith(public)):

@@ -193,6 +193,9 @@ class GenerationRequest:
     api_key_id: Optional[str] = None
     #: Queue class at local engines: "interactive" goes before "batch" (batch jobs).
     priority: Literal["interactive", "batch"] = "interactive"
+    #: LoRA adapter id to run with (None: the base model) and its local folder (issue 19).
+    adapter: Optional[str] = None
+    adapter_path: Optional[str] = None
 
     def has_images(self) -> bool:
         """Whether any message carries an image part."""
@@ -292,6 +295,10 @@ class TextChunk:
     tool_calls: Optional[list[ToolCallDelta]] = None
     #: Final chunk only: prompt tokens the engine served from a cached prefix.
     cached_tokens: int = 0
+    #: Final chunk only: ms this request waited for its adapter to load (None: already loaded).
+    adapter_load_ms: Optional[float] = None
+    #: Final chunk only: the replica that served it (its Serve replica id, else its pid).
+    replica: Optional[str] = None
 
     def usage(self) -> dict[str, Any]:
         """OpenAI-style usage of a final chunk (``prompt_tokens_details`` when a prefix was cached)."""
@@ -343,4 +350,6 @@ class ChunkJoiner:
             tool_calls=[ToolCallDelta(i, c.id, c.name, c.arguments) for i, c in enumerate(calls)]
             or None,
             cached_tokens=last.cached_tokens,
+            adapter_load_ms=last.adapter_load_ms,
+            replica=last.replica,
         )

@@ -39,6 +39,7 @@ class RequestEvent:
     inter_token_ms: list[float] = field(default_factory=list)  # gaps between chunks, per token
     replica_busy_s: Optional[float] = None  # engine time share (replica-hour pricing)
     cold_start: bool = False      # waited for its replica to start (scale from zero)
+    adapter_load_ms: Optional[float] = None  # waited this long for its LoRA adapter to load
 
 
 @dataclass(slots=True)

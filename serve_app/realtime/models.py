@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, AsyncIterator, Optional, Protocol
+from typing import Any, AsyncGenerator, Optional, Protocol
 
 from serve_app.errors import InvalidRequest
 from serve_app.gateway.metering import RequestInfo

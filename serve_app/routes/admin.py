@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.http.admin_auth import require_admin
 from serve_app.errors import NotFound, TroupeError, as_troupe_error
+from serve_app.http.admin_auth import require_admin
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json
 
 __all__ = ["build_admin_router", "CREDENTIALS_EXAMPLE"]

@@ -15,11 +15,10 @@ gateway checks no key here, as on every other route.
 
 from __future__ import annotations
 
-from typing import Any, AsyncGenerator, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 from fastapi import APIRouter, Request
 
-from serve_app.gateway.core import GatewayCore
 from serve_app.errors import (
     InferenceFailed,
     InvalidRequest,
@@ -27,12 +26,11 @@ from serve_app.errors import (
     anthropic_error_type,
     as_troupe_error,
 )
+from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.images import admit_images
-from serve_app.protocol.anthropic_tools import internal_messages, tool_choice_of, tool_specs, tool_use_blocks
-from serve_app.protocol.field_policy import check_fields
-from serve_app.protocol.openai_tools import check_tool_choice
-from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.http.sse import SSEResponse
 from serve_app.protocol.anthropic import (
     MESSAGES_EXAMPLE,
     MessagesRequest,
@@ -41,11 +39,13 @@ from serve_app.protocol.anthropic import (
     message_object,
     stop_reason_of,
 )
+from serve_app.protocol.anthropic_tools import internal_messages, tool_choice_of, tool_specs, tool_use_blocks
+from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import unknown_fields
+from serve_app.protocol.openai_tools import check_tool_choice
 from serve_app.routes.openai_api import peek_stream
 from serve_app.routes.text_common import named, next_chunk
-from serve_app.http.sse import SSEResponse
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_anthropic_router", "ROUTE"]

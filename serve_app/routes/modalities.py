@@ -18,10 +18,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 
-from serve_app.gateway.core import GatewayCore
 from serve_app.errors import InvalidRequest, RequestTooLarge
-from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.protocol.modalities import (
     AUDIO_FORMATS,
     AUDIO_MEDIA_TYPES,

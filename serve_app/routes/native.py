@@ -9,14 +9,17 @@ import orjson
 from fastapi import APIRouter, Request
 from sse_starlette import ServerSentEvent
 
+from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.gateway.adapters import adapter_card
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.gateway.deadline import apply_start_within
-from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
 from serve_app.gateway.images import admit_images
-from serve_app.http.plumbing import JSONResponse, error_event_data, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, error_event_data, parse_body, read_json, request_id_of
+from serve_app.http.sse import SSEResponse
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest, logprobs_out, tool_call_out
+from serve_app.protocol.openai import unknown_fields
 from serve_app.protocol.openai_tools import (
     check_logit_bias,
     check_tool_choice,
@@ -24,9 +27,7 @@ from serve_app.protocol.openai_tools import (
     to_tool_choice,
     to_tool_specs,
 )
-from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.openai_api import peek_stream
-from serve_app.http.sse import SSEResponse
 
 __all__ = ["build_native_router", "native_request"]
 
@@ -196,6 +197,7 @@ async def _models(core: GatewayCore) -> JSONResponse:
                 "pricing": model.pricing.model_dump(),
             }
         )
+    data.extend(adapter_card(ref, int(core.started_at)) for ref in core.adapters.cards())
     return JSONResponse({"models": data})
 
 

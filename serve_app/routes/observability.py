@@ -15,8 +15,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from serve_app.gateway.core import GatewayCore
 from serve_app.errors import InvalidRequest, NotFound, Timeout, TroupeError, as_troupe_error
+from serve_app.gateway.core import GatewayCore
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json
 from serve_app.policies.context import current_principal
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, AsyncGenerator, AsyncIterator, Callable, Optional
+from typing import Any, AsyncGenerator, Callable, Optional
 
 from fastapi import APIRouter, Request
 
+from serve_app.errors import InvalidRequest
+from serve_app.gateway.adapters import adapter_card, replica_header
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.deadline import apply_start_within
-from serve_app.errors import InvalidRequest
 from serve_app.gateway.fanout import complete_all, fan_out, stream_all
 from serve_app.gateway.images import admit_images
-from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.http.sse import SSEResponse
 from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import (
@@ -39,7 +41,6 @@ from serve_app.protocol.openai_tools import (
     tool_calls_out,
 )
 from serve_app.routes.openai_stream import chat_events, completion_events
-from serve_app.http.sse import SSEResponse
 from serve_app.settings import ModelConfig
 
 __all__ = ["build_openai_router", "peek_stream", "chat_request", "completion_requests"]
@@ -56,6 +57,9 @@ async def peek_stream(chunks: AsyncGenerator[Any, None]) -> tuple[Any, AsyncGene
 
 
 def _model_card(model_id: str, created: int, core: Optional[GatewayCore] = None) -> dict[str, Any]:
+    adapter = core.adapters.split(model_id) if core is not None else None
+    if adapter is not None:  # a LoRA adapter on a base model (issue 19)
+        return adapter_card(adapter, created)
     card = {"id": model_id, "object": "model", "created": created, "owned_by": "troupe"}
     if core is not None:  # Troupe extension: what the model does
         model = core.models[model_id]
@@ -167,7 +171,8 @@ def _add_model_routes(router: APIRouter, core: GatewayCore) -> None:
     @router.get("/models")
     async def list_models() -> JSONResponse:
         return JSONResponse(
-            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]}
+            {"object": "list", "data": [_model_card(mid, created, core) for mid in core.models]
+             + [adapter_card(ref, created) for ref in core.adapters.cards()]}
         )
 
     @router.get("/models/{model_id:path}")
@@ -207,7 +212,8 @@ def _add_chat_route(router: APIRouter, core: GatewayCore, max_body: int) -> None
                 "model": body.model,
                 "choices": [_chat_choice(i, r, top) for i, r in enumerate(results)],
                 "usage": _usage(results, n),
-            }
+            },
+            headers=replica_header(results[0]),
         )
 
 
@@ -253,7 +259,8 @@ def _add_completions_route(router: APIRouter, core: GatewayCore, max_body: int) 
                 "model": body.model,
                 "choices": choices,
                 "usage": _usage(results, n),
-            }
+            },
+            headers=replica_header(results[0]),
         )
 
 

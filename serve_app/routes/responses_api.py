@@ -12,14 +12,13 @@ from typing import Any, AsyncGenerator
 
 from fastapi import APIRouter, Request
 
-from serve_app.gateway.core import GatewayCore
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
+from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.images import admit_images
-from serve_app.protocol.field_policy import check_fields
-from serve_app.protocol.openai_tools import check_tool_choice
-from serve_app.protocol.responses_tools import internal_messages, tool_choice_of, tool_specs
-from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
 from serve_app.gateway.metering import RequestInfo
+from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
+from serve_app.http.sse import SSEResponse
+from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import (
     GenerationRequest,
     TextChunk,
@@ -27,6 +26,7 @@ from serve_app.protocol.internal import (
     merge_tool_call_deltas,
 )
 from serve_app.protocol.openai import unknown_fields
+from serve_app.protocol.openai_tools import check_tool_choice
 from serve_app.protocol.responses import (
     RESPONSES_EXAMPLE,
     ResponsesRequest,
@@ -35,9 +35,9 @@ from serve_app.protocol.responses import (
     response_object,
     status_of,
 )
+from serve_app.protocol.responses_tools import internal_messages, tool_choice_of, tool_specs
 from serve_app.routes.openai_api import peek_stream
 from serve_app.routes.text_common import named, next_chunk
-from serve_app.http.sse import SSEResponse
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_responses_router", "ROUTE"]

@@ -21,16 +21,16 @@ import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from serve_app.gateway.core import GatewayCore
 from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError, as_troupe_error
-from serve_app.http.plumbing import request_id_of_scope
+from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.metering import RequestInfo
+from serve_app.gateway.voice import VoiceSocket, run_voice_end
+from serve_app.http.plumbing import request_id_of_scope
 from serve_app.policies.context import PRINCIPAL, USAGE, UsageTally
 from serve_app.protocol.internal import TextChunk, ToolCallDelta, merge_tool_call_deltas
 from serve_app.protocol.native import WS_EXAMPLE, WSCancel, WSInference, logprobs_out, tool_call_out
 from serve_app.protocol.openai import unknown_fields
 from serve_app.routes.native import native_request
-from serve_app.gateway.voice import VoiceSocket, run_voice_end
 from serve_app.tracing import (
     ATTR_MODEL,
     ATTR_REQUEST_ID,

@@ -13,6 +13,7 @@ options and prices), ``policies`` (auth, limits, idempotency, CORS, batch jobs),
 ``observability`` (tracing), ``tree`` (:class:`TroupeSettings` and :func:`load_settings`).
 """
 
+from serve_app.settings.adapters import AdapterSettings
 from serve_app.settings.base import ConfigError
 from serve_app.settings.engines import (
     AnthropicEngineConfig,
@@ -41,6 +42,7 @@ from serve_app.settings.tree import (
 )
 
 __all__ = [
+    "AdapterSettings",
     "ConfigError",
     "MockEngineConfig",
     "TransformersEngineConfig",

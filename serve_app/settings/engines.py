@@ -68,6 +68,11 @@ class MockEngineConfig(_EngineConfig):
         None, ge=0,
         description="Raise an engine error after this many tokens (tests of mid-stream errors).",
     )
+    adapter_load_delay_ms: float = Field(
+        0.0, ge=0, le=60_000,
+        description="Time loading one LoRA adapter takes (the mock's output depends on the "
+        "adapter id; it loads no weights).",
+    )
 
 
 class TransformersEngineConfig(_EngineConfig):
@@ -133,6 +138,16 @@ class VLLMEngineConfig(_EngineConfig):
     max_model_len: Optional[int] = Field(None, ge=16, description="Context size override.")
     dtype: str = Field("auto", description="Weights dtype (auto, float16, bfloat16).")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start).")
+    max_loras: Optional[int] = Field(
+        None, ge=1, le=64,
+        description="LoRA adapters one batch may use (vLLM enable_lora + max_loras); None: LoRA "
+        "off. Set from the model's adapters.max_loaded when the model lists adapters.",
+    )
+    max_lora_rank: int = Field(
+        16, ge=1, le=512,
+        description="Largest LoRA rank vLLM reserves room for (rounded up to a size vLLM "
+        "supports). Set from the model's adapters.max_rank when the model lists adapters.",
+    )
     extra_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm AsyncEngineArgs."
     )

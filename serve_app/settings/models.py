@@ -9,6 +9,7 @@ from pydantic import (
     model_validator,
 )
 
+from serve_app.settings.adapters import AdapterSettings
 from serve_app.settings.base import Strict
 from serve_app.settings.engines import (
     EngineConfig,
@@ -198,6 +199,11 @@ class ModelConfig(Strict):
         "replica (no extra hop; only for engines that hold no accelerator state: remote "
         "providers and the mock).",
     )
+    adapters: Optional[AdapterSettings] = Field(
+        None,
+        description="LoRA adapters on this text model (mock, transformers and vllm engines); "
+        "None: the model serves no adapters and refuses registrations.",
+    )
 
     @model_validator(mode="after")
     def _gateway_only_remote(self) -> "ModelConfig":
@@ -209,6 +215,36 @@ class ModelConfig(Strict):
             raise ValueError("run_in: gateway is only for text models; remote embeddings run "
                              "in their own deployment (run_in: deployment)")
         return self
+
+    @model_validator(mode="after")
+    def _adapters_on_local_text(self) -> "ModelConfig":
+        if self.adapters is not None and (self.modality != "text" or self.provider != "local"):
+            raise ValueError("adapters are served only by local text engines (mock, "
+                             "transformers, vllm); remove 'adapters' from this model")
+        if self.adapters is not None and getattr(self.engine, "weights", None) == "int8":
+            raise ValueError("LoRA adapters need engine.weights bfloat16 or float32 (int8 "
+                             "layers take no adapters); change engine.weights or remove "
+                             "'adapters'")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_lora_slots(cls, data: Any) -> Any:
+        """vLLM sizes its LoRA slots at start: from ``adapters`` unless the engine sets them.
+        The transformers engine holds its weights in bfloat16 unless told otherwise (peft's
+        LoRA layers wrap plain Linear layers, not the int8 ones)."""
+        if not isinstance(data, dict) or not isinstance(data.get("adapters"), dict):
+            return data
+        engine = data.get("engine")
+        if isinstance(engine, dict) and engine.get("type") == "transformers":
+            return {**data, "engine": {"weights": "bfloat16", **engine}}
+        if not isinstance(engine, dict) or engine.get("type") != "vllm":
+            return data
+        adapters = data["adapters"]
+        fields = AdapterSettings.model_fields
+        defaults = {"max_loras": adapters.get("max_loaded", fields["max_loaded"].default),
+                    "max_lora_rank": adapters.get("max_rank", fields["max_rank"].default)}
+        return {**data, "engine": {**defaults, **engine}}
 
     @model_validator(mode="before")
     @classmethod

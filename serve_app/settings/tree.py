@@ -21,7 +21,6 @@ from serve_app.settings.models import (
     RayActorOptions,
 )
 from serve_app.settings.observability import TracingSettings
-from serve_app.settings.realtime import RealtimeSettings
 from serve_app.settings.policies import (
     AuthSettings,
     BatchSettings,
@@ -29,6 +28,7 @@ from serve_app.settings.policies import (
     IdempotencySettings,
     LimitsSettings,
 )
+from serve_app.settings.realtime import RealtimeSettings
 
 __all__ = [
     "GatewayOptions",

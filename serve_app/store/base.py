@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.adapter_tables import AdapterRow
 from serve_app.store.policy_rows import ApiKeyRow, BatchItemRow, BatchJobRow, IdempotencyRow
 from serve_app.store.rows import CredentialRow, LedgerTotalsRow
 
@@ -84,6 +85,15 @@ class Store(Protocol):
         """Delete records expired at ``now``; returns how many."""
 
     # --- batch jobs (serve_app/gateway/batch.py) --------------------------------------------------
+
+    async def adapter_put(self, row: AdapterRow) -> None:
+        """Insert or replace one LoRA adapter registered at run time."""
+
+    async def adapter_list(self) -> list[AdapterRow]:
+        """Every registered adapter, ordered by base model then adapter id."""
+
+    async def adapter_delete(self, base: str, adapter_id: str) -> bool:
+        """Forget one registered adapter; False when there was none."""
 
     async def batch_create(self, job: BatchJobRow, items: Sequence[BatchItemRow]) -> None:
         """Insert a job and its items atomically."""

@@ -16,12 +16,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.adapter_tables import POSTGRES_ADAPTER_MIGRATIONS, PostgresAdapterTables
 from serve_app.store.batch_tables import POSTGRES_BATCH_MIGRATIONS, PostgresBatchTables
 from serve_app.store.policy_postgres import POLICY_MIGRATIONS, PostgresPolicyTables
 from serve_app.store.rows import (
-    CredentialRow,
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
+    CredentialRow,
     LedgerTotalsRow,
     entry_to_row,
     row_to_entry,
@@ -40,6 +41,7 @@ _COLUMN_TYPES: dict[str, str] = {
     "prompt_tokens": "int8", "completion_tokens": "int8", "usage_estimated": "bool",
     "queue_ms": "float8", "ttft_ms": "float8", "e2e_ms": "float8",
     "inter_token_ms": "text", "replica_busy_s": "float8", "cold_start": "bool",
+    "adapter_load_ms": "float8",
     "cost_usd": "float8", "cost_estimated": "bool", "price_source": "text",
 }
 assert tuple(_COLUMN_TYPES) == LEDGER_COLUMNS
@@ -77,6 +79,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ),
         # v2: requests that waited for their replica to start (scale from zero).
         ("ALTER TABLE ledger ADD COLUMN cold_start BOOLEAN NOT NULL DEFAULT false",),
+        # v3: time the request waited for its LoRA adapter to load (issue 19).
+        ("ALTER TABLE ledger ADD COLUMN adapter_load_ms DOUBLE PRECISION",),
     ),
     "credentials": (
         (
@@ -94,6 +98,7 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 _MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
 _MIGRATIONS.update(POSTGRES_BATCH_MIGRATIONS)  # batch jobs
+_MIGRATIONS.update(POSTGRES_ADAPTER_MIGRATIONS)  # LoRA adapters registered at run time
 
 _COLUMN_LIST = ", ".join(LEDGER_COLUMNS)
 # One statement per batch: the columns arrive as arrays and are zipped back into rows by
@@ -119,7 +124,7 @@ _WINDOW_SQL = (
 )
 
 
-class PostgresStore(PostgresPolicyTables, PostgresBatchTables):
+class PostgresStore(PostgresPolicyTables, PostgresBatchTables, PostgresAdapterTables):
     """The :class:`~serve_app.store.base.Store` on a PostgreSQL database.
 
     Every call borrows a pooled connection; a batch append is one statement, so it is

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from serve_app.protocol.metrics import LedgerEntry
+from serve_app.store.adapter_tables import SQLITE_ADAPTER_MIGRATIONS, SQLiteAdapterTables
 from serve_app.store.batch_tables import SQLITE_BATCH_MIGRATIONS, SQLiteBatchTables
 from serve_app.store.policy_sqlite import POLICY_MIGRATIONS, SQLitePolicyTables
 from serve_app.store.rows import (
-    CredentialRow,
     LEDGER_COLUMNS,
     LEDGER_TOTALS_SQL,
+    CredentialRow,
     LedgerTotalsRow,
     entry_to_row,
     row_to_entry,
@@ -74,6 +75,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ),
         # v2: requests that waited for their replica to start (scale from zero).
         ("ALTER TABLE ledger ADD COLUMN cold_start INTEGER NOT NULL DEFAULT 0",),
+        # v3: time the request waited for its LoRA adapter to load (issue 19).
+        ("ALTER TABLE ledger ADD COLUMN adapter_load_ms REAL",),
     ),
     "credentials": (
         (
@@ -91,6 +94,7 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 _MIGRATIONS.update(POLICY_MIGRATIONS)  # API keys, idempotency records
 _MIGRATIONS.update(SQLITE_BATCH_MIGRATIONS)  # batch jobs
+_MIGRATIONS.update(SQLITE_ADAPTER_MIGRATIONS)  # LoRA adapters registered at run time
 
 _INSERT_SQL = (
     f"INSERT INTO ledger ({_COLUMN_LIST}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))}) "
@@ -101,7 +105,7 @@ _WINDOW_SQL = (
 )
 
 
-class SQLiteStore(SQLitePolicyTables, SQLiteBatchTables):
+class SQLiteStore(SQLitePolicyTables, SQLiteBatchTables, SQLiteAdapterTables):
     """The :class:`~serve_app.store.base.Store` on one SQLite file.
 
     Durability: WAL journal with ``synchronous=FULL``. In WAL mode, NORMAL skips the fsync

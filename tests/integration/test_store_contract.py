@@ -306,8 +306,8 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert conn.execute(
                 "SELECT component, version FROM schema_version ORDER BY component"
-            ).fetchall() == [("api_keys", 1), ("batch", 1), ("credentials", 1),
-                             ("idempotency", 1), ("ledger", 2)]
+            ).fetchall() == [("adapters", 1), ("api_keys", 1), ("batch", 1),
+                             ("credentials", 1), ("idempotency", 1), ("ledger", 3)]
     finally:
         await store.close()
 

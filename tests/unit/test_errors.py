@@ -9,6 +9,8 @@ import pytest
 
 from serve_app import errors
 from serve_app.errors import (
+    AdapterInvalid,
+    AdapterNotFound,
     AuthenticationFailed,
     AuthorizationFailed,
     ContentFiltered,
@@ -45,6 +47,8 @@ EXPECTED = [
     (AuthorizationFailed, 403, "AUTHORIZATION_FAILED", "permission_error"),
     (NotFound, 404, "NOT_FOUND", "not_found_error"),
     (ModelNotFound, 404, "MODEL_NOT_FOUND", "not_found_error"),
+    (AdapterNotFound, 404, "ADAPTER_NOT_FOUND", "not_found_error"),
+    (AdapterInvalid, 400, "ADAPTER_INVALID", "invalid_request_error"),
     (MethodNotAllowed, 405, "METHOD_NOT_ALLOWED", "invalid_request_error"),
     (ModelNotLoaded, 409, "MODEL_NOT_LOADED", "invalid_request_error"),
     (RequestTooLarge, 413, "REQUEST_TOO_LARGE", "invalid_request_error"),

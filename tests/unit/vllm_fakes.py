@@ -11,6 +11,7 @@ the engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -80,10 +81,18 @@ class FakeModelConfig:
 
 
 class Submission:
-    def __init__(self, prompt, sampling_params, request_id) -> None:
+    def __init__(self, prompt, sampling_params, request_id, lora_request=None) -> None:
         self.prompt = prompt
         self.sampling_params = sampling_params
         self.request_id = request_id
+        self.lora_request = lora_request
+
+
+class FakeLoRARequest:
+    """vllm.lora.request.LoRARequest's fields."""
+
+    def __init__(self, lora_name: str, lora_int_id: int, lora_path: str) -> None:
+        self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
 
 
 class RecordedSamplingParams:
@@ -126,6 +135,7 @@ class FakeAsyncLLM:
         self.closed_by_consumer: list[str] = []
         self.running: dict[str, asyncio.Event] = {}
         self.shutdown_calls = 0
+        self.loras: dict[int, FakeLoRARequest] = {}  # lora_int_id -> request (add_lora)
 
     def get_tokenizer(self) -> FakeTokenizer:
         return self.tokenizer
@@ -134,8 +144,29 @@ class FakeAsyncLLM:
         ids = [1000 + len(t) for t in tokens]
         return FakeRequestOutput(request_id, prompt_ids, FakeCompletion("".join(tokens), ids, finish))
 
-    async def generate(self, prompt, sampling_params, request_id):
-        self.submitted.append(Submission(prompt, sampling_params, request_id))
+    async def add_lora(self, lora_request: FakeLoRARequest) -> bool:
+        """Like vLLM: the adapter's files are read now; a rank above max_lora_rank fails."""
+        config = Path(lora_request.lora_path) / "adapter_config.json"
+        if not config.is_file():
+            raise ValueError(f"Loading lora {lora_request.lora_name} failed: No adapter found "
+                             f"for {lora_request.lora_path}")
+        rank = json.loads(config.read_text())["r"]
+        if rank > self.engine_args.get("max_lora_rank", 16):
+            raise ValueError(f"LoRA rank {rank} is greater than max_lora_rank "
+                             f"{self.engine_args.get('max_lora_rank', 16)}.")
+        self.loras[lora_request.lora_int_id] = lora_request
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        return self.loras.pop(lora_id, None) is not None
+
+    async def list_loras(self) -> set[int]:
+        return set(self.loras)
+
+    async def generate(self, prompt, sampling_params, request_id, lora_request=None):
+        self.submitted.append(Submission(prompt, sampling_params, request_id, lora_request))
+        if lora_request is not None and lora_request.lora_int_id not in self.loras:
+            raise ValueError(f"LoRA {lora_request.lora_name} is not loaded")
         prompt_ids = prompt["prompt_token_ids"]
         if self.reject_with is not None:
             raise self.reject_with
@@ -200,6 +231,7 @@ async def started_engine(
         config or vllm_config(),
         engine_factory=factory,
         sampling_params_factory=RecordedSamplingParams,
+        lora_request_factory=FakeLoRARequest,
     )
     await engine.start()
     return engine, fakes[0]

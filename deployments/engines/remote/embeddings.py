@@ -18,8 +18,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from deployments.engines.registry import create_text_engine
 from deployments.engines.modality_base import EmbedOutput
+from deployments.engines.registry import create_text_engine
 from serve_app.errors import InvalidRequest
 
 __all__ = ["RemoteEmbeddingEngine"]

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import random
+import time
 from typing import Any, AsyncGenerator, Awaitable, Callable, Protocol, TypeVar
 
 from deployments.engines.remote.breaker import CircuitBreaker, shared_breaker
