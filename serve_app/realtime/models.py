@@ -150,9 +150,10 @@ class RealtimeMetrics:
         self._send("realtime_audio_output_seconds_total", "counter", fig.audio_out_s, labels)
         self._send("realtime_responses_total", "counter", 1, {**labels, "status": fig.status})
         if fig.ttfa_ms is not None:
-            self._send("realtime_ttfa_ms_sum_total", "counter", fig.ttfa_ms, labels)
-            self._send("realtime_ttfa_ms_count_total", "counter", 1, labels)
-            self._send("realtime_ttfa_last_ms", "gauge", fig.ttfa_ms, labels)
+            # seconds, as Prometheus names units (promtool refuses "ms" in a name)
+            self._send("realtime_ttfa_seconds_sum_total", "counter", fig.ttfa_ms / 1000, labels)
+            self._send("realtime_ttfa_seconds_count_total", "counter", 1, labels)
+            self._send("realtime_ttfa_last_seconds", "gauge", fig.ttfa_ms / 1000, labels)
 
     def _send(self, name: str, kind: str, value: float, labels: dict[str, str]) -> None:
         try:

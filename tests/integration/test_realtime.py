@@ -101,7 +101,7 @@ async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_pa
         "requests", 0) >= 3 and u, timeout=15, interval=0.1)
     assert usage["/v1/realtime"]["errors"] == 0
     metrics = wait_until(lambda: (t := httpx.get(base_url + "/metrics", timeout=10).text).count(
-        "troupe_custom_realtime_ttfa_ms_count_total{") and t, timeout=15, interval=0.1)
+        "troupe_custom_realtime_ttfa_seconds_count_total{") and t, timeout=15, interval=0.1)
     assert 'troupe_custom_realtime_audio_input_seconds_total{model="mock-5ms"}' in metrics
     assert 'troupe_custom_realtime_responses_total{model="mock-5ms",status="completed"}' in metrics
 
