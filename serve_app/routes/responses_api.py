@@ -30,6 +30,7 @@ from serve_app.protocol.responses import (
     RESPONSES_EXAMPLE,
     ResponsesRequest,
     ResponseStreamEncoder,
+    logprobs_out,
     response_id,
     response_object,
     status_of,
@@ -77,6 +78,7 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
             response_object(
                 resp_id, created_at, body, status, result.text,
                 (result.prompt_tokens, result.completion_tokens), error, result.tool_calls,
+                logprobs_out(result.logprobs, body.logprobs_k()),
             )
         )
 
@@ -103,6 +105,7 @@ async def _responses_request(
         gen.response_format = None if fmt is None else fmt.internal()
     except ValueError as exc:
         raise InvalidRequest(f"Invalid text.format: {exc}", param="text.format") from None
+    gen.sampling.logprobs = body.logprobs_k()
     await admit_images(core, model, gen, param="input")
     return gen
 
@@ -124,7 +127,7 @@ async def _response_events(
         while True:
             if chunk.text and encoder.message_open:
                 parts.append(chunk.text)
-                yield named(encoder.delta(chunk.text))
+                yield named(encoder.delta(chunk.text, chunk.logprobs))
             for delta in chunk.tool_calls or ():
                 deltas.append(delta)
                 if delta.id is not None:
