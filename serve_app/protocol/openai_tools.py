@@ -281,19 +281,23 @@ def chat_logprobs_out(entries: Optional[list[TokenLogprob]], top: int) -> Option
 
 
 def completion_logprobs_out(
-    entries: Optional[list[TokenLogprob]], top: int, offset: int
+    entries: Optional[list[TokenLogprob]], top: int, offset: int,
+    prompt: Optional[list[TokenLogprob]] = None,
 ) -> Optional[dict[str, Any]]:
     """A completion choice's legacy ``logprobs`` (tokens, token_logprobs, top_logprobs,
-    text_offset counted from ``offset``)."""
-    if entries is None:
+    text_offset counted from ``offset``). ``prompt`` (``echo`` with logprobs): the prompt
+    tokens' entries go first, the very first with null logprob and alternatives, as
+    OpenAI's API answers (nothing precedes it)."""
+    if entries is None and prompt is None:
         return None
+    whole = [*(prompt or ()), *(entries or ())]
     offsets = []
-    for e in entries:
+    for e in whole:
         offsets.append(offset)
         offset += len(e.token)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: lp for t, _id, lp in e.top[:top]} for e in entries],
-        "text_offset": offsets,
-    }
+    logprobs: list[Optional[float]] = [e.logprob for e in whole]
+    tops: list[Optional[dict[str, float]]] = [{t: lp for t, _id, lp in e.top[:top]} for e in whole]
+    if prompt:
+        logprobs[0] = tops[0] = None
+    return {"tokens": [e.token for e in whole], "token_logprobs": logprobs,
+            "top_logprobs": tops, "text_offset": offsets}

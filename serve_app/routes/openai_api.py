@@ -123,6 +123,8 @@ def completion_requests(
     _model, base = _admit(core, "/v1/completions", body, request_id)
     base.raw = True
     base.sampling.logprobs = body.logprobs
+    if body.echo and body.logprobs is not None:
+        base.sampling.prompt_logprobs = body.logprobs
     prompts = body.prompts()
     requests, echoes = [], []
     for i, prompt in enumerate(prompts):
@@ -244,7 +246,8 @@ def _add_completions_route(router: APIRouter, core: GatewayCore, max_body: int) 
                 "index": i,
                 "text": echo + r.text,
                 "logprobs": None if body.logprobs is None
-                else completion_logprobs_out(r.logprobs, body.logprobs, len(echo)),
+                else completion_logprobs_out(r.logprobs, body.logprobs, 0 if r.prompt_logprobs
+                                             else len(echo), r.prompt_logprobs),
                 "finish_reason": r.finish_reason,
             })
         return JSONResponse(
