@@ -70,6 +70,7 @@ def _to_chunk(
             replica=replica,
         )
     chunk.logprobs, chunk.tool_calls = out.logprobs, out.tool_calls
+    chunk.prompt_logprobs = out.prompt_logprobs
     return chunk
 
 

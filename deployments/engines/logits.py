@@ -20,6 +20,7 @@ from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import MAX_TOP_LOGPROBS, GenerationRequest, TokenLogprob
 
 __all__ = [
+    "prompt_token_logprobs",
     "LogitBiasProcessor",
     "PenaltyProcessor",
     "LogprobRecorder",
@@ -129,6 +130,17 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
     if tokenizer is None:
         return str(token_id)
     return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def prompt_token_logprobs(model: Any, input_ids: list[int], top_k: int, tokenizer: Any) -> list[TokenLogprob]:
+    """Each prompt token's logprob given the tokens before it, from one forward pass over
+    the prompt (``echo`` with ``logprobs`` on completions). The first token has nothing
+    before it: its entry has logprob 0.0 and no alternatives (the wire says null)."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([input_ids]), use_cache=False).logits[0]
+    first = TokenLogprob(_token_text(tokenizer, input_ids[0]), int(input_ids[0]), 0.0, ())
+    return [first, *(token_logprobs(logits[i - 1], input_ids[i], top_k, tokenizer)
+                     for i in range(1, len(input_ids)))]
 
 
 class LogprobRecorder:

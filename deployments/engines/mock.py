@@ -17,7 +17,7 @@ import time
 from typing import AsyncIterator, Optional
 
 from deployments.engines.base import plan_output_tokens
-from deployments.engines.mock_agent import MOCK_VOCAB_SIZE, agent_plan, token_logprob
+from deployments.engines.mock_agent import MOCK_VOCAB_SIZE, agent_plan, prompt_logprobs, token_logprob
 from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest, ToolCallDelta
 from serve_app.settings import MockEngineConfig
@@ -189,6 +189,8 @@ class MockTextEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineOutput]:
         prompt_tokens, tokens, finish, matched = self._plan(request)
         echo = render_prompt(request) if request.sampling.echo else ""
+        k = request.sampling.prompt_logprobs
+        prompt_lp = None if k is None else prompt_logprobs(render_prompt(request), k)
         abort = asyncio.Event()
         self._active[request.request_id] = abort
         try:
@@ -202,7 +204,7 @@ class MockTextEngine:
             sent = 0
             total = len(tokens)
             if total == 0:
-                yield EngineOutput(echo, 0, prompt_tokens, finish, matched)
+                yield EngineOutput(echo, 0, prompt_tokens, finish, matched, prompt_logprobs=prompt_lp)
                 return
             while sent < total:
                 if abort.is_set():
@@ -231,8 +233,9 @@ class MockTextEngine:
                     finish if done else None,
                     matched if done else None,
                     **self._extras(request, tokens, sent, ready),
+                    prompt_logprobs=prompt_lp,
                 )
-                sent, echo = ready, ""
+                sent, echo, prompt_lp = ready, "", None
         finally:
             self._active.pop(request.request_id, None)
             self._deltas.pop(request.request_id, None)

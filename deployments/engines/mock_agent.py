@@ -27,7 +27,7 @@ from serve_app.protocol.internal import (
     ToolSpec,
 )
 
-__all__ = ["minimal_instance", "agent_plan", "token_logprob", "MOCK_VOCAB_SIZE", "FRAGMENT"]
+__all__ = ["minimal_instance", "agent_plan", "token_logprob", "prompt_logprobs", "MOCK_VOCAB_SIZE", "FRAGMENT"]
 
 #: Token ids the mock accepts (logit_bias keys and token-id prompts beyond it are refused).
 MOCK_VOCAB_SIZE = 131_072
@@ -134,6 +134,12 @@ def agent_plan(
 
 def _token_id(token: str) -> int:
     return int.from_bytes(hashlib.blake2b(token.encode(), digest_size=4).digest()) % MOCK_VOCAB_SIZE
+
+
+def prompt_logprobs(prompt: str, k: int) -> list[TokenLogprob]:
+    """The mock's prompt-token logprobs (``echo`` with logprobs): one per word."""
+    words = prompt.split() or [""]
+    return [token_logprob(1000 + i, w if i == 0 else " " + w, k) for i, w in enumerate(words)]
 
 
 def token_logprob(position: int, token: str, k: int) -> TokenLogprob:

@@ -8,10 +8,14 @@ Troupe renders itself for templates without tools) reads
 
 Two modes:
 
-* ``auto``: the model wrote the call unconstrained, so each call is held until its closing
-  tag, then its arguments must parse as JSON and validate against the tool's schema; only
-  then is it emitted (a call that fails stays ordinary text, so nothing invalid ever
-  reaches a client as a call).
+* ``auto``: the model writes the call unconstrained. Once a call's head names one of the
+  request's tools, the call is announced and its arguments stream as fragments while the
+  model writes them (as OpenAI streams calls), so a client sees a long call grow instead
+  of waiting for its end. Such a call is checked against the tool's schema when it closes;
+  it cannot be taken back then, so a failure is only recorded (``rejected``). A
+  call in any other shape is held to its closing tag and emitted only if its arguments
+  parse and validate (else it stays ordinary text). Required and named calls, which are
+  constrained, are the way to a call that is guaranteed valid.
 * forced (``tool_choice`` required or named): the grammar already guarantees a valid call,
   so :class:`ForcedCallParser` streams the name first and argument fragments as they
   arrive, as OpenAI does.
@@ -146,7 +150,14 @@ class ForcedCallParser:
 
 
 class HermesToolParser:
-    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in free output (auto mode)."""
+    """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in free output (auto mode).
+
+    A call whose head (``{"name": "<a tool of the request>", "arguments":``) has arrived is
+    announced at once (index, id, name) and its arguments stream as fragments while the
+    model writes them, as OpenAI streams calls. A call in another shape (``parameters``,
+    keys in another order) is held until its closing tag and emitted whole if it
+    validates, or given back as text if it does not.
+    """
 
     start = "<tool_call>"
     end = "</tool_call>"
@@ -156,12 +167,15 @@ class HermesToolParser:
         self._parallel = parallel
         self._buffer = ""
         self._in_call = False
+        #: The call being streamed: (index, name, arguments so far, scanner).
+        self._streaming: Optional[tuple[int, str, list[str], _ValueScanner]] = None
         self.calls_made = 0
-        #: Why calls the model wrote were not accepted (their text went out as text).
+        #: Why calls the model wrote were not accepted (their text went out as text), or
+        #: why a call already streamed turned out invalid.
         self.rejected: list[str] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        """Take more output; returns (text outside calls, whole validated calls)."""
+        """Take more output; returns (text outside calls, call fragments)."""
         self._buffer += text
         out: list[str] = []
         deltas: list[ToolCallDelta] = []
@@ -176,24 +190,69 @@ class HermesToolParser:
                 out.append(self._buffer[:at])
                 self._buffer = self._buffer[at + len(self.start) :]
                 self._in_call = True
+            if self._streaming is None:
+                self._announce(deltas)
+            if self._streaming is not None:
+                self._stream_arguments(deltas)
             at = self._buffer.find(self.end)
             if at < 0:
                 break
             body, self._buffer = self._buffer[:at], self._buffer[at + len(self.end) :]
             self._in_call = False
-            self._close(body, out, deltas)
+            if self._streaming is not None:
+                self._end_streamed()
+            else:
+                self._close(body, out, deltas)
         return "".join(out), deltas
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         """The output ended: a call missing only its closing tag still counts."""
         out: list[str] = []
         deltas: list[ToolCallDelta] = []
-        if self._in_call:
+        if self._streaming is not None:
+            self._end_streamed()
+        elif self._in_call:
             self._close(self._buffer, out, deltas)
         else:
             out.append(self._buffer)
         self._buffer, self._in_call = "", False
         return "".join(out), deltas
+
+    def _announce(self, deltas: list[ToolCallDelta]) -> None:
+        """Start streaming the call in the buffer once its head names one of the tools."""
+        head = _HEAD.match(self._buffer)
+        if head is None:
+            return
+        name = json.loads(f'"{head.group(1)}"')
+        if name not in self._tools or (self.calls_made and not self._parallel):
+            return  # held whole until its closing tag; _close decides
+        index = self.calls_made
+        self.calls_made += 1
+        deltas.append(ToolCallDelta(index, new_call_id(), name, ""))
+        self._buffer = self._buffer[head.end() :]
+        self._streaming = (index, name, [], _ValueScanner())
+
+    def _stream_arguments(self, deltas: list[ToolCallDelta]) -> None:
+        assert self._streaming is not None  # checked by the caller
+        index, _, parts, scanner = self._streaming
+        if scanner.done:
+            return
+        take = scanner.feed(self._buffer)
+        fragment, self._buffer = self._buffer[:take], self._buffer[take:]
+        if not parts:
+            fragment = fragment.lstrip()
+        if fragment:
+            parts.append(fragment)
+            deltas.append(ToolCallDelta(index, None, None, fragment))
+
+    def _end_streamed(self) -> None:
+        """The streamed call ended; it was already sent, so a bad one is only recorded."""
+        assert self._streaming is not None  # checked by the caller
+        _, name, parts, _ = self._streaming
+        self._streaming = None
+        why = validate_arguments(self._tools.get(name), "".join(parts))
+        if why is not None:
+            self.rejected.append(f"{name}: {why} (the call was already streamed)")
 
     def _close(self, body: str, out: list[str], deltas: list[ToolCallDelta]) -> None:
         call = self._accept(body)

@@ -43,11 +43,12 @@ from deployments.engines.base import plan_output_tokens
 from deployments.engines.batch_loop import BatchLoop, Sampler, Seq, admission_check
 from deployments.engines.chat_render import encode_prompt
 from deployments.engines.gguf_cache import resolve_model_dir
+from deployments.engines.logits import prompt_token_logprobs
 from deployments.engines.lora_peft import PeftAdapterMethods, PeftAdapters
 from deployments.engines.prefix_cache import PrefixCache
 from deployments.engines.sequence_output import SequenceOutput
 from deployments.engines.stop_strings import StopStringTracker
-from serve_app.errors import ModelNotLoaded, Overloaded
+from serve_app.errors import InvalidRequest, ModelNotLoaded, Overloaded
 from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest, SamplingParams
 from serve_app.settings import TransformersEngineConfig
 
@@ -253,10 +254,12 @@ class TransformersTextEngine(PeftAdapterMethods):
             "messages" if request.messages is not None else "prompt",
             getattr(request.sampling, "default_max_tokens", None),
         )
+        prompt_lp = await _prompt_logprobs(self._model, self._tokenizer, request, input_ids)
         if request.sampling.echo:  # set by the gateway for token-id prompts: only we can detokenize
-            yield EngineOutput(self._tokenizer.decode(input_ids), 0, prompt_tokens)
+            yield EngineOutput(self._tokenizer.decode(input_ids), 0, prompt_tokens, prompt_logprobs=prompt_lp)
+            prompt_lp = None
         if max_new == 0:
-            yield EngineOutput("", 0, prompt_tokens, "length")
+            yield EngineOutput("", 0, prompt_tokens, "length", prompt_logprobs=prompt_lp)
             return
         job = self._enqueue(request, input_ids, max_new)
         future = job.future
@@ -280,7 +283,8 @@ class TransformersTextEngine(PeftAdapterMethods):
                 matched = job.tracker.matched if finish == "stop" else None
                 if finish is not None:
                     finish = job.out.finish_reason(finish)  # tool_calls after calls
-                yield _output(parts, count, prompt_tokens, finish, matched, job.cached_tokens)
+                yield _output(parts, count, prompt_tokens, finish, matched, job.cached_tokens, prompt_lp)
+                prompt_lp = None  # on the first output only
                 if finish is not None:
                     return
         finally:
@@ -394,13 +398,28 @@ class TransformersTextEngine(PeftAdapterMethods):
             job.pending_tokens = 0
 
 
+async def _prompt_logprobs(
+    model: Any, tokenizer: Any, request: GenerationRequest, input_ids: list[int]
+) -> Optional[list]:
+    """The prompt tokens' logprobs when asked for (one extra forward over the prompt, off
+    the event loop; the batch loop keeps running meanwhile)."""
+    top_k = request.sampling.prompt_logprobs
+    if top_k is None or not input_ids:
+        return None
+    if request.adapter is not None:
+        raise InvalidRequest("echo with logprobs is not supported with a LoRA adapter "
+                             "(the prompt's logprobs come from the base model); omit one.",
+                             param="echo")
+    return await asyncio.to_thread(prompt_token_logprobs, model, input_ids, top_k, tokenizer)
+
+
 def _output(parts: list, count: int, prompt_tokens: int, finish: Any, matched: Optional[str],
-            cached_tokens: int) -> EngineOutput:
+            cached_tokens: int, prompt_logprobs: Optional[list] = None) -> EngineOutput:
     """One EngineOutput from shaped deltas (text, logprobs, tool-call fragments) merged in order."""
     logprobs = [lp for _, lps, _ in parts for lp in lps or ()]
     calls = [d for _, _, ds in parts for d in ds or ()]
     return EngineOutput(
         "".join(text for text, _, _ in parts), count, prompt_tokens, finish, matched,
         logprobs=logprobs if any(lps is not None for _, lps, _ in parts) else None,
-        tool_calls=calls or None, cached_tokens=cached_tokens,
+        tool_calls=calls or None, cached_tokens=cached_tokens, prompt_logprobs=prompt_logprobs,
     )

@@ -24,7 +24,7 @@ from serve_app.protocol.internal import (
     ToolChoice,
     ToolSpec,
 )
-from serve_app.protocol.openai_tools import FUNCTION_NAME, check_json_schema
+from serve_app.protocol.openai_tools import FUNCTION_NAME, check_json_schema, unique_tool_specs
 
 __all__ = [
     "ContentBlock",
@@ -169,11 +169,7 @@ def internal_messages(system: Optional[str], messages: list[Any]) -> list[ChatMe
 
 
 def tool_specs(tools: Optional[list[AnthropicTool]]) -> tuple[ToolSpec, ...]:
-    specs = tuple(ToolSpec(t.name, t.description, t.input_schema) for t in tools or ())
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError("tool names must be unique")
-    return specs
+    return unique_tool_specs(ToolSpec(t.name, t.description, t.input_schema) for t in tools or ())
 
 
 def tool_choice_of(choice: Optional[AnthropicToolChoice]) -> tuple[ToolChoice, bool]:

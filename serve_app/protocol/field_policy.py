@@ -62,8 +62,6 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
     "/v1/completions": {},
     "/v1/responses": {
         "prompt": "stored prompt templates are not supported; send 'input'",
-        "top_logprobs": "logprobs are served on /v1/chat/completions; omit it here",
-        "include": "no extra output data is produced here; omit it",
         "max_tool_calls": "a limit on tool calls is not enforced here; omit it",
     },
     "/v1/messages": {

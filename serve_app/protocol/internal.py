@@ -154,6 +154,9 @@ class SamplingParams:
     #: Completions with a token-id prompt: the engine's first output starts with the
     #: detokenized prompt (the gateway echoes text prompts itself, so it is False there).
     echo: bool = False
+    #: Completions with ``echo`` and ``logprobs``: the engine's first output carries the
+    #: prompt tokens' logprobs with this many alternatives (None: not asked for).
+    prompt_logprobs: Optional[int] = None
 
     def output_limit(self, room: int) -> int:
         """Tokens to generate given ``room`` left in the context (after validation)."""
@@ -269,6 +272,9 @@ class EngineOutput:
     tool_calls: Optional[list[ToolCallDelta]] = None
     #: Prompt tokens served from a cached prefix (not recomputed).
     cached_tokens: int = 0
+    #: First output only, when ``prompt_logprobs`` was asked for: one entry per prompt
+    #: token; the first token's ``logprob`` means nothing (no token precedes it).
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
 
 
 @dataclass(slots=True)
@@ -299,6 +305,8 @@ class TextChunk:
     adapter_load_ms: Optional[float] = None
     #: Final chunk only: the replica that served it (its Serve replica id, else its pid).
     replica: Optional[str] = None
+    #: As on EngineOutput (first chunk only).
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
 
     def usage(self) -> dict[str, Any]:
         """OpenAI-style usage of a final chunk (``prompt_tokens_details`` when a prefix was cached)."""
@@ -319,12 +327,13 @@ class ChunkJoiner:
     reassembled so the joined chunk carries one whole delta per call.
     """
 
-    __slots__ = ("_text", "_logprobs", "_deltas")
+    __slots__ = ("_text", "_logprobs", "_deltas", "_prompt_logprobs")
 
     def __init__(self) -> None:
         self._text: list[str] = []
         self._logprobs: Optional[list[TokenLogprob]] = None
         self._deltas: list[ToolCallDelta] = []
+        self._prompt_logprobs: Optional[list[TokenLogprob]] = None
 
     def add(self, chunk: TextChunk) -> None:
         """Take one streamed chunk."""
@@ -333,6 +342,8 @@ class ChunkJoiner:
             self._logprobs = (self._logprobs or []) + list(chunk.logprobs)
         if chunk.tool_calls:
             self._deltas.extend(chunk.tool_calls)
+        if chunk.prompt_logprobs is not None:
+            self._prompt_logprobs = chunk.prompt_logprobs
 
     def joined(self, last: TextChunk, queue_ms: Optional[float], cold_start: bool) -> TextChunk:
         """The whole result, with the usage and finish of ``last`` (the final chunk)."""
@@ -352,4 +363,5 @@ class ChunkJoiner:
             cached_tokens=last.cached_tokens,
             adapter_load_ms=last.adapter_load_ms,
             replica=last.replica,
+            prompt_logprobs=self._prompt_logprobs,
         )

@@ -9,7 +9,7 @@ model (token ids in ``logit_bias``, whether a schema compiles) is the engine's t
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +28,7 @@ from serve_app.protocol.internal import (
 __all__ = [
     "FUNCTION_NAME",
     "check_json_schema",
+    "FunctionSpecIn",
     "FunctionDef",
     "ToolIn",
     "NamedChoiceIn",
@@ -35,6 +36,7 @@ __all__ = [
     "ContentPartIn",
     "JSONSchemaFormat",
     "ResponseFormatIn",
+    "unique_tool_specs",
     "to_tool_specs",
     "to_tool_choice",
     "check_tool_choice",
@@ -69,8 +71,9 @@ def check_json_schema(schema: Any, what: str) -> dict:
     return schema
 
 
-class FunctionDef(_Lenient):
-    """A function tool's definition."""
+class FunctionSpecIn(_Lenient):
+    """A function tool's definition (name, description, parameters schema, strict): chat's
+    ``tools[].function`` and, with its ``type``, a Responses ``tools[]`` item."""
 
     name: str = Field(..., pattern=FUNCTION_NAME)
     description: Optional[str] = None
@@ -90,6 +93,10 @@ class FunctionDef(_Lenient):
         params = self.parameters if self.parameters is not None else {
             "type": "object", "properties": {}}
         return ToolSpec(self.name, self.description, params, bool(self.strict))
+
+
+#: Chat's name for it (``tools[].function``).
+FunctionDef = FunctionSpecIn
 
 
 class ToolIn(_Lenient):
@@ -169,14 +176,19 @@ class ResponseFormatIn(_Lenient):
     json_schema: Optional[JSONSchemaFormat] = None
 
 
-def to_tool_specs(tools: Optional[list[ToolIn]]) -> tuple[ToolSpec, ...]:
-    """The request's tools; two with one name are a ValueError (the call would be ambiguous)."""
-    specs = tuple(t.function.spec() for t in tools or ())
-    names = [s.name for s in specs]
+def unique_tool_specs(specs: Iterable[ToolSpec]) -> tuple[ToolSpec, ...]:
+    """``specs`` as a tuple; two with one name are a ValueError (a call would be ambiguous)."""
+    out = tuple(specs)
+    names = [s.name for s in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"tools: function names must be unique; repeated: {', '.join(dupes)}")
-    return specs
+        raise ValueError(f"function names must be unique; repeated: {', '.join(dupes)}")
+    return out
+
+
+def to_tool_specs(tools: Optional[list[ToolIn]]) -> tuple[ToolSpec, ...]:
+    """A chat request's tools (see :func:`unique_tool_specs`)."""
+    return unique_tool_specs(t.function.spec() for t in tools or ())
 
 
 def to_tool_choice(choice: Union[str, NamedChoiceIn, None]) -> ToolChoice:
@@ -269,19 +281,23 @@ def chat_logprobs_out(entries: Optional[list[TokenLogprob]], top: int) -> Option
 
 
 def completion_logprobs_out(
-    entries: Optional[list[TokenLogprob]], top: int, offset: int
+    entries: Optional[list[TokenLogprob]], top: int, offset: int,
+    prompt: Optional[list[TokenLogprob]] = None,
 ) -> Optional[dict[str, Any]]:
     """A completion choice's legacy ``logprobs`` (tokens, token_logprobs, top_logprobs,
-    text_offset counted from ``offset``)."""
-    if entries is None:
+    text_offset counted from ``offset``). ``prompt`` (``echo`` with logprobs): the prompt
+    tokens' entries go first, the very first with null logprob and alternatives, as
+    OpenAI's API answers (nothing precedes it)."""
+    if entries is None and prompt is None:
         return None
+    whole = [*(prompt or ()), *(entries or ())]
     offsets = []
-    for e in entries:
+    for e in whole:
         offsets.append(offset)
         offset += len(e.token)
-    return {
-        "tokens": [e.token for e in entries],
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{t: lp for t, _id, lp in e.top[:top]} for e in entries],
-        "text_offset": offsets,
-    }
+    logprobs: list[Optional[float]] = [e.logprob for e in whole]
+    tops: list[Optional[dict[str, float]]] = [{t: lp for t, _id, lp in e.top[:top]} for e in whole]
+    if prompt:
+        logprobs[0] = tops[0] = None
+    return {"tokens": [e.token for e in whole], "token_logprobs": logprobs,
+            "top_logprobs": tops, "text_offset": offsets}

@@ -4,7 +4,8 @@ Pure data (pydantic and orjson only, no gateway imports). ``input`` is a string 
 of items: messages (content a string or ``input_text`` / ``output_text`` / ``input_image``
 parts), ``function_call`` and ``function_call_output`` items (see
 :mod:`serve_app.protocol.responses_tools`). Function tools, ``tool_choice``,
-``parallel_tool_calls`` and ``text.format`` take effect. What needs state the gateway does
+``parallel_tool_calls``, ``text.format`` and logprobs (``include:
+["message.output_text.logprobs"]`` and ``top_logprobs``) take effect. What needs state the gateway does
 not keep is refused with a 400 naming the field: ``previous_response_id``,
 ``conversation``, ``background``; so are hosted tools and other item types. ``store`` is
 accepted and ignored (nothing is stored; responses say ``"store": false``).
@@ -37,7 +38,8 @@ from pydantic import (
     model_validator,
 )
 
-from serve_app.protocol.internal import ToolCallDelta
+from serve_app.protocol.internal import MAX_TOP_LOGPROBS, TokenLogprob, ToolCallDelta
+from serve_app.protocol.openai_tools import chat_logprobs_out
 from serve_app.protocol.responses_tools import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -56,7 +58,12 @@ __all__ = [
     "response_object",
     "status_of",
     "ResponseStreamEncoder",
+    "LOGPROBS_INCLUDE",
+    "logprobs_out",
 ]
+
+#: The one ``include`` value that means something here: logprobs on output text.
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 RESPONSES_EXAMPLE = (
     '{"model": "smollm2-135m", "input": "Write a haiku about actors.", '
@@ -153,6 +160,25 @@ class ResponsesRequest(_Lenient):
     conversation: Optional[Any] = None
     background: Optional[bool] = None
     user: Optional[str] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    include: Optional[list[str]] = None
+
+    @field_validator("include")
+    @classmethod
+    def _includable(cls, value):
+        other = [v for v in value or () if v != LOGPROBS_INCLUDE]
+        if other:
+            raise ValueError(
+                f"include values not supported here: {other}; accepted: {LOGPROBS_INCLUDE!r} "
+                "(no hosted tools, reasoning or stored inputs produce the others)")
+        return value
+
+    def logprobs_k(self) -> Optional[int]:
+        """Top alternatives per output token (None: no logprobs). ``include`` asks for
+        logprobs; ``top_logprobs`` alone asks for them too, with that many alternatives."""
+        if LOGPROBS_INCLUDE in (self.include or ()) or self.top_logprobs is not None:
+            return self.top_logprobs or 0
+        return None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -216,9 +242,20 @@ def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     }
 
 
-def _message_item(item_id: str, text: Optional[str], status: str) -> dict[str, Any]:
+def logprobs_out(entries: Optional[list[TokenLogprob]], top: Optional[int]) -> list[dict[str, Any]]:
+    """An output_text's ``logprobs``: ``{token, logprob, bytes, top_logprobs}`` per token
+    (empty when not asked for)."""
+    if top is None or entries is None:
+        return []
+    out = chat_logprobs_out(entries, top)
+    return out["content"] if out is not None else []
+
+
+def _message_item(
+    item_id: str, text: Optional[str], status: str, logprobs: Optional[list[dict[str, Any]]] = None
+) -> dict[str, Any]:
     content = [] if text is None else [
-        {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
     ]
     return {
         "id": item_id,
@@ -238,9 +275,11 @@ def response_object(
     usage: Optional[tuple[int, int]] = None,
     error: Optional[dict[str, Any]] = None,
     calls: Optional[list[ToolCallDelta]] = None,
+    logprobs: Optional[list[dict[str, Any]]] = None,
 ) -> dict[str, Any]:
     """The ``response`` object; ``text`` None means no output item yet; ``calls`` (whole
-    tool calls) become ``function_call`` items after the message.
+    tool calls) become ``function_call`` items after the message; ``logprobs`` (see
+    :func:`logprobs_out`) go on the message's output_text.
 
     ``status`` is one of ``in_progress``, ``completed``, ``incomplete`` (max_output_tokens
     hit) or ``failed`` (then ``error`` is ``{"code", "message"}``).
@@ -248,7 +287,7 @@ def response_object(
     output = []
     item_status = "completed" if status == "completed" else "incomplete"
     if text is not None and (text or not calls):
-        output.append(_message_item("msg_" + resp_id.removeprefix("resp_"), text, item_status))
+        output.append(_message_item("msg_" + resp_id.removeprefix("resp_"), text, item_status, logprobs))
     output.extend(function_call_item(c, item_status, c.arguments) for c in calls or ())
     return {
         "id": resp_id,
@@ -272,6 +311,7 @@ def response_object(
         "tool_choice": (body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunction)
                         else body.tool_choice or "auto"),
         "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
+        "top_logprobs": body.top_logprobs or 0,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "truncation": "disabled",
         "usage": None if usage is None else _usage(*usage),
@@ -297,6 +337,9 @@ class ResponseStreamEncoder:
         self.item_id = "msg_" + resp_id.removeprefix("resp_")
         self.seq = 0
         self.message_open = True
+        #: Logprobs asked for (top k), and those of the text sent so far.
+        self.top = body.logprobs_k()
+        self.logprobs: list[dict[str, Any]] = []
         # The part of every delta event that never changes (cheap per-token framing).
         self._delta_head = (
             '{"type":"response.output_text.delta","item_id":"%s","output_index":0,'
@@ -309,7 +352,7 @@ class ResponseStreamEncoder:
         return name, orjson.dumps(payload).decode()
 
     def _part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.logprobs}
 
     def start(self) -> list[tuple[str, str]]:
         """``response.created`` … ``response.content_part.added``."""
@@ -328,7 +371,14 @@ class ResponseStreamEncoder:
             ),
         ]
 
-    def delta(self, text: str) -> tuple[str, str]:
+    def delta(self, text: str, entries: Optional[list[TokenLogprob]] = None) -> tuple[str, str]:
+        """One ``response.output_text.delta`` (with its tokens' logprobs when asked for)."""
+        if self.top is not None:
+            logprobs = logprobs_out(entries, self.top)
+            self.logprobs.extend(logprobs)
+            return self._event("response.output_text.delta", {
+                "item_id": self.item_id, "output_index": 0, "content_index": 0,
+                "logprobs": logprobs, "delta": text})
         seq = self.seq
         self.seq += 1
         return "response.output_text.delta", '%s%s,"sequence_number":%d}' % (
@@ -340,11 +390,11 @@ class ResponseStreamEncoder:
         self.message_open = False
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         return [
-            self._event("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            self._event("response.output_text.done", {**where, "text": text, "logprobs": self.logprobs}),
             self._event("response.content_part.done", {**where, "part": self._part(text)}),
             self._event(
                 "response.output_item.done",
-                {"output_index": 0, "item": _message_item(self.item_id, text, item_status)},
+                {"output_index": 0, "item": _message_item(self.item_id, text, item_status, self.logprobs)},
             ),
         ]
 
@@ -383,7 +433,7 @@ class ResponseStreamEncoder:
             events.extend(self.call_done(call, item_status))
         final = response_object(
             self.resp_id, self.created_at, self.body, status, text, (input_tokens, output_tokens),
-            calls=calls,
+            calls=calls, logprobs=self.logprobs,
         )
         if calls and not text:  # the stream opened a message item: the snapshot keeps it
             final["output"].insert(0, _message_item(self.item_id, "", item_status))

@@ -23,7 +23,7 @@ from serve_app.protocol.internal import (
     ToolChoice,
     ToolSpec,
 )
-from serve_app.protocol.openai_tools import FUNCTION_NAME, check_json_schema
+from serve_app.protocol.openai_tools import FUNCTION_NAME, FunctionSpecIn, check_json_schema, unique_tool_specs
 
 __all__ = [
     "FunctionTool",
@@ -42,23 +42,15 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class FunctionTool(_Lenient):
-    """``{"type": "function", "name", "parameters", ...}`` (hosted tools are refused)."""
-
+class _FunctionType(_Lenient):
     type: Literal["function"]
-    name: str = Field(..., pattern=FUNCTION_NAME)
-    description: Optional[str] = None
-    parameters: Optional[dict[str, Any]] = None
-    strict: Optional[bool] = None
 
-    @field_validator("parameters")
-    @classmethod
-    def _schema(cls, value):
-        if value is not None:
-            check_json_schema(value, "parameters")
-            if value.get("type", "object") != "object":
-                raise ValueError("a function's parameters schema must have type 'object'")
-        return value
+
+class FunctionTool(FunctionSpecIn, _FunctionType):
+    """``{"type": "function", "name", "parameters", ...}`` (hosted tools are refused).
+
+    ``type`` comes first (from the second base), so a hosted tool is refused by its type.
+    """
 
 
 class NamedFunction(_Lenient):
@@ -148,13 +140,8 @@ def internal_messages(instructions: Optional[str], items: Union[str, list[Any]])
 
 
 def tool_specs(tools: Optional[list[FunctionTool]]) -> tuple[ToolSpec, ...]:
-    specs = tuple(ToolSpec(t.name, t.description, t.parameters or {"type": "object",
-                                                                   "properties": {}},
-                           bool(t.strict)) for t in tools or ())
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError("function names in tools must be unique")
-    return specs
+    """A Responses request's function tools (see :func:`unique_tool_specs`)."""
+    return unique_tool_specs(t.spec() for t in tools or ())
 
 
 def tool_choice_of(choice: Union[str, NamedFunction, None]) -> ToolChoice:

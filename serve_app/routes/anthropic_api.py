@@ -43,9 +43,8 @@ from serve_app.protocol.anthropic_tools import internal_messages, tool_choice_of
 from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import unknown_fields
-from serve_app.protocol.openai_tools import check_tool_choice
 from serve_app.routes.openai_api import peek_stream
-from serve_app.routes.text_common import named, next_chunk
+from serve_app.routes.text_common import apply_tools, named, next_chunk
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_anthropic_router", "ROUTE"]
@@ -112,14 +111,8 @@ async def _messages_request(
         gen.messages = internal_messages(body.system_text(), body.messages)
     except ValueError as exc:
         raise InvalidRequest(f"Invalid messages: {exc}", param="messages") from None
-    try:
-        gen.tools = tool_specs(body.tools)
-    except ValueError as exc:
-        raise InvalidRequest(f"Invalid tools: {exc}", param="tools") from None
-    gen.tool_choice, gen.parallel_tool_calls = tool_choice_of(body.tool_choice)
-    why = check_tool_choice(gen.tool_choice, gen.tools)
-    if why is not None:
-        raise InvalidRequest(why.replace("'required'", "'any'"), param="tool_choice")
+    choice, parallel = tool_choice_of(body.tool_choice)
+    apply_tools(gen, lambda: tool_specs(body.tools), choice, parallel, required_name="any")
     gen.response_format = body.response_format()
     await admit_images(core, model, gen)
     return gen

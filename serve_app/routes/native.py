@@ -22,12 +22,12 @@ from serve_app.protocol.native import INFERENCE_EXAMPLE, InferenceRequest, logpr
 from serve_app.protocol.openai import unknown_fields
 from serve_app.protocol.openai_tools import (
     check_logit_bias,
-    check_tool_choice,
     to_response_format,
     to_tool_choice,
     to_tool_specs,
 )
 from serve_app.routes.openai_api import peek_stream
+from serve_app.routes.text_common import apply_tools
 
 __all__ = ["build_native_router", "native_request"]
 
@@ -55,19 +55,12 @@ async def native_request(
     sampling.frequency_penalty = body.frequency_penalty or 0.0
     sampling.logit_bias = check_logit_bias(body.logit_bias)
     sampling.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    try:
-        request.tools = to_tool_specs(body.tools)
-    except ValueError as exc:
-        raise InvalidRequest(f"Invalid tools: {exc}", param="tools") from None
+    apply_tools(request, lambda: to_tool_specs(body.tools), to_tool_choice(body.tool_choice),
+                body.parallel_tool_calls is not False)
     try:
         request.response_format = to_response_format(body.response_format)
     except ValueError as exc:
         raise InvalidRequest(f"Invalid response_format: {exc}", param="response_format") from None
-    request.tool_choice = to_tool_choice(body.tool_choice)
-    why = check_tool_choice(request.tool_choice, request.tools)
-    if why is not None:
-        raise InvalidRequest(why, param="tool_choice")
-    request.parallel_tool_calls = body.parallel_tool_calls is not False
     if body.start_within is not None or body.service_tier is not None:
         apply_start_within(model, request, body.start_within, body.service_tier)
     await admit_images(core, model, request)

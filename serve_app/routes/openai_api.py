@@ -33,7 +33,6 @@ from serve_app.protocol.openai import (
 from serve_app.protocol.openai_tools import (
     chat_logprobs_out,
     check_logit_bias,
-    check_tool_choice,
     completion_logprobs_out,
     to_response_format,
     to_tool_choice,
@@ -41,6 +40,7 @@ from serve_app.protocol.openai_tools import (
     tool_calls_out,
 )
 from serve_app.routes.openai_stream import chat_events, completion_events
+from serve_app.routes.text_common import apply_tools
 from serve_app.settings import ModelConfig
 
 __all__ = ["build_openai_router", "peek_stream", "chat_request", "completion_requests"]
@@ -107,12 +107,8 @@ async def chat_request(
     """A chat completion body in the internal vocabulary (the one place that translates)."""
     model, request = _admit(core, "/v1/chat/completions", body, request_id)
     request.messages = [m.internal() for m in body.messages]
-    request.tools = _invalid("tools", lambda: to_tool_specs(body.tools))
-    request.tool_choice = to_tool_choice(body.tool_choice)
-    why = check_tool_choice(request.tool_choice, request.tools)
-    if why is not None:
-        raise InvalidRequest(why, param="tool_choice")
-    request.parallel_tool_calls = body.parallel_tool_calls is not False
+    apply_tools(request, lambda: to_tool_specs(body.tools), to_tool_choice(body.tool_choice),
+                body.parallel_tool_calls is not False)
     request.response_format = _invalid(
         "response_format", lambda: to_response_format(body.response_format))
     request.sampling.logprobs = body.logprobs_k()
@@ -127,6 +123,8 @@ def completion_requests(
     _model, base = _admit(core, "/v1/completions", body, request_id)
     base.raw = True
     base.sampling.logprobs = body.logprobs
+    if body.echo and body.logprobs is not None:
+        base.sampling.prompt_logprobs = body.logprobs
     prompts = body.prompts()
     requests, echoes = [], []
     for i, prompt in enumerate(prompts):
@@ -248,7 +246,8 @@ def _add_completions_route(router: APIRouter, core: GatewayCore, max_body: int) 
                 "index": i,
                 "text": echo + r.text,
                 "logprobs": None if body.logprobs is None
-                else completion_logprobs_out(r.logprobs, body.logprobs, len(echo)),
+                else completion_logprobs_out(r.logprobs, body.logprobs, 0 if r.prompt_logprobs
+                                             else len(echo), r.prompt_logprobs),
                 "finish_reason": r.finish_reason,
             })
         return JSONResponse(

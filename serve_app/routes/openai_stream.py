@@ -152,7 +152,18 @@ async def completion_events(
             echo = echoes[index // n]
             offsets[index] = len(echo)
             if echo:
-                lines.append(choice(index, echo, None))
+                # With echo and logprobs the prompt's tokens come with the echoed text.
+                echo_lp = None if logprobs is None or chunk.prompt_logprobs is None else \
+                    completion_logprobs_out(None, logprobs, 0, chunk.prompt_logprobs)
+                lines.append(choice(index, echo, None, echo_lp))
+            elif chunk.prompt_logprobs is not None and logprobs is not None:
+                # A token-id prompt: the engine's first chunk is the echoed prompt itself.
+                lp = completion_logprobs_out(chunk.logprobs, logprobs, 0, chunk.prompt_logprobs)
+                offsets[index] = len(chunk.text)
+                lines.append(choice(index, chunk.text, chunk.finish_reason, lp))
+                if chunk.finish_reason is not None:
+                    usage.add(index, chunk)
+                return lines
         lp = None
         if logprobs is not None:
             lp = completion_logprobs_out(chunk.logprobs, logprobs, offsets[index])

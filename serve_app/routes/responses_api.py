@@ -26,18 +26,18 @@ from serve_app.protocol.internal import (
     merge_tool_call_deltas,
 )
 from serve_app.protocol.openai import unknown_fields
-from serve_app.protocol.openai_tools import check_tool_choice
 from serve_app.protocol.responses import (
     RESPONSES_EXAMPLE,
     ResponsesRequest,
     ResponseStreamEncoder,
+    logprobs_out,
     response_id,
     response_object,
     status_of,
 )
 from serve_app.protocol.responses_tools import internal_messages, tool_choice_of, tool_specs
 from serve_app.routes.openai_api import peek_stream
-from serve_app.routes.text_common import named, next_chunk
+from serve_app.routes.text_common import apply_tools, named, next_chunk
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_responses_router", "ROUTE"]
@@ -78,6 +78,7 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
             response_object(
                 resp_id, created_at, body, status, result.text,
                 (result.prompt_tokens, result.completion_tokens), error, result.tool_calls,
+                logprobs_out(result.logprobs, body.logprobs_k()),
             )
         )
 
@@ -97,20 +98,14 @@ async def _responses_request(
         top_p=body.top_p,
     )
     gen.messages = internal_messages(body.instructions, body.input)
-    try:
-        gen.tools = tool_specs(body.tools)
-    except ValueError as exc:
-        raise InvalidRequest(f"Invalid tools: {exc}", param="tools") from None
-    gen.tool_choice = tool_choice_of(body.tool_choice)
-    why = check_tool_choice(gen.tool_choice, gen.tools)
-    if why is not None:
-        raise InvalidRequest(why, param="tool_choice")
-    gen.parallel_tool_calls = body.parallel_tool_calls is not False
+    apply_tools(gen, lambda: tool_specs(body.tools), tool_choice_of(body.tool_choice),
+                body.parallel_tool_calls is not False)
     fmt = body.text.format if body.text is not None else None
     try:
         gen.response_format = None if fmt is None else fmt.internal()
     except ValueError as exc:
         raise InvalidRequest(f"Invalid text.format: {exc}", param="text.format") from None
+    gen.sampling.logprobs = body.logprobs_k()
     await admit_images(core, model, gen, param="input")
     return gen
 
@@ -132,7 +127,7 @@ async def _response_events(
         while True:
             if chunk.text and encoder.message_open:
                 parts.append(chunk.text)
-                yield named(encoder.delta(chunk.text))
+                yield named(encoder.delta(chunk.text, chunk.logprobs))
             for delta in chunk.tool_calls or ():
                 deltas.append(delta)
                 if delta.id is not None:

@@ -242,6 +242,9 @@
       case "token":
         if (reply && !reply.stopped) appendToken(reply, msg.token);
         break;
+      case "tool_call":
+        if (reply && !reply.stopped && agent()) agent().onToolCall(reply, msg);
+        break;
       case "complete":
         if (reply) complete(reply, msg);
         break;
@@ -294,26 +297,37 @@
     $("stop").disabled = state.replies.size === 0;
   }
 
+  // The tools / JSON-schema panel (agent.js) adds request fields and shows tool calls.
+  const agent = () => window.troupePlayground.agent || null;
+
   function send() {
     const prompt = $("prompt").value;
     const model = $("model").value;
     if (!prompt.trim()) return;
     if (!model) { showBanner("No chat model is available to send to.", "send"); return; }
-    const temperature = parseFloat($("temperature").value);
-    const maxTokens = parseInt($("max-tokens").value, 10);
+    const fields = agent() ? agent().requestFields(false) : {};
+    if (fields === null) return;  // the panel says what to fix
     const userTurn = { role: "user", content: prompt };
     state.conversation.push(userTurn);
     addMessage("user", prompt);
+    $("prompt").value = "";
+    startReply(model, userTurn, fields);
+  }
+
+  // Sends the conversation as it stands (plus ``fields``) and streams the answer into a new reply.
+  function startReply(model, userTurn, fields) {
+    const temperature = parseFloat($("temperature").value);
+    const maxTokens = parseInt($("max-tokens").value, 10);
     const { box, body } = addMessage("assistant", "");
     box.classList.add("streaming");
     box.setAttribute("aria-busy", "true");
     const id = newId();
     box.dataset.id = id;
-    const reply = { id, box, body, text: "", userTurn, stopped: false, model, sentAt: performance.now() };
+    const reply = { id, box, body, text: "", userTurn, stopped: false, model, sentAt: performance.now(),
+                    json: Boolean(fields.response_format), calls: [] };
     state.replies.set(id, reply);
-    $("prompt").value = "";
     updateStop();
-    const request = { type: "inference", id, model, messages: state.conversation.slice() };
+    const request = { type: "inference", id, model, messages: state.conversation.slice(), ...fields };
     if (!isNaN(temperature)) request.temperature = temperature;
     if (!isNaN(maxTokens) && maxTokens > 0) request.max_tokens = maxTokens;
     wsSend(request);
@@ -360,7 +374,13 @@
 
   function complete(reply, msg) {
     endReply(reply);
-    if (reply.text) state.conversation.push({ role: "assistant", content: reply.text });
+    const calls = msg.tool_calls || [];
+    if (calls.length) {
+      state.conversation.push({ role: "assistant", content: reply.text || null, tool_calls: calls.map((c) => (
+        { id: c.id, type: "function", function: { name: c.name, arguments: c.arguments } })) });
+    } else if (reply.text) {
+      state.conversation.push({ role: "assistant", content: reply.text });
+    }
     if (msg.finish_reason === "cancelled" && !reply.stopNote) note(reply, "stopped", "(stopped)");
     const usage = msg.usage || {};
     const lat = msg.latency_ms || {};
@@ -382,6 +402,7 @@
     add("cost", usd(msg.cost_usd), "cost");
     add("finish", msg.finish_reason || "–", "finish");
     reply.box.append(stats);
+    if (agent()) agent().onComplete(reply, msg);
     setTimeout(refreshUsage, 400);
   }
 
@@ -639,6 +660,6 @@
     setInterval(() => { if (state.wsReady) wsSend({ type: "ping" }); }, 25000);
   }
 
-  window.troupePlayground = { state };
+  window.troupePlayground = { state, startReply, el };
   init();
 })();

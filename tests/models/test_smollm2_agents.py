@@ -211,3 +211,28 @@ async def test_token_id_prompt_is_checked_and_echoed(engine):
     assert outs[-1].prompt_tokens == len(ids)
     with pytest.raises(InvalidRequest, match="49152"):
         await run(engine, GenerationRequest("bad", SamplingParams(max_tokens=4), prompt_token_ids=(1, 49152)))
+
+
+async def test_echo_prompt_logprobs_match_a_hand_computation(engine):
+    """``echo`` + ``logprobs`` on completions: each prompt token's logprob given the tokens
+    before it, checked against the model run by hand on every prefix."""
+    prompt = "The capital of France is"
+    request = GenerationRequest("echo-lp", SamplingParams(max_tokens=3, temperature=0.0, logprobs=2,
+                                                          prompt_logprobs=2), prompt=prompt, raw=True)
+    text, outs = await run(engine, request)
+    entries = outs[0].prompt_logprobs
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    ids = engine._tokenizer.encode(prompt, add_special_tokens=False)
+    assert [e.token_id for e in entries] == ids and "".join(e.token for e in entries) == prompt
+    model = engine._model
+    with torch.inference_mode():
+        for i in range(1, len(ids)):
+            logp = torch.log_softmax(model(torch.tensor([ids[:i]])).logits[0, -1].float(), dim=-1)
+            assert entries[i].logprob == pytest.approx(float(logp[ids[i]]), abs=1e-3)
+            best = torch.topk(logp, 2)
+            assert [t[1] for t in entries[i].top] == best.indices.tolist()
+        # The first generated token continues the same distribution.
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    first = next(e for o in outs for e in o.logprobs or ())
+    assert first.logprob == pytest.approx(float(logp[first.token_id]), abs=1e-2)
+    assert text  # the completion itself still comes

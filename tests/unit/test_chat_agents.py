@@ -184,10 +184,31 @@ async def test_completion_echo_and_integer_logprobs(oai) -> None:
     choice = out.choices[0]
     assert choice.text.startswith("Once upon")
     lp = choice.logprobs
-    assert len(lp.tokens) == 4 and lp.text_offset[0] == len("Once upon")
-    assert all(len(top) == 2 for top in lp.top_logprobs)
+    # As OpenAI answers: the prompt's tokens first (the very first without a logprob).
+    assert lp.tokens[:2] == ["Once", " upon"] and len(lp.tokens) == 2 + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    streamed: list = []
+    text = ""
+    async for chunk in await oai.completions.create(model=MODEL, prompt="Once upon", echo=True,
+                                                    logprobs=2, max_tokens=4, stream=True):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs:
+                streamed.extend(zip(c.logprobs.tokens, c.logprobs.token_logprobs,
+                                    c.logprobs.text_offset))
+    assert text == choice.text
+    assert streamed == list(zip(lp.tokens, lp.token_logprobs, lp.text_offset))
     echoed = await oai.completions.create(model=MODEL, prompt=[0, 1], echo=True, max_tokens=2)
     assert echoed.choices[0].text.startswith("the a")
+    with_ids = await oai.completions.create(model=MODEL, prompt=[0, 1], echo=True, max_tokens=2,
+                                            logprobs=0)
+    ids_lp = with_ids.choices[0].logprobs
+    assert ids_lp.tokens[:2] == ["the", " a"] and ids_lp.token_logprobs[0] is None
+    assert "".join(ids_lp.tokens) == with_ids.choices[0].text
 
 
 async def test_streamed_completions_for_several_prompts(oai) -> None:

@@ -64,6 +64,36 @@ async def test_parse_with_text_format_returns_a_parsed_object(oai) -> None:
     assert isinstance(out.output_parsed, Verdict)
 
 
+async def test_logprobs_on_output_text_unary_and_streamed(oai) -> None:
+    kwargs: dict[str, Any] = dict(model=MODEL, input="Say something.", max_output_tokens=6,
+                                  include=["message.output_text.logprobs"], top_logprobs=2)
+    out = await oai.responses.create(**kwargs)
+    [part] = out.output[0].content
+    tokens = part.logprobs
+    assert len(tokens) == 6 and "".join(t.token for t in tokens) == part.text == out.output_text
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0
+               for t in tokens)
+    streamed, done, final = [], None, None
+    async for event in await oai.responses.create(stream=True, **kwargs):
+        if event.type == "response.output_text.delta":
+            assert event.logprobs and "".join(t.token for t in event.logprobs) == event.delta
+            streamed.extend(event.logprobs)
+        elif event.type == "response.output_text.done":
+            done = event.logprobs
+        elif event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    pairs = [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in tokens]
+    assert [(t.token, t.logprob, [a.token for a in t.top_logprobs]) for t in streamed] == pairs
+    assert [(t.token, t.logprob) for t in done] == [(t.token, t.logprob) for t in tokens]
+    assert final.output[0].content[0].logprobs == part.logprobs
+    # Without include or top_logprobs, none; include alone gives the sampled token's only.
+    plain = await oai.responses.create(model=MODEL, input="Say something.", max_output_tokens=3)
+    assert plain.output[0].content[0].logprobs == []
+    bare = await oai.responses.create(model=MODEL, input="Say something.", max_output_tokens=3,
+                                      include=["message.output_text.logprobs"])
+    assert [t.top_logprobs for t in bare.output[0].content[0].logprobs] == [[], [], []]
+
+
 async def test_input_image_reaches_a_vision_model(oai) -> None:
     item = {"role": "user", "content": [{"type": "input_text", "text": "What is it?"},
                                         {"type": "input_image", "image_url": PNG}]}
@@ -98,7 +128,9 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
      "schema": {"type": "objekt"}}}), "text.format.schema"),
     ("input_image in a system message", _body(input=[{"role": "system", "content": [
         {"type": "input_image", "image_url": PNG}]}]), "input"),
-    ("top_logprobs", _body(top_logprobs=3), "top_logprobs"),
+    ("top_logprobs over 20", _body(top_logprobs=21), "top_logprobs"),
+    ("include a value that means nothing here",
+     _body(include=["message.output_text.logprobs", "file_search_call.results"]), "include"),
 ]
 
 

@@ -56,11 +56,18 @@ def test_hermes_splits_text_and_calls_arriving_byte_by_byte():
 
 
 def test_hermes_keeps_invalid_calls_as_text_and_numbers_parallel_calls():
-    bad = '<tool_call>{"name": "weather", "arguments": {"town": 3}}</tool_call>'
+    # Held whole (arguments before name), so checked before anything is sent.
+    bad = '<tool_call>{"arguments": {"town": 3}, "name": "weather"}</tool_call>'
     parser = HermesToolParser((WEATHER,))
     text, deltas = run(parser, [bad, " ok"])
     assert text == bad + " ok" and deltas == [] and parser.calls_made == 0
     assert "schema" in parser.rejected[0]
+    unknown = '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'
+    assert run(HermesToolParser((WEATHER,)), [unknown]) == (unknown, [])
+    # Streamed (its head named a tool): already sent when it closes, so only recorded.
+    streamed = HermesToolParser((WEATHER,))
+    run(streamed, ['<tool_call>{"name": "weather", "arguments": {"town": 3}}</tool_call>'])
+    assert streamed.calls_made == 1 and "already streamed" in streamed.rejected[0]
     two = ('<tool_call>{"name": "weather", "arguments": {"city": "A"}}</tool_call>'
            '<tool_call>{"name": "clock", "arguments": {}}</tool_call>')
     calls = merge_tool_call_deltas(run(HermesToolParser((WEATHER, CLOCK)), [two])[1])
@@ -75,6 +82,31 @@ def test_hermes_holds_back_only_a_possible_tag_and_accepts_an_unclosed_call():
     assert parser.feed("box> b")[0] == "<toolbox> b"
     text, deltas = run(HermesToolParser((WEATHER,)), ['<tool_call>{"name": "weather", "arguments": {"city": "X"}}'])
     assert text == "" and merge_tool_call_deltas(deltas)[0].name == "weather"
+
+
+@pytest.mark.parametrize("step", [1, 4, 10_000])
+def test_hermes_auto_call_streams_name_first_then_fragments_that_reassemble_to_the_whole(step):
+    args = {"city": "Paris", "notes": "a long note " * 20, "days": [1, 2, 3], "deep": {"a": {"b": "}"}}}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    long_tool = ToolSpec("forecast", None, schema)
+    out = ('Checking.<tool_call>\n{"name": "forecast", "arguments": ' + json.dumps(args)
+           + '}\n</tool_call> done')
+    pieces = [out[i : i + step] for i in range(0, len(out), step)]
+    streamed_text, deltas = run(HermesToolParser((long_tool,)), pieces)
+    whole_text, whole = run(HermesToolParser((long_tool,)), [out])
+    assert streamed_text == whole_text == "Checking. done"
+    assert deltas[0].name == "forecast" and deltas[0].id and deltas[0].arguments == ""
+    assert all(d.name is None and d.id is None for d in deltas[1:])
+    [call] = merge_tool_call_deltas(deltas)
+    [unary] = merge_tool_call_deltas(whole)
+    assert (call.name, call.arguments) == (unary.name, unary.arguments)
+    assert json.loads(call.arguments) == args
+    if step < 100:
+        assert len(deltas) > 10  # fragments while the model writes, not one blob at the end
+    # Announced, and the arguments begun, before the model has finished writing them.
+    cut = out.index('"arguments": ') + len('"arguments": ') + 20
+    early = HermesToolParser((long_tool,)).feed(out[:cut])[1]
+    assert early[0].name == "forecast" and early[1].arguments == json.dumps(args)[:20]
 
 
 @pytest.mark.parametrize("step", [1, 3, 1000])
