@@ -19,7 +19,7 @@ from serve_app.errors import AdapterNotFound, InvalidRequest, ModelNotFound
 from serve_app.settings import ModelConfig
 from serve_app.settings.adapters import ADAPTER_ID_PATTERN
 
-__all__ = ["AdapterCatalog", "AdapterRef", "adapter_card", "replica_header"]
+__all__ = ["AdapterCatalog", "AdapterRef", "adapter_card", "replica_header", "serve_placement"]
 
 _ID_RE = re.compile(ADAPTER_ID_PATTERN)
 #: The store is re-read at most this often (adapters registered on another replica).
@@ -226,6 +226,27 @@ def adapter_card(ref: AdapterRef, created: int) -> dict[str, Any]:
         "modality": "text", "parent": ref.base, "root": ref.base, "adapter": ref.adapter_id,
         "source": ref.source,
     }
+
+
+def serve_placement(handle: Any) -> Optional[dict[str, list[str]]]:
+    """Adapter id -> the replicas Serve's router in this gateway replica believes hold it
+    (what it routes by); None when the handle has no Serve router yet, or Serve's
+    internals differ from the version this reads (``ray[serve]`` 2.5x/2.60).
+
+    Serve learns a replica's adapters asynchronously: the replica pushes its multiplexed
+    ids to the controller every 0.1 s after a load, and the controller broadcasts them to
+    every router. Until this router has them, a request for a freshly loaded adapter may
+    go to the replica with the fewest adapters and load it there too.
+    """
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    table = getattr(getattr(router, "_request_router", None),
+                    "_multiplexed_model_id_to_replica_ids", None)
+    if not isinstance(table, dict):
+        return None
+    try:  # the router's thread swaps the table whole; sets only shrink when a replica dies
+        return {aid: sorted(r.unique_id for r in list(ids)) for aid, ids in list(table.items())}
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def replica_header(result: Any) -> dict[str, str]:
