@@ -83,6 +83,11 @@ class ModelStateActor:
             with open(tmp, "w") as f:
                 json.dump(state, f)
             os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+        self.touch()
+
+    def touch(self) -> None:
+        """Answer every watcher now, without a state change: gateway replicas then re-read
+        what else they follow (LoRA adapters registered in the store by another replica)."""
         self.version += 1
         if self._loop is not None:
             # Ray may run a sync method of an async actor off the loop's thread.

@@ -73,6 +73,9 @@ class ActorModelState:
     ) -> tuple[int, dict[str, bool]]:
         return await self.handle.watch.remote(version, timeout_s, self.path)
 
+    async def touch(self) -> None:
+        await self.handle.touch.remote()
+
 
 def model_state_backend(location: StateLocation) -> ModelStateBackend:
     """The model-state actor; its files sit in the apps' state folders, on the head node."""

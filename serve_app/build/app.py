@@ -70,7 +70,7 @@ def build_fastapi_app(
         description="Inference gateway on Ray Serve: OpenAI-compatible, REST and WebSocket.",
         docs_url="/docs",
         redoc_url=None,
-        lifespan=core.model_states.lifespan,  # follows load/unload state (gateway/model_state.py)
+        lifespan=core.lifespan,  # follows load/unload state and adapter registrations
     )
     install_error_handlers(app, on_rejected=core.reject)
     for router in (
@@ -181,6 +181,7 @@ class Gateway:
         setup_tracing(parsed.tracing, "gateway", span_sink(parsed.metrics.enabled))
         self.policies = policy_layer(parsed, self.core, self.state.store_url)
         self.core.adapters.store = self.policies.store  # registered adapters persist there
+        self.core.adapters.ready = self.policies.ready  # which opens that store
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(

@@ -3,24 +3,28 @@
 Clients name an adapter as ``"<base>:<adapter>"`` or by the adapter's own id (a model id
 always wins over an adapter id). Adapters come from config (``adapters.paths`` and the
 scanned ``adapters.folder``) and from ``POST /models/{base}/adapters`` (kept in the store,
-so a redeploy keeps them; the other gateway replicas re-read the store at their next
-health check, every few seconds).
+so a redeploy keeps them). A registration or a drop touches the model-state actor, whose
+long poll every gateway replica follows (:meth:`AdapterCatalog.follow`): the others
+re-read the store within milliseconds; their health checks re-read it too (a missed touch).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from deployments.adapter_files import base_names, inspect_adapter, scan_adapter_folder
 from serve_app.errors import AdapterNotFound, InvalidRequest, ModelNotFound
 from serve_app.settings import ModelConfig
 from serve_app.settings.adapters import ADAPTER_ID_PATTERN
 
-__all__ = ["AdapterCatalog", "AdapterRef", "adapter_card", "replica_header"]
+__all__ = ["AdapterCatalog", "AdapterRef", "adapter_card", "replica_header", "serve_placement"]
 
+logger = logging.getLogger("troupe.adapters")
 _ID_RE = re.compile(ADAPTER_ID_PATTERN)
 #: The store is re-read at most this often (adapters registered on another replica).
 _REFRESH_EVERY_S = 1.0
@@ -53,6 +57,11 @@ class AdapterCatalog:
     def __init__(self, models: dict[str, ModelConfig], store: Any = None) -> None:
         self.models = models
         self.store = store
+        #: Returns the model-state backend whose ``watch``/``touch`` carry "adapters changed"
+        #: between gateway replicas (GatewayCore sets it); None: this replica only.
+        self.changes: Optional[Callable[[], Any]] = None
+        #: Awaited before the first store read (the gateway's store opens lazily).
+        self.ready: Optional[Callable[[], Awaitable[None]]] = None
         self._refreshed = 0.0
         self._routed: dict[tuple[int, str], Any] = {}  # (handle, adapter) -> routed handle
         self.by_base: dict[str, dict[str, AdapterRef]] = {}
@@ -101,12 +110,12 @@ class AdapterCatalog:
 
     # ------------------------------------------------------------ registration
 
-    async def refresh(self) -> bool:
-        """Re-read registered adapters from the store (at most once a second); True when it
-        read. Called by the gateway's health check, so registrations made on another
-        gateway replica arrive within one health-check period."""
+    async def refresh(self, force: bool = False) -> bool:
+        """Re-read registered adapters from the store (unless ``force``, at most once a
+        second); True when it read. Called when another replica announces a change
+        (:meth:`follow`) and by the gateway's health check."""
         now = time.monotonic()
-        if self.store is None or now - self._refreshed < _REFRESH_EVERY_S:
+        if self.store is None or (not force and now - self._refreshed < _REFRESH_EVERY_S):
             return False
         self._refreshed = now
         rows = await self.store.adapter_list()
@@ -119,6 +128,33 @@ class AdapterCatalog:
                     row.adapter_id, AdapterRef(row.base, row.adapter_id, row.path, "registered")
                 )
         return True
+
+    async def follow(self, long_poll_s: float = 60.0, retry_s: float = 2.0) -> None:
+        """Re-read the store whenever the model-state actor is touched (a registration or a
+        drop on any gateway replica); runs for the app's lifetime. Nothing to follow
+        without a store or a model that serves adapters."""
+        if self.store is None or self.changes is None or not self.by_base:
+            return
+        version: Optional[int] = None
+        while True:
+            try:
+                if self.ready is not None:
+                    await self.ready()
+                answer, _ = await self.changes().watch(version, long_poll_s)
+                if answer != version:  # at start too: read what was registered before
+                    await self.refresh(force=True)
+                    version = answer
+            except Exception:  # the actor or the store restarting: health checks still refresh
+                logger.warning("following adapter registrations failed; retrying", exc_info=True)
+                await asyncio.sleep(retry_s)
+
+    async def _announce(self) -> None:
+        """Tell the other gateway replicas to re-read the store (best effort)."""
+        if self.changes is not None:
+            try:
+                await self.changes().touch()
+            except Exception:  # they still re-read at their next health check
+                logger.warning("could not announce an adapter change", exc_info=True)
 
     def base_model(self, base: str) -> ModelConfig:
         model = self.models.get(base)
@@ -167,6 +203,7 @@ class AdapterCatalog:
 
             await self.store.adapter_put(AdapterRow(base, adapter_id, path, time.time()))
         ref = self.by_base[base][adapter_id] = AdapterRef(base, adapter_id, path, "registered")
+        await self._announce()
         return ref
 
     async def drop(self, base: str, adapter_id: str) -> AdapterRef:
@@ -188,6 +225,7 @@ class AdapterCatalog:
         if self.store is not None:
             await self.store.adapter_delete(base, adapter_id)
         del self.by_base[base][adapter_id]
+        await self._announce()
         return ref
 
     # ----------------------------------------------------------------- routing
@@ -226,6 +264,27 @@ def adapter_card(ref: AdapterRef, created: int) -> dict[str, Any]:
         "modality": "text", "parent": ref.base, "root": ref.base, "adapter": ref.adapter_id,
         "source": ref.source,
     }
+
+
+def serve_placement(handle: Any) -> Optional[dict[str, list[str]]]:
+    """Adapter id -> the replicas Serve's router in this gateway replica believes hold it
+    (what it routes by); None when the handle has no Serve router yet, or Serve's
+    internals differ from the version this reads (``ray[serve]`` 2.5x/2.60).
+
+    Serve learns a replica's adapters asynchronously: the replica pushes its multiplexed
+    ids to the controller every 0.1 s after a load, and the controller broadcasts them to
+    every router. Until this router has them, a request for a freshly loaded adapter may
+    go to the replica with the fewest adapters and load it there too.
+    """
+    router = getattr(getattr(handle, "_router", None), "_asyncio_router", None)
+    table = getattr(getattr(router, "_request_router", None),
+                    "_multiplexed_model_id_to_replica_ids", None)
+    if not isinstance(table, dict):
+        return None
+    try:  # the router's thread swaps the table whole; sets only shrink when a replica dies
+        return {aid: sorted(r.unique_id for r in list(ids)) for aid, ids in list(table.items())}
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def replica_header(result: Any) -> dict[str, str]:

@@ -103,6 +103,7 @@ class GatewayCore:
         self.model_states = ModelStates(self.models, self.dispatcher, model_state)
         #: LoRA adapters per base model (issue 19); the builder gives it the store.
         self.adapters = AdapterCatalog(self.models)
+        self.adapters.changes = lambda: self.model_states.backend  # replicas announce changes
         self.dispatcher.route_handle = self.adapters.handle_for
         #: The same price table the metrics actor uses (WebSocket ``complete`` costs).
         self.prices = PriceTable.from_models(settings.models)
@@ -138,6 +139,17 @@ class GatewayCore:
     @model_state.setter
     def model_state(self, backend: ModelStateBackend) -> None:
         self.model_states.backend = backend
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any) -> AsyncGenerator[None, None]:
+        """The ASGI app's lifespan: follow load/unload state (gateway/model_state.py) and
+        adapter registrations made on other gateway replicas (gateway/adapters.py)."""
+        async with self.model_states.lifespan(app):
+            follow = asyncio.get_running_loop().create_task(self.adapters.follow())
+            try:
+                yield
+            finally:
+                follow.cancel()
 
     # ----------------------------------------------------------------- models
 

@@ -42,6 +42,10 @@ class ModelStateBackend(Protocol):
         """Long poll: the state once its version differs from ``version`` (or timeout)."""
         ...
 
+    async def touch(self) -> None:
+        """Answer every watcher without a state change (LoRA adapters changed)."""
+        ...
+
 
 class MemoryModelState:
     """Load state in this process only (tests; a single gateway without Ray)."""
@@ -63,6 +67,9 @@ class MemoryModelState:
         self, version: Optional[int], timeout_s: float
     ) -> tuple[int, dict[str, bool]]:
         return await self._actor.watch(version, timeout_s)
+
+    async def touch(self) -> None:
+        self._actor.touch()
 
 
 class ModelStates:

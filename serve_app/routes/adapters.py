@@ -1,5 +1,7 @@
 """Admin routes for LoRA adapters: ``POST /models/{base}/adapters`` registers an adapter
-folder at run time, ``DELETE /models/{base}/adapters/{id}`` drops it, ``GET`` lists them.
+folder at run time, ``DELETE /models/{base}/adapters/{id}`` drops it, ``GET`` lists them
+(each with ``replicas``: the model replicas Serve's router in this gateway replica knows
+hold it, the ids unary answers carry in ``x-troupe-replica``).
 
 The adapter is checked when it is registered (missing files, rank too large, another base
 model: 400), kept in the store, and loaded by a replica on its first request.
@@ -12,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.gateway.adapters import adapter_card
+from serve_app.gateway.adapters import adapter_card, serve_placement
 from serve_app.http.admin_auth import require_admin
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json
 from serve_app.settings.adapters import ADAPTER_ID_PATTERN
@@ -50,7 +52,9 @@ def build_adapters_router(core: Any) -> APIRouter:
         require_admin(request.headers, admin_env)
         catalog.base_model(base)
         await catalog.refresh()
-        cards = [adapter_card(r, int(core.started_at)) for r in catalog.cards() if r.base == base]
+        placement = serve_placement(core.dispatcher.handles.get(base)) or {}
+        cards = [{**adapter_card(r, int(core.started_at)), "replicas": placement.get(r.adapter_id, [])}
+                 for r in catalog.cards() if r.base == base]
         return JSONResponse({"object": "list", "data": cards})
 
     @router.delete("/models/{base:path}/adapters/{adapter_id}")

@@ -139,6 +139,8 @@ async def _health(core: GatewayCore) -> JSONResponse:
                 "reason": s.get("reason"),
                 **({"remote": s["remote"]} if "remote" in s else {}),
                 **({"queue": s["queue"]} if "queue" in s else {}),
+                # LoRA: the adapters of the replica that answered (loaded, loads, evictions)
+                **({"replica": s["replica"], "adapters": s["adapters"]} if "adapters" in s else {}),
             }
         )
     # a model unloaded on purpose (POST /models/{id}/unload) or scaled to zero by its

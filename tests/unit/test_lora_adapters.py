@@ -289,6 +289,42 @@ async def test_a_registration_survives_a_restart_and_reaches_other_gateways(tmp_
         await store.close()
 
 
+async def test_a_registration_or_a_drop_reaches_a_following_gateway_at_once(tmp_path: Path) -> None:
+    """The other replica follows the shared model-state long poll: no health check needed."""
+    import asyncio
+    import time
+
+    from serve_app.gateway.adapters import AdapterCatalog
+    from serve_app.gateway.model_state import MemoryModelState
+    from serve_app.store.sqlite import SQLiteStore
+
+    settings = load_settings({"models": [{"id": "mock", "engine": {"type": "mock"},
+                                          "adapters": {"max_loaded": 2}}]})
+    models = {m.id: m for m in settings.models}
+    store, shared = SQLiteStore(tmp_path / "state.db"), MemoryModelState()
+    await store.open()
+    first, second = AdapterCatalog(models, store), AdapterCatalog(models, store)
+    first.changes = second.changes = lambda: shared
+    following = asyncio.create_task(second.follow())
+
+    async def seen_by_second(present: bool) -> None:
+        deadline = time.monotonic() + 5
+        while ("late" in second.by_base["mock"]) != present:
+            assert time.monotonic() < deadline, "the other replica never re-read the store"
+            await asyncio.sleep(0.01)
+
+    try:
+        await seen_by_second(False)
+        second._refreshed = time.monotonic() + 3600  # its own throttled refresh would not read
+        await first.register("mock", "late", make_adapter(tmp_path / "late"))
+        await seen_by_second(True)
+        await first.drop("mock", "late")
+        await seen_by_second(False)
+    finally:
+        following.cancel()
+        await store.close()
+
+
 def test_adapters_built_on_the_bundled_models_cache_folder_fit_it(tmp_path: Path) -> None:
     from deployments.adapter_files import base_names
 
