@@ -53,7 +53,7 @@ def label_of(cmdline: list[str], name: str) -> str:
 
 
 def cpu_percent_by_process(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], window_s: float
+    before: dict[Any, tuple[str, float]], after: dict[Any, tuple[str, float]], window_s: float
 ) -> dict[str, float]:
     """Per label, CPU used in the window as a percentage of one core (summed over PIDs).
 
@@ -75,6 +75,27 @@ def snapshot(procs: list[psutil.Process]) -> dict[int, tuple[str, float]]:
                 t = p.cpu_times()
                 out[p.pid] = (label_of(p.cmdline(), p.name()),
                               t.user + t.system + t.children_user + t.children_system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def snapshot_threads(procs: list[psutil.Process]) -> dict[tuple[int, int], tuple[str, float]]:
+    """Per thread of every process: ``(pid, tid) -> ("process label / thread name", cpu_s)``.
+
+    Ray names its native threads (``worker.io``, ``grpc_global_tim``...), so this tells Ray's
+    C++ loops from Python code without a profiler.
+    """
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for p in procs:
+        try:
+            label = label_of(p.cmdline(), p.name())
+            for t in p.threads():
+                try:
+                    comm = Path(f"/proc/{p.pid}/task/{t.id}/comm").read_text().strip()
+                except OSError:
+                    continue
+                out[(p.pid, t.id)] = (f"{label} / {comm}", t.user_time + t.system_time)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -126,15 +147,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(2)
         time.sleep(args.settle)
         procs = system.processes()
-        t0, before = time.monotonic(), snapshot(procs)
+        t0, before, before_t = time.monotonic(), snapshot(procs), snapshot_threads(procs)
         time.sleep(args.window)
         window = time.monotonic() - t0
-        after = snapshot(system.processes())
+        procs = system.processes()
+        after, after_t = snapshot(procs), snapshot_threads(procs)
         machine = psutil.cpu_times_percent(interval=1.0)
     finally:
         system.stop()
     per = cpu_percent_by_process(before, after, window)
-    return {"config": str(config), "env": env, "window_s": round(window, 1),
+    threads = cpu_percent_by_process(before_t, after_t, window)
+    return {"threads": {k: round(v, 2) for k, v in list(threads.items())[:args.top_threads]},
+            "config": str(config), "env": env, "window_s": round(window, 1),
             "total_pct_of_one_core": round(sum(per.values()), 2),
             "processes": {k: round(v, 2) for k, v in per.items()},
             "machine_idle_pct_after": machine.idle}
@@ -146,6 +170,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"**Total: {report['total_pct_of_one_core']}% of one core.**", "",
              "| process | % of one core |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in report["processes"].items()]
+    lines += ["", "Busiest threads (process / thread name):", "",
+              "| thread | % of one core |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in report.get("threads", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +184,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for troupe run")
     p.add_argument("--tag", default="idle-cpu")
+    p.add_argument("--top-threads", type=int, default=40, help="threads listed, busiest first")
     return p.parse_args(argv)
 
 
