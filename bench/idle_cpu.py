@@ -153,6 +153,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         procs = system.processes()
         after, after_t = snapshot(procs), snapshot_threads(procs)
         machine = psutil.cpu_times_percent(interval=1.0)
+        per_request = _cpu_per_request(system, args.requests, before, after, window) \
+            if args.requests else None
+        then = _run_then(args.then, system) if args.then else None
     finally:
         system.stop()
     per = cpu_percent_by_process(before, after, window)
@@ -161,7 +164,45 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "config": str(config), "env": env, "window_s": round(window, 1),
             "total_pct_of_one_core": round(sum(per.values()), 2),
             "processes": {k: round(v, 2) for k, v in per.items()},
-            "machine_idle_pct_after": machine.idle}
+            "machine_idle_pct_after": machine.idle, "then": then,
+            "cpu_ms_per_request": per_request}
+
+
+def _cpu_per_request(system: RunningSystem, n: int, idle_before: dict[int, tuple[str, float]],
+                     idle_after: dict[int, tuple[str, float]], idle_s: float) -> dict[str, Any]:
+    """``--requests``: CPU per request of every process, from ``n`` unary chat requests
+    (c=8, 16 tokens) after the idle window, less each process's idle rate."""
+    import asyncio
+
+    from bench.loadgen import LoadSpec, run_load, summarize
+
+    procs = system.processes()
+    t0, before = time.monotonic(), snapshot(procs)
+    spec = LoadSpec(system.url, system.spec.model, stream=False, concurrency=8,
+                    max_requests=n, duration_s=600.0, max_tokens=16)
+    results, wall = asyncio.run(run_load(spec))
+    after, load_s = snapshot(system.processes()), time.monotonic() - t0
+    idle = cpu_percent_by_process(idle_before, idle_after, idle_s)
+    busy = cpu_percent_by_process(before, after, load_s)
+    done = summarize(results, wall)
+    ok = max(1, len(results) - int(done.get("errors", 0)))
+    per = {label: round(max(0.0, pct - idle.get(label, 0.0)) / 100.0 * load_s * 1000.0 / ok, 3)
+           for label, pct in busy.items()}
+    return {"requests": ok, "errors": done.get("errors", 0), "seconds": round(load_s, 1),
+            "total_ms": round(sum(per.values()), 2),
+            "processes": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+
+
+def _run_then(command: str, system: RunningSystem) -> dict[str, Any]:
+    """``--then``: a shell command run against the measured gateway after the window, in
+    its Ray instance's environment (``$TROUPE_URL``: the gateway)."""
+    import subprocess
+
+    env = {**system._env(), "TROUPE_URL": f"http://127.0.0.1:{system.port}"}
+    done = subprocess.run(command, shell=True, env=env, capture_output=True, text=True,
+                          timeout=120)
+    return {"command": command, "rc": done.returncode,
+            "output": (done.stdout + done.stderr)[-4000:]}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -173,6 +214,16 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Busiest threads (process / thread name):", "",
               "| thread | % of one core |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in report.get("threads", {}).items()]
+    if report.get("cpu_ms_per_request"):
+        load = report["cpu_ms_per_request"]
+        lines += ["", f"CPU per request ({load['requests']} unary chat requests, c=8, 16 tokens, "
+                  f"{load['seconds']} s, idle rate subtracted): **{load['total_ms']} ms in all**",
+                  "", "| process | CPU ms per request |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in load["processes"].items() if v > 0]
+    if report.get("then"):
+        then = report["then"]
+        lines += ["", f"After the window: `{then['command']}` exited {then['rc']}:", "",
+                  "```", then["output"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +235,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for troupe run")
     p.add_argument("--tag", default="idle-cpu")
+    p.add_argument("--requests", type=int, default=0,
+                   help="after the idle window, CPU per request over this many requests")
+    p.add_argument("--then", help="shell command run after the window ($TROUPE_URL set)")
     p.add_argument("--top-threads", type=int, default=40, help="threads listed, busiest first")
     return p.parse_args(argv)
 
