@@ -53,7 +53,7 @@ def label_of(cmdline: list[str], name: str) -> str:
 
 
 def cpu_percent_by_process(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], window_s: float
+    before: dict[Any, tuple[str, float]], after: dict[Any, tuple[str, float]], window_s: float
 ) -> dict[str, float]:
     """Per label, CPU used in the window as a percentage of one core (summed over PIDs).
 
@@ -75,6 +75,27 @@ def snapshot(procs: list[psutil.Process]) -> dict[int, tuple[str, float]]:
                 t = p.cpu_times()
                 out[p.pid] = (label_of(p.cmdline(), p.name()),
                               t.user + t.system + t.children_user + t.children_system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def snapshot_threads(procs: list[psutil.Process]) -> dict[tuple[int, int], tuple[str, float]]:
+    """Per thread of every process: ``(pid, tid) -> ("process label / thread name", cpu_s)``.
+
+    Ray names its native threads (``worker.io``, ``grpc_global_tim``...), so this tells Ray's
+    C++ loops from Python code without a profiler.
+    """
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for p in procs:
+        try:
+            label = label_of(p.cmdline(), p.name())
+            for t in p.threads():
+                try:
+                    comm = Path(f"/proc/{p.pid}/task/{t.id}/comm").read_text().strip()
+                except OSError:
+                    continue
+                out[(p.pid, t.id)] = (f"{label} / {comm}", t.user_time + t.system_time)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -126,18 +147,62 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(2)
         time.sleep(args.settle)
         procs = system.processes()
-        t0, before = time.monotonic(), snapshot(procs)
+        t0, before, before_t = time.monotonic(), snapshot(procs), snapshot_threads(procs)
         time.sleep(args.window)
         window = time.monotonic() - t0
-        after = snapshot(system.processes())
+        procs = system.processes()
+        after, after_t = snapshot(procs), snapshot_threads(procs)
         machine = psutil.cpu_times_percent(interval=1.0)
+        per_request = _cpu_per_request(system, args.requests, before, after, window) \
+            if args.requests else None
+        then = _run_then(args.then, system) if args.then else None
     finally:
         system.stop()
     per = cpu_percent_by_process(before, after, window)
-    return {"config": str(config), "env": env, "window_s": round(window, 1),
+    threads = cpu_percent_by_process(before_t, after_t, window)
+    return {"threads": {k: round(v, 2) for k, v in list(threads.items())[:args.top_threads]},
+            "config": str(config), "env": env, "window_s": round(window, 1),
             "total_pct_of_one_core": round(sum(per.values()), 2),
             "processes": {k: round(v, 2) for k, v in per.items()},
-            "machine_idle_pct_after": machine.idle}
+            "machine_idle_pct_after": machine.idle, "then": then,
+            "cpu_ms_per_request": per_request}
+
+
+def _cpu_per_request(system: RunningSystem, n: int, idle_before: dict[int, tuple[str, float]],
+                     idle_after: dict[int, tuple[str, float]], idle_s: float) -> dict[str, Any]:
+    """``--requests``: CPU per request of every process, from ``n`` unary chat requests
+    (c=8, 16 tokens) after the idle window, less each process's idle rate."""
+    import asyncio
+
+    from bench.loadgen import LoadSpec, run_load, summarize
+
+    procs = system.processes()
+    t0, before = time.monotonic(), snapshot(procs)
+    spec = LoadSpec(system.url, system.spec.model, stream=False, concurrency=8,
+                    max_requests=n, duration_s=600.0, max_tokens=16)
+    results, wall = asyncio.run(run_load(spec))
+    after, load_s = snapshot(system.processes()), time.monotonic() - t0
+    idle = cpu_percent_by_process(idle_before, idle_after, idle_s)
+    busy = cpu_percent_by_process(before, after, load_s)
+    done = summarize(results, wall)
+    ok = max(1, len(results) - int(done.get("errors", 0)))
+    per = {label: round(max(0.0, pct - idle.get(label, 0.0)) / 100.0 * load_s * 1000.0 / ok, 3)
+           for label, pct in busy.items()}
+    return {"requests": ok, "errors": done.get("errors", 0), "seconds": round(load_s, 1),
+            "total_ms": round(sum(per.values()), 2),
+            "processes": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+
+
+def _run_then(command: str, system: RunningSystem) -> dict[str, Any]:
+    """``--then``: a shell command run against the measured gateway after the window, in
+    its Ray instance's environment (``$TROUPE_URL``: the gateway)."""
+    import subprocess
+
+    env = {**system._env(), "TROUPE_URL": f"http://127.0.0.1:{system.port}"}
+    done = subprocess.run(command, shell=True, env=env, capture_output=True, text=True,
+                          timeout=120)
+    return {"command": command, "rc": done.returncode,
+            "output": (done.stdout + done.stderr)[-4000:]}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -146,6 +211,19 @@ def markdown(report: dict[str, Any]) -> str:
              f"**Total: {report['total_pct_of_one_core']}% of one core.**", "",
              "| process | % of one core |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in report["processes"].items()]
+    lines += ["", "Busiest threads (process / thread name):", "",
+              "| thread | % of one core |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in report.get("threads", {}).items()]
+    if report.get("cpu_ms_per_request"):
+        load = report["cpu_ms_per_request"]
+        lines += ["", f"CPU per request ({load['requests']} unary chat requests, c=8, 16 tokens, "
+                  f"{load['seconds']} s, idle rate subtracted): **{load['total_ms']} ms in all**",
+                  "", "| process | CPU ms per request |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in load["processes"].items() if v > 0]
+    if report.get("then"):
+        then = report["then"]
+        lines += ["", f"After the window: `{then['command']}` exited {then['rc']}:", "",
+                  "```", then["output"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +235,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=600.0)
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE for troupe run")
     p.add_argument("--tag", default="idle-cpu")
+    p.add_argument("--requests", type=int, default=0,
+                   help="after the idle window, CPU per request over this many requests")
+    p.add_argument("--then", help="shell command run after the window ($TROUPE_URL set)")
+    p.add_argument("--top-threads", type=int, default=40, help="threads listed, busiest first")
     return p.parse_args(argv)
 
 

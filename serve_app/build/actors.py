@@ -7,17 +7,18 @@ The actor classes stay plain (``actors/``); their options and arguments are set 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from actors.names import METRICS_ACTOR, NAMESPACE, SESSION_ACTOR
 from actors.placement import head_for_store, named_actor
-from serve_app.gateway.model_state import ModelStateBackend
+from serve_app.gateway.model_state import MemoryModelState, ModelStateBackend
 from serve_app.settings import TroupeSettings
 from serve_app.store.location import StateLocation, app_state_location, config_digest
 from serve_app.tracing import ActorSpanSink
 
 __all__ = [
     "ActorModelState",
+    "LazyActor",
     "metrics_actor_handle",
     "model_state_backend",
     "quota_actor_handle",
@@ -47,11 +48,37 @@ def metrics_actor_handle(settings: TroupeSettings, store_url: str) -> Any:
     )
 
 
-def quota_actor_handle(settings: TroupeSettings) -> Any:
-    """The quota actor counting rate-limit windows for every gateway replica."""
+class LazyActor:
+    """A named actor's handle, got or created on first attribute access.
+
+    An idle Ray actor is a process that still costs about 1% of a core (Ray's own 10 ms
+    signal check in its main thread; issue 20), so an actor that may never be needed
+    (the quota actor of a gateway whose keys have no limits) starts when first used.
+    """
+
+    def __init__(self, create: Callable[[], Any]) -> None:
+        self._create: Optional[Callable[[], Any]] = create
+        self._handle: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self._create is None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._create is not None:
+            self._handle, self._create = self._create(), None
+        return getattr(self._handle, name)
+
+
+def quota_actor_handle(settings: TroupeSettings) -> LazyActor:
+    """The quota actor counting rate-limit windows for every gateway replica, started
+    by the first request that needs a lease (none while no key has limits)."""
     from actors.quota import QUOTA_ACTOR, QuotaActor
 
-    return named_actor(QuotaActor, QUOTA_ACTOR, num_cpus=settings.limits.actor_num_cpus).remote()
+    return LazyActor(lambda: named_actor(
+        QuotaActor, QUOTA_ACTOR, num_cpus=settings.limits.actor_num_cpus).remote())
 
 
 class ActorModelState:
@@ -77,9 +104,23 @@ class ActorModelState:
         await self.handle.touch.remote()
 
 
-def model_state_backend(location: StateLocation) -> ModelStateBackend:
-    """The model-state actor; its files sit in the apps' state folders, on the head node."""
+def _one_node() -> bool:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+
+
+def model_state_backend(location: StateLocation, gateway_replicas: int) -> ModelStateBackend:
+    """The model-state actor; its files sit in the apps' state folders, on the head node.
+
+    One gateway replica on a one-node Ray (``make run``) has no one to share the state
+    with and the file is on this machine's disk: it keeps the state in its own process,
+    one idle Ray process (about 1% of a core) fewer.
+    """
     from actors.model_state import MODEL_STATE_ACTOR, ModelStateActor
+
+    if gateway_replicas == 1 and _one_node():
+        return MemoryModelState(location.model_state_file)
 
     handle = named_actor(
         ModelStateActor, MODEL_STATE_ACTOR, num_cpus=0, on_head="required"

@@ -176,7 +176,7 @@ class Gateway:
             handles,
             record=self.recorder.record if self.recorder else None,
             gauge=self.recorder.set_gauge if self.recorder else None,
-            model_state=model_state_backend(self.state),
+            model_state=model_state_backend(self.state, parsed.gateway.num_replicas),
         )
         setup_tracing(parsed.tracing, "gateway", span_sink(parsed.metrics.enabled))
         self.policies = policy_layer(parsed, self.core, self.state.store_url)

@@ -45,6 +45,17 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     "RAY_task_events_report_interval_ms": "5000",
     "RAY_io_context_event_loop_lag_collection_interval_ms": "10000",
     "RAY_core_worker_internal_heartbeat_ms": "5000",
+    # Per worker: Ray's event export ticks every second even with nothing to send; a
+    # worker notices a dead raylet within 5 s rather than 1 s (then exits either way).
+    "RAY_ray_events_report_interval_ms": "10000",
+    "RAY_raylet_death_check_interval_milliseconds": "5000",
+    # The raylet's object store checks disk space every 100 ms (for spilling, which a
+    # gateway's small objects never need); once every 2 s still refuses a full disk.
+    "RAY_local_fs_monitor_interval_ms": "2000",
+    # Ray's dashboard agent (started even without the dashboard) checks every 0.4 s
+    # that its raylet lives and collects per-process stats for the dashboard every 5 s.
+    "RAY_DASHBOARD_AGENT_CHECK_PARENT_INTERVAL_S": "2",
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",
 }
 
 

@@ -48,10 +48,11 @@ class ModelStateBackend(Protocol):
 
 
 class MemoryModelState:
-    """Load state in this process only (tests; a single gateway without Ray)."""
+    """Load state in this process (tests; a single gateway replica), kept in ``path``
+    when one is given so a restart or redeploy reads it back."""
 
-    def __init__(self) -> None:
-        self._actor = ModelStateActor(None)  # the same object, without Ray
+    def __init__(self, path: Optional[str] = None) -> None:
+        self._actor = ModelStateActor(path)  # the same object, without Ray
 
     @property
     def state(self) -> dict[str, bool]:

@@ -31,20 +31,29 @@ logger = logging.getLogger("troupe.limits")
 
 FLUSH_INTERVAL_S = 0.5
 QUOTA_TIMEOUT_S = 2.0  # an actor that cannot answer must not hang requests
+QUOTA_START_TIMEOUT_S = 60.0  # its first call: the actor may start with it
 
 
 class QuotaClient:
-    """Calls the quota actor (a Ray handle) or a local QuotaActor (tests), the same way."""
+    """Calls the quota actor (a Ray handle) or a local QuotaActor (tests), the same way.
+
+    ``target`` may also create the actor on first use (``serve_app.build.actors``): it is
+    touched only when a rate-limited request needs a lease, never here.
+    """
 
     def __init__(self, target: Any) -> None:
         self.target = target
-        self.remote = hasattr(target.lease, "remote")
+        self._answered = False
 
     async def call(self, method: str, *args: Any) -> Any:
         fn = getattr(self.target, method)
-        if self.remote:
-            async with asyncio.timeout(QUOTA_TIMEOUT_S):
-                return await fn.remote(*args)
+        if hasattr(fn, "remote"):
+            # Until the actor first answers, its process may still be starting.
+            limit = QUOTA_TIMEOUT_S if self._answered else QUOTA_START_TIMEOUT_S
+            async with asyncio.timeout(limit):
+                result = await fn.remote(*args)
+            self._answered = True
+            return result
         return fn(*args)
 
 
