@@ -37,8 +37,10 @@ GPUs it was never given. So: bundles hold the GPUs, the replica actor itself ask
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
+import os
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.engines.base import check_prompt_ids, plan_output_tokens
@@ -54,7 +56,7 @@ from deployments.engines.vllm_structured import (
     vocab_size_of,
 )
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
-from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
+from serve_app.protocol.internal import ChatMessage, EngineFinishReason, EngineOutput, GenerationRequest
 from serve_app.settings import ConfigError, VLLMEngineConfig
 
 __all__ = [
@@ -118,7 +120,8 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
         ConfigError: an ``extra_engine_args`` key duplicates a typed field.
     """
     args: dict[str, Any] = {
-        "model": config.model,
+        # "~" as in the other engines' paths (config/vllm-cpu.yaml names Troupe's model cache).
+        "model": os.path.expanduser(config.model),
         "served_model_name": model_id,
         "tensor_parallel_size": config.tensor_parallel_size,
         "gpu_memory_utilization": config.gpu_memory_utilization,
@@ -330,6 +333,10 @@ class VLLMTextEngine(LoRAMethods):
     async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return check_prompt_ids(request.prompt_token_ids, vocab_size_of(self._tokenizer))
+        if request.messages is None and not request.raw and getattr(self._tokenizer, "chat_template", None):
+            # A native prompt for a chat model is one user turn (raw: as is), as on the CPU
+            # engine: an instruct model given bare text often stops at once.
+            request = dataclasses.replace(request, messages=[ChatMessage("user", request.prompt or "")])
         if request.messages is not None:
             size = sum(len(m.content) for m in request.messages)
         else:

@@ -50,6 +50,25 @@ def test_engine_args_carry_the_typed_fields_and_pass_extras_through():
     }
 
 
+def test_a_model_path_under_home_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_engine_args("m", vllm_config(model="~/.cache/troupe/models/m"))
+    assert args["model"] == str(tmp_path / ".cache/troupe/models/m")
+
+
+def test_the_vllm_cpu_config_example_validates():
+    import yaml
+
+    from serve_app.settings import TroupeSettings
+    from tests.unit.vllm_fakes import REPO
+
+    app = yaml.safe_load((REPO / "config/vllm-cpu.yaml").read_text())["applications"][0]
+    [model] = TroupeSettings.model_validate(app["args"]).models
+    assert model.engine.type == "vllm" and model.engine.dtype == "bfloat16"
+    args = build_engine_args(model.id, model.engine)
+    assert args["kv_cache_memory_bytes"] == 1 << 30 and not args["model"].startswith("~")
+
+
 def test_extra_engine_args_may_not_override_a_typed_field():
     cfg = vllm_config(tensor_parallel_size=2, extra_engine_args={"tensor_parallel_size": 4})
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
