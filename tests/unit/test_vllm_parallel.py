@@ -47,7 +47,14 @@ def test_engine_args_carry_the_typed_fields_and_pass_extras_through():
         "enforce_eager": True,
         "max_model_len": 8192,
         "enable_prefix_caching": True,
+        # llguidance with compact JSON, as the CPU engine (see vllm_structured)
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
+
+
+def test_extra_engine_args_may_choose_another_structured_outputs_backend():
+    cfg = vllm_config(extra_engine_args={"structured_outputs_config": {"backend": "xgrammar"}})
+    assert build_engine_args("m", cfg)["structured_outputs_config"] == {"backend": "xgrammar"}
 
 
 def test_a_model_path_under_home_is_expanded(monkeypatch, tmp_path):
