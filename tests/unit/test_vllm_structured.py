@@ -91,6 +91,23 @@ def test_the_default_factory_builds_vllms_own_params(monkeypatch):
     assert set(out) == {"guided_decoding"} and made[-1] == {"json_object": True}
 
 
+def test_the_engine_wide_structured_outputs_config_becomes_vllms_own(monkeypatch):
+    from deployments.engines.vllm_structured import to_vllm_engine_args
+
+    class StructuredOutputsConfig:  # vllm.config's: a config object, not a dict
+        def __init__(self, backend="auto", disable_any_whitespace=False):
+            self.backend, self.disable_any_whitespace = backend, disable_any_whitespace
+
+    module = types.ModuleType("vllm.config")
+    module.StructuredOutputsConfig = StructuredOutputsConfig
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
+    monkeypatch.setitem(sys.modules, "vllm.config", module)
+    args = {"model": "/m", "structured_outputs_config": {"backend": "guidance", "disable_any_whitespace": True}}
+    config = to_vllm_engine_args(args)["structured_outputs_config"]
+    assert (config.backend, config.disable_any_whitespace) == ("guidance", True)
+    assert isinstance(args["structured_outputs_config"], dict)  # the caller's dict is left alone
+
+
 async def test_a_forced_call_streams_as_tool_call_deltas():
     script = [['{"ci'], ['ty": "Par'], ['is"}']]
     engine, fake = await started_engine(script=script, max_model_len=512)

@@ -1,0 +1,261 @@
+"""vLLM's CPU build behind Troupe vs ``vllm serve`` vs Troupe's transformers engine (issue 17).
+
+Three systems serve the bundled SmolLM2-135M-Instruct, each started the way a user starts
+it and run alone (``bench.users_systems``: own process tree, own Ray instance, own port):
+
+* ``vllm-serve``: ``vllm serve`` of the safetensors folder ``make models`` writes, from
+  ``.venv-vllm`` (vLLM's own OpenAI server, one process plus its engine core; started as
+  ``python -m vllm.entrypoints.launchers.api_server.entry``, what ``vllm serve`` runs);
+* ``troupe-vllm``: ``troupe run config/vllm-cpu.yaml`` from ``.venv-vllm`` (the same
+  weights and engine settings, vLLM ``AsyncLLM`` inside a Serve replica);
+* ``troupe-transformers``: ``troupe run`` of config/local.yaml's SmolLM2 entry (the
+  default CPU engine, int8 weights, continuous batching) from the main venv.
+
+CPU reservation, the same for all three: the whole 2-core machine, one compute thread for
+the model. vLLM's CPU worker binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=auto
+gives the worker core 0 and leaves core 1 to the server, engine core and, for Troupe, Ray
+and the gateway); the transformers engine runs with ``num_threads: 1``. vLLM gets the same
+engine arguments in both of its systems (bfloat16, ``max_model_len`` 2048, eager mode, a
+1 GiB KV cache, ``max_num_seqs`` 32).
+
+Each concurrency level (1, 2, 4, 8, 16) is a closed loop of streamed chat requests
+(``max_tokens`` 64, temperature 0) for ``--duration`` seconds; output tokens/s counts the
+usage the server reported. Run under the shared lock (it starts servers)::
+
+    flock /tmp/troupe-ray.lock .venv/bin/python -m bench.vllm_cpu_bench --vllm-venv .venv-vllm
+
+Results: ``bench/results/<UTC>-vllm-cpu.json`` / ``.md`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from bench.loadgen import LoadSpec, run_load, summarize
+from bench.users_systems import REPO, RunningSystem, SystemSpec
+
+__all__ = ["main", "LEVELS", "system_specs"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LEVELS = (1, 2, 4, 8, 16)
+MAX_TOKENS = 64
+KV_CACHE_BYTES = 1 << 30
+MODEL_DIR = "~/.cache/troupe/models/SmolLM2-135M-Instruct.Q4_1"
+VLLM_MODEL_ID = "smollm2-135m-vllm"
+CPU_MODEL_ID = "smollm2-135m"
+SYSTEMS = ("vllm-serve", "troupe-vllm", "troupe-transformers")
+
+
+def _troupe_config(source: str, model_id: str, port: int, edit: Callable[[dict], None]) -> dict:
+    """``source``'s app with only ``model_id`` and the gateway, on ``port``."""
+    config = yaml.safe_load((REPO / source).read_text())
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["models"] = [m for m in args["models"] if m["id"] == model_id]
+    edit(args["models"][0])
+    return config
+
+
+def _troupe_command(troupe: Path, source: str, model_id: str, edit: Callable[[dict], None]):
+    def command(port: int, workdir: Path) -> list[str]:
+        path = workdir / "config.yaml"
+        path.write_text(yaml.safe_dump(_troupe_config(source, model_id, port, edit), sort_keys=False))
+        return [str(troupe), "run", str(path)]
+
+    return command
+
+
+def _vllm_serve_command(python: Path, model_dir: str):
+    # `vllm serve` itself, without its CLI wrapper: the wrapper looks up the version of a
+    # distribution named "vllm", and the CPU build's is "vllm-cpu" (PackageNotFoundError).
+    def command(port: int, _workdir: Path) -> list[str]:
+        return [str(python), "-m", "vllm.entrypoints.launchers.api_server.entry",
+                "--model", str(Path(model_dir).expanduser()),
+                "--served-model-name", VLLM_MODEL_ID, "--host", "127.0.0.1", "--port", str(port),
+                "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+                "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--max-num-seqs", "32",
+                "--disable-uvicorn-access-log", "--uvicorn-log-level", "warning"]
+
+    return command
+
+
+def _same_vllm_engine(model: dict) -> None:
+    """config/vllm-cpu.yaml's engine, checked to match ``vllm serve``'s arguments."""
+    engine = model["engine"]
+    extra = engine.get("extra_engine_args", {})
+    assert engine["dtype"] == "bfloat16" and engine["max_model_len"] == 2048, engine
+    assert extra.get("kv_cache_memory_bytes") == KV_CACHE_BYTES and extra.get("max_num_seqs") == 32, engine
+
+
+def _transformers_engine(model: dict) -> None:
+    """config/local.yaml's engine, with a batch as wide as the widest level."""
+    model["engine"]["max_num_seqs"] = max(LEVELS)
+
+
+def system_specs(vllm_venv: Path, model_dir: str = MODEL_DIR) -> dict[str, SystemSpec]:
+    """The three systems (see the module docstring)."""
+    vbin = vllm_venv.resolve() / "bin"
+    main_troupe = Path(sys.executable).parent / "troupe"
+    return {
+        "vllm-serve": SystemSpec("vllm-serve", _vllm_serve_command(vbin / "python", model_dir),
+                                 uses_ray=False, model=VLLM_MODEL_ID, ready_timeout_s=420),
+        "troupe-vllm": SystemSpec("troupe-vllm", _troupe_command(
+            vbin / "troupe", "config/vllm-cpu.yaml", VLLM_MODEL_ID, _same_vllm_engine),
+            model=VLLM_MODEL_ID, ready_timeout_s=480),
+        "troupe-transformers": SystemSpec("troupe-transformers", _troupe_command(
+            main_troupe, "config/local.yaml", CPU_MODEL_ID, _transformers_engine),
+            model=CPU_MODEL_ID, ready_timeout_s=420),
+    }
+
+
+def _level(url: str, model: str, concurrency: int, duration_s: float) -> dict[str, Any]:
+    spec = LoadSpec(url, model, stream=True, concurrency=concurrency,
+                    max_requests=10_000, duration_s=duration_s, max_tokens=MAX_TOKENS,
+                    temperature=0.0, request_timeout_s=300)
+    results, wall = asyncio.run(run_load(spec))
+    return summarize(results, wall)
+
+
+def measure(spec: SystemSpec, index: int, log_dir: Path, duration_s: float) -> dict[str, Any]:
+    """Start one system, warm it up, run every level, stop it."""
+    system = RunningSystem(spec, index, log_dir)
+    try:
+        system.start()
+        _level(system.url, spec.model, 2, 3.0)  # warm-up: first batches, lazy imports
+        levels = {}
+        for c in LEVELS:
+            levels[str(c)] = _level(system.url, spec.model, c, duration_s)
+            s = levels[str(c)]
+            ttft = (s["ttft_ms"] or {}).get("p50", float("nan"))
+            print(f"  {spec.name:20s} c={c:2d}: {s['output_tokens_per_s']:7.1f} tok/s, "
+                  f"TTFT p50 {ttft:7.0f} ms, {s['ok']} ok / {s['errors']} errors", flush=True)
+        return {"start_s": system.started_s, "levels": levels}
+    finally:
+        system.stop()
+
+
+def _combine(runs: list[dict[str, Any]]) -> dict[str, dict[str, Optional[float]]]:
+    """Per level: mean tokens/s and median TTFT p50 over the rounds."""
+    out: dict[str, dict[str, Optional[float]]] = {}
+    for c in LEVELS:
+        stats = [r["levels"][str(c)] for r in runs]
+        ttfts = [s["ttft_ms"]["p50"] for s in stats if s["ttft_ms"]]
+        out[str(c)] = {
+            "output_tokens_per_s": statistics.fmean(s["output_tokens_per_s"] for s in stats),
+            "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
+            "errors": sum(s["errors"] for s in stats),
+        }
+    return out
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f"# vLLM CPU build: Troupe vs vllm serve vs Troupe transformers ({report['utc']})", "",
+             report["setup"], "", "| system | " + " | ".join(f"c={c}" for c in LEVELS) + " |",
+             "|---|" + "---|" * len(LEVELS)]
+    for name, combined in report["combined"].items():
+        tps = " | ".join(f"{combined[str(c)]['output_tokens_per_s']:.1f}" for c in LEVELS)
+        lines.append(f"| {name} tok/s | {tps} |")
+    for name, combined in report["combined"].items():
+        ttft = " | ".join(f"{(combined[str(c)]['ttft_p50_ms'] or float('nan')):.0f}" for c in LEVELS)
+        lines.append(f"| {name} TTFT p50 ms | {ttft} |")
+    ratio = report.get("ratio_troupe_vllm_over_vllm_serve_c16")
+    if ratio is not None:
+        lines += ["", f"Troupe (vllm-cpu) / vllm serve, output tokens/s at c=16: **{ratio:.3f}x** "
+                  "(target >= 0.9x)."]
+    lines += [f"Failed: {f}" for f in report["failures"]]
+    lines += ["", "Start-up seconds (to the first 200): " + ", ".join(
+        f"{k} {statistics.fmean(r['start_s'] for r in v):.0f}" for k, v in report["runs"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, combined in report["combined"].items():
+        left.plot(LEVELS, [combined[str(c)]["output_tokens_per_s"] for c in LEVELS], "o-", label=name)
+        right.plot(LEVELS, [combined[str(c)]["ttft_p50_ms"] or float("nan") for c in LEVELS], "o-", label=name)
+    for ax, title in ((left, "output tokens/s"), (right, "p50 time to first token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(LEVELS), [str(c) for c in LEVELS])
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend()
+    fig.suptitle("SmolLM2-135M-Instruct, max_tokens 64, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.vllm_cpu_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, system order rotating")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--tag", default="vllm-cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parse(argv)
+    specs = system_specs(args.vllm_venv)
+    names = [n for n in args.systems.split(",") if n]
+    utc = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    RESULTS.mkdir(exist_ok=True)
+    log_dir = Path("/tmp") / f"vllm-cpu-bench-{utc}"
+    log_dir.mkdir()
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    failures: list[str] = []
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for i, name in enumerate(order):
+            print(f"round {r + 1}: {name}", flush=True)
+            try:
+                runs[name].append(measure(specs[name], r * len(names) + i, log_dir, args.duration))
+            except (RuntimeError, OSError) as exc:  # one system failing keeps the others' numbers
+                failures.append(f"{name} round {r + 1}: {exc}")
+                print(f"  {name} failed: {exc} (logs: {log_dir})", flush=True)
+    runs = {n: v for n, v in runs.items() if v}
+    report: dict[str, Any] = {
+        "utc": utc, "levels": list(LEVELS), "max_tokens": MAX_TOKENS, "duration_s": args.duration,
+        "rounds": args.rounds, "runs": runs, "failures": failures,
+        "combined": {n: _combine(v) for n, v in runs.items()},
+        "setup": ("Each system alone on the whole 2-core machine, one compute thread for the "
+                  "model (vLLM's worker auto-bound to core 0; transformers num_threads 1); vLLM: "
+                  "bfloat16, max_model_len 2048, eager, 1 GiB KV cache, max_num_seqs 32; "
+                  "transformers: config/local.yaml (int8 weights), max_num_seqs 16. Streamed "
+                  f"chat, max_tokens {MAX_TOKENS}, temperature 0, {args.duration:.0f} s per level, "
+                  f"{args.rounds} round(s)."),
+    }
+    if {"troupe-vllm", "vllm-serve"} <= set(runs):
+        report["ratio_troupe_vllm_over_vllm_serve_c16"] = (
+            report["combined"]["troupe-vllm"]["16"]["output_tokens_per_s"]
+            / report["combined"]["vllm-serve"]["16"]["output_tokens_per_s"])
+    stem = RESULTS / f"{utc}-{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(_markdown(report))
+    plotted = _plot(report, stem.with_suffix(".png"))
+    print(_markdown(report))
+    print(f"wrote {stem}.json/.md" + ("/.png" if plotted else " (no matplotlib: no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
