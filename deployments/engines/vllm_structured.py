@@ -55,10 +55,14 @@ def agent_sampling_kwargs(request: GenerationRequest, tokenizer: Any = None) -> 
     at submission with an error that does not say which field).
 
     Raises:
-        InvalidRequest: a bad ``logit_bias`` or ``top_logprobs``, or a bad tool choice.
+        InvalidRequest: a bad ``logit_bias`` or ``top_logprobs``, a bad tool choice, or
+            ``echo`` with logprobs (prompt logprobs are not wired to vLLM's).
     """
     sp = request.sampling
     kwargs: dict[str, Any] = {}
+    if sp.prompt_logprobs is not None:
+        raise InvalidRequest("echo with logprobs (the prompt tokens' logprobs) is not supported on the "
+                             "vLLM engine; send echo without logprobs, or logprobs without echo.", param="echo")
     if sp.logprobs is not None:
         if not 0 <= sp.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")

@@ -187,3 +187,9 @@ async def test_token_id_prompts_are_checked_and_echoed_by_the_engine():
     with pytest.raises(InvalidRequest, match="2000") as err:
         await outputs(engine, GenerationRequest("r2", SamplingParams(max_tokens=4), prompt_token_ids=(1, 2000)))
     assert err.value.param == "prompt"
+
+
+def test_echo_with_logprobs_is_a_400_naming_echo_on_vllm():
+    with pytest.raises(InvalidRequest) as err:
+        build_sampling_kwargs(req(sampling={"logprobs": 1, "prompt_logprobs": 1, "echo": True}), 8)
+    assert err.value.param == "echo"
