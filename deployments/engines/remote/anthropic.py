@@ -142,7 +142,7 @@ class AnthropicTextEngine(RemoteEngine):
         self._usage(usage, state)
         if "output_tokens" in usage:
             state.completion_tokens = int(usage["output_tokens"] or 0)
-        text, calls = "", []
+        text, calls = "", list[ToolCallDelta]()
         for block in body.get("content") or ():
             if not isinstance(block, dict):
                 continue

@@ -70,7 +70,7 @@ def _tool_response(m: ChatMessage, names: dict[str, str]) -> dict[str, Any]:
 def _parts(m: ChatMessage, names: dict[str, str]) -> list[dict[str, Any]]:
     if m.role == "tool":
         return [_tool_response(m, names)]
-    parts = [_part(p) for p in m.parts] if m.parts else (
+    parts: list[dict[str, Any]] = [_part(p) for p in m.parts] if m.parts else (
         [{"text": m.content}] if m.content or not m.tool_calls else [])
     for call in m.tool_calls:
         parts.append({"functionCall": {"name": call.name,
