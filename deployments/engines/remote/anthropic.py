@@ -154,6 +154,7 @@ class AnthropicTextEngine(RemoteEngine):
             elif block.get("type") == "tool_use":
                 calls.append(ToolCallDelta(len(calls), block.get("id"), block.get("name"),
                                            json.dumps(block.get("input") or {})))
+                state.extra["tools"] = len(calls)
         self._stop(body.get("stop_reason") or "end_turn", state)
         if not text and not calls:
             return []
@@ -165,7 +166,7 @@ class AnthropicTextEngine(RemoteEngine):
             return
         if reason == "refusal":
             raise self.content_error("the model refused (stop_reason refusal)")
-        if reason == "tool_use" and not state.extra.get("tools"):
+        if reason == "tool_use" and state.extra.get("json_blocks") and not state.extra.get("tools"):
             reason = "end_turn"  # only the structured-output tool was used: a plain answer
         state.finish_reason = _STOP.get(reason, "stop")
 
