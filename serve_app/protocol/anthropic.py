@@ -124,6 +124,9 @@ class MessagesRequest(_Lenient):
     output_config: Optional[dict[str, Any]] = None
     #: The structured-outputs beta's spelling of ``output_config.format``.
     output_format: Optional[dict[str, Any]] = None
+    #: Anthropic's ``auto``/``standard_only``, or Troupe's deadline-aware tier routing.
+    service_tier: Optional[str] = Field(None, max_length=32)
+    start_within: Optional[str] = Field(None, max_length=32)
 
     @field_validator("system")
     @classmethod

@@ -153,6 +153,9 @@ class ResponsesRequest(_Lenient):
     conversation: Optional[Any] = None
     background: Optional[bool] = None
     user: Optional[str] = None
+    #: Troupe's deadline-aware tier routing (see serve_app/gateway/deadline.py).
+    start_within: Optional[str] = Field(None, max_length=32)
+    service_tier: Optional[str] = Field(None, max_length=32)
 
     @field_validator("input", mode="before")
     @classmethod

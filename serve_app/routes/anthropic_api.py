@@ -27,6 +27,7 @@ from serve_app.errors import (
     as_troupe_error,
 )
 from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.deadline import apply_start_within
 from serve_app.gateway.images import admit_images
 from serve_app.gateway.metering import RequestInfo
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
@@ -121,6 +122,11 @@ async def _messages_request(
     if why is not None:
         raise InvalidRequest(why.replace("'required'", "'any'"), param="tool_choice")
     gen.response_format = body.response_format()
+    tier = body.service_tier
+    if tier in ("auto", "standard_only") and body.start_within is None and (
+            model.provider != "anthropic"):
+        tier = None  # Anthropic's values (best available / standard): the default elsewhere
+    apply_start_within(model, gen, body.start_within, tier)
     await admit_images(core, model, gen)
     return gen
 

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
 from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.deadline import apply_start_within
 from serve_app.gateway.images import admit_images
 from serve_app.gateway.metering import RequestInfo
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
@@ -111,6 +112,7 @@ async def _responses_request(
         gen.response_format = None if fmt is None else fmt.internal()
     except ValueError as exc:
         raise InvalidRequest(f"Invalid text.format: {exc}", param="text.format") from None
+    apply_start_within(model, gen, body.start_within, body.service_tier)
     await admit_images(core, model, gen, param="input")
     return gen
 
