@@ -40,7 +40,13 @@ from serve_app.protocol.anthropic import (
     message_object,
     stop_reason_of,
 )
-from serve_app.protocol.anthropic_tools import internal_messages, tool_choice_of, tool_specs, tool_use_blocks
+from serve_app.protocol.anthropic_tools import (
+    cache_mark,
+    internal_messages,
+    tool_choice_of,
+    tool_specs,
+    tool_use_blocks,
+)
 from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import unknown_fields
@@ -89,6 +95,7 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
                 msg_id, body.model, result.text,
                 stop_reason_of(result.finish_reason, result.stop_sequence), result.stop_sequence,
                 result.prompt_tokens, result.completion_tokens, tool_use_blocks(result.tool_calls),
+                cached_tokens=result.cached_tokens,
             )
         )
 
@@ -110,7 +117,8 @@ async def _messages_request(
         stop=body.stop_tuple(),
     )
     try:
-        gen.messages = internal_messages(body.system_text(), body.messages)
+        gen.messages = internal_messages(body.system_text(), body.messages,
+                                         cache_mark(body.system))
     except ValueError as exc:
         raise InvalidRequest(f"Invalid messages: {exc}", param="messages") from None
     try:
@@ -166,6 +174,7 @@ async def _message_events(
                 for event in encoder.finish(
                     stop_reason_of(finish, chunk.stop_sequence), chunk.stop_sequence,
                     chunk.prompt_tokens, chunk.completion_tokens, open_block,
+                    cached_tokens=chunk.cached_tokens,
                 ):
                     yield named(event)
                 return

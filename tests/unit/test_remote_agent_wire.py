@@ -326,3 +326,17 @@ def test_tools_images_and_json_fit_every_provider(provider: str) -> None:
     json_only = GenerationRequest("r", messages=conversation(),
                                   response_format=ResponseFormat("json_schema", SCHEMA))
     assert unsupported_field(json_only, provider=provider) is None
+
+
+def test_anthropic_cache_breakpoints_go_back_on_the_turns_last_block() -> None:
+    mark = {"type": "ephemeral"}
+    messages = [ChatMessage("system", "Long instructions.", cache_control=mark),
+                ChatMessage("user", "Read this."), ChatMessage("assistant", "Done."),
+                ChatMessage("user", "Now answer.", cache_control=mark)]
+    body = build_messages_body("c", GenerationRequest("r", messages=messages), 1)
+    assert body["system"] == [{"type": "text", "text": "Long instructions.", "cache_control": mark}]
+    assert body["messages"][0] == {"role": "user", "content": "Read this."}
+    assert body["messages"][-1] == {"role": "user", "content": [
+        {"type": "text", "text": "Now answer.", "cache_control": mark}]}
+    plain = build_messages_body("c", GenerationRequest("r", messages=messages[1:3]), 1)
+    assert "cache_control" not in json.dumps(plain)

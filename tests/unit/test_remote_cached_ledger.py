@@ -94,3 +94,23 @@ def test_list_prices_carry_cached_rates() -> None:
         assert price.token_cost(1000, 0, cached_tokens=1000) < full
     assert prices["gpt-4o-mini"].token_cost(1000, 100, 800) == (
         200 * 0.15 + 800 * 0.075 + 100 * 0.60) / 1e6
+
+
+async def test_messages_cache_control_reaches_anthropic(gw: Any, fakes: dict[str, Any]) -> None:
+    mark = {"type": "ephemeral"}
+    r = await gw.post("/v1/messages", json={
+        "model": "m-anthropic", "max_tokens": 32,
+        "system": [{"type": "text", "text": "A long system prompt.", "cache_control": mark}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "First part."},
+            {"type": "text", "text": "Cached up to here.", "cache_control": mark}]}]})
+    assert r.status_code == 200, r.text
+    sent = fakes["anthropic"].requests[-1].body
+    assert sent["system"] == [{"type": "text", "text": "A long system prompt.",
+                               "cache_control": mark}]
+    assert sent["messages"][-1]["content"][-1]["cache_control"] == mark
+    usage = r.json()["usage"]  # as Anthropic reports a cache hit
+    (event,) = gw.events
+    assert usage["cache_read_input_tokens"] == CACHED
+    assert usage["input_tokens"] + CACHED == event.prompt_tokens
+    assert event.cached_tokens == CACHED

@@ -10,6 +10,9 @@ results of one step go back together, as Anthropic asks). ``tools`` become
 ``none`` becomes ``auto``/``any``/``tool``/``none``, with ``disable_parallel_tool_use``
 when ``parallel_tool_calls`` is false.
 
+Prompt caching: a turn's ``cache_control`` (what a Messages caller marked) goes back on
+the last block of that turn (the system text then goes as text blocks).
+
 Structured output is a forced tool: ``json_schema`` (or ``json_object``, schema
 ``{"type":"object"}``) sends one tool named :data:`JSON_TOOL` whose ``input_schema`` is
 the schema and forces it; the tool's input is the JSON answer, returned as text with
@@ -70,7 +73,7 @@ def _messages(request: GenerationRequest) -> list[dict[str, Any]]:
         if m.role in ("system", "developer"):
             continue
         role = "assistant" if m.role == "assistant" else "user"
-        plain = not (m.parts or m.tool_calls or m.role == "tool")
+        plain = not (m.parts or m.tool_calls or m.role == "tool" or m.cache_control)
         if out and out[-1]["role"] == role:
             last = out[-1]
             if isinstance(last["content"], str):
@@ -80,7 +83,24 @@ def _messages(request: GenerationRequest) -> list[dict[str, Any]]:
             out.append({"role": role, "content": m.content})
         else:
             out.append({"role": role, "content": _blocks(m)})
+        if m.cache_control and isinstance(out[-1]["content"], list) and out[-1]["content"]:
+            out[-1]["content"][-1]["cache_control"] = m.cache_control
     return out
+
+
+def _system(request: GenerationRequest) -> Any:
+    """The top-level ``system``: one string, or text blocks when a turn marks a cache
+    breakpoint (the caller's ``cache_control`` kept on its block)."""
+    turns = [m for m in request.messages or () if m.role in ("system", "developer")]
+    if not any(m.cache_control for m in turns):
+        return system_text(request)
+    blocks: list[dict[str, Any]] = []
+    for m in turns:
+        block: dict[str, Any] = {"type": "text", "text": m.content}
+        if m.cache_control:
+            block["cache_control"] = m.cache_control
+        blocks.append(block)
+    return blocks
 
 
 def build_messages_body(
@@ -96,7 +116,7 @@ def build_messages_body(
         "temperature": min(1.0, max(0.0, sp.temperature)),
         "stream": stream,
     }
-    system = system_text(request)
+    system = _system(request)
     if system:
         body["system"] = system
     if sp.top_p != 1.0:
