@@ -78,7 +78,8 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
         return JSONResponse(
             response_object(
                 resp_id, created_at, body, status, result.text,
-                (result.prompt_tokens, result.completion_tokens), error, result.tool_calls,
+                (result.prompt_tokens, result.completion_tokens, result.cached_tokens), error,
+                result.tool_calls,
             )
         )
 
@@ -154,7 +155,7 @@ async def _response_events(
                 else:
                     events = encoder.finish(
                         text, finish, chunk.prompt_tokens, chunk.completion_tokens,
-                        _whole(deltas),
+                        _whole(deltas), cached_tokens=chunk.cached_tokens,
                     )
                 for event in events:
                     yield named(event)

@@ -114,3 +114,14 @@ async def test_messages_cache_control_reaches_anthropic(gw: Any, fakes: dict[str
     assert usage["cache_read_input_tokens"] == CACHED
     assert usage["input_tokens"] + CACHED == event.prompt_tokens
     assert event.cached_tokens == CACHED
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_responses_usage_shows_cached_tokens(gw: Any, provider: str) -> None:
+    r = await gw.post("/v1/responses", json={"model": f"m-{provider}", "input": TURN[0]["content"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["input_tokens_details"] == {"cached_tokens": CACHED}
+    r = await gw.post("/v1/responses", json={"model": f"m-{provider}", "input": TURN[0]["content"],
+                                             "stream": True})
+    done = [line for line in r.text.splitlines() if '"response.completed"' in line]
+    assert done and f'"cached_tokens": {CACHED}' in done[-1].replace('":', '": ')
