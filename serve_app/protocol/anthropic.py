@@ -335,7 +335,8 @@ class MessageStreamEncoder:
                     "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                     "usage": {"input_tokens": input_tokens - cached_tokens,
                               "output_tokens": output_tokens,
-                              "cache_read_input_tokens": cached_tokens},
+                              **({"cache_read_input_tokens": cached_tokens}
+                                 if cached_tokens else {})},
                 },
             ),
             ("message_stop", '{"type":"message_stop"}'),
