@@ -5,7 +5,7 @@ Request: turns keep their roles; a turn with parts sends ``content`` as ``text``
 turn's ``tool_call_id`` go out unchanged (ids are the client's). ``tools`` are
 ``{"type":"function","function":{name, description, parameters, strict}}``;
 ``tool_choice`` is ``auto``/``none``/``required`` or ``{"type":"function",...}``;
-``parallel_tool_calls`` is sent with tools. ``response_format`` is ``json_object`` or
+``parallel_tool_calls`` is sent when false (true is the provider's default). ``response_format`` is ``json_object`` or
 ``json_schema`` (``name``, ``schema``, ``strict``). ``logprobs``/``top_logprobs``,
 ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` are sent when set.
 
@@ -97,7 +97,8 @@ def _agent_fields(request: GenerationRequest, body: dict[str, Any]) -> None:
         choice = request.tool_choice
         body["tool_choice"] = ({"type": "function", "function": {"name": choice.name}}
                                if isinstance(choice, NamedTool) else choice)
-        body["parallel_tool_calls"] = request.parallel_tool_calls
+        if not request.parallel_tool_calls:  # true is the default (and some models refuse it)
+            body["parallel_tool_calls"] = False
     rf = request.response_format
     if rf is not None and rf.type == "json_object":
         body["response_format"] = {"type": "json_object"}
