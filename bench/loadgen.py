@@ -73,6 +73,8 @@ class LoadSpec:
     prompt: str = DEFAULT_PROMPT
     headers: dict[str, str] = field(default_factory=dict)
     request_timeout_s: float = 60.0
+    #: More request fields (e.g. ``tools``), merged into every body.
+    extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_requests < 1 or self.duration_s <= 0:
@@ -107,6 +109,7 @@ def _payload(spec: LoadSpec, index: int) -> bytes:
     }
     if spec.stream:
         body["stream_options"] = {"include_usage": True}
+    body.update(spec.extra_body)
     return _dumps(body)
 
 

@@ -13,6 +13,10 @@ at once) behind four targets, each measured with the same closed-loop load gener
 
 "Added" is a target's p50/p99 minus the direct path's at the same concurrency.
 
+Two scenarios, interleaved per concurrency: ``plain`` (a text turn) and ``tools`` (the
+same request with one function tool and a prompt that makes the fake answer a tool call,
+tests/fake_agent.py), so the tool translation in both directions is on the measured path.
+
 LiteLLM is never a Troupe dependency: it lives in its own virtual environment, made by
 ``make bench-remote`` (``/tmp/litellm-venv``, override with ``--litellm-venv``); without
 it the LiteLLM rows are skipped and the report says so.
@@ -40,7 +44,7 @@ from typing import Any, Optional
 
 import httpx
 
-from bench.loadgen import LoadSpec, run_load, summarize
+from bench.loadgen import DEFAULT_PROMPT, LoadSpec, run_load, summarize
 
 __all__ = ["main"]
 
@@ -48,6 +52,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 UPSTREAM_KEY = "sk-bench-remote-0123456789"
 UPSTREAM_MODEL = "gpt-4o-mini"
 REPLY_TOKENS = 16
+_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+#: scenario -> (prompt, extra request fields); the tools prompt makes the fake call the tool.
+SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
+    "plain": (DEFAULT_PROMPT, {}),
+    "tools": ("What is the weather in Paris? Use the tool.", {"tools": [_WEATHER]}),
+}
 #: LiteLLM's proxy refuses to start without one (checked by a string compare per request).
 LITELLM_MASTER_KEY = "sk-litellm-bench-0123456789abcdef"
 
@@ -173,10 +186,11 @@ def deploy_troupe(upstream: str, state_dir: str, throughput_optimized: bool = Fa
 
 
 def measure(url: str, model: str, headers: dict[str, str], concurrency: int,
-            requests: int, duration_s: float) -> dict[str, Any]:
+            requests: int, duration_s: float, scenario: str = "plain") -> dict[str, Any]:
+    prompt, extra = SCENARIOS[scenario]
     spec = LoadSpec(url=url, model=model, stream=False, concurrency=concurrency,
                     max_requests=requests, duration_s=duration_s, max_tokens=64,
-                    headers=headers, request_timeout_s=30)
+                    headers=headers, request_timeout_s=30, prompt=prompt, extra_body=extra)
     results, wall = asyncio.run(run_load(spec))
     return summarize(results, wall)
 
@@ -204,24 +218,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = f"http://127.0.0.1:{port}/v1/chat/completions"
         targets["troupe-gw"] = (base, "troupe-gw", {})
         targets["troupe-dep"] = (base, "troupe-dep", {})
-        for name, (url, model, headers) in targets.items():
+        scenarios = args.scenarios.split(",")
+        for url, model, headers in targets.values():
             wait_ready(url, {**body, "model": model}, headers, 120)
-            measure(url, model, headers, 4, 40 if args.quick else 200, 10)  # warm-up
+            for scenario in scenarios:  # warm-up
+                measure(url, model, headers, 4, 40 if args.quick else 200, 10, scenario)
         order = ["direct", "troupe-gw", "troupe-dep", "litellm"]
         rows: dict[str, dict[str, Any]] = {}
         for conc in (1, 32):
-            for name in order:
-                if name not in targets:
-                    continue
-                url, model, headers = targets[name]
-                n = (100 if args.quick else 400) if conc == 1 else 100_000
-                dur = (6 if args.quick else 15) if conc == 1 else (6 if args.quick else 15)
-                rows[f"{name}@c{conc}"] = measure(url, model, headers, conc, n, dur)
-                s = rows[f"{name}@c{conc}"]
-                print(f"{name:11s} c={conc:<3d} p50 {s['e2e_ms']['p50']:7.2f} ms  p99 "
-                      f"{s['e2e_ms']['p99']:7.2f} ms  {s['throughput_rps']:7.1f} req/s  "
-                      f"errors {s['errors']}", flush=True)
-        return {"rows": rows, "notes": notes}
+            for scenario in scenarios:
+                for name in order:
+                    if name not in targets:
+                        continue
+                    url, model, headers = targets[name]
+                    n = (100 if args.quick else 400) if conc == 1 else 100_000
+                    dur = 6 if args.quick else 15
+                    key = _key(scenario, name, conc)
+                    rows[key] = measure(url, model, headers, conc, n, dur, scenario)
+                    s = rows[key]
+                    print(f"{scenario:6s} {name:11s} c={conc:<3d} p50 {s['e2e_ms']['p50']:7.2f} ms"
+                          f"  p99 {s['e2e_ms']['p99']:7.2f} ms  {s['throughput_rps']:7.1f} req/s"
+                          f"  errors {s['errors']}", flush=True)
+        return {"rows": rows, "notes": notes, "scenarios": scenarios}
     finally:
         for proc in procs:
             try:
@@ -229,8 +247,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             except (ProcessLookupError, PermissionError):
                 pass
         try:
-            from ray import serve
             import ray
+            from ray import serve
 
             if ray.is_initialized():
                 serve.shutdown()
@@ -239,8 +257,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pass
 
 
+def _key(scenario: str, name: str, conc: int) -> str:
+    """A row's key: the plain scenario keeps the older results' ``name@cN`` keys."""
+    return f"{name}@c{conc}" if scenario == "plain" else f"{scenario}/{name}@c{conc}"
+
+
 def report(result: dict[str, Any]) -> str:
-    rows = result["rows"]
     lines = [
         "# Remote path: added latency over the upstream, Troupe vs LiteLLM",
         "",
@@ -248,7 +270,22 @@ def report(result: dict[str, Any]) -> str:
         f"{platform.node()} ({os.cpu_count()} CPUs, shared); fake OpenAI upstream answering "
         f"{REPLY_TOKENS} tokens at once; non-streaming chat completions; closed loop; "
         f"RAY_SERVE_THROUGHPUT_OPTIMIZED={'1' if result.get('throughput_optimized') else 'unset'}.",
-        "",
+    ]
+    for scenario in result.get("scenarios", ["plain"]):
+        rows = {f"{name}@c{conc}": result["rows"][_key(scenario, name, conc)]
+                for conc in (1, 32) for name in ("direct", "troupe-gw", "troupe-dep", "litellm")
+                if _key(scenario, name, conc) in result["rows"]}
+        lines += ["", f"## Scenario: {scenario} ({SCENARIOS[scenario][0]!r}"
+                  f"{', with tools' if SCENARIOS[scenario][1] else ''})", ""]
+        lines += _table(rows)
+    for note in result["notes"]:
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _table(rows: dict[str, Any]) -> list[str]:
+    """One scenario's table and its Troupe-vs-LiteLLM lines."""
+    lines = [
         "| target | c | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | errors |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -274,9 +311,7 @@ def report(result: dict[str, Any]) -> str:
                 f"{la:.2f} ms (ratio {ta / la:.2f}); throughput "
                 f"{t['throughput_rps']:.0f} vs {lt['throughput_rps']:.0f} req/s "
                 f"(ratio {t['throughput_rps'] / lt['throughput_rps']:.2f}).")
-    for note in result["notes"]:
-        lines.append(f"- {note}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -286,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                 "/tmp/litellm-venv"))
     parser.add_argument("--throughput-optimized", action="store_true",
                         help="Run Serve with RAY_SERVE_THROUGHPUT_OPTIMIZED=1.")
+    parser.add_argument("--scenarios", default="plain,tools",
+                        help="Comma-separated scenarios: plain (text), tools (a tool call).")
     parser.add_argument("--serve-fake", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_fake:
@@ -297,6 +334,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     tag = "-remote-tpo" if args.throughput_optimized else "-remote"
+    if "tools" in args.scenarios.split(","):
+        tag += "-tools"
     result["throughput_optimized"] = args.throughput_optimized
     (RESULTS / f"{stamp}{tag}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"{stamp}{tag}.md").write_text(md)

@@ -10,10 +10,11 @@ Two sources, merged per model (config wins, field by field):
 A request's cost is the sum of two parts, either of which may be zero:
 
 * tokens (the default): ``(prompt_tokens * input_rate + completion_tokens * output_rate)
-  / 1e6`` in plain float math, the same formula as ``PricingConfig.cost`` so the gateway's
-  WebSocket ``complete`` and the ledger agree to the last bit. Doubles hold about 15-16
-  significant digits, so any realistic request (< 1e9 tokens at < $1,000 per 1M) is exact
-  far below 1e-9 USD;
+  / 1e6`` in plain float math (the prompt tokens a provider served from its prompt cache,
+  ``cached_tokens``, at the model's ``cached_input_usd_per_million`` when it has one),
+  the same formula as ``PricingConfig.cost`` so the gateway's WebSocket ``complete`` and
+  the ledger agree to the last bit. Doubles hold about 15-16 significant digits, so any
+  realistic request (< 1e9 tokens at < $1,000 per 1M) is exact far below 1e-9 USD;
 * replica time (optional, local models): ``replica_hour_usd / 3600 * replica_busy_s``,
   where ``replica_hour_usd`` is given, or built from per-resource rates
   (``gpu_hour_usd * num_gpus + cpu_hour_usd * num_cpus``). When the replica did not
@@ -44,6 +45,7 @@ __all__ = ["ModelPrice", "PriceTable", "load_list_prices", "overrides_from_model
 
 OVERRIDE_FIELDS = (
     "input_usd_per_million",
+    "cached_input_usd_per_million",
     "output_usd_per_million",
     "replica_hour_usd",
     "gpu_hour_usd",
@@ -70,6 +72,8 @@ class ModelPrice:
     long_prompt_tokens_over: Optional[int] = None  # above this, the long_* rates apply
     long_input_usd_per_million: float = 0.0
     long_output_usd_per_million: float = 0.0
+    #: Prompt tokens served from the provider's prompt cache (None: the input rate).
+    cached_input_usd_per_million: Optional[float] = None
     replica_hour_usd: Optional[float] = None
     as_of: Optional[str] = None
     url: Optional[str] = None
@@ -82,13 +86,18 @@ class ModelPrice:
             return "config"
         return f"table:{self.provider or 'unknown'} {self.as_of or 'undated'}"
 
-    def token_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for the tokens alone (long-context rates when the prompt is over the limit)."""
+    def token_cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """USD for the tokens alone (long-context rates when the prompt is over the limit;
+        ``cached_tokens`` of the prompt at the cached-input rate, when there is one)."""
         if self.long_prompt_tokens_over is not None and prompt_tokens > self.long_prompt_tokens_over:
             rate_in, rate_out = self.long_input_usd_per_million, self.long_output_usd_per_million
         else:
             rate_in, rate_out = self.input_usd_per_million, self.output_usd_per_million
-        return (prompt_tokens * rate_in + completion_tokens * rate_out) / 1_000_000
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        if not cached or self.cached_input_usd_per_million is None:
+            return (prompt_tokens * rate_in + completion_tokens * rate_out) / 1_000_000
+        return ((prompt_tokens - cached) * rate_in + cached * self.cached_input_usd_per_million
+                + completion_tokens * rate_out) / 1_000_000
 
 
 def _number(model: str, key: str, value: Any) -> float:
@@ -117,6 +126,10 @@ def _parse_entry(model: str, raw: Mapping[str, Any]) -> ModelPrice:
         ),
         long_input_usd_per_million=float(long.get("input_usd_per_million", 0.0)),
         long_output_usd_per_million=float(long.get("output_usd_per_million", 0.0)),
+        cached_input_usd_per_million=(
+            float(raw["cached_input_usd_per_million"])
+            if raw.get("cached_input_usd_per_million") is not None else None
+        ),
         as_of=str(raw["as_of"]) if raw.get("as_of") is not None else None,
         url=raw.get("source"),
     )
@@ -154,6 +167,8 @@ def _apply_override(model: str, base: Optional[ModelPrice], raw: Mapping[str, An
             changes[key] = values[key]
             # An explicit token rate replaces the list price's long-context tier too.
             changes["long_prompt_tokens_over"] = None
+    if "cached_input_usd_per_million" in values:
+        changes["cached_input_usd_per_million"] = values["cached_input_usd_per_million"]
     if "replica_hour_usd" in values:
         changes["replica_hour_usd"] = values["replica_hour_usd"]
     elif "gpu_hour_usd" in values or "cpu_hour_usd" in values:
@@ -254,7 +269,7 @@ class PriceTable:
         if price is None:
             return LedgerEntry(event=event, cost_usd=0.0, cost_estimated=True,
                                price_source="unpriced")
-        cost = price.token_cost(event.prompt_tokens, event.completion_tokens)
+        cost = price.token_cost(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
         estimated = event.usage_estimated
         source = price.source
         if event.tier == "flex" and event.model in self._flex_discount:
@@ -281,6 +296,7 @@ class PriceTable:
                 "provider": p.provider,
                 "input_usd_per_million": p.input_usd_per_million,
                 "output_usd_per_million": p.output_usd_per_million,
+                "cached_input_usd_per_million": p.cached_input_usd_per_million,
                 "replica_hour_usd": p.replica_hour_usd,
                 "source": p.source,
                 "as_of": p.as_of,

@@ -31,6 +31,8 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.fake_agent import TOOL_CALL_TOKENS, read_openai, words
+
 __all__ = [
     "FakeOpenAI",
     "Behaviour",
@@ -100,6 +102,8 @@ class Behaviour:
     finish_reason: Optional[str] = None
     #: Extra delay before the headers of a request with ``service_tier: "flex"``.
     flex_headers_delay_s: float = 0.0
+    #: Prompt tokens reported as served from the provider's prompt cache.
+    cached_tokens: int = 0
 
 
 _DEFAULT_ERRORS = {
@@ -315,31 +319,39 @@ class FakeOpenAI:
             return _error(b.status, etype, b.error_code or code, message, param, headers)
         messages = body["messages"]
         last = str(messages[-1].get("content", "")) if messages else ""
+        agent = read_openai(body)
         tokens = (
             [w if i == 0 else " " + w for i, w in enumerate(b.reply_text.split(" "))]
             if b.reply_text is not None else reply_tokens(last, b.reply_tokens)
         )
+        if agent is not None and agent.text is not None:
+            tokens = words(agent.text)
         finish = "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(limit, int) and len(tokens) > limit:
             tokens, finish = tokens[:limit], "length"
-        finish = b.finish_reason or finish
-        usage = {
-            "prompt_tokens": prompt_tokens_for(messages),
-            "completion_tokens": len(tokens),
-            "total_tokens": prompt_tokens_for(messages) + len(tokens),
-        }
+        call = agent if agent is not None and agent.tool else None
+        finish = b.finish_reason or ("tool_calls" if call else finish)
+        done = TOOL_CALL_TOKENS if call else len(tokens)
+        prompt = prompt_tokens_for(messages)
+        usage = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                 "prompt_tokens_details": {"cached_tokens": min(b.cached_tokens, prompt)},
+                 "completion_tokens_details": {"reasoning_tokens": 0}}
         base = {"id": "chatcmpl-fake", "created": int(time.time()), "model": body.get("model")}
+        calls = [{"id": "call_fake0", "type": "function", "function": {
+            "name": call.tool, "arguments": call.arguments}}] if call else None
         if not body.get("stream"):
             return web.json_response({
                 **base, "object": "chat.completion",
                 "choices": [{"index": 0, "finish_reason": finish, "message": {
-                    "role": "assistant", "content": "".join(tokens)}}],
+                    "role": "assistant", "content": None if call else "".join(tokens),
+                    "tool_calls": calls}}],
                 "usage": usage,
             })
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return await self._stream(request, b, base, tokens, finish,
-                                  usage if include_usage and b.send_usage else None, key)
+                                  usage if include_usage and b.send_usage else None, key,
+                                  _call_deltas(calls[0]) if calls else None)
 
     @staticmethod
     def _key(request: web.Request) -> str:
@@ -375,7 +387,8 @@ class FakeOpenAI:
 
     async def _stream(
         self, request: web.Request, b: Behaviour, base: dict[str, Any], tokens: list[str],
-        finish: str, usage: Optional[dict[str, int]], key: str = "",
+        finish: str, usage: Optional[dict[str, Any]], key: str = "",
+        deltas: Optional[list[dict[str, Any]]] = None,
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -399,7 +412,7 @@ class FakeOpenAI:
             ]
             if b.stall_after_chunks != 0:
                 await send([choice({"role": "assistant", "content": ""})])
-            for i, text in enumerate(chunks):
+            for i, delta in enumerate(deltas or [{"content": text} for text in chunks]):
                 if b.stall_after_chunks is not None and i >= b.stall_after_chunks:
                     await self._hang()
                 if b.error_after_chunks is not None and i >= b.error_after_chunks:
@@ -414,7 +427,7 @@ class FakeOpenAI:
                     assert request.transport is not None
                     request.transport.close()  # flushes what was written, then FIN
                     return response
-                await send([choice({"content": text})])
+                await send([choice(delta)])
             if b.stall_after_chunks is not None:
                 await self._hang()
             await send([choice({}, finish)])
@@ -436,6 +449,17 @@ class FakeOpenAI:
         assert self._stopping is not None
         await self._stopping.wait()
         raise asyncio.CancelledError
+
+
+def _call_deltas(call: dict[str, Any]) -> list[dict[str, Any]]:
+    """A tool call as OpenAI streams it: id and name first, then argument fragments."""
+    args = call["function"]["arguments"]
+    half = len(args) // 2
+    first = {"index": 0, "id": call["id"], "type": "function",
+             "function": {"name": call["function"]["name"], "arguments": ""}}
+    return [{"tool_calls": [first]}] + [
+        {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+        for piece in (args[:half], args[half:])]
 
 
 def _error(

@@ -18,11 +18,13 @@ text, prompt tokens from :func:`prompt_tokens_for` over the turns (+ the system 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.fake_agent import TOOL_CALL_TOKENS, read_anthropic, read_gemini
 from tests.fake_openai import Behaviour, FakeOpenAI, fake_embedding, prompt_tokens_for, reply_tokens
 
 __all__ = ["FakeAnthropic", "FakeGemini"]
@@ -116,15 +118,30 @@ class FakeAnthropic(_Base):
         if body.get("system"):
             turns.append({"content": body["system"]})
         usage_in = prompt_tokens_for(turns)
+        agent = read_anthropic(body)
+        if agent is not None and agent.text is not None:
+            b = dataclasses.replace(b, reply_text=agent.text)
         tokens, cut = self._tokens(b, last, body.get("max_tokens"))
         stop = b.finish_reason or ("max_tokens" if cut else "end_turn")
+        call = agent if agent is not None and agent.tool else None
+        block: dict[str, Any] = {"type": "text", "text": "".join(tokens)}
+        deltas = [{"type": "text_delta", "text": text} for text in tokens]
+        if call:
+            stop, tokens = "tool_use", ["x"] * TOOL_CALL_TOKENS
+            block = {"type": "tool_use", "id": "toolu_fake0", "name": call.tool, "input": {}}
+            half = len(call.arguments) // 2
+            deltas = [{"type": "input_json_delta", "partial_json": piece}
+                      for piece in (call.arguments[:half], call.arguments[half:])]
+        cached = min(b.cached_tokens, usage_in)
+        usage = {"input_tokens": usage_in - cached, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": cached}
         msg_id = "msg_fake01"
         if not body.get("stream"):
+            whole = {**block, "input": call.args} if call else block
             return web.json_response({
                 "id": msg_id, "type": "message", "role": "assistant", "model": body.get("model"),
-                "content": [{"type": "text", "text": "".join(tokens)}],
-                "stop_reason": stop, "stop_sequence": None,
-                "usage": {"input_tokens": usage_in, "output_tokens": len(tokens)},
+                "content": [whole], "stop_reason": stop, "stop_sequence": None,
+                "usage": {**usage, "output_tokens": len(tokens)},
             })
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
@@ -140,12 +157,12 @@ class FakeAnthropic(_Base):
             await send("message_start", {"type": "message_start", "message": {
                 "id": msg_id, "type": "message", "role": "assistant", "content": [],
                 "model": body.get("model"), "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": usage_in, "cache_creation_input_tokens": 0,
-                          "cache_read_input_tokens": 0, "output_tokens": 1}}})
+                "usage": {**usage, "output_tokens": 1}}})
+            start = {**block, "text": ""} if block["type"] == "text" else block
             await send("content_block_start", {"type": "content_block_start", "index": 0,
-                                               "content_block": {"type": "text", "text": ""}})
+                                               "content_block": start})
             await send("ping", {"type": "ping"})
-            for i, text in enumerate(tokens):
+            for i, delta in enumerate(deltas):
                 if b.error_after_chunks is not None and i >= b.error_after_chunks:
                     await send("error", {"type": "error", "error": {
                         "type": "overloaded_error", "message": "Overloaded"}})
@@ -154,7 +171,7 @@ class FakeAnthropic(_Base):
                 if not await self._pace(b, i, request):
                     return response
                 await send("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                   "delta": {"type": "text_delta", "text": text}})
+                                                   "delta": delta})
             if b.stall_after_chunks is not None:
                 await self._hang()
             await send("content_block_stop", {"type": "content_block_stop", "index": 0})
@@ -224,22 +241,33 @@ class FakeGemini(_Base):
         last = texts[len(contents) - 1]["content"]
         self.key_log.append((last, key))
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens")
+        agent = read_gemini(body)
+        if agent is not None and agent.text is not None:
+            b = dataclasses.replace(b, reply_text=agent.text)
         tokens, cut = self._tokens(b, last, limit)
         finish = b.finish_reason or ("MAX_TOKENS" if cut else "STOP")
         prompt = prompt_tokens_for(texts)
+        call = agent if agent is not None and agent.tool else None
+        if call:
+            tokens = ["x"] * TOOL_CALL_TOKENS
 
         def chunk(text: str, done: bool, sent: int) -> dict[str, Any]:
-            cand: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"},
-                                    "index": 0}
+            part = {"functionCall": {"name": call.tool, "args": call.args}} if call else {
+                "text": text}
+            cand: dict[str, Any] = {"content": {"parts": [part], "role": "model"}, "index": 0}
             if done:
                 cand["finishReason"] = finish
             usage: dict[str, Any] = {"promptTokenCount": prompt}
+            if b.cached_tokens:
+                usage["cachedContentTokenCount"] = min(b.cached_tokens, prompt)
             if sent:
                 usage.update(candidatesTokenCount=sent, totalTokenCount=prompt + sent)
             return {"candidates": [cand], "usageMetadata": usage, "modelVersion": model}
 
         if method == "generateContent":
             return web.json_response(chunk("".join(tokens), True, len(tokens)))
+        if call:
+            tokens = [""]  # Gemini streams a call whole, in one event
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         self.open_streams += 1
         self.streams_started += 1
@@ -256,7 +284,7 @@ class FakeGemini(_Base):
                 if not await self._pace(b, i, request):
                     return response
                 last_one = i == len(tokens) - 1
-                data = chunk(text, last_one, i + 1)
+                data = chunk(text, last_one, TOOL_CALL_TOKENS if call else i + 1)
                 await response.write(f"data: {json.dumps(data)}\r\n\r\n".encode())
             if b.stall_after_chunks is not None:
                 await self._hang()

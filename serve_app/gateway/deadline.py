@@ -5,13 +5,17 @@
 
 * ``default``: the provider's standard tier (nothing sent);
 * ``priority`` / ``auto``: sent as the provider's ``service_tier`` where it has one
-  (OpenAI: both; Anthropic: ``auto``); a 400 where it has none;
+  (OpenAI: both; Anthropic: ``auto``); a 400 where it has none (Gemini has neither);
 * a duration: try the cheap tier first (the model's ``flex_pool``, another configured
   model such as spot or scale-to-zero replicas of the same weights, else OpenAI's
   ``service_tier="flex"``); if the request has not *started* (its first chunk reached the
   gateway) within the window, cancel it and run it on the standard tier, so it always completes (total time ≈ window +
   standard latency). A flex attempt that fails before starting with a capacity or server
   error (429, 5xx, timeout, overloaded) falls back at once.
+
+Every caller shape takes both fields (chat completions, completions, Responses, Messages,
+native); a client ``service_tier`` alone is checked against the provider's tiers
+(Anthropic's ``standard_only`` included) and sent as is.
 
 Validation errors are 400 ``INVALID_REQUEST`` on ``start_within``: a bad format or range,
 a duration for a model without a flex tier (Anthropic, Gemini, local models), a client
@@ -88,7 +92,7 @@ def _tiers_of(provider: str, engine: Any) -> set[str]:
             tiers.add("flex")
         return tiers
     if provider == "anthropic":
-        return {"auto"}
+        return {"auto", "standard_only"}
     return {"flex"} if getattr(engine, "flex_tier", False) else set()
 
 

@@ -38,7 +38,7 @@ class RequestMeter:
     __slots__ = (
         "request_id", "model", "provider", "info", "started", "last", "ttft_ms", "gaps",
         "prompt_tokens", "completion_tokens", "queue_ms", "finish_reason", "cold_start",
-        "adapter", "adapter_load_ms",
+        "adapter", "adapter_load_ms", "cached_tokens",
     )
 
     def __init__(
@@ -60,6 +60,8 @@ class RequestMeter:
         #: LoRA adapter the request ran with: metered as model "<base>:<adapter>".
         self.adapter: Optional[str] = None
         self.adapter_load_ms: Optional[float] = None
+        #: Of the prompt tokens: those the provider served from its prompt cache.
+        self.cached_tokens = 0
 
     def chunk(self, chunk: TextChunk) -> None:
         """Account for one chunk as it arrives from the model deployment."""
@@ -85,6 +87,7 @@ class RequestMeter:
             self.finish_reason = chunk.finish_reason
             self.completion_tokens = chunk.completion_tokens
             self.prompt_tokens = chunk.prompt_tokens
+            self.cached_tokens = chunk.cached_tokens
 
     def finished(self, chunk: TextChunk) -> None:
         """A unary result: the whole answer arrives at once, so its first token does too
@@ -119,6 +122,7 @@ class RequestMeter:
             inter_token_ms=self.gaps,
             cold_start=self.cold_start,
             adapter_load_ms=self.adapter_load_ms,
+            cached_tokens=self.cached_tokens,
         )
 
 

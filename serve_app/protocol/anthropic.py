@@ -124,6 +124,9 @@ class MessagesRequest(_Lenient):
     output_config: Optional[dict[str, Any]] = None
     #: The structured-outputs beta's spelling of ``output_config.format``.
     output_format: Optional[dict[str, Any]] = None
+    #: Anthropic's ``auto``/``standard_only``, or Troupe's deadline-aware tier routing.
+    service_tier: Optional[str] = Field(None, max_length=32)
+    start_within: Optional[str] = Field(None, max_length=32)
 
     @field_validator("system")
     @classmethod
@@ -218,12 +221,13 @@ def message_id(request_id: str) -> str:
     return "msg_" + request_id.removeprefix("req_").replace("-", "")
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def _usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """Anthropic's usage: ``input_tokens`` excludes what was read from the prompt cache."""
     return {
-        "input_tokens": input_tokens,
+        "input_tokens": input_tokens - cached_tokens,
         "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached_tokens,
     }
 
 
@@ -236,6 +240,7 @@ def message_object(
     input_tokens: int,
     output_tokens: int,
     tool_use: Optional[list[dict[str, Any]]] = None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
     """The non-streamed ``message`` object (also ``message_start``'s payload, empty)."""
     content = [{"type": "text", "text": text}] if text or (stop_reason and not tool_use) else []
@@ -247,7 +252,7 @@ def message_object(
         "content": content + list(tool_use or ()),
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": _usage(input_tokens, output_tokens),
+        "usage": _usage(input_tokens, output_tokens, cached_tokens),
     }
 
 
@@ -317,6 +322,7 @@ class MessageStreamEncoder:
         input_tokens: int,
         output_tokens: int,
         open_block: Optional[int] = 0,
+        cached_tokens: int = 0,
     ) -> list[tuple[str, str]]:
         """``content_block_stop`` (of the block still open), ``message_delta`` (reason +
         usage) and ``message_stop``."""
@@ -327,7 +333,10 @@ class MessageStreamEncoder:
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                    "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+                    "usage": {"input_tokens": input_tokens - cached_tokens,
+                              "output_tokens": output_tokens,
+                              **({"cache_read_input_tokens": cached_tokens}
+                                 if cached_tokens else {})},
                 },
             ),
             ("message_stop", '{"type":"message_stop"}'),

@@ -149,10 +149,22 @@ def _assistant_turn(blocks: list[ContentBlock]) -> ChatMessage:
     return ChatMessage("assistant", text, tool_calls=calls)
 
 
-def internal_messages(system: Optional[str], messages: list[Any]) -> list[ChatMessage]:
+def cache_mark(blocks: Any) -> Optional[dict[str, Any]]:
+    """The last ``cache_control`` among ``blocks`` (a breakpoint for the whole turn)."""
+    marks = [(b.model_extra or {}).get("cache_control") for b in blocks or ()
+             if isinstance(b, BaseModel)] if isinstance(blocks, list) else []
+    return next((m for m in reversed(marks) if isinstance(m, dict)), None)
+
+
+def internal_messages(system: Optional[str], messages: list[Any],
+                      system_cache: Optional[dict[str, Any]] = None) -> list[ChatMessage]:
     """The request's turns in the internal vocabulary; consecutive plain text turns of one
-    role are merged (Anthropic combines them the same way). ValueError on a bad turn."""
-    out: list[ChatMessage] = [ChatMessage("system", system)] if system is not None else []
+    role are merged (Anthropic combines them the same way). ValueError on a bad turn.
+
+    A turn's ``cache_control`` (on any of its blocks) becomes a breakpoint at the end of
+    that turn, which the Anthropic engine sends back on the turn's last block."""
+    out: list[ChatMessage] = ([ChatMessage("system", system, cache_control=system_cache)]
+                              if system is not None else [])
     for message in messages:
         blocks = ([ContentBlock(type="text", text=message.content)]
                   if isinstance(message.content, str) else message.content)
@@ -165,6 +177,9 @@ def internal_messages(system: Optional[str], messages: list[Any]) -> list[ChatMe
                 last.content = f"{last.content}\n\n{turn.content}"
             else:
                 out.append(turn)
+        mark = cache_mark(message.content)
+        if mark is not None and out:
+            out[-1].cache_control = mark
     return out
 
 

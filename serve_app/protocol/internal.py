@@ -85,6 +85,10 @@ class ChatMessage:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
+    #: A prompt-cache breakpoint at the end of this turn, as a Messages caller marked it
+    #: (Anthropic's ``cache_control``, e.g. ``{"type": "ephemeral"}``); providers that
+    #: cache prefixes on their own ignore it.
+    cache_control: Optional[dict[str, Any]] = None
 
     def has_images(self) -> bool:
         """Whether any part of this turn is an image."""

@@ -40,6 +40,7 @@ class RequestEvent:
     replica_busy_s: Optional[float] = None  # engine time share (replica-hour pricing)
     cold_start: bool = False      # waited for its replica to start (scale from zero)
     adapter_load_ms: Optional[float] = None  # waited this long for its LoRA adapter to load
+    cached_tokens: int = 0        # of prompt_tokens: served from a prompt cache (cached rate)
 
 
 @dataclass(slots=True)

@@ -9,8 +9,10 @@ model (token ids in ``logit_bias``, whether a schema compiles) is the engine's t
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Literal, Optional, Union
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve_app.protocol.internal import (
@@ -58,17 +60,35 @@ class _Lenient(BaseModel):
 
 def check_json_schema(schema: Any, what: str) -> dict:
     """``schema`` when it is a valid JSON Schema object, else a ValueError saying why."""
+    if not isinstance(schema, dict):
+        raise ValueError(f"{what} must be a JSON Schema object, not {type(schema).__name__}")
+    try:
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # not JSON (cannot come from a request body): check it uncached
+        key = None
+    problem = _schema_problem(key) if key is not None else _problem_of(schema)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}")
+    return schema
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(key: bytes) -> Optional[str]:
+    """What is wrong with the schema serialized as ``key`` (None: valid). Cached because
+    agents send the same tools with every request and the metaschema check costs ms."""
+    return _problem_of(orjson.loads(key))
+
+
+def _problem_of(schema: dict) -> Optional[str]:
     from jsonschema import SchemaError
     from jsonschema.validators import validator_for
 
-    if not isinstance(schema, dict):
-        raise ValueError(f"{what} must be a JSON Schema object, not {type(schema).__name__}")
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise ValueError(f"{what} is not a valid JSON Schema at {where}: {exc.message}") from None
-    return schema
+        return f"is not a valid JSON Schema at {where}: {exc.message}"
+    return None
 
 
 class FunctionSpecIn(_Lenient):

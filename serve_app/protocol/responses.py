@@ -179,6 +179,9 @@ class ResponsesRequest(_Lenient):
         if LOGPROBS_INCLUDE in (self.include or ()) or self.top_logprobs is not None:
             return self.top_logprobs or 0
         return None
+    #: Troupe's deadline-aware tier routing (see serve_app/gateway/deadline.py).
+    start_within: Optional[str] = Field(None, max_length=32)
+    service_tier: Optional[str] = Field(None, max_length=32)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -232,10 +235,10 @@ def response_id(request_id: str) -> str:
     return "resp_" + request_id.removeprefix("req_").replace("-", "")
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+def _usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,
@@ -272,7 +275,7 @@ def response_object(
     body: ResponsesRequest,
     status: str,
     text: Optional[str] = None,
-    usage: Optional[tuple[int, int]] = None,
+    usage: Optional[tuple[int, ...]] = None,
     error: Optional[dict[str, Any]] = None,
     calls: Optional[list[ToolCallDelta]] = None,
     logprobs: Optional[list[dict[str, Any]]] = None,
@@ -423,7 +426,7 @@ class ResponseStreamEncoder:
 
     def finish(
         self, text: str, finish_reason: str, input_tokens: int, output_tokens: int,
-        calls: Optional[list[ToolCallDelta]] = None,
+        calls: Optional[list[ToolCallDelta]] = None, cached_tokens: int = 0,
     ) -> list[tuple[str, str]]:
         """The open items' done events, then ``response.completed`` (or ``.incomplete``)."""
         status = status_of(finish_reason)
@@ -432,8 +435,8 @@ class ResponseStreamEncoder:
         for call in calls or ():
             events.extend(self.call_done(call, item_status))
         final = response_object(
-            self.resp_id, self.created_at, self.body, status, text, (input_tokens, output_tokens),
-            calls=calls, logprobs=self.logprobs,
+            self.resp_id, self.created_at, self.body, status, text,
+            (input_tokens, output_tokens, cached_tokens), calls=calls, logprobs=self.logprobs,
         )
         if calls and not text:  # the stream opened a message item: the snapshot keeps it
             final["output"].insert(0, _message_item(self.item_id, "", item_status))

@@ -27,6 +27,7 @@ from serve_app.errors import (
     as_troupe_error,
 )
 from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.deadline import apply_start_within
 from serve_app.gateway.images import admit_images
 from serve_app.gateway.metering import RequestInfo
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
@@ -39,7 +40,13 @@ from serve_app.protocol.anthropic import (
     message_object,
     stop_reason_of,
 )
-from serve_app.protocol.anthropic_tools import internal_messages, tool_choice_of, tool_specs, tool_use_blocks
+from serve_app.protocol.anthropic_tools import (
+    cache_mark,
+    internal_messages,
+    tool_choice_of,
+    tool_specs,
+    tool_use_blocks,
+)
 from serve_app.protocol.field_policy import check_fields
 from serve_app.protocol.internal import GenerationRequest, TextChunk
 from serve_app.protocol.openai import unknown_fields
@@ -87,6 +94,7 @@ def build_anthropic_router(core: GatewayCore) -> APIRouter:
                 msg_id, body.model, result.text,
                 stop_reason_of(result.finish_reason, result.stop_sequence), result.stop_sequence,
                 result.prompt_tokens, result.completion_tokens, tool_use_blocks(result.tool_calls),
+                cached_tokens=result.cached_tokens,
             )
         )
 
@@ -108,12 +116,18 @@ async def _messages_request(
         stop=body.stop_tuple(),
     )
     try:
-        gen.messages = internal_messages(body.system_text(), body.messages)
+        gen.messages = internal_messages(body.system_text(), body.messages,
+                                         cache_mark(body.system))
     except ValueError as exc:
         raise InvalidRequest(f"Invalid messages: {exc}", param="messages") from None
     choice, parallel = tool_choice_of(body.tool_choice)
     apply_tools(gen, lambda: tool_specs(body.tools), choice, parallel, required_name="any")
     gen.response_format = body.response_format()
+    tier = body.service_tier
+    if tier in ("auto", "standard_only") and body.start_within is None and (
+            model.provider != "anthropic"):
+        tier = None  # Anthropic's values (best available / standard): the default elsewhere
+    apply_start_within(model, gen, body.start_within, tier)
     await admit_images(core, model, gen)
     return gen
 
@@ -153,6 +167,7 @@ async def _message_events(
                 for event in encoder.finish(
                     stop_reason_of(finish, chunk.stop_sequence), chunk.stop_sequence,
                     chunk.prompt_tokens, chunk.completion_tokens, open_block,
+                    cached_tokens=chunk.cached_tokens,
                 ):
                     yield named(event)
                 return

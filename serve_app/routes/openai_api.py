@@ -155,11 +155,15 @@ def _chat_choice(index: int, result: TextChunk, top: int) -> dict[str, Any]:
             "finish_reason": result.finish_reason}
 
 
-def _usage(results: list[TextChunk], per_prompt: int) -> dict[str, int]:
+def _usage(results: list[TextChunk], per_prompt: int) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for i, r in enumerate(results) if i % per_prompt == 0)
+    cached = sum(r.cached_tokens for i, r in enumerate(results) if i % per_prompt == 0)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if cached:  # as OpenAI reports a prompt-cache hit
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _add_model_routes(router: APIRouter, core: GatewayCore) -> None:

@@ -37,15 +37,20 @@ class _Usage:
         self.per_prompt = choices_per_prompt
         self.prompt = 0
         self.completion = 0
+        self.cached = 0
 
     def add(self, index: int, chunk: TextChunk) -> None:
         if index % self.per_prompt == 0:
             self.prompt += chunk.prompt_tokens
+            self.cached += chunk.cached_tokens
         self.completion += chunk.completion_tokens
 
-    def dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion}
+    def dict(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+                                 "total_tokens": self.prompt + self.completion}
+        if self.cached:  # as OpenAI reports a prompt-cache hit
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        return usage
 
 
 async def _drive(

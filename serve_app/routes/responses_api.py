@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
 from serve_app.gateway.core import GatewayCore
+from serve_app.gateway.deadline import apply_start_within
 from serve_app.gateway.images import admit_images
 from serve_app.gateway.metering import RequestInfo
 from serve_app.http.plumbing import JSONResponse, parse_body, read_json, request_id_of
@@ -77,8 +78,8 @@ def build_responses_router(core: GatewayCore) -> APIRouter:
         return JSONResponse(
             response_object(
                 resp_id, created_at, body, status, result.text,
-                (result.prompt_tokens, result.completion_tokens), error, result.tool_calls,
-                logprobs_out(result.logprobs, body.logprobs_k()),
+                (result.prompt_tokens, result.completion_tokens, result.cached_tokens), error,
+                result.tool_calls, logprobs_out(result.logprobs, body.logprobs_k()),
             )
         )
 
@@ -106,6 +107,7 @@ async def _responses_request(
     except ValueError as exc:
         raise InvalidRequest(f"Invalid text.format: {exc}", param="text.format") from None
     gen.sampling.logprobs = body.logprobs_k()
+    apply_start_within(model, gen, body.start_within, body.service_tier)
     await admit_images(core, model, gen, param="input")
     return gen
 
@@ -147,7 +149,7 @@ async def _response_events(
                 else:
                     events = encoder.finish(
                         text, finish, chunk.prompt_tokens, chunk.completion_tokens,
-                        _whole(deltas),
+                        _whole(deltas), cached_tokens=chunk.cached_tokens,
                     )
                 for event in events:
                     yield named(event)

@@ -146,6 +146,10 @@ class PricingConfig(Strict):
 
     input_usd_per_million: float = Field(0.0, ge=0, description="USD per 1M prompt tokens.")
     output_usd_per_million: float = Field(0.0, ge=0, description="USD per 1M completion tokens.")
+    cached_input_usd_per_million: Optional[float] = Field(
+        None, ge=0, description="USD per 1M prompt tokens served from the provider's prompt "
+        "cache (None: the input rate)."
+    )
     replica_hour_usd: Optional[float] = Field(
         None, ge=0, description="USD per replica-hour, charged by each request's busy share."
     )

@@ -33,7 +33,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "event_id", "ts", "model", "route", "provider", "key_id", "tier", "status",
     "error_code", "finish_reason", "stream", "prompt_tokens", "completion_tokens",
     "usage_estimated", "queue_ms", "ttft_ms", "e2e_ms", "inter_token_ms", "replica_busy_s",
-    "cold_start", "adapter_load_ms",
+    "cold_start", "adapter_load_ms", "cached_tokens",
 )
 LEDGER_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + ("cost_usd", "cost_estimated", "price_source")
 
@@ -54,7 +54,7 @@ GROUP BY {", ".join(TOTALS_GROUP_COLUMNS)}
 ORDER BY {", ".join(TOTALS_GROUP_COLUMNS)} NULLS FIRST
 """
 
-_INT_COLUMNS = frozenset({"status", "prompt_tokens", "completion_tokens"})
+_INT_COLUMNS = frozenset({"status", "prompt_tokens", "completion_tokens", "cached_tokens"})
 _FLOAT_COLUMNS = frozenset({"ts", "e2e_ms", "queue_ms", "ttft_ms", "replica_busy_s",
                             "adapter_load_ms"})
 _BOOL_COLUMNS = frozenset({"stream", "usage_estimated", "cold_start"})

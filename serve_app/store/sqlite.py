@@ -77,6 +77,8 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("ALTER TABLE ledger ADD COLUMN cold_start INTEGER NOT NULL DEFAULT 0",),
         # v3: time the request waited for its LoRA adapter to load (issue 19).
         ("ALTER TABLE ledger ADD COLUMN adapter_load_ms REAL",),
+        # v4: prompt tokens a remote provider served from its prompt cache (issue 16).
+        ("ALTER TABLE ledger ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",),
     ),
     "credentials": (
         (

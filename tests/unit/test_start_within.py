@@ -273,3 +273,44 @@ def test_flex_pool_must_name_another_model():
         with pytest.raises(ConfigError, match="flex_pool"):
             load_settings({"models": [{"id": "m", "engine": {"type": "mock"},
                                        "flex_pool": pool}]})
+
+
+# ------------------------------------------------------------------ every caller shape
+
+RESPONSES = {"model": "gpt", "input": "hello"}
+MESSAGES = {"model": "gpt", "max_tokens": 16, "messages": [{"role": "user", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("route, payload", [("/v1/responses", RESPONSES),
+                                            ("/v1/messages", MESSAGES)])
+async def test_responses_and_messages_take_start_within(gw, fake, route, payload):
+    r = await gw.post(route, json={**payload, "start_within": "00h-00m-05s"})
+    assert r.status_code == 200, r.text
+    assert [req.body.get("service_tier") for req in fake.requests] == ["flex"]
+    assert [e.tier for e in gw.events] == ["flex"]
+    r = await gw.post(route, json={**payload, "service_tier": "priority"})
+    assert r.status_code == 200, r.text
+    assert fake.requests[-1].body["service_tier"] == "priority"
+
+
+@pytest.mark.parametrize("route, payload, model, extra", [
+    ("/v1/responses", RESPONSES, "claude", {"start_within": "00h-00m-30s"}),
+    ("/v1/responses", RESPONSES, "gem", {"start_within": "auto"}),
+    ("/v1/responses", RESPONSES, "gpt", {"start_within": "00h-00m-30s", "service_tier": "flex"}),
+    ("/v1/messages", MESSAGES, "claude", {"start_within": "00h-00m-30s"}),
+    ("/v1/messages", MESSAGES, "gem", {"start_within": "auto"}),
+    ("/v1/messages", MESSAGES, "gpt", {"start_within": "priority", "service_tier": "auto"}),
+    ("/v1/messages", MESSAGES, "gem", {"service_tier": "priority"}),
+])
+async def test_responses_and_messages_validate_like_chat(gw, fake, route, payload, model, extra):
+    r = await gw.post(route, json={**payload, "model": model, **extra})
+    assert r.status_code == 400, r.text
+    assert ("start_within" if "start_within" in extra else "service_tier") in r.text
+    assert not fake.requests
+
+
+def test_anthropic_standard_only_is_a_tier_of_anthropic_models():
+    s = settings("http://127.0.0.1:9/v1")
+    req = GenerationRequest("r")
+    apply_start_within(s.model("claude"), req, None, "standard_only")
+    assert req.service_tier == "standard_only"

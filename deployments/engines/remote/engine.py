@@ -166,7 +166,7 @@ class RemoteEngine:
             response = await self._open(session, inflight, call, clock, secret)
             if response is None:
                 return  # aborted: nothing to say, and no verdict on the upstream
-            answer = read_answer(self, inflight, response, clock, secret)
+            answer = read_answer(self, inflight, response, clock, secret, request.request_id)
             async with contextlib.aclosing(answer) as out:
                 async for output in out:
                     yield output
@@ -228,7 +228,8 @@ class RemoteEngine:
         correction = 0
         if state.completion_tokens is not None:
             correction = max(0, state.completion_tokens - state.reported)
-        return EngineOutput("", correction, state.prompt_tokens, state.finish_reason)
+        return EngineOutput("", correction, state.prompt_tokens, state.finish_reason,
+                            cached_tokens=state.cached_tokens)
 
     async def _upstream_error(
         self, response: aiohttp.ClientResponse, clock: Deadlines, secret: str

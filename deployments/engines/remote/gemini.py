@@ -1,15 +1,18 @@
 """A text engine over Google's Gemini API (``models/{model}:streamGenerateContent?alt=sse``).
 
-Translation of the internal request: ``system`` turns become ``systemInstruction``;
-``assistant`` turns become role ``model``, every other role ``user``; each turn is one
-text part. ``generationConfig`` carries ``temperature``, ``topP``, ``maxOutputTokens``,
+Translation of the internal request (:mod:`.gemini_wire`): ``system`` turns become
+``systemInstruction``; ``assistant`` turns become role ``model``, every other role
+``user``; parts, tools, tool turns, JSON output and logprobs as that module says.
+``generationConfig`` carries ``temperature``, ``topP``, ``maxOutputTokens``,
 ``stopSequences`` and ``seed``. The key goes in the ``x-goog-api-key`` header (never in
 the URL, where it would reach access logs).
 
 Stream: SSE whose ``data`` is a ``GenerateContentResponse``; the text of
 ``candidates[0].content.parts`` is one output per event; ``usageMetadata`` (cumulative)
-gives ``promptTokenCount`` and ``candidatesTokenCount`` (+ ``thoughtsTokenCount``, which
-is billed as output); the stream has no end marker, so it ends when the body ends after a
+gives ``promptTokenCount`` (of which ``cachedContentTokenCount`` were cached) and
+``candidatesTokenCount`` (+ ``thoughtsTokenCount``, which is billed as output); a
+``functionCall`` part is a whole tool call, and an answer with calls finishes
+``tool_calls``; the stream has no end marker, so it ends when the body ends after a
 ``finishReason``. Finish reasons: ``STOP`` → ``stop``, ``MAX_TOKENS`` → ``length``,
 ``SAFETY``/``RECITATION``/``BLOCKLIST``/``PROHIBITED_CONTENT``/``SPII``/``IMAGE_SAFETY`` →
 CONTENT_FILTERED, as is a ``promptFeedback.blockReason``.
@@ -22,13 +25,22 @@ is 429; a 400 saying the input token count exceeds the maximum → CONTEXT_LENGT
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 from urllib.parse import quote
 
 from deployments.engines.remote.engine import RemoteEngine, StreamState
+from deployments.engines.remote.gemini_wire import build_generate_body, gemini_logprobs
 from deployments.engines.remote.transport import UpstreamCall
+from deployments.engines.remote.wire_util import synth_call_id
 from serve_app.errors import AuthenticationFailed, InferenceFailed, TroupeError
-from serve_app.protocol.internal import EngineFinishReason, EngineOutput, GenerationRequest
+from serve_app.protocol.internal import (
+    EngineFinishReason,
+    EngineOutput,
+    GenerationRequest,
+    TokenLogprob,
+    ToolCallDelta,
+)
 from serve_app.settings import GeminiEngineConfig
 
 __all__ = ["GeminiTextEngine", "build_generate_body"]
@@ -37,33 +49,6 @@ _FINISH: dict[str, EngineFinishReason] = {"STOP": "stop", "MAX_TOKENS": "length"
                                           "OTHER": "stop", "MALFORMED_FUNCTION_CALL": "stop"}
 _FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
                        "IMAGE_SAFETY", "LANGUAGE"})
-
-
-def build_generate_body(request: GenerationRequest, context_length: int) -> dict[str, Any]:
-    """The generateContent body for ``request``."""
-    system: list[str] = []
-    contents: list[dict[str, Any]] = []
-    if request.messages is not None:
-        for m in request.messages:
-            if m.role in ("system", "developer"):
-                system.append(m.content)
-            else:
-                role = "model" if m.role == "assistant" else "user"
-                contents.append({"role": role, "parts": [{"text": m.content}]})
-    else:
-        contents.append({"role": "user", "parts": [{"text": request.prompt or ""}]})
-    sp = request.sampling
-    config: dict[str, Any] = {"temperature": sp.temperature, "topP": sp.top_p}
-    if sp.max_tokens is not None or sp.default_max_tokens is not None:
-        config["maxOutputTokens"] = sp.output_limit(context_length)
-    if sp.stop:
-        config["stopSequences"] = list(sp.stop)
-    if sp.seed is not None:
-        config["seed"] = sp.seed
-    body: dict[str, Any] = {"contents": contents, "generationConfig": config}
-    if system:
-        body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
-    return body
 
 
 class GeminiTextEngine(RemoteEngine):
@@ -94,47 +79,63 @@ class GeminiTextEngine(RemoteEngine):
             error = event["error"]
             status = int(error.get("code") or 500) if str(error.get("code", "")).isdigit() else 500
             raise self.mid_stream_error(error, status, kind=error.get("status"))
-        text = self._absorb(event, state)
-        if not text:
+        text, calls, logprobs = self._absorb(event, state)
+        if not text and not calls:
             return None
         state.reported += 1
-        return EngineOutput(text, 1, state.prompt_tokens)
+        return EngineOutput(text, 1, state.prompt_tokens, logprobs=logprobs, tool_calls=calls)
 
     def on_json(self, body: Any, state: StreamState) -> list[EngineOutput]:
         if not isinstance(body, dict):
             raise InferenceFailed(
                 f"The upstream provider of model '{self.model_id}' sent an answer that is "
                 "not an object.", details={"provider": self.provider})
-        text = self._absorb(body, state)
+        text, calls, logprobs = self._absorb(body, state)
         if state.finish_reason is None:
             state.finish_reason = "stop"
-        if not text:
+        if not text and not calls:
             return []
         state.reported += 1
-        return [EngineOutput(text, 1, state.prompt_tokens)]
+        return [EngineOutput(text, 1, state.prompt_tokens, logprobs=logprobs, tool_calls=calls)]
 
-    def _absorb(self, event: dict[str, Any], state: StreamState) -> str:
-        """Usage, finish reason and text of one GenerateContentResponse."""
+    def _absorb(self, event: dict[str, Any], state: StreamState) -> tuple[
+            str, Optional[list[ToolCallDelta]], Optional[list[TokenLogprob]]]:
+        """Usage, finish reason, text, tool calls and logprobs of one GenerateContentResponse."""
         usage = event.get("usageMetadata")
         if isinstance(usage, dict):
             state.prompt_tokens = int(usage.get("promptTokenCount") or 0)
+            state.cached_tokens = int(usage.get("cachedContentTokenCount") or 0)
+            state.reasoning_tokens = int(usage.get("thoughtsTokenCount") or 0)
             if "candidatesTokenCount" in usage or "thoughtsTokenCount" in usage:
                 state.completion_tokens = int(usage.get("candidatesTokenCount") or 0) + int(
                     usage.get("thoughtsTokenCount") or 0)
         feedback = event.get("promptFeedback") or {}
         if feedback.get("blockReason"):
             raise self.content_error(f"the prompt was blocked ({feedback['blockReason']})")
-        text = ""
+        text, calls, logprobs = "", [], None
         for candidate in (event.get("candidates") or ())[:1]:
             for part in ((candidate.get("content") or {}).get("parts") or ()):
-                if isinstance(part, dict) and not part.get("thought"):
-                    text += part.get("text") or ""
+                if not isinstance(part, dict) or part.get("thought"):
+                    continue
+                text += part.get("text") or ""
+                if isinstance(part.get("functionCall"), dict):
+                    calls.append(self._call(part["functionCall"], state))
+            logprobs = gemini_logprobs(candidate)
             reason = candidate.get("finishReason")
             if reason in _FILTERED:
                 raise self.content_error(f"the answer was stopped (finishReason {reason})")
             if reason:
-                state.finish_reason = _FINISH.get(reason, "stop")
-        return text
+                made_calls = state.extra.get("calls", 0) > 0
+                state.finish_reason = "tool_calls" if made_calls else _FINISH.get(reason, "stop")
+        return text, calls or None, logprobs
+
+    @staticmethod
+    def _call(call: dict[str, Any], state: StreamState) -> ToolCallDelta:
+        """One whole function call, numbered in the answer, with its id or a stable one."""
+        index = state.extra.get("calls", 0)
+        state.extra["calls"] = index + 1
+        call_id = call.get("id") or synth_call_id(state.request_id, index)
+        return ToolCallDelta(index, call_id, call.get("name"), json.dumps(call.get("args") or {}))
 
     def classify_error(
         self, status: int, error: dict[str, Any], headers: Any

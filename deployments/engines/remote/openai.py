@@ -24,8 +24,11 @@ which is what cost is computed from:
 A server that ignores ``stream`` and answers one JSON ``chat.completion`` is accepted
 too (:meth:`OpenAITextEngine.on_json`).
 
-Finish reasons map ``stop``/``tool_calls``/``function_call`` to ``stop`` and ``length``
-to ``length``; ``content_filter`` raises CONTENT_FILTERED (an error event when the stream
+The agent fields (tools, tool turns, images, response formats, logprobs, penalties, logit
+bias) are translated by :mod:`.openai_wire`; a chunk with ``delta.tool_calls`` or
+``logprobs`` is an output carrying them. Finish reasons map ``stop`` to ``stop``,
+``tool_calls``/``function_call`` to ``tool_calls`` and ``length`` to ``length``;
+``content_filter`` raises CONTENT_FILTERED (an error event when the stream
 had started). Errors map by status and by the provider's machine-readable ``error.code``
 / ``error.type``, never by message text.
 """
@@ -36,6 +39,12 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from deployments.engines.remote.engine import RemoteEngine, StreamState
+from deployments.engines.remote.openai_wire import (
+    build_chat_body,
+    read_usage,
+    token_logprobs,
+    tool_call_deltas,
+)
 from deployments.engines.remote.sse import SSEParser
 from deployments.engines.remote.transport import UpstreamCall
 from serve_app.errors import InferenceFailed, TroupeError
@@ -44,36 +53,9 @@ from serve_app.settings import OpenAIEngineConfig
 
 __all__ = ["OpenAITextEngine", "SSEParser", "build_chat_body", "build_embeddings_body"]
 
-_FINISH: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length", "tool_calls": "stop",
-                                          "function_call": "stop"}
+_FINISH: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length",
+                                          "tool_calls": "tool_calls", "function_call": "tool_calls"}
 _CONTENT_FILTER_CODES = frozenset({"content_filter", "content_policy_violation"})
-
-
-def build_chat_body(model: str, request: GenerationRequest, context_length: int) -> dict[str, Any]:
-    """The upstream JSON body for ``request`` (always streaming, with usage)."""
-    if request.messages is not None:
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-    else:
-        messages = [{"role": "user", "content": request.prompt or ""}]
-    sp = request.sampling
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": sp.temperature,
-        "top_p": sp.top_p,
-    }
-    if sp.max_tokens is not None or sp.default_max_tokens is not None:
-        # The provider counts the prompt itself; the whole context is the room we know of.
-        body["max_tokens"] = sp.output_limit(context_length)
-    if sp.seed is not None:
-        body["seed"] = sp.seed
-    if sp.stop:
-        body["stop"] = list(sp.stop)
-    if request.service_tier is not None:
-        body["service_tier"] = request.service_tier
-    return body
 
 
 def build_embeddings_body(model: str, texts: list[str]) -> dict[str, Any]:
@@ -127,35 +109,36 @@ class OpenAITextEngine(RemoteEngine):
             raise self.mid_stream_error(event["error"])
         usage = event.get("usage")
         if isinstance(usage, dict):
-            state.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            state.completion_tokens = int(usage.get("completion_tokens") or 0)
-        text = ""
+            read_usage(usage, state)
+        text, calls, logprobs = "", None, None
         for choice in event.get("choices") or ():
             delta = choice.get("delta") or {}
             text += delta.get("content") or ""
+            calls = tool_call_deltas(delta.get("tool_calls")) or calls
+            logprobs = token_logprobs(choice.get("logprobs")) or logprobs
             self._finish(choice.get("finish_reason"), state)
-        if not text:
+        if not text and not calls:
             return None
         state.reported += 1
-        return EngineOutput(text, 1, state.prompt_tokens)
+        return EngineOutput(text, 1, state.prompt_tokens, logprobs=logprobs, tool_calls=calls)
 
     def on_json(self, body: Any, state: StreamState) -> list[EngineOutput]:
         if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
             raise InferenceFailed(
                 f"The upstream provider of model '{self.model_id}' sent an answer without "
                 "choices.", details={"provider": self.provider})
-        usage = body.get("usage") or {}
-        state.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        if "completion_tokens" in usage:
-            state.completion_tokens = int(usage["completion_tokens"] or 0)
-        text = ""
+        read_usage(body.get("usage") or {}, state)
+        text, calls, logprobs = "", None, None
         for choice in body["choices"][:1]:
-            text = ((choice.get("message") or {}).get("content")) or ""
+            message = choice.get("message") or {}
+            text = message.get("content") or ""
+            calls = tool_call_deltas(message.get("tool_calls"))
+            logprobs = token_logprobs(choice.get("logprobs"))
             self._finish(choice.get("finish_reason") or "stop", state)
-        if not text:
+        if not text and not calls:
             return []
         state.reported += 1
-        return [EngineOutput(text, 1, state.prompt_tokens)]
+        return [EngineOutput(text, 1, state.prompt_tokens, logprobs=logprobs, tool_calls=calls)]
 
     def _finish(self, reason: Optional[str], state: StreamState) -> None:
         if not reason:

@@ -36,12 +36,18 @@ class StreamState:
     """What a provider's stream parser accumulates for one attempt."""
 
     got_bytes: bool = False
+    #: The internal request's id (providers without call ids derive stable ones from it).
+    request_id: str = ""
     done: bool = False
     finish_reason: Optional[EngineFinishReason] = None
     prompt_tokens: int = 0
     completion_tokens: Optional[int] = None
     #: num_tokens already yielded (one per content chunk).
     reported: int = 0
+    #: Prompt tokens the provider served from its prompt cache (billed at the cached rate).
+    cached_tokens: int = 0
+    #: Output tokens spent thinking (included in ``completion_tokens``), where reported.
+    reasoning_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,10 +67,10 @@ class StreamHost(Protocol):
 
 async def read_answer(
     engine: StreamHost, inflight: Inflight, response: aiohttp.ClientResponse,
-    clock: Deadlines, secret: str,
+    clock: Deadlines, secret: str, request_id: str = "",
 ) -> AsyncGenerator[EngineOutput, None]:
     """The outputs of one answer, the final one last (an ``abort`` output when aborted)."""
-    state = StreamState()
+    state = StreamState(request_id=request_id)
     if response.headers.get("Content-Type", "").startswith("application/json"):
         async for out in _read_json(engine, response, clock, state, secret):
             yield out
