@@ -77,6 +77,10 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("ALTER TABLE ledger ADD COLUMN cold_start INTEGER NOT NULL DEFAULT 0",),
         # v3: time the request waited for its LoRA adapter to load (issue 19).
         ("ALTER TABLE ledger ADD COLUMN adapter_load_ms REAL",),
+        # v4: a realtime response's audio seconds in and out and time to first audio (issue 18).
+        ("ALTER TABLE ledger ADD COLUMN audio_in_s REAL",
+         "ALTER TABLE ledger ADD COLUMN audio_out_s REAL",
+         "ALTER TABLE ledger ADD COLUMN ttfa_ms REAL"),
     ),
     "credentials": (
         (
