@@ -28,7 +28,7 @@ from serve_app.protocol.modalities import (
     TranscriptionRequest,
 )
 
-__all__ = ["CoreModels", "Models", "RealtimeMetrics", "ResponseFigures", "Trio"]
+__all__ = ["ROUTE", "CoreModels", "Models", "RealtimeMetrics", "ResponseFigures", "Trio"]
 
 ROUTE = "/v1/realtime"
 logger = logging.getLogger("troupe.realtime")
