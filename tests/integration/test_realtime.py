@@ -99,7 +99,8 @@ async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_pa
     # metered: the three model calls in the ledger under the route; the text model's row is
     # the response's, with the turn's audio seconds and TTFA (exactly what response.done said)
     usage = wait_until(lambda: (u := by_route(base_url, t0)).get("/v1/realtime", {}).get(
-        "requests", 0) >= 3 and u, timeout=15, interval=0.1)
+        "latency_ms", {}).get("ttfa", {}).get("count") and u, timeout=15, interval=0.1)
+    assert usage["/v1/realtime"]["requests"] >= 3  # speech-to-text, text, speech
     row = usage["/v1/realtime"]
     assert row["errors"] == 0
     assert row["audio_seconds"] == {"input": figures["audio_in_seconds"],
