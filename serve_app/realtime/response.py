@@ -129,6 +129,11 @@ class ResponseRun:
         return {"response_id": self.id, "item_id": self.item["id"],
                 "output_index": self.outputs.index(self.item), "content_index": 0}
 
+    def _event_part(self) -> dict[str, Any]:
+        """The content part as ``response.content_part.*`` events carry it: typed ``text`` or
+        ``audio`` there (the item itself says ``output_text`` / ``output_audio``)."""
+        return {**self.part, "type": "audio" if self.plan.audio else "text"}
+
     @property
     def has_message(self) -> bool:
         """Whether the message item was opened (the model wrote text, or nothing at all)."""
@@ -184,7 +189,7 @@ class ResponseRun:
             return
         await self._add_output(self.item)
         await self.emit({"type": "response.content_part.added", **self._where(),
-                         "part": dict(self.part)})
+                         "part": self._event_part()})
 
     async def _call_delta(self, delta: ToolCallDelta) -> None:
         """One fragment of a tool call: a new function_call item, or more arguments."""
@@ -288,7 +293,7 @@ class ResponseRun:
         else:
             self.part["text"] = self.text
             await self.emit({"type": "response.output_text.done", **where, "text": self.text})
-        await self.emit({"type": "response.content_part.done", **where, "part": dict(self.part)})
+        await self.emit({"type": "response.content_part.done", **where, "part": self._event_part()})
         self.item["status"] = "completed" if status == "completed" else "incomplete"
         await self._output_done(self.item, where["output_index"])
 

@@ -46,6 +46,9 @@ async def test_push_to_talk_turn_gives_transcript_then_spoken_answer() -> None:
              "response.content_part.done", "response.output_item.done", "response.done"]
     assert [k for k in kinds if k in order and k not in order[3:5]] == [o for o in order if o not in order[3:5]]
     assert kinds.index("response.output_audio.delta") < kinds.index("response.output_audio.done")
+    assert c.of("response.content_part.added")[0]["part"] == {"type": "audio", "transcript": ""}
+    assert c.of("response.content_part.done")[0]["part"]["type"] == "audio"  # the events' part types
+    assert final["response"]["output"][0]["content"][0]["type"] == "output_audio"  # the item's
     transcript = c.of("response.output_audio_transcript.done")[0]["transcript"]
     assert transcript == "Paris is the capital. It is in France."
     audio = b"".join(base64.b64decode(e["delta"]) for e in c.of("response.output_audio.delta"))
