@@ -61,7 +61,7 @@ def _redact(url: str) -> str:
 
 def _check_event(event: RequestEvent) -> None:
     """Refuse what the store cannot hold, so one bad event cannot block its batch forever."""
-    for field in ("e2e_ms", "ttft_ms", "queue_ms", "ts"):
+    for field in ("e2e_ms", "ttft_ms", "queue_ms", "ts", "audio_in_s", "audio_out_s", "ttfa_ms"):
         value = getattr(event, field)
         if value is not None and not math.isfinite(value):
             raise ValueError(f"event {event.event_id}: {field} is not finite ({value!r})")

@@ -22,6 +22,7 @@ DEFAULT_BUCKETS_MS: dict[str, tuple[float, ...]] = {
     "cold_start_ttft": (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000,
                         600000),
     "adapter_load": (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000),
+    "realtime_ttfa": (100, 250, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 30000),
 }
 """Histogram bucket upper bounds in milliseconds (exposed in seconds)."""
 
@@ -34,6 +35,8 @@ _HISTOGRAM_HELP = {
                        "start (scale from zero).",
     "adapter_load": "Time a request waited for its LoRA adapter to load on the replica "
                     "(model label: <base>:<adapter>).",
+    "realtime_ttfa": "Time from the end of the user's speech to the first audio of the answer "
+                     "(/v1/realtime responses; model label: the text model).",
 }
 
 _BASE = ("model", "provider", "route", "key_id", "tier")
@@ -119,6 +122,8 @@ class Aggregates:
             self._histogram("adapter_load", key).observe(ev.adapter_load_ms)
         if finite_ms(ev.e2e_ms):
             self._histogram("e2e", key).observe(ev.e2e_ms)
+        if finite_ms(ev.ttfa_ms):
+            self._histogram("realtime_ttfa", key).observe(ev.ttfa_ms)
         if ev.inter_token_ms:
             hist = self._histogram("inter_token", key)
             for gap in ev.inter_token_ms:

@@ -39,7 +39,8 @@ def summarize(
 
 def new_usage() -> dict[str, Any]:
     return {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
-            "cost_usd": 0.0, "estimated_entries": 0, "ttft": [], "e2e": []}
+            "cost_usd": 0.0, "estimated_entries": 0, "ttft": [], "e2e": [], "ttfa": [],
+            "audio_in_s": 0.0, "audio_out_s": 0.0}
 
 
 def add_usage(acc: dict[str, Any], entry: LedgerEntry) -> None:
@@ -54,6 +55,10 @@ def add_usage(acc: dict[str, Any], entry: LedgerEntry) -> None:
         acc["ttft"].append(ev.ttft_ms)
     if finite_ms(ev.e2e_ms):
         acc["e2e"].append(ev.e2e_ms)
+    if finite_ms(ev.ttfa_ms):
+        acc["ttfa"].append(ev.ttfa_ms)
+    acc["audio_in_s"] += ev.audio_in_s or 0.0
+    acc["audio_out_s"] += ev.audio_out_s or 0.0
 
 
 def finish_usage(acc: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +70,9 @@ def finish_usage(acc: dict[str, Any]) -> dict[str, Any]:
         "total_tokens": acc["prompt_tokens"] + acc["completion_tokens"],
         "cost_usd": round(acc["cost_usd"], 9),
         "estimated_entries": acc["estimated_entries"],
-        "latency_ms": {"ttft": percentiles(acc["ttft"]), "e2e": percentiles(acc["e2e"])},
+        "audio_seconds": {"input": round(acc["audio_in_s"], 3), "output": round(acc["audio_out_s"], 3)},
+        "latency_ms": {"ttft": percentiles(acc["ttft"]), "e2e": percentiles(acc["e2e"]),
+                       "ttfa": percentiles(acc["ttfa"])},
     }
 
 

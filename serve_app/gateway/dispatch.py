@@ -190,13 +190,14 @@ class Dispatcher:
         self._model_in_flight[meter.model] -= 1
         self._report_in_flight(meter.model)
         note_usage(meter.prompt_tokens + meter.completion_tokens)  # tokens-per-minute limits
-        if self.record is None:
+        record = meter.info.hold or self.record
+        if record is None:
             return
         if error is None:
-            self.record(meter.event())
+            record(meter.event())
         else:
             error.metered = True
-            self.record(meter.event(error.status, error.code))
+            record(meter.event(error.status, error.code))
 
     def reject(self, route: str, error: TroupeError, request_id: str) -> None:
         """Account for a request refused before it reached a model (bad input, 404...)."""

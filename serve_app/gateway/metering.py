@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from serve_app.policies.context import PRINCIPAL
 from serve_app.protocol.internal import TextChunk
@@ -30,6 +30,9 @@ class RequestInfo:
     stream: bool = False
     key_id: str = "anonymous"
     tier: str = "default"
+    #: Takes the finished request's event instead of the metrics recorder; the caller
+    #: records it later with figures only it knows (a realtime response's audio, TTFA).
+    hold: Optional[Callable[[RequestEvent], None]] = None
 
 
 class RequestMeter:

@@ -41,6 +41,11 @@ class RequestEvent:
     cold_start: bool = False      # waited for its replica to start (scale from zero)
     adapter_load_ms: Optional[float] = None  # waited this long for its LoRA adapter to load
     cached_tokens: int = 0        # of prompt_tokens: served from a prompt cache (cached rate)
+    # A realtime response (its text model's row): audio heard and spoken, and the time from
+    # the end of the user's speech to the first audio sent back.
+    audio_in_s: Optional[float] = None
+    audio_out_s: Optional[float] = None
+    ttfa_ms: Optional[float] = None
 
 
 @dataclass(slots=True)
@@ -53,4 +58,4 @@ class LedgerEntry:
     price_source: str             # e.g. "config", "table:openai 2026-10-01", "replica-hour"
 
 
-LATENCY_FIELDS = ("queue_ms", "ttft_ms", "e2e_ms")
+LATENCY_FIELDS = ("queue_ms", "ttft_ms", "e2e_ms", "ttfa_ms")

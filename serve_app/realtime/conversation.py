@@ -3,7 +3,8 @@
 Items are plain dicts as the client sees them (``conversation.item.*`` events carry
 them as they are). The text model sees the conversation as chat messages: user audio by
 its transcript, assistant audio by what was actually played (a truncated item keeps
-only the words heard).
+only the words heard), ``function_call`` items as the assistant's tool calls (consecutive
+calls in one turn) and ``function_call_output`` items as tool turns answering a call id.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import secrets
 from typing import Any, Optional
 
 from serve_app.errors import InvalidRequest
-from serve_app.protocol.internal import ChatMessage
+from serve_app.protocol.internal import ChatMessage, ToolCall
 
-__all__ = ["Conversation", "message_item", "new_id"]
+__all__ = ["Conversation", "function_call_item", "message_item", "new_id"]
 
 #: Content part types, and the role that may send each.
 _TEXT_KEYS = {"input_text": "text", "output_text": "text", "input_audio": "transcript",
@@ -32,6 +33,21 @@ def message_item(role: str, content: list[dict[str, Any]], status: str = "comple
                  item_id: Optional[str] = None) -> dict[str, Any]:
     return {"id": item_id or new_id("item"), "object": "realtime.item", "type": "message",
             "status": status, "role": role, "content": content}
+
+
+def function_call_item(call_id: str, name: str, arguments: str = "", status: str = "in_progress",
+                       item_id: Optional[str] = None) -> dict[str, Any]:
+    return {"id": item_id or new_id("item"), "object": "realtime.item", "type": "function_call",
+            "status": status, "name": name, "call_id": call_id, "arguments": arguments}
+
+
+def _text_field(item: dict[str, Any], key: str, limit: int = 0) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or (limit and not 1 <= len(value) <= limit):
+        size = f" of 1 to {limit} characters" if limit else ""
+        raise InvalidRequest(f"A {item.get('type')} item needs a string {key!r}{size}.",
+                             param=f"item.{key}")
+    return value
 
 
 class Conversation:
@@ -73,17 +89,30 @@ class Conversation:
         self.items.remove(self.get(item_id))
 
     @staticmethod
-    def check_message(item: Any) -> dict[str, Any]:
+    def check_item(item: Any) -> dict[str, Any]:
         """A client's ``conversation.item.create`` item -> a stored item (or a clear error)."""
         if not isinstance(item, dict):
             raise InvalidRequest("item must be an object, e.g. {\"type\": \"message\", \"role\": "
                                  "\"user\", \"content\": [{\"type\": \"input_text\", \"text\": \"Hi\"}]}",
                                  param="item")
         kind = item.get("type", "message")
+        item_id = item.get("id")
+        if item_id is not None and (not isinstance(item_id, str) or not 1 <= len(item_id) <= 64):
+            raise InvalidRequest("item.id must be a string of 1 to 64 characters.", param="item.id")
+        if kind == "function_call_output":
+            return {"id": item_id or new_id("item"), "object": "realtime.item",
+                    "type": "function_call_output", "status": "completed",
+                    "call_id": _text_field(item, "call_id", 256), "output": _text_field(item, "output")}
+        if kind == "function_call":
+            return function_call_item(_text_field(item, "call_id", 256), _text_field(item, "name", 64),
+                                      _text_field(item, "arguments"), "completed", item_id)
         if kind != "message":
-            raise InvalidRequest(f"item.type {kind!r} is not supported here (function calls are "
-                                 "not available on /v1/realtime yet); send a message item.",
-                                 param="item.type")
+            raise InvalidRequest(f"item.type {kind!r} is not supported: send a message, "
+                                 "function_call or function_call_output item.", param="item.type")
+        return Conversation._check_message(item, item_id)
+
+    @staticmethod
+    def _check_message(item: dict[str, Any], item_id: Optional[str]) -> dict[str, Any]:
         role = item.get("role")
         if role not in _ROLE_PARTS:
             raise InvalidRequest("item.role must be user, assistant or system.", param="item.role")
@@ -103,16 +132,22 @@ class Conversation:
                 raise InvalidRequest(f"item.content[{n}] needs a string {key!r}.",
                                      param=f"item.content[{n}].{key}")
             parts.append({k: v for k, v in part.items() if k != "audio"})
-        item_id = item.get("id")
-        if item_id is not None and (not isinstance(item_id, str) or not 1 <= len(item_id) <= 64):
-            raise InvalidRequest("item.id must be a string of 1 to 64 characters.", param="item.id")
         return message_item(role, parts, "completed", item_id)
 
     def messages(self, instructions: str) -> list[ChatMessage]:
         """The conversation as chat messages for the text model."""
         out = [ChatMessage("system", instructions)] if instructions else []
         for item in self.items:
-            if item.get("type") != "message":
+            if item["type"] == "function_call":
+                call = ToolCall(item["call_id"], item["name"], item["arguments"])
+                last = out[-1] if out else None
+                if last is not None and last.role == "assistant":  # calls of one turn
+                    last.tool_calls = (*last.tool_calls, call)
+                else:
+                    out.append(ChatMessage("assistant", "", tool_calls=(call,)))
+                continue
+            if item["type"] == "function_call_output":
+                out.append(ChatMessage("tool", item["output"], tool_call_id=item["call_id"]))
                 continue
             text = " ".join(
                 (part.get(_TEXT_KEYS.get(part.get("type", ""), "text")) or "").strip()

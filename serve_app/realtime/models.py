@@ -2,10 +2,12 @@
 
 :class:`CoreModels` calls the three model deployments through the GatewayCore, exactly
 as the ``/ws`` voice pipeline does, so each call keeps its own admission, errors,
-cancellation (closing a stream aborts the engine request) and ledger row (tokens and cost,
-route ``/v1/realtime``). :class:`RealtimeMetrics` adds what only the session knows: audio
-seconds in and out and the time to first audio after the end of speech, per response,
-as Prometheus metrics on the metrics actor.
+cancellation (closing a stream aborts the engine request) and ledger row (route
+``/v1/realtime``). The text model's row is the response's row: the gateway hands its
+event back here instead of recording it, and :meth:`CoreModels.meter` records it once the
+response has ended, with what only the session knows (audio seconds in and out, and the
+time to first audio after the end of speech). :class:`RealtimeMetrics` adds Prometheus
+counters of audio seconds and responses; the TTFA histogram comes from the ledger.
 """
 
 from __future__ import annotations
@@ -18,19 +20,15 @@ from typing import Any, AsyncGenerator, Optional, Protocol
 from serve_app.errors import InvalidRequest
 from serve_app.gateway.metering import RequestInfo
 from serve_app.gateway.voice import wav_from_pcm
-from serve_app.protocol.internal import (
-    ChatMessage,
-    GenerationRequest,
-    SamplingParams,
-    TextChunk,
-)
+from serve_app.protocol.internal import GenerationRequest, TextChunk
+from serve_app.protocol.metrics import RequestEvent
 from serve_app.protocol.modalities import (
     AudioChunk,
     SpeechRequest,
     TranscriptionRequest,
 )
 
-__all__ = ["CoreModels", "Models", "RealtimeMetrics", "ResponseFigures", "Trio"]
+__all__ = ["ROUTE", "CoreModels", "Models", "RealtimeMetrics", "ResponseFigures", "Trio"]
 
 ROUTE = "/v1/realtime"
 logger = logging.getLogger("troupe.realtime")
@@ -53,13 +51,15 @@ class Models(Protocol):
     async def transcribe(self, asr: str, pcm16: bytes, rate: int, request_id: str,
                          language: Optional[str], prompt: Optional[str]) -> str: ...
 
-    def generate(self, llm: str, messages: list[ChatMessage], max_tokens: Optional[int],
-                 temperature: float, request_id: str) -> AsyncGenerator[TextChunk, None]: ...
+    def generate(self, llm: str, request: GenerationRequest) -> AsyncGenerator[TextChunk, None]: ...
 
     def speak(self, tts: str, text: str, voice: str, speed: float,
               request_id: str) -> AsyncGenerator[AudioChunk, None]: ...
 
     def price(self, llm: str, prompt_tokens: int, completion_tokens: int) -> Optional[float]: ...
+
+    def meter(self, request_id: str, figures: "ResponseFigures") -> None:
+        """Record the text model's request ``request_id`` with the response's figures."""
 
 
 class CoreModels:
@@ -69,6 +69,12 @@ class CoreModels:
         self.core = core
         self.settings = core.settings.realtime
         self.info = RequestInfo(ROUTE, stream=True)
+        #: Text model events waiting for their response's figures, by request id.
+        self.held: dict[str, RequestEvent] = {}
+        self.text_info = RequestInfo(ROUTE, stream=True, hold=self._hold)
+
+    def _hold(self, event: RequestEvent) -> None:
+        self.held[event.event_id] = event
 
     def _pick(self, given: Optional[str], configured: Optional[str], modality: str, param: str,
               required: bool = True) -> Optional[str]:
@@ -99,11 +105,8 @@ class CoreModels:
         result = await self.core.transcribe(asr, request, self.info)
         return result.text.strip()
 
-    async def generate(self, llm: str, messages: list[ChatMessage], max_tokens: Optional[int],
-                       temperature: float, request_id: str) -> AsyncGenerator[TextChunk, None]:
-        request = GenerationRequest(request_id, SamplingParams(max_tokens=max_tokens,
-                                                               temperature=temperature), messages)
-        async with contextlib.aclosing(self.core.stream(llm, request, self.info)) as chunks:
+    async def generate(self, llm: str, request: GenerationRequest) -> AsyncGenerator[TextChunk, None]:
+        async with contextlib.aclosing(self.core.stream(llm, request, self.text_info)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -116,6 +119,16 @@ class CoreModels:
 
     def price(self, llm: str, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
         return self.core.prices.quote(llm, prompt_tokens, completion_tokens)
+
+    def meter(self, request_id: str, figures: "ResponseFigures") -> None:
+        event = self.held.pop(request_id, None)
+        record = self.core.record
+        if event is None or record is None:  # the text model was never called
+            return
+        event.audio_in_s = round(figures.audio_in_s, 3)
+        event.audio_out_s = round(figures.audio_out_s, 3)
+        event.ttfa_ms = figures.ttfa_ms
+        record(event)
 
 
 @dataclass(slots=True)
@@ -135,8 +148,8 @@ class RealtimeMetrics:
     """Per-response figures to the metrics actor's custom metrics (fire-and-forget).
 
     Exposed as ``troupe_custom_realtime_*``: counters of audio seconds in and out and of
-    responses by status, the TTFA sum and count (so a mean is one PromQL division),
-    and the last TTFA per model.
+    responses by status. TTFA is a histogram of the ledger (``troupe_realtime_ttfa_seconds``),
+    from the response's row.
     """
 
     def __init__(self, actor: Any = None) -> None:
@@ -149,11 +162,6 @@ class RealtimeMetrics:
         self._send("realtime_audio_input_seconds_total", "counter", fig.audio_in_s, labels)
         self._send("realtime_audio_output_seconds_total", "counter", fig.audio_out_s, labels)
         self._send("realtime_responses_total", "counter", 1, {**labels, "status": fig.status})
-        if fig.ttfa_ms is not None:
-            # seconds, as Prometheus names units (promtool refuses "ms" in a name)
-            self._send("realtime_ttfa_seconds_sum_total", "counter", fig.ttfa_ms / 1000, labels)
-            self._send("realtime_ttfa_seconds_count_total", "counter", 1, labels)
-            self._send("realtime_ttfa_last_seconds", "gauge", fig.ttfa_ms / 1000, labels)
 
     def _send(self, name: str, kind: str, value: float, labels: dict[str, str]) -> None:
         try:

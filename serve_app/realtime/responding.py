@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Optional
 from pydantic import ValidationError
 
 from serve_app.errors import InvalidRequest, TroupeError, as_troupe_error
-from serve_app.protocol.realtime import ResponseOptions, SessionConfig, first_error
+from serve_app.protocol.realtime import ResponseOptions, SessionConfig, first_error, tools_of
 from serve_app.realtime.conversation import Conversation
 from serve_app.realtime.models import Models, RealtimeMetrics, Trio
 from serve_app.realtime.response import ResponsePlan, ResponseRun
@@ -76,14 +76,14 @@ class Responding:
             run = self.response
             played = run.played_ms()
             await self._cancel("turn_detected")
-            if run.plan.in_conversation:
+            if run.plan.in_conversation and run.has_message:
                 await self._truncate(run.item, played)
         elif self.response is not None:
             await self._cancel("turn_detected")
         elif self.last_spoken is not None:  # finished writing, maybe still playing
             run, self.last_spoken = self.last_spoken, None
             played = run.played_ms()
-            if played < run.sent_ms and run.plan.in_conversation:
+            if played < run.sent_ms and run.plan.in_conversation and run.has_message:
                 await self._truncate(run.item, played)
 
     async def _cancel(self, reason: str) -> None:
@@ -107,15 +107,22 @@ class Responding:
         if audio and self.trio.tts is None:
             raise InvalidRequest("No text-to-speech model is configured; ask for "
                                  'output_modalities ["text"].', param="response.output_modalities")
-        return ResponsePlan(
+        try:
+            tools, choice = tools_of(cfg, opts)
+        except ValueError as exc:
+            raise InvalidRequest(f"response.tool_choice: {exc}", param="response.tool_choice") from None
+        plan = ResponsePlan(
             self.trio, audio, opts.instructions if opts.instructions is not None else cfg.instructions,
             min(self.limits.max_output_tokens, limit) if isinstance(limit, int) else self.limits.max_output_tokens,
             0.0 if cfg.temperature is None else cfg.temperature, voice, out.speed, cfg.output_format,
             opts.conversation == "auto", opts.metadata, self.turn_ended_at)
+        plan.tools, plan.tool_choice = tools, choice
+        plan.parallel_tool_calls = cfg.parallel_tool_calls is not False
+        return plan
 
     async def _start_response(self, opts: ResponseOptions) -> None:
         plan = self._plan(opts)
-        extra = [self.conversation.check_message(i) for i in opts.input or []]
+        extra = [self.conversation.check_item(i) for i in opts.input or []]
         admitted = await self.admit() if self.admit is not None else None
         finish: Optional[Callable[[int], None]] = None
         if admitted is not None:
@@ -145,11 +152,10 @@ class Responding:
             # audio heard since the last answer (each turn's seconds are counted once)
             plan.audio_in_s = sum(self.audio_seconds.pop(i["id"], 0.0) for i in convo.items)
             run = ResponseRun(self.models, plan, convo.messages(plan.instructions), self.emit,
-                              f"{self.id}:{len(convo.items)}")
+                              f"{self.id}:{len(self.runs)}",  # unique in the session: a ledger row each
+                              self.conversation.add if plan.in_conversation else None)
             self.response = run
             self.runs[run.item["id"]] = run
-            if plan.in_conversation:
-                self.conversation.add(run.item)
             figures = await run.run()
             self.metrics.record(figures)
             if plan.audio:

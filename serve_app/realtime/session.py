@@ -245,7 +245,7 @@ class RealtimeSession(Responding):
     # ------------------------------------------------------------------ items
 
     async def item_create(self, event: dict[str, Any]) -> None:
-        item = self.conversation.check_message(event.get("item"))
+        item = self.conversation.check_item(event.get("item"))
         previous = event.get("previous_item_id")
         if previous is not None and not isinstance(previous, str):
             raise InvalidRequest("previous_item_id must be an item id or \"root\".", param="previous_item_id")
@@ -260,6 +260,8 @@ class RealtimeSession(Responding):
 
     def _item_audio(self, sent: dict[str, Any], item: dict[str, Any]) -> Optional[bytes]:
         """PCM of a user item's ``input_audio`` part that came without a transcript."""
+        if item["type"] != "message":
+            return None
         part = sent["content"][0] if len(sent["content"]) == 1 else {}
         if item["role"] != "user" or part.get("type") != "input_audio" or part.get("transcript"):
             return None

@@ -16,12 +16,14 @@ from typing import Any, Awaitable, Callable, Optional
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from actors.session import credential_source
 from serve_app.errors import AuthenticationFailed, InvalidRequest, TroupeError
 from serve_app.http.plumbing import request_id_of_scope
 from serve_app.policies.context import PRINCIPAL
 from serve_app.protocol.realtime import SessionConfig
 from serve_app.realtime.conversation import new_id
-from serve_app.realtime.models import CoreModels, RealtimeMetrics
+from serve_app.realtime.models import ROUTE, CoreModels, RealtimeMetrics
+from serve_app.realtime.proxy import proxy_target, relay
 from serve_app.realtime.session import RealtimeSession, SessionLimits
 
 __all__ = ["build_realtime_router"]
@@ -66,6 +68,15 @@ class RealtimeSocket:
             return
         try:
             await self.ws.send_text(orjson.dumps(event).decode())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self.closed = True
+
+    async def send_raw(self, text: str) -> None:
+        """A provider's event, relayed as it came (a proxied session)."""
+        if self.closed:
+            return
+        try:
+            await self.ws.send_text(text)
         except (WebSocketDisconnect, RuntimeError, OSError):
             self.closed = True
 
@@ -124,6 +135,9 @@ class RealtimeSocket:
         except TroupeError as err:
             await self.refuse(err, CLOSE_AUTH)
             return
+        if model is not None and model in self.core.settings.realtime.proxy:
+            await self.proxy(model)
+            return
         try:
             session = self.new_session(model)
         except TroupeError as err:
@@ -135,6 +149,16 @@ class RealtimeSocket:
         finally:
             self.closed = True
             await session.close()
+
+    async def proxy(self, model: str) -> None:
+        """Relay the session to the provider's own realtime endpoint (``realtime.proxy``)."""
+        try:
+            self.core.admit(model, "text", ROUTE)
+            engine = self.core.settings.model(model).engine
+            target = await proxy_target(engine, credential_source())
+            await relay(self.ws.receive, self.send_raw, target)
+        except TroupeError as err:
+            await self.refuse(err, CLOSE_POLICY)
 
     async def loop(self, session: RealtimeSession) -> None:
         limit = self.core.settings.realtime.max_event_bytes

@@ -29,3 +29,7 @@ class RealtimeSettings(BaseModel):
         15 * 1024 * 1024, ge=1024, description="Largest client event (OpenAI's limit is 15 MiB).")
     max_output_tokens: int = Field(
         1024, ge=1, le=32768, description="Cap on an answer's tokens (max_output_tokens \"inf\").")
+    proxy: list[str] = Field(
+        default_factory=list, description="Ids of remote OpenAI engine models whose provider "
+        "speaks the Realtime protocol itself (e.g. gpt-realtime): their sessions are passed "
+        "through to {base_url}/realtime?model={engine.model} with the session actor's credential.")

@@ -221,6 +221,16 @@ class TroupeSettings(Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _realtime_proxies_are_remote_openai(self) -> "TroupeSettings":
+        for model_id in self.realtime.proxy:
+            model = self.model(model_id)
+            if model is None or getattr(model.engine, "type", None) != "openai":
+                raise ValueError(
+                    f"realtime.proxy: {model_id!r} must be the id of a configured model with "
+                    "a remote openai engine (its provider's realtime endpoint is used)")
+        return self
+
     def credential_envs(self) -> dict[str, str]:
         """Credential name -> environment variable, over every remote model."""
         out: dict[str, str] = {}

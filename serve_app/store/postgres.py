@@ -41,7 +41,8 @@ _COLUMN_TYPES: dict[str, str] = {
     "prompt_tokens": "int8", "completion_tokens": "int8", "usage_estimated": "bool",
     "queue_ms": "float8", "ttft_ms": "float8", "e2e_ms": "float8",
     "inter_token_ms": "text", "replica_busy_s": "float8", "cold_start": "bool",
-    "adapter_load_ms": "float8", "cached_tokens": "int8",
+    "adapter_load_ms": "float8", "cached_tokens": "int8", "audio_in_s": "float8", "audio_out_s": "float8",
+    "ttfa_ms": "float8",
     "cost_usd": "float8", "cost_estimated": "bool", "price_source": "text",
 }
 assert tuple(_COLUMN_TYPES) == LEDGER_COLUMNS
@@ -83,6 +84,10 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("ALTER TABLE ledger ADD COLUMN adapter_load_ms DOUBLE PRECISION",),
         # v4: prompt tokens a remote provider served from its prompt cache (issue 16).
         ("ALTER TABLE ledger ADD COLUMN cached_tokens BIGINT NOT NULL DEFAULT 0",),
+        # v5: a realtime response's audio seconds in and out and time to first audio (issue 18).
+        ("ALTER TABLE ledger ADD COLUMN audio_in_s DOUBLE PRECISION",
+         "ALTER TABLE ledger ADD COLUMN audio_out_s DOUBLE PRECISION",
+         "ALTER TABLE ledger ADD COLUMN ttfa_ms DOUBLE PRECISION"),
     ),
     "credentials": (
         (

@@ -33,7 +33,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "event_id", "ts", "model", "route", "provider", "key_id", "tier", "status",
     "error_code", "finish_reason", "stream", "prompt_tokens", "completion_tokens",
     "usage_estimated", "queue_ms", "ttft_ms", "e2e_ms", "inter_token_ms", "replica_busy_s",
-    "cold_start", "adapter_load_ms", "cached_tokens",
+    "cold_start", "adapter_load_ms", "cached_tokens", "audio_in_s", "audio_out_s", "ttfa_ms",
 )
 LEDGER_COLUMNS: tuple[str, ...] = EVENT_COLUMNS + ("cost_usd", "cost_estimated", "price_source")
 
@@ -56,7 +56,7 @@ ORDER BY {", ".join(TOTALS_GROUP_COLUMNS)} NULLS FIRST
 
 _INT_COLUMNS = frozenset({"status", "prompt_tokens", "completion_tokens", "cached_tokens"})
 _FLOAT_COLUMNS = frozenset({"ts", "e2e_ms", "queue_ms", "ttft_ms", "replica_busy_s",
-                            "adapter_load_ms"})
+                            "adapter_load_ms", "audio_in_s", "audio_out_s", "ttfa_ms"})
 _BOOL_COLUMNS = frozenset({"stream", "usage_estimated", "cold_start"})
 
 

@@ -79,6 +79,10 @@ _MIGRATIONS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("ALTER TABLE ledger ADD COLUMN adapter_load_ms REAL",),
         # v4: prompt tokens a remote provider served from its prompt cache (issue 16).
         ("ALTER TABLE ledger ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",),
+        # v5: a realtime response's audio seconds in and out and time to first audio (issue 18).
+        ("ALTER TABLE ledger ADD COLUMN audio_in_s REAL",
+         "ALTER TABLE ledger ADD COLUMN audio_out_s REAL",
+         "ALTER TABLE ledger ADD COLUMN ttfa_ms REAL"),
     ),
     "credentials": (
         (

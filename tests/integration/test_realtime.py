@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import shutil
 import subprocess
 import time
@@ -95,13 +96,23 @@ async def test_official_client_spoken_turn_with_server_vad(base_url: str, tmp_pa
     figures = done.response.model_extra["troupe"]
     assert figures["audio_in_seconds"] > 1.5 and figures["audio_out_seconds"] > 0.5
     assert figures["ttfa_ms"] > 0
-    # metered: the three model calls in the ledger under the route, the turn's audio and
-    # TTFA in Prometheus
+    # metered: the three model calls in the ledger under the route; the text model's row is
+    # the response's, with the turn's audio seconds and TTFA (exactly what response.done said)
     usage = wait_until(lambda: (u := by_route(base_url, t0)).get("/v1/realtime", {}).get(
-        "requests", 0) >= 3 and u, timeout=15, interval=0.1)
-    assert usage["/v1/realtime"]["errors"] == 0
+        "latency_ms", {}).get("ttfa", {}).get("count") and u, timeout=15, interval=0.1)
+    assert usage["/v1/realtime"]["requests"] >= 3  # speech-to-text, text, speech
+    row = usage["/v1/realtime"]
+    assert row["errors"] == 0
+    assert row["audio_seconds"] == {"input": figures["audio_in_seconds"],
+                                    "output": figures["audio_out_seconds"]}
+    assert row["latency_ms"]["ttfa"]["count"] == 1
+    assert abs(row["latency_ms"]["ttfa"]["p50"] - figures["ttfa_ms"]) < 0.1
+    assert row["completion_tokens"] >= done.response.usage.output_tokens
+    # and in Prometheus: TTFA as a histogram of the ledger, audio seconds as counters
+    series = 'model="mock-5ms",route="/v1/realtime",tier="default"'
     metrics = wait_until(lambda: (t := httpx.get(base_url + "/metrics", timeout=10).text).count(
-        "troupe_custom_realtime_ttfa_seconds_count_total{") and t, timeout=15, interval=0.1)
+        f"troupe_realtime_ttfa_seconds_count{{{series}}}") and t, timeout=15, interval=0.1)
+    assert f'troupe_realtime_ttfa_seconds_bucket{{le="+Inf",{series}}}' in metrics
     assert 'troupe_custom_realtime_audio_input_seconds_total{model="mock-5ms"}' in metrics
     assert 'troupe_custom_realtime_responses_total{model="mock-5ms",status="completed"}' in metrics
 
@@ -169,3 +180,41 @@ async def test_barge_in_stops_the_answer_and_the_engines(base_url: str, tmp_path
     assert done.response.status == "cancelled"
     assert done.response.status_details.reason == "turn_detected"
     assert at["response.done"] - at["input_audio_buffer.speech_started"] < 0.3
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+async def test_official_client_function_call_round_trip(base_url: str) -> None:
+    seen: list[Any] = []
+    async with client(base_url).realtime.connect(model="mock-5ms") as conn:
+        await events_until(conn, "session.created", seen)
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "tools": [WEATHER], "tool_choice": "auto"})
+        updated = await events_until(conn, "session.updated", seen)
+        assert updated.session.tools[0].name == "get_weather"
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What is the weather in Paris? Use get_weather."}]})
+        await conn.response.create()
+        done = await events_until(conn, "response.done", seen)
+        calls = [o for o in done.response.output if o.type == "function_call"]
+        assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].status == "completed"
+        arguments = json.loads(calls[0].arguments)
+        assert isinstance(arguments["city"], str)  # valid against the tool's schema
+        added = next(e for e in seen if e.type == "response.output_item.added")
+        assert (added.item.type, added.item.call_id) == ("function_call", calls[0].call_id)
+        deltas = [e.delta for e in seen if e.type == "response.function_call_arguments.delta"]
+        args_done = next(e for e in seen if e.type == "response.function_call_arguments.done")
+        assert "".join(deltas) == args_done.arguments == calls[0].arguments
+        await conn.conversation.item.create(item={"type": "function_call_output",
+                                                  "call_id": calls[0].call_id,
+                                                  "output": json.dumps({"temp_c": 21})})
+        await events_until(conn, "conversation.item.done", seen)
+        await conn.response.create()
+        seen.clear()
+        done = await events_until(conn, "response.done", seen)
+    assert done.response.status == "completed"
+    assert [o.type for o in done.response.output] == ["message"]
+    text = next(e for e in seen if e.type == "response.output_text.done").text
+    assert text  # the answer after the tool result

@@ -7,6 +7,8 @@ answer, which must say Paris.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Iterator
 
 import httpx
@@ -42,3 +44,27 @@ async def test_spoken_question_gets_a_spoken_answer_that_says_paris(trio_url: st
     heard.raise_for_status()
     assert "paris" in heard.json()["text"].lower(), (turn["reply"], heard.json()["text"])
     assert turn["server_ttfa_ms"] is not None and turn["ttfa_ms"] > 0
+
+
+async def test_smollm2_makes_a_required_function_call_with_valid_arguments(trio_url: str) -> None:
+    from openai import AsyncOpenAI
+
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                              "required": ["city"]}}
+    client = AsyncOpenAI(api_key="unused", base_url=trio_url + "/v1",
+                         websocket_base_url=trio_url.replace("http://", "ws://") + "/v1")
+    async with client.realtime.connect(model="smollm2-135m") as conn:
+        await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "tools": [weather], "tool_choice": "required"})
+        await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What is the weather in Paris?"}]})
+        await conn.response.create()
+        async with asyncio.timeout(120):
+            async for event in conn:
+                assert event.type != "error", event
+                if event.type == "response.done":
+                    break
+    call = event.response.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)  # constrained decoding: valid JSON

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from typing import Any, AsyncIterator, Optional
 
 import numpy as np
 
 from serve_app.errors import InvalidRequest
-from serve_app.protocol.internal import ChatMessage, TextChunk
+from serve_app.protocol.internal import ChatMessage, GenerationRequest, NamedTool, TextChunk, ToolCallDelta
 from serve_app.protocol.modalities import AudioChunk
 from serve_app.protocol.realtime import SessionConfig
 from serve_app.realtime.models import Trio
@@ -42,6 +43,8 @@ class FakeModels:
         self.active = {"asr": 0, "llm": 0, "tts": 0}
         self.prompts: list[list[ChatMessage]] = []
         self.heard: list[tuple[int, int]] = []  # (bytes, rate) of each transcription
+        self.requests: list[GenerationRequest] = []
+        self.metered: list[tuple[str, Any]] = []  # (request id, figures) per response
 
     def resolve(self, llm: str, asr: Optional[str], tts: Optional[str], audio_out: bool) -> Trio:
         if llm != "llm":
@@ -53,19 +56,42 @@ class FakeModels:
         self.heard.append((len(pcm16), rate))
         return self.transcript
 
-    async def generate(self, llm: str, messages: list[ChatMessage], max_tokens: Optional[int],
-                       temperature: float, request_id: str) -> AsyncIterator[TextChunk]:
+    async def generate(self, llm: str, request: GenerationRequest) -> AsyncIterator[TextChunk]:
+        messages = request.messages or []
         self.prompts.append(messages)
+        self.requests.append(request)
         self.active["llm"] += 1
         try:
+            call = self._call(request)
+            if call is not None:  # a tool call, its arguments in two fragments, as engines stream
+                name, arguments = call
+                half = len(arguments) // 2
+                yield TextChunk("", 1, prompt_tokens=7,
+                                tool_calls=[ToolCallDelta(0, "call_fake0", name, arguments[:half])])
+                yield TextChunk("", 1, prompt_tokens=7, tool_calls=[ToolCallDelta(0, arguments=arguments[half:])])
+                yield TextChunk("", 0, "tool_calls", prompt_tokens=7, completion_tokens=2)
+                return
             words = self.answer.split(" ")
-            for n, word in enumerate(words[:max_tokens]):
+            limit = request.sampling.max_tokens
+            for n, word in enumerate(words[:limit]):
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)  # a slow engine, not synchronisation
                 yield TextChunk(("" if n == 0 else " ") + word, 1, prompt_tokens=7)
             yield TextChunk("", 0, "stop", prompt_tokens=7, completion_tokens=len(words))
         finally:
             self.active["llm"] -= 1
+
+    @staticmethod
+    def _call(request: GenerationRequest) -> Optional[tuple[str, str]]:
+        """The tool to call when the choice forces one (``auto`` answers in text), with
+        "Paris" for each required property."""
+        choice = request.tool_choice
+        if not request.tools or choice in ("auto", "none"):
+            return None
+        tool = next((t for t in request.tools if isinstance(choice, NamedTool) and t.name == choice.name),
+                    request.tools[0])
+        required = tool.parameters.get("required", [])
+        return tool.name, json.dumps({key: "Paris" for key in required})
 
     async def speak(self, tts: str, text: str, voice: str, speed: float,
                     request_id: str) -> AsyncIterator[AudioChunk]:
@@ -81,6 +107,9 @@ class FakeModels:
 
     def price(self, llm: str, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
         return 0.0
+
+    def meter(self, request_id: str, figures: Any) -> None:
+        self.metered.append((request_id, figures))
 
 
 class Client:

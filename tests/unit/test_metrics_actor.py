@@ -371,3 +371,30 @@ async def test_real_sqlite_store_round_trip(tmp_path) -> None:
     assert await second.record(known_mix()[:2]) == 0
     assert isinstance(second._store, sqlite.SQLiteStore)
     await second.close()
+
+
+async def test_realtime_response_rows_keep_audio_and_ttfa_through_sqlite(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    first = MetricsActor(url, PRICES)
+    turns = [RequestEvent(f"rt{n}", 1000.0 + n, "local-llm", "/v1/realtime", stream=True, prompt_tokens=20,
+                          completion_tokens=10, e2e_ms=900.0, audio_in_s=1.5, audio_out_s=2.25,
+                          ttfa_ms=ttfa) for n, ttfa in enumerate((420.0, 1300.0))]
+    await first.record([*turns, *known_mix()])
+    await first.close()
+    second = MetricsActor(url, PRICES)  # what the ledger kept, not what was in memory
+    usage = await second.usage(0, 2e9, group_by="route")
+    row = next(g for g in usage["groups"] if g["group"] == "/v1/realtime")
+    assert row["audio_seconds"] == {"input": 3.0, "output": 4.5}
+    assert row["latency_ms"]["ttfa"] == {"p50": 420.0, "p90": 1300.0, "p99": 1300.0, "count": 2}
+    assert row["completion_tokens"] == 20 and row["cost_usd"] > 0
+    text = await second.prometheus()
+    m = samples(text)
+    series = (("model", "local-llm"), ("route", "/v1/realtime"), ("tier", "default"))
+    assert m[("troupe_realtime_ttfa_seconds_count", series)] == 2
+    assert m[("troupe_realtime_ttfa_seconds_bucket", (("le", "0.5"), *series))] == 1
+    assert m[("troupe_realtime_ttfa_seconds_sum", series)] == pytest.approx(1.72)
+    await second.close()
+    if shutil.which("promtool"):
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                              timeout=30)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()

@@ -4,6 +4,7 @@ SQLite store, mock text engine)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,9 +18,12 @@ from serve_app.build.app import build_fastapi_app
 from serve_app.gateway.core import GatewayCore
 from serve_app.policies.keys import mint_key
 from serve_app.policies.layer import PolicyLayer
+from serve_app.protocol.metrics import RequestEvent
 from serve_app.settings import load_settings
 from serve_app.store.sqlite import SQLiteStore
 from tests.unit.gateway_fakes import MODELS, FakeHandle, FakeReplica
+
+EVENTS: list[RequestEvent] = []
 
 
 @pytest.fixture
@@ -27,6 +31,8 @@ def app(tmp_path: Path) -> Iterator[tuple[TestClient, str]]:
     settings = load_settings({"models": MODELS, "limits": {"default": {"requests_per_minute": 100}}})
     handles = {m.id: FakeHandle(FakeReplica(LLMDeployment(m))) for m in settings.models}
     core = GatewayCore(settings, handles)
+    EVENTS.clear()
+    core.record = EVENTS.append  # what the metrics recorder would be sent
     store = SQLiteStore(tmp_path / "state.db")
     layer = PolicyLayer(settings, store, QuotaActor(), bind_host="127.0.0.1")
 
@@ -108,3 +114,36 @@ def test_audio_commit_without_a_transcription_model_is_an_error(app: tuple[TestC
         err = ws.receive_json()
         assert err["type"] == "error" and err["error"]["code"] == "no_transcription_model"
         assert text_turn(ws)[-1]["response"]["status"] == "completed"  # still usable
+
+
+def test_function_call_round_trip_over_the_mock_engine_with_one_ledger_row_each(
+        app: tuple[TestClient, str]) -> None:
+    client, key = app
+    weather = {"type": "function", "name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    with client.websocket_connect("/v1/realtime?model=mock-fast",
+                                  headers={"Authorization": f"Bearer {key}"}) as ws:
+        read_until(ws, "session.created")
+        ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"],
+                                                            "tools": [weather], "tool_choice": "required"}})
+        read_until(ws, "session.updated")
+        ws.send_json({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Oslo?"}]}})
+        ws.send_json({"type": "response.create"})
+        events = read_until(ws, "response.done")
+        call = events[-1]["response"]["output"][0]
+        assert call["type"] == "function_call" and call["name"] == "get_weather"
+        assert set(json.loads(call["arguments"])) == {"city"}  # constrained by the schema
+        assert [e["type"] for e in events if "function_call_arguments" in e["type"]][-1] == \
+            "response.function_call_arguments.done"
+        ws.send_json({"type": "conversation.item.create", "item": {
+            "type": "function_call_output", "call_id": call["call_id"], "output": "Sunny, 21 C"}})
+        ws.send_json({"type": "response.create", "response": {"tool_choice": "auto"}})
+        events = read_until(ws, "response.done")
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and done["output"][0]["type"] == "message"
+    assert done["output"][0]["content"][0]["text"]
+    rows = [e for e in EVENTS if e.route == "/v1/realtime"]
+    assert [r.finish_reason for r in rows] == ["tool_calls", "stop"]  # one row per response
+    assert all(r.audio_in_s == 0 and r.audio_out_s == 0 and r.ttfa_ms is None for r in rows)
+    assert rows[1].completion_tokens == done["usage"]["output_tokens"]

@@ -46,6 +46,9 @@ async def test_push_to_talk_turn_gives_transcript_then_spoken_answer() -> None:
              "response.content_part.done", "response.output_item.done", "response.done"]
     assert [k for k in kinds if k in order and k not in order[3:5]] == [o for o in order if o not in order[3:5]]
     assert kinds.index("response.output_audio.delta") < kinds.index("response.output_audio.done")
+    assert c.of("response.content_part.added")[0]["part"] == {"type": "audio", "transcript": ""}
+    assert c.of("response.content_part.done")[0]["part"]["type"] == "audio"  # the events' part types
+    assert final["response"]["output"][0]["content"][0]["type"] == "output_audio"  # the item's
     transcript = c.of("response.output_audio_transcript.done")[0]["transcript"]
     assert transcript == "Paris is the capital. It is in France."
     audio = b"".join(base64.b64decode(e["delta"]) for e in c.of("response.output_audio.delta"))
@@ -124,8 +127,12 @@ async def test_bad_input_gets_errors_and_the_session_stays_usable() -> None:
          "invalid_request", "item.content[0].type"),
         ({"type": "response.create", "response": {"output_modalities": ["video"]}},
          "invalid_request", "response.output_modalities.0"),
-        ({"type": "session.update", "session": {"tools": [{"type": "function", "name": "f"}]}},
-         "invalid_request", "session.tools"),
+        ({"type": "session.update", "session": {"tools": [{"type": "mcp", "server_label": "f"}]}},
+         "invalid_request", "session.tools.0.type"),
+        ({"type": "session.update", "session": {"tool_choice": {"type": "function", "name": "f"}}},
+         "invalid_request", "session.tool_choice"),
+        ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "semantic_vad"}}}}}, "invalid_request", "session.audio.input.turn_detection.type"),
     ]
     for n, (event, code, param) in enumerate(bad, start=1):
         await c.send(event)
@@ -252,3 +259,58 @@ async def test_audio_formats_accept_beta_names_and_refuse_other_rates() -> None:
     await c.send({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/opus"}}}}})
     assert c.of("error")[-1]["error"]["param"] == "session.audio.input.format"
     assert c.session.config.input_format.type == "audio/pcmu"  # the bad updates changed nothing
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+
+
+async def test_function_call_then_its_output_continues_the_conversation() -> None:
+    c = Client(output_modalities=["text"], tools=[WEATHER], tool_choice="required", **PTT)
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}})
+    await c.send({"type": "response.create"})
+    done = (await c.wait_for("response.done"))["response"]
+    sent = c.models.requests[0]
+    assert [t.name for t in sent.tools] == ["get_weather"] and sent.tool_choice == "required"
+    added = c.of("response.output_item.added")[0]
+    assert added["item"]["type"] == "function_call" and added["item"]["name"] == "get_weather"
+    call_id = added["item"]["call_id"]
+    deltas = c.of("response.function_call_arguments.delta")
+    assert len(deltas) == 2 and {d["call_id"] for d in deltas} == {call_id}
+    args_done = c.of("response.function_call_arguments.done")[0]
+    assert args_done["name"] == "get_weather" and args_done["arguments"] == '{"city": "Paris"}'
+    assert "".join(d["delta"] for d in deltas) == args_done["arguments"]
+    assert c.of("response.output_item.done")[0]["item"]["status"] == "completed"
+    assert not c.of("response.output_text.delta")  # a call only: no message item
+    assert done["status"] == "completed"
+    assert [(o["type"], o["call_id"], o["arguments"]) for o in done["output"]] == [
+        ("function_call", call_id, '{"city": "Paris"}')]
+    # the caller runs the tool and sends its output; the next answer sees both turns
+    await c.send({"type": "conversation.item.create", "item": {
+        "type": "function_call_output", "call_id": call_id, "output": '{"temp_c": 21}'}})
+    await c.send({"type": "response.create", "response": {"tool_choice": "auto"}})
+    await c.wait_for("response.done", 2)
+    follow = c.models.requests[1].messages
+    assert [m.role for m in follow[-3:]] == ["user", "assistant", "tool"]
+    assert follow[-2].tool_calls[0].id == call_id and follow[-2].tool_calls[0].arguments == '{"city": "Paris"}'
+    assert follow[-1].tool_call_id == call_id and follow[-1].content == '{"temp_c": 21}'
+    assert c.of("response.output_text.done")[0]["text"] == "Paris is the capital. It is in France."
+    # each response handed its figures to the ledger, under its own text-model request id
+    assert len({rid for rid, _ in c.models.metered}) == 2
+
+
+async def test_bad_tool_items_and_choices_are_errors_naming_the_field() -> None:
+    c = Client(output_modalities=["text"], tools=[WEATHER], **PTT)
+    await c.send({"type": "conversation.item.create", "item": {"type": "function_call_output",
+                                                               "output": "x"}})
+    assert c.of("error")[-1]["error"]["param"] == "item.call_id"
+    await c.send({"type": "response.create", "response": {"tool_choice": {"type": "function",
+                                                                          "name": "nope"}}})
+    err = c.of("error")[-1]["error"]
+    assert err["param"] == "response.tool_choice" and "nope" in err["message"]
+    await c.send({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+        "type": "semantic_vad"}}}}})
+    assert "semantic_vad" in c.of("error")[-1]["error"]["message"]
+    assert c.session.config.audio.input.turn_detection is None  # unchanged: push-to-talk
