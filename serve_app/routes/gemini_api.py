@@ -155,7 +155,7 @@ async def _generate(core: GatewayCore, model_id: str, method: str, data: Any,
     if stream:
         first, rest = await peek_stream(stream_all(core, model_id, requests, info))
         encoder = GeminiStream(model_id, response_id, top)
-        return SSEResponse(_events(encoder, first, rest, n),
+        return SSEResponse(_events(encoder, first, rest, n, request_id),
                            keepalive_s=core.settings.gateway.sse_keepalive_s)
     results = await complete_all(core, model_id, requests, info)
     if any(r.finish_reason not in ("stop", "length", "tool_calls") for r in results):
@@ -170,7 +170,7 @@ async def _generate(core: GatewayCore, model_id: str, method: str, data: Any,
 
 
 async def _events(encoder: GeminiStream, first: tuple[int, Any],
-                  rest: AsyncGenerator[tuple[int, Any], None], n: int
+                  rest: AsyncGenerator[tuple[int, Any], None], n: int, request_id: str,
                   ) -> AsyncGenerator[str, None]:
     """Data-only SSE events; a failure after the start is one event in the error envelope."""
     try:
@@ -195,7 +195,7 @@ async def _events(encoder: GeminiStream, first: tuple[int, Any],
     except TroupeError as exc:
         err = as_troupe_error(exc)
         record_error(current_span(), err)
-        yield orjson.dumps(gemini_error_body(err, encoder.response_id)).decode()
+        yield orjson.dumps(gemini_error_body(err, request_id)).decode()
     finally:
         await rest.aclose()
 
