@@ -51,6 +51,7 @@ from serve_app.protocol.gemini_out import GeminiStream, candidate, response_obje
 from serve_app.protocol.modalities import EmbeddingRequest
 from serve_app.routes.gemini_request import gemini_top, generate_request
 from serve_app.routes.openai_api import peek_stream
+from serve_app.settings import ModelConfig
 from serve_app.tracing import current_span, record_error
 
 __all__ = ["build_gemini_router", "GeminiPaths", "ROUTE"]
@@ -81,14 +82,13 @@ class GeminiPaths:
 
 
 def _is_gemini(scope: Scope, local: str) -> bool:
-    if ":" in local.rsplit("/", 1)[-1]:
+    if local.rpartition(":")[2] in _TEXT_METHODS + _EMBED_METHODS:
         return True  # a ``models/{model}:method`` call exists only in Gemini's shape
     return any(name in (b"x-goog-api-client", b"x-goog-api-key")
                for name, _ in scope.get("headers", ()))
 
 
-def _model_card(core: GatewayCore, model_id: str) -> dict[str, Any]:
-    model = core.models[model_id]
+def _model_card(model_id: str, model: ModelConfig) -> dict[str, Any]:
     methods = _EMBED_METHODS if model.modality == "embeddings" else _TEXT_METHODS
     context = getattr(model.engine, "context_length", None)
     return {
@@ -117,13 +117,12 @@ def build_gemini_router(core: GatewayCore) -> APIRouter:
     @router.get("/models")
     async def list_models() -> JSONResponse:
         ids = [m for m, c in core.models.items() if c.modality in ("text", "embeddings")]
-        return JSONResponse({"models": [_model_card(core, m) for m in ids]})
+        return JSONResponse({"models": [_model_card(m, core.models[m]) for m in ids]})
 
     @router.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> JSONResponse:
         model_id = model_id.removeprefix("models/")
-        core.resolve(model_id)
-        return JSONResponse(_model_card(core, model_id))
+        return JSONResponse(_model_card(model_id, core.resolve(model_id)))  # an adapter: its base's
 
     @router.post("/models/{target:path}")
     async def call(target: str, request: Request):

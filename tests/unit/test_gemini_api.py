@@ -199,3 +199,9 @@ async def test_raw_http_paths_tiers_and_stream_errors(agw) -> None:  # noqa: F81
     assert openai_list.json()["object"] == "list"  # no Google header: still OpenAI's shape
     google_list = await agw.get("/v1/models", headers={"x-goog-api-key": "k"})
     assert "models" in google_list.json()
+    openai_card = await agw.get("/v1/models/org/mock")  # ids with '/' or ':' stay OpenAI's
+    assert openai_card.json()["id"] == "org/mock"
+    gemini_card = await agw.get("/v1beta/models/org/mock")
+    assert gemini_card.json()["name"] == "models/org/mock"
+    via_v1 = await agw.post("/v1/models/org/mock:generateContent", json=body)
+    assert via_v1.json()["modelVersion"] == "org/mock"
