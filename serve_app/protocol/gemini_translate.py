@@ -129,13 +129,19 @@ def _data_field(part: Part, where: str) -> str:
     return present[0]
 
 
+def _standard_b64(data: str) -> str:
+    """Proto JSON bytes may be URL-safe and unpadded (google-genai sends them URL-safe)."""
+    data = data.replace("-", "+").replace("_", "/")
+    return data + "=" * (-len(data) % 4)
+
+
 def _image(part: Part, where: str) -> ImagePart:
     if part.inline_data is not None:
         mime = part.inline_data.mime_type
         if not mime.startswith("image/"):
             raise _bad(f"{where}.inlineData.mimeType",
                        f"{mime!r} is not an image; only image/* inline data is served here")
-        return ImagePart(f"data:{mime};base64,{part.inline_data.data}")
+        return ImagePart(f"data:{mime};base64,{_standard_b64(part.inline_data.data)}")
     data = part.file_data
     assert data is not None  # _data_field said so
     if not data.file_uri.startswith(("http://", "https://")) or not (

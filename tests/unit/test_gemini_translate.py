@@ -58,6 +58,9 @@ def test_contents_system_text_and_images() -> None:
     images = [p for p in msgs[1].parts if isinstance(p, ImagePart)]
     assert [i.url for i in images] == [f"data:image/png;base64,{PNG}", "https://x.test/a.jpg"]
     assert msgs[2].content == "A dot.Tiny." and not msgs[3].parts
+    url_safe = _req(contents=[{"parts": [{"inlineData": {"mimeType": "image/png", "data": "ab-_cd"}}]}])
+    (image,) = internal_messages(None, url_safe.contents)[0].parts
+    assert isinstance(image, ImagePart) and image.url == "data:image/png;base64,ab+/cd=="
 
 
 def test_function_calls_get_stable_ids_and_responses_match_them() -> None:
