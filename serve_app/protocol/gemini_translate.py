@@ -68,7 +68,11 @@ def _bad(param: str, message: str) -> InvalidRequest:
 
 
 def json_schema_of(schema: Any, where: str) -> dict[str, Any]:
-    """Gemini's OpenAPI-subset ``Schema`` as JSON Schema (400 naming a bad key)."""
+    """Gemini's OpenAPI-subset ``Schema`` as JSON Schema (400 naming a bad key).
+
+    An object with ``properties`` gets ``additionalProperties: false``: Gemini's Schema
+    cannot allow other keys, and Gemini answers with the declared ones only.
+    """
     if not isinstance(schema, dict):
         raise _bad(where, "a Schema must be an object")
     out: dict[str, Any] = {}
@@ -105,6 +109,8 @@ def json_schema_of(schema: Any, where: str) -> dict[str, Any]:
             continue
         else:
             out[key] = value
+    if out.get("type") == "object" and "properties" in out:
+        out["additionalProperties"] = False  # Gemini's Schema has no extra properties
     if schema.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     return out

@@ -117,7 +117,7 @@ def test_gemini_schema_becomes_json_schema() -> None:
     assert json_schema_of(WEATHER["parameters"], "p") == {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                          "days": {"type": ["integer", "null"]}},
-        "required": ["city"]}
+        "required": ["city"], "additionalProperties": False}
     nested = {"type": "ARRAY", "items": {"anyOf": [{"type": "STRING", "format": "enum",
                                                     "enum": ["a"]}, {"type": "NUMBER"}]},
               "min_items": "1", "example": [1]}
