@@ -30,6 +30,7 @@ from serve_app.routes.adapters import build_adapters_router
 from serve_app.routes.admin import build_admin_router
 from serve_app.routes.anthropic_api import build_anthropic_router
 from serve_app.routes.gemini_api import GeminiPaths, build_gemini_router
+from serve_app.routes.gemini_interactions import build_interactions_router
 from serve_app.routes.modalities import build_modalities_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
@@ -81,7 +82,7 @@ def build_fastapi_app(
         build_voice_router(core), build_realtime_router(core, metrics_actor),
         build_playground_router(), build_admin_router(core, lambda: session_actor),
         build_adapters_router(core),  # LoRA adapters (issue 19)
-        build_gemini_router(core),  # Gemini's shape for google-genai (issue 16)
+        build_gemini_router(core), build_interactions_router(core),  # Gemini's shapes (issue 16)
     ):
         app.include_router(router)
     inner: Any = app

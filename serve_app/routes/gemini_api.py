@@ -74,7 +74,8 @@ class GeminiPaths:
             root: str = scope.get("root_path", "")
             path: str = scope.get("path", "")
             local = path[len(root):] if root and path.startswith(root) else path
-            if local.startswith("/v1/models") and _is_gemini(scope, local):
+            if local == "/v1/interactions" or (local.startswith("/v1/models")
+                                               and _is_gemini(scope, local)):
                 scope = dict(scope)
                 scope["path"] = path[: len(path) - len(local)] + "/v1beta" + local[3:]
                 scope["raw_path"] = scope["path"].encode()
