@@ -166,3 +166,13 @@ def test_bad_input_and_auth(gem: genai.Client, base: str, keys: dict[str, str]) 
         assert by_query.status_code == 200 and by_query.json()["usageMetadata"]["candidatesTokenCount"] == 3
         refused = http.post("/v1beta/models/mock-text:generateContent?key=trp_bad_key", json=body)
         assert refused.status_code == 401 and refused.json()["error"]["status"] == "UNAUTHENTICATED"
+
+
+def test_interactions_unary_and_streamed(gem: genai.Client) -> None:
+    done = gem.interactions.create(model="mock-text", input="Hello",
+                                   generation_config={"max_output_tokens": 6, "temperature": 0})
+    assert done.status == "incomplete" and done.usage.total_output_tokens == 6
+    events = list(gem.interactions.create(model="mock-text", input="Hello", stream=True,
+                                          generation_config={"max_output_tokens": 6, "temperature": 0}))
+    assert "".join(e.delta.text for e in events if e.event_type == "step.delta") == done.output_text
+    assert events[-1].event_type == "interaction.completed"
