@@ -25,9 +25,10 @@
      ├── Timeout                     504 TIMEOUT
      └── InternalError               500 INTERNAL_ERROR
 
-The wire shapes (OpenAI, Anthropic, native) are produced here and nowhere else: routes
-raise, the gateway's exception handlers and stream encoders call
-:func:`openai_error_body`, :func:`anthropic_error_body` or :func:`native_error_body`.
+The wire shapes (OpenAI, Anthropic, Gemini, native) are produced here and nowhere else:
+routes raise, the gateway's exception handlers and stream encoders call
+:func:`openai_error_body`, :func:`anthropic_error_body`, :func:`gemini_error_body` or
+:func:`native_error_body`.
 Never pick a status by reading message text.
 
 Errors cross Ray handles (raised in a model replica, caught at the gateway), so every
@@ -70,6 +71,7 @@ __all__ = [
     "native_error_body",
     "anthropic_error_type",
     "anthropic_error_body",
+    "gemini_error_body",
     "as_troupe_error",
 ]
 
@@ -267,3 +269,35 @@ def anthropic_error_type(err: TroupeError) -> str:
 def anthropic_error_body(err: TroupeError, request_id: Optional[str] = None) -> dict[str, Any]:
     """Anthropic's envelope: ``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
     return anthropic_envelope(anthropic_error_type(err), err.message, request_id)
+
+
+#: Google's canonical error ``status`` for an HTTP status (google.rpc.Code's mapping).
+GEMINI_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    402: "FAILED_PRECONDITION",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "FAILED_PRECONDITION",
+    413: "INVALID_ARGUMENT",
+    422: "FAILED_PRECONDITION",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def gemini_error_body(err: TroupeError, request_id: Optional[str] = None) -> dict[str, Any]:
+    """Google's envelope: ``{"error": {"code", "message", "status", "details"}}``."""
+    status = GEMINI_STATUS.get(err.status, "INVALID_ARGUMENT" if err.status < 500 else "INTERNAL")
+    info: dict[str, Any] = {"troupe_code": err.code}
+    if err.param:
+        info["field"] = err.param
+    if request_id:
+        info["request_id"] = request_id
+    detail = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": err.code,
+              "domain": "troupe", "metadata": info}
+    return {"error": {"code": err.status, "message": err.message, "status": status,
+                      "details": [detail]}}

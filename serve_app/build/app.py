@@ -29,6 +29,8 @@ from serve_app.http.plumbing import RequestIdMiddleware, install_error_handlers
 from serve_app.routes.adapters import build_adapters_router
 from serve_app.routes.admin import build_admin_router
 from serve_app.routes.anthropic_api import build_anthropic_router
+from serve_app.routes.gemini_api import GeminiPaths, build_gemini_router
+from serve_app.routes.gemini_interactions import build_interactions_router
 from serve_app.routes.modalities import build_modalities_router
 from serve_app.routes.native import build_native_router
 from serve_app.routes.observability import build_observability_router
@@ -80,6 +82,7 @@ def build_fastapi_app(
         build_voice_router(core), build_realtime_router(core, metrics_actor),
         build_playground_router(), build_admin_router(core, lambda: session_actor),
         build_adapters_router(core),  # LoRA adapters (issue 19)
+        build_gemini_router(core), build_interactions_router(core),  # Gemini's shapes (issue 16)
     ):
         app.include_router(router)
     inner: Any = app
@@ -93,6 +96,7 @@ def build_fastapi_app(
 
             app.include_router(build_batch_router(policies.batch))
         inner = PolicyMiddleware(app, policies)  # one place for auth, limits, idempotency
+    inner = GeminiPaths(inner)  # google-genai's /v1/models/{m}:method -> /v1beta (before auth)
     traced_app: Any = TracingMiddleware(inner)
     cors = core.settings.cors
     if cors.allow_origins:

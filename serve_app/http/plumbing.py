@@ -27,6 +27,7 @@ from serve_app.errors import (
     TroupeError,
     anthropic_error_body,
     as_troupe_error,
+    gemini_error_body,
     native_error_body,
     openai_error_body,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "parse_body",
     "is_openai_path",
     "is_anthropic_path",
+    "is_gemini_path",
     "route_label",
     "error_response",
     "error_event_data",
@@ -200,6 +202,15 @@ def is_anthropic_path(scope: Scope) -> bool:
     return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
+def is_gemini_path(scope: Scope) -> bool:
+    """``/v1beta/...`` (Gemini's shape) answers errors in Google's envelope."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.startswith("/v1beta/") or path == "/v1beta"
+
+
 def error_response(
     err: TroupeError, scope: Scope, extra_headers: Optional[dict[str, str]] = None
 ) -> JSONResponse:
@@ -207,6 +218,8 @@ def error_response(
     request_id = scope.get("state", {}).get("request_id")
     if is_anthropic_path(scope):
         body = anthropic_error_body(err, request_id)
+    elif is_gemini_path(scope):
+        body = gemini_error_body(err, request_id)
     elif is_openai_path(scope):
         body = openai_error_body(err, request_id)
     else:

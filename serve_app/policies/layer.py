@@ -10,8 +10,9 @@ are covered without code of their own.
 * everything else: any valid key; a model-scoped key is checked where the gateway
   resolves the model id (``GatewayCore.resolve``), whatever the route or body format.
 
-Credentials: ``Authorization: Bearer <key or JWT>`` or ``x-api-key: <key>`` (Anthropic
-style). WebSockets may instead send ``{"type": "auth", "token": ...}`` first; browser
+Credentials: ``Authorization: Bearer <key or JWT>``, ``x-api-key: <key>`` (Anthropic
+style), or ``x-goog-api-key: <key>`` / a ``key=<key>`` query parameter (Gemini style; the
+query form only on ``/v1beta`` paths). WebSockets may instead send ``{"type": "auth", "token": ...}`` first; browser
 Origins on ``/ws`` must be allowed. No credential: 401; a valid one without the right:
 403, in the route family's envelope.
 """
@@ -22,11 +23,12 @@ import asyncio
 import ipaddress
 import logging
 from typing import Any, Callable, Optional
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.errors import AuthenticationFailed, AuthorizationFailed, TroupeError
-from serve_app.http.plumbing import error_response
+from serve_app.http.plumbing import error_response, is_gemini_path
 from serve_app.policies.context import ANONYMOUS, PRINCIPAL, USAGE, Principal, UsageTally
 from serve_app.policies.idempotency import (
     IdempotencyGuard,
@@ -172,8 +174,12 @@ def credential_of(scope: Scope) -> Optional[str]:
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-        elif name == b"x-api-key" and value:
+        elif name in (b"x-api-key", b"x-goog-api-key") and value:
             return value.decode("latin-1").strip()
+    if is_gemini_path(scope) and scope.get("query_string"):
+        keys = parse_qs(scope["query_string"].decode("latin-1")).get("key")
+        if keys and keys[0].strip():
+            return keys[0].strip()
     return None
 
 

@@ -44,6 +44,11 @@ IGNORED: dict[str, dict[str, str]] = {
         "metadata": "Anthropic's user id for abuse monitoring; Troupe identifies callers by key",
         "top_k": "accepted for compatibility; no local engine exposes top-k sampling",
     },
+    "/v1beta/models/{model}:generateContent": {
+        "safetySettings": "Troupe applies no content filter of its own, so there is no "
+                          "threshold to set; the models' own training is what it is",
+        "labels": "Vertex AI's billing labels; Troupe's ledger identifies callers by key",
+    },
 }
 
 _AUDIO = "text models here produce text only; omit it"
@@ -67,6 +72,9 @@ UNSUPPORTED: dict[str, dict[str, str]] = {
     "/v1/messages": {
         "container": "code execution containers are not supported; omit it",
         "mcp_servers": "MCP servers are not supported; define tools instead",
+    },
+    "/v1beta/models/{model}:generateContent": {
+        "cachedContent": "context caches are not stored here; send the contents themselves",
     },
 }
 
