@@ -28,6 +28,10 @@ _CLASSES = {
 }
 
 
+#: Serve's request router for local text models (``deployment.routing.policy: session``).
+_SESSION_ROUTER = "serve_app.build.session_router.SessionAffinityRouter"
+
+
 def plain_class(modality: str) -> type:
     """The plain (Ray-free) deployment class of a modality."""
     module, name = _CLASSES[modality].split(":")
@@ -115,6 +119,15 @@ def _serve_options(model: ModelConfig) -> dict[str, Any]:
         options["placement_group_bundles"] = placement_bundles(engine)
         options["placement_group_strategy"] = "STRICT_PACK"
         options["ray_actor_options"] = {**options["ray_actor_options"], "num_gpus": 0}
+    routing = model.deployment.routing
+    if model.modality == "text" and model.provider == "local" and routing.policy == "session":
+        from ray.serve.config import RequestRouterConfig
+
+        options["request_router_config"] = RequestRouterConfig(
+            # Ray's stub misreads the field's Union[str, Callable]
+            request_router_class=_SESSION_ROUTER,  # type: ignore[arg-type]
+            request_router_kwargs={"max_imbalance": routing.max_imbalance},
+        )
     return options
 
 

@@ -153,6 +153,8 @@ class ResponsesRequest(_Lenient):
     conversation: Optional[Any] = None
     background: Optional[bool] = None
     user: Optional[str] = None
+    #: Routes requests that share it to the replica holding their prefix (local models).
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024)
 
     @field_validator("input", mode="before")
     @classmethod

@@ -116,6 +116,7 @@ async def chat_request(
     request.response_format = _invalid(
         "response_format", lambda: to_response_format(body.response_format))
     request.sampling.logprobs = body.logprobs_k()
+    request.session_key = body.prompt_cache_key
     await admit_images(core, model, request)
     return request
 
@@ -157,11 +158,15 @@ def _chat_choice(index: int, result: TextChunk, top: int) -> dict[str, Any]:
             "finish_reason": result.finish_reason}
 
 
-def _usage(results: list[TextChunk], per_prompt: int) -> dict[str, int]:
+def _usage(results: list[TextChunk], per_prompt: int) -> dict[str, Any]:
     prompt = sum(r.prompt_tokens for i, r in enumerate(results) if i % per_prompt == 0)
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    cached = sum(r.cached_tokens for i, r in enumerate(results) if i % per_prompt == 0)
+    if cached:  # prompt tokens a local engine's prefix cache served (as streams report it)
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
 
 
 def _add_model_routes(router: APIRouter, core: GatewayCore) -> None:

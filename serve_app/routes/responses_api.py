@@ -97,6 +97,7 @@ async def _responses_request(
         top_p=body.top_p,
     )
     gen.messages = internal_messages(body.instructions, body.input)
+    gen.session_key = body.prompt_cache_key
     try:
         gen.tools = tool_specs(body.tools)
     except ValueError as exc:
