@@ -97,6 +97,10 @@ def _replica_class(model: ModelConfig) -> type:
             if model.modality == "text":
                 _multiplex_adapters(self)
             await self.start()  # load weights before the replica reports healthy
+            if model.modality == "text" and model.provider == "local" and metrics_enabled:
+                from serve_app.build.queue_gauges import start_queue_gauges
+
+                self.queue_gauges = start_queue_gauges(self, model.deployment_name, model.id)
 
         async def __del__(self) -> None:  # Serve awaits an async __del__ on shutdown
             await self.shutdown()
