@@ -83,6 +83,21 @@ async def test_fixed_size_deployments_are_not_bounded():
     assert not response.cancelled
 
 
+async def test_a_fixed_size_model_with_a_queue_bound_waits_at_most_that_for_a_replica():
+    """Serve's queue (every replica at max_ongoing_requests) is bounded like the engine's."""
+    model = ModelConfig.model_validate({
+        "id": "m", "engine": {"type": "transformers", "max_queue_wait_s": 0.2}})
+    response = PendingResponse()
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        await _wait_for_replica(response, model)
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert response.cancelled
+    err = info.value
+    assert err.status == 503 and err.details["reason"] == "no_free_replica"
+    assert "max_queue_wait_s" in err.message and err.headers() == {"Retry-After": "1"}
+
+
 def test_cold_start_timeout_is_not_passed_to_serve():
     model = _model({"min_replicas": 0, "max_replicas": 2, "cold_start_timeout_s": 30,
                     "look_back_period_s": 2})
