@@ -10,6 +10,7 @@ and metered once. :class:`serve_app.gateway.core.GatewayCore` owns one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any, AsyncGenerator, Callable, Optional
@@ -30,6 +31,9 @@ from serve_app.protocol.modalities import EmbeddingRequest
 from serve_app.settings import ModelConfig, TroupeSettings
 
 __all__ = ["Dispatcher", "translate", "wait_for_replica", "default_merge_in_flight"]
+
+logger = logging.getLogger("troupe.dispatch")
+
 
 def translate(exc: BaseException, model_id: str) -> TroupeError:
     """Map a failure of a handle call to a TroupeError (the one place that does this)."""
@@ -122,6 +126,16 @@ def _no_replica(model: ModelConfig, limit: float) -> Overloaded:
         status=503,
         details={"reason": "cold_start" if cold else "no_free_replica", "waited_s": limit},
     )
+
+
+def _cancel(response: Any) -> None:
+    """Cancel a handle call. Serve's ``cancel`` re-raises the failure of a call that was
+    never assigned (backpressure, no replica): that call has nothing left to cancel, and
+    its failure is already being answered."""
+    try:
+        response.cancel()
+    except Exception as exc:  # the assignment's own failure, translated by the caller
+        logger.debug("cancel of a call that failed to be assigned: %r", exc)
 
 
 def default_merge_in_flight(model: ModelConfig) -> int:
@@ -329,7 +343,7 @@ class Dispatcher:
             raise error from None
         finally:
             if not finished:
-                generator.cancel()
+                _cancel(generator)
             self._close(meter, error)
 
     async def control(self, model_id: str, method: str, *args: Any) -> Any:
