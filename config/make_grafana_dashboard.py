@@ -25,6 +25,11 @@ panels = [
     panel(9, "In-flight requests (gateway)", [('sum by (deployment) (troupe_in_flight_requests)', "{{deployment}}")], "short", 0, 32),
     panel(11, "Replicas per deployment", [('sum by (deployment, state) (troupe_replicas)', "{{deployment}} {{state}}")], "short", 0, 40, w=24),
     panel(10, "Estimated-cost requests / s", [(f'sum by (model) (rate(troupe_cost_estimated_requests_total{{{sel}}}[5m]))', "{{model}}")], "reqps", 12, 32),
+    panel(12, "Local engine queue (waiting / running)", [
+        (f'sum by (model) (troupe_engine_queue_depth{{{sel}}})', "{{model}} waiting"),
+        (f'sum by (model) (troupe_engine_running_requests{{{sel}}})', "{{model}} running")], "short", 0, 48),
+    panel(13, "Local engine expected queue wait", [
+        (f'max by (model) (troupe_engine_expected_wait_seconds{{{sel}}})', "{{model}}")], "s", 12, 48),
 ]
 dash = {
     "title": "Troupe gateway", "uid": "troupe-gateway", "schemaVersion": 39, "version": 1,

@@ -19,6 +19,16 @@ BUILTIN_GAUGES: dict[str, tuple[tuple[str, ...], str]] = {
     "in_flight_requests": (("deployment",), "Requests in flight per deployment (all gateway replicas)."),
     "replicas": (("application", "deployment", "state"),
                  "Serve replicas per deployment and state (polled from serve.status())."),
+    # Local engines' own queues, per model replica (pushed by the replicas, issue 17).
+    "engine_queue_depth": (("deployment", "model", "replica"),
+                           "Requests waiting in a local engine's queue, not yet running."),
+    "engine_running_requests": (("deployment", "model", "replica"),
+                                "Requests a local engine is running (its batch)."),
+    "engine_expected_wait_seconds": (
+        ("deployment", "model", "replica"),
+        "Expected queue wait of a new interactive request at a local engine "
+        "(requests ahead x recent service time); admission refuses waits above "
+        "max_queue_wait_s."),
 }
 """Gauges :meth:`MetricsActor.set_gauge` accepts: name -> (label names, help)."""
 
@@ -163,9 +173,13 @@ class Gauges:
         for name, metric in sorted(self.metrics.items()):
             family = GaugeMetricFamily(f"troupe_{name}", metric.help,
                                        labels=list(metric.label_names))
+            per_replica = "replica" in metric.label_names
             for labels, by_source in sorted(metric.values.items()):
                 # A source that went quiet (a replica that died) stops counting.
                 for source in [s for s, (_, ts) in by_source.items() if ts < horizon]:
                     del by_source[source]
+                if per_replica and not by_source:  # a replica that is gone: no series
+                    del metric.values[labels]
+                    continue
                 family.add_metric(list(labels), sum(v for v, _ in by_source.values()))
             yield family

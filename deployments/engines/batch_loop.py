@@ -132,8 +132,10 @@ class BatchLoop:
 
     # ---------------------------------------------------------------- outside the thread
 
-    def submit(self, seq: Seq, key: Any, priority: Optional[str]) -> None:
-        seq.enqueued_at = now()
+    def submit(self, seq: Seq, key: Any, priority: Optional[str], waited_s: float = 0.0) -> None:
+        """Queue a sequence that has already waited ``waited_s`` on its way here (in
+        Serve's queue): its queue-wait bound counts that too."""
+        seq.enqueued_at = now() - waited_s
         self.waiting.push(seq, key, priority)
         self.wake()
 
@@ -298,10 +300,12 @@ def _run_calls(calls: list[tuple[Callable[[], Any], concurrent.futures.Future]])
             future.set_exception(exc)
 
 
-def admission_check(loop: BatchLoop, config: Any, model_id: str, priority: Optional[str]) -> None:
+def admission_check(loop: BatchLoop, config: Any, model_id: str, priority: Optional[str],
+                    waited_s: float = 0.0) -> None:
     """Refuse a request whose queue wait would pass the bounds: 429 OVERLOADED, Retry-After.
 
-    ``config`` carries ``max_waiting`` (a count) and ``max_queue_wait_s`` (seconds).
+    ``config`` carries ``max_waiting`` (a count) and ``max_queue_wait_s`` (seconds);
+    ``waited_s``: how long the request already waited before it reached this replica.
     """
     busy = len(loop.running) + len(loop.waiting) >= loop.max_num_seqs
     if busy and len(loop.waiting) >= config.max_waiting:
@@ -312,9 +316,10 @@ def admission_check(loop: BatchLoop, config: Any, model_id: str, priority: Optio
             retry_after_s=wait,
         )
     wait = loop.expected_wait(priority)
-    if config.max_queue_wait_s is not None and wait > config.max_queue_wait_s:
+    if config.max_queue_wait_s is not None and waited_s + wait > config.max_queue_wait_s:
         raise Overloaded(
-            f"Model {model_id!r} is busy: a new request would wait about {wait:.0f} s "
-            f"(more than max_queue_wait_s={config.max_queue_wait_s:g}); retry later.",
-            retry_after_s=wait,
+            f"Model {model_id!r} is busy: a new request would wait about "
+            f"{waited_s + wait:.0f} s in all (more than max_queue_wait_s="
+            f"{config.max_queue_wait_s:g}); retry later.",
+            retry_after_s=max(wait, 1.0),
         )

@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import math
 import time
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from deployments.engines.base import plan_output_tokens
 from deployments.engines.mock_agent import MOCK_VOCAB_SIZE, agent_plan, prompt_logprobs, token_logprob
@@ -121,6 +121,11 @@ class MockTextEngine:
 
     def active_requests(self) -> int:
         return len(self._active)
+
+    def queue_stats(self) -> dict[str, Any]:
+        """Queue gauges as the batching engines report them: the mock runs every request at
+        once, so nothing ever waits."""
+        return {"queue_depth": 0, "running": len(self._active), "expected_wait_s": 0.0}
 
     async def abort(self, request_id: str) -> None:
         event = self._active.get(request_id)

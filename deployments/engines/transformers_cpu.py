@@ -305,7 +305,9 @@ class TransformersTextEngine(PeftAdapterMethods):
         """Admit a request (or raise Overloaded) and put it in the loop's waiting room."""
         priority = getattr(request, "priority", None)
         assert self._loop is not None
-        admission_check(self._loop, self.config, self.model_id, priority)
+        # Time spent in Serve's queue counts against max_queue_wait_s (same host clock).
+        waited = max(0.0, time.time() - request.dispatched_at) if request.dispatched_at else 0.0
+        admission_check(self._loop, self.config, self.model_id, priority, waited)
         job = _Job(
             key=next(self._keys),
             request_id=request.request_id,
@@ -326,7 +328,7 @@ class TransformersTextEngine(PeftAdapterMethods):
         with self._jobs_lock:
             self._jobs[job.key] = job  # queued requests count as active
         assert self._loop is not None
-        self._loop.submit(seq, getattr(request, "api_key_id", None), priority)
+        self._loop.submit(seq, getattr(request, "api_key_id", None), priority, waited)
         return job
 
     # ---------------------------------------------------------------- loop side

@@ -28,6 +28,10 @@ _CLASSES = {
 }
 
 
+#: Serve's request router for local text models (``deployment.routing.policy: session``).
+_SESSION_ROUTER = "serve_app.build.session_router.SessionAffinityRouter"
+
+
 def plain_class(modality: str) -> type:
     """The plain (Ray-free) deployment class of a modality."""
     module, name = _CLASSES[modality].split(":")
@@ -93,6 +97,10 @@ def _replica_class(model: ModelConfig) -> type:
             if model.modality == "text":
                 _multiplex_adapters(self)
             await self.start()  # load weights before the replica reports healthy
+            if model.modality == "text" and model.provider == "local" and metrics_enabled:
+                from serve_app.build.queue_gauges import start_queue_gauges
+
+                self.queue_gauges = start_queue_gauges(self, model.deployment_name, model.id)
 
         async def __del__(self) -> None:  # Serve awaits an async __del__ on shutdown
             await self.shutdown()
@@ -115,6 +123,15 @@ def _serve_options(model: ModelConfig) -> dict[str, Any]:
         options["placement_group_bundles"] = placement_bundles(engine)
         options["placement_group_strategy"] = "STRICT_PACK"
         options["ray_actor_options"] = {**options["ray_actor_options"], "num_gpus": 0}
+    routing = model.deployment.routing
+    if model.modality == "text" and model.provider == "local" and routing.policy == "session":
+        from ray.serve.config import RequestRouterConfig
+
+        options["request_router_config"] = RequestRouterConfig(
+            # Ray's stub misreads the field's Union[str, Callable]
+            request_router_class=_SESSION_ROUTER,  # type: ignore[arg-type]
+            request_router_kwargs={"max_imbalance": routing.max_imbalance},
+        )
     return options
 
 

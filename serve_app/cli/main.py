@@ -146,6 +146,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from serve_app.cli.status import (
         collect_status,
+        engine_queues_from_metrics,
         format_status,
         in_flight_from_metrics,
     )
@@ -167,7 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               "(make run), or pass --address of a running cluster.", file=sys.stderr)
         return 2
     try:
-        rows = collect_status(settings, in_flight_from_metrics(url) if url else None)
+        rows = collect_status(settings, in_flight_from_metrics(url) if url else None,
+                              engine_queues_from_metrics(url) if url else None)
     finally:
         ray.shutdown()
     print(json.dumps(rows, indent=2) if args.json else format_status(rows))

@@ -2,9 +2,10 @@
 
 Reads Serve's controller (each deployment's config, target replica count, and its
 replicas with their state and node), the gateway's ``/metrics`` (requests in flight per
-deployment, i.e. queued + running) and, when given, the Troupe config (cold-start
-timeouts). GPU column: GPUs held by running replicas / GPUs per replica (placement
-group bundles included, so a TP=2 replica counts 2).
+deployment, i.e. queued + running; local engines' own queues: depth, running requests
+and expected wait) and, when given, the Troupe config (cold-start timeouts). GPU column:
+GPUs held by running replicas / GPUs per replica (placement group bundles included, so a
+TP=2 replica counts 2).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Optional
 
 from serve_app.settings import TroupeSettings
 
-__all__ = ["collect_status", "format_status", "in_flight_from_metrics"]
+__all__ = [
+    "collect_status", "engine_queues_from_metrics", "format_status", "in_flight_from_metrics",
+]
 
 
 def _name(value: Any) -> str:
@@ -66,12 +69,8 @@ def _gpus_per_replica(
     return actor + sum(float(b.get("GPU", 0)) for b in bundles)
 
 
-def in_flight_from_metrics(url: str, timeout_s: float = 5.0) -> Optional[dict[str, float]]:
-    """deployment -> requests in flight, from the gateway's Prometheus text.
-
-    None when the gateway does not answer; a deployment that was never sent a request
-    has no gauge yet (``collect_status`` counts it as 0).
-    """
+def _metric_families(url: str, timeout_s: float) -> Optional[list[Any]]:
+    """The gateway's ``/metrics`` parsed; None when it does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -79,17 +78,56 @@ def in_flight_from_metrics(url: str, timeout_s: float = 5.0) -> Optional[dict[st
             text = resp.read().decode()
     except OSError:
         return None
+    return list(text_string_to_metric_families(text))
+
+
+def in_flight_from_metrics(url: str, timeout_s: float = 5.0) -> Optional[dict[str, float]]:
+    """deployment -> requests in flight, from the gateway's Prometheus text.
+
+    None when the gateway does not answer; a deployment that was never sent a request
+    has no gauge yet (``collect_status`` counts it as 0).
+    """
+    families = _metric_families(url, timeout_s)
+    if families is None:
+        return None
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name == "troupe_in_flight_requests":
             for sample in family.samples:
                 out[sample.labels.get("deployment", "?")] = sample.value
     return out
 
 
+def engine_queues_from_metrics(
+    url: str, timeout_s: float = 5.0,
+) -> Optional[dict[str, dict[str, float]]]:
+    """deployment -> its local engines' queue: ``queue_depth`` and ``running`` summed over
+    replicas, ``expected_wait_s`` the longest (None when the gateway does not answer)."""
+    families = _metric_families(url, timeout_s)
+    if families is None:
+        return None
+    fields = {"troupe_engine_queue_depth": "queue_depth",
+              "troupe_engine_running_requests": "running",
+              "troupe_engine_expected_wait_seconds": "expected_wait_s"}
+    out: dict[str, dict[str, float]] = {}
+    for family in families:
+        if family.name not in fields:
+            continue
+        field = fields[family.name]
+        for sample in family.samples:
+            row = out.setdefault(sample.labels.get("deployment") or "?",
+                                 {"queue_depth": 0.0, "running": 0.0, "expected_wait_s": 0.0})
+            if field == "expected_wait_s":  # the longest wait a new request may meet
+                row[field] = max(row[field], float(sample.value))
+            else:
+                row[field] += float(sample.value)
+    return out
+
+
 def collect_status(
     settings: Optional[dict[str, TroupeSettings]] = None,
     in_flight: Optional[dict[str, float]] = None,
+    engine_queues: Optional[dict[str, dict[str, float]]] = None,
 ) -> list[dict[str, Any]]:
     """One row per deployment of every Serve application (Ray must be connected).
 
@@ -97,6 +135,8 @@ def collect_status(
         settings: app name -> its Troupe settings (adds ``cold_start_timeout_s``).
         in_flight: deployment -> requests in flight at the gateway (queued + running),
             from :func:`in_flight_from_metrics`; gives ``queued``.
+        engine_queues: deployment -> its local engines' queue, from
+            :func:`engine_queues_from_metrics`; gives ``engine_queue``.
     """
     configured: dict[tuple[str, str], Any] = {}
     for app_name, app_settings in (settings or {}).items():
@@ -109,7 +149,9 @@ def collect_status(
         for dep_name, dep in sorted((app.get("deployments") or {}).items()):
             flight = None if in_flight is None else in_flight.get(dep_name, 0.0)
             options = configured.get((app_name, dep_name))
-            rows.append(_deployment_row(app_name, dep_name, dep, groups, options, flight))
+            row = _deployment_row(app_name, dep_name, dep, groups, options, flight)
+            row["engine_queue"] = (engine_queues or {}).get(dep_name)
+            rows.append(row)
     return rows
 
 
@@ -171,7 +213,7 @@ def _autoscaling(auto: Optional[dict[str, Any]], options: Any) -> Optional[dict[
 def format_status(rows: list[dict[str, Any]]) -> str:
     """A fixed-width table for the terminal (NODES may run past its column)."""
     header = (f"{'APP/DEPLOYMENT':30} {'STATUS':9} {'REPLICAS':22} {'GPU':>7} "
-              f"{'IN-FLIGHT':>9} {'QUEUED':>6}  {'SCALING':32} NODES")
+              f"{'IN-FLIGHT':>9} {'QUEUED':>6} {'ENGINE-Q':>8} {'WAIT-S':>6}  {'SCALING':32} NODES")
     lines = [header]
     for r in rows:
         replicas = ",".join(f"{k.lower()}={v}" for k, v in sorted(r["replicas"].items())) or "-"
@@ -179,6 +221,9 @@ def format_status(rows: list[dict[str, Any]]) -> str:
         gpus = f"{r['gpus_in_use']:g}/{r['num_gpus']:g}" if r["num_gpus"] else "-"
         flight = "-" if r["in_flight"] is None else f"{r['in_flight']:g}"
         queued = "-" if r["queued"] is None else f"{r['queued']:g}"
+        engine = r.get("engine_queue")  # local engines' own queue (issue 17)
+        depth = "-" if engine is None else f"{engine['queue_depth']:g}"
+        wait = "-" if engine is None else f"{engine['expected_wait_s']:.1f}"
         if r.get("autoscaling"):
             a = r["autoscaling"]
             scaling = (f"auto {a['min']}..{a['max']} -> {r['target_replicas']} "
@@ -187,6 +232,7 @@ def format_status(rows: list[dict[str, Any]]) -> str:
             scaling = f"fixed {r['target_replicas']}"
         lines.append(
             f"{r['application'] + '/' + r['deployment']:30.30} {r['status']:9.9} "
-            f"{replicas:22.22} {gpus:>7} {flight:>9} {queued:>6}  {scaling:32} {nodes}"
+            f"{replicas:22.22} {gpus:>7} {flight:>9} {queued:>6} {depth:>8} {wait:>6}  "
+            f"{scaling:32} {nodes}"
         )
     return "\n".join(lines)

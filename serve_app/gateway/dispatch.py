@@ -10,6 +10,7 @@ and metered once. :class:`serve_app.gateway.core.GatewayCore` owns one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any, AsyncGenerator, Callable, Optional
@@ -30,6 +31,9 @@ from serve_app.protocol.modalities import EmbeddingRequest
 from serve_app.settings import ModelConfig, TroupeSettings
 
 __all__ = ["Dispatcher", "translate", "wait_for_replica", "default_merge_in_flight"]
+
+logger = logging.getLogger("troupe.dispatch")
+
 
 def translate(exc: BaseException, model_id: str) -> TroupeError:
     """Map a failure of a handle call to a TroupeError (the one place that does this)."""
@@ -65,41 +69,73 @@ def translate(exc: BaseException, model_id: str) -> TroupeError:
 
 
 async def wait_for_replica(response: Any, model: ModelConfig) -> None:
-    """Wait until Serve hands the request to a replica, at most ``cold_start_timeout_s``.
+    """Wait until Serve hands the request to a replica, within the model's bound.
 
     Serve queues a request while the deployment has no free replica, e.g. scaled to zero
-    and starting one again; unbounded, a client would hang through a whole node start.
-    Only autoscaled models are bounded (a fixed-size deployment never sits at zero).
+    and starting one again, or every replica at ``max_ongoing_requests``; unbounded, a
+    client would hang through a whole node start or a flood. Autoscaled models wait at
+    most ``cold_start_timeout_s``; a fixed-size model whose engine bounds its queue wait
+    (``max_queue_wait_s``, the batching CPU engine) waits at most that, as its engine's
+    queue would (the engine counts this wait against the same bound).
 
     Raises:
         Overloaded: 503 + Retry-After when no replica took the request in time; the
             queued request is withdrawn (the replica it woke up keeps starting).
     """
     autoscaling = model.deployment.autoscaling
+    queue_bound = getattr(model.engine, "max_queue_wait_s", None)
     # ``_fetch_future_result_async`` resolves on replica assignment (Serve's handle
     # internals); without it (another Serve version, test fakes) the wait is unbounded.
     assigned = getattr(response, "_fetch_future_result_async", None)
-    if autoscaling is None or assigned is None:
+    if assigned is None:
         return
-    limit = autoscaling.cold_start_timeout_s
+    if autoscaling is not None:
+        limit: float = autoscaling.cold_start_timeout_s
+    elif queue_bound is not None:
+        limit = queue_bound
+    else:
+        return
     try:
         async with asyncio.timeout(limit):
             await assigned()
     except TimeoutError:
         response.cancel()
-        cold = autoscaling.min_replicas == 0
-        why = (
-            "it is scaled to zero (or all its replicas are busy) and no replica was ready"
-            if cold else "all its replicas are busy"
+        raise _no_replica(model, limit) from None
+
+
+def _no_replica(model: ModelConfig, limit: float) -> Overloaded:
+    """The 503 of a request no replica took within ``limit`` seconds."""
+    autoscaling = model.deployment.autoscaling
+    if autoscaling is None:
+        return Overloaded(
+            f"Model {model.id!r} is busy: all its replicas were full for its "
+            f"max_queue_wait_s of {limit:g}s; retry after the delay in Retry-After.",
+            retry_after_s=max(1.0, limit), status=503,
+            details={"reason": "no_free_replica", "waited_s": limit},
         )
-        raise Overloaded(
-            f"Model {model.id!r} could not take this request: {why} within its "
-            f"cold_start_timeout_s of {limit:g}s. A replica is starting; retry after the "
-            "delay in Retry-After.",
-            retry_after_s=max(1.0, min(limit, 10.0)),
-            status=503,
-            details={"reason": "cold_start" if cold else "no_free_replica", "waited_s": limit},
-        ) from None
+    cold = autoscaling.min_replicas == 0
+    why = (
+        "it is scaled to zero (or all its replicas are busy) and no replica was ready"
+        if cold else "all its replicas are busy"
+    )
+    return Overloaded(
+        f"Model {model.id!r} could not take this request: {why} within its "
+        f"cold_start_timeout_s of {limit:g}s. A replica is starting; retry after the "
+        "delay in Retry-After.",
+        retry_after_s=max(1.0, min(limit, 10.0)),
+        status=503,
+        details={"reason": "cold_start" if cold else "no_free_replica", "waited_s": limit},
+    )
+
+
+def _cancel(response: Any) -> None:
+    """Cancel a handle call. Serve's ``cancel`` re-raises the failure of a call that was
+    never assigned (backpressure, no replica): that call has nothing left to cancel, and
+    its failure is already being answered."""
+    try:
+        response.cancel()
+    except Exception as exc:  # the assignment's own failure, translated by the caller
+        logger.debug("cancel of a call that failed to be assigned: %r", exc)
 
 
 def default_merge_in_flight(model: ModelConfig) -> int:
@@ -308,7 +344,7 @@ class Dispatcher:
             raise error from None
         finally:
             if not finished:
-                generator.cancel()
+                _cancel(generator)
             self._close(meter, error)
 
     async def control(self, model_id: str, method: str, *args: Any) -> Any:

@@ -16,7 +16,7 @@ __all__ = ["IGNORED", "UNSUPPORTED", "check_fields"]
 
 _NO_STORE = "Troupe stores no completions; the usage ledger records every request anyway"
 _ABUSE_ID = "an end-user id for a provider's abuse monitoring; Troupe identifies callers by key"
-_CACHE = "a routing hint for OpenAI's prompt cache; local engines reuse prefixes on their own"
+_CACHE = "how long OpenAI keeps a prompt cache; local engines keep theirs in a bounded LRU"
 
 #: Route -> field -> why it is accepted and ignored.
 IGNORED: dict[str, dict[str, str]] = {
@@ -25,7 +25,6 @@ IGNORED: dict[str, dict[str, str]] = {
         "safety_identifier": _ABUSE_ID,
         "store": _NO_STORE,
         "metadata": _NO_STORE,
-        "prompt_cache_key": _CACHE,
         "prompt_cache_retention": _CACHE,
         "reasoning_effort": "these models do not reason in hidden tokens: no effort to set",
     },
@@ -35,7 +34,6 @@ IGNORED: dict[str, dict[str, str]] = {
         "safety_identifier": _ABUSE_ID,
         "store": "nothing is stored here; the response says store: false",
         "metadata": _NO_STORE,
-        "prompt_cache_key": _CACHE,
         "prompt_cache_retention": _CACHE,
         "truncation": "'disabled' is the only behaviour: an over-long input is a 400",
         "reasoning": "these models do not reason in hidden tokens: no effort or summary to set",

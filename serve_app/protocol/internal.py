@@ -203,6 +203,9 @@ class GenerationRequest:
     #: LoRA adapter id to run with (None: the base model) and its local folder (issue 19).
     adapter: Optional[str] = None
     adapter_path: Optional[str] = None
+    #: OpenAI's ``prompt_cache_key``: requests sharing it go to the replica that holds their
+    #: prefix (``serve_app.build.session_router``); None: routed by a prompt-prefix digest.
+    session_key: Optional[str] = None
 
     def has_images(self) -> bool:
         """Whether any message carries an image part."""

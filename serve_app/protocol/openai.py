@@ -167,6 +167,8 @@ class ChatCompletionRequest(_AgentSampling):
     response_format: Optional[ResponseFormatIn] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    #: Routes requests that share it to the replica holding their prefix (local models).
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -182,6 +182,8 @@ class ResponsesRequest(_Lenient):
     #: Troupe's deadline-aware tier routing (see serve_app/gateway/deadline.py).
     start_within: Optional[str] = Field(None, max_length=32)
     service_tier: Optional[str] = Field(None, max_length=32)
+    #: Routes requests that share it to the replica holding their prefix (local models).
+    prompt_cache_key: Optional[str] = Field(None, max_length=1024)
 
     @field_validator("input", mode="before")
     @classmethod

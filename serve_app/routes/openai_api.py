@@ -112,6 +112,7 @@ async def chat_request(
     request.response_format = _invalid(
         "response_format", lambda: to_response_format(body.response_format))
     request.sampling.logprobs = body.logprobs_k()
+    request.session_key = body.prompt_cache_key
     await admit_images(core, model, request)
     return request
 
@@ -161,7 +162,7 @@ def _usage(results: list[TextChunk], per_prompt: int) -> dict[str, Any]:
     completion = sum(r.completion_tokens for r in results)
     usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
                              "total_tokens": prompt + completion}
-    if cached:  # as OpenAI reports a prompt-cache hit
+    if cached:  # a provider's prompt cache or a local engine's prefix cache served them
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
 

@@ -99,6 +99,7 @@ async def _responses_request(
         top_p=body.top_p,
     )
     gen.messages = internal_messages(body.instructions, body.input)
+    gen.session_key = body.prompt_cache_key
     apply_tools(gen, lambda: tool_specs(body.tools), tool_choice_of(body.tool_choice),
                 body.parallel_tool_calls is not False)
     fmt = body.text.format if body.text is not None else None

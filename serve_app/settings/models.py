@@ -23,6 +23,7 @@ __all__ = [
     "RayActorOptions",
     "AutoscalingOptions",
     "DeploymentOptions",
+    "RoutingOptions",
     "PricingConfig",
     "ModelConfig",
 ]
@@ -79,6 +80,22 @@ class AutoscalingOptions(Strict):
         return out
 
 
+class RoutingOptions(Strict):
+    """How callers pick one of a local text model's replicas (serve_app/build/session_router.py)."""
+
+    policy: Literal["session", "power_of_two"] = Field(
+        "session",
+        description="session: keep a conversation (its prompt_cache_key, else its opening "
+        "turns) on the replica that holds its prefix in cache; power_of_two: Serve's default "
+        "(the less loaded of two random replicas).",
+    )
+    max_imbalance: int = Field(
+        4, ge=0,
+        description="session: how many more requests in flight a conversation's replica may "
+        "have than the least loaded one before its requests go to that one instead.",
+    )
+
+
 class DeploymentOptions(Strict):
     """How Serve runs one model: replicas or autoscaling, caps and resources."""
 
@@ -108,6 +125,10 @@ class DeploymentOptions(Strict):
     health_check_period_s: float = Field(10, gt=0, description="Serve health check period.")
     graceful_shutdown_timeout_s: float = Field(
         20, ge=0, description="How long in-flight requests may finish on shutdown."
+    )
+    routing: RoutingOptions = Field(
+        default_factory=RoutingOptions,
+        description="Replica choice for local text models with several replicas.",
     )
 
     @model_validator(mode="after")

@@ -244,6 +244,43 @@ def test_in_flight_per_model_rises_while_a_request_runs(http: httpx.Client, base
     wait_until(lambda: in_flight() == 0, timeout=10, interval=0.2)
 
 
+def test_engine_queue_gauges_reach_metrics_and_troupe_status(
+    http: httpx.Client, base_url: str,
+) -> None:
+    """Each local replica exports its engine's queue (depth, running, expected wait) to
+    /metrics, and ``troupe status`` shows it per deployment (issue 17)."""
+    from serve_app.cli.status import collect_status, engine_queues_from_metrics, format_status
+
+    def running() -> float:
+        return total(samples(http.get("/metrics").text), "troupe_engine_running_requests",
+                     deployment="LLM_mock-slow", model="mock-slow")
+
+    async def hold_one_request() -> dict[str, Any]:
+        async with connect(base_url.replace("http://", "ws://") + "/ws") as ws:
+            await ws.send(json.dumps({"type": "inference", "id": "q", "model": "mock-slow",
+                                      "prompt": "x"}))
+            await asyncio.wait_for(ws.recv(), 10)  # first token: it is running
+            await asyncio.to_thread(wait_until, lambda: running() == 1, 10, 0.2)
+            queues = engine_queues_from_metrics(base_url)
+            await ws.send(json.dumps({"type": "cancel", "id": "q"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "complete":
+                pass
+            return queues or {}
+
+    queues = asyncio.run(hold_one_request())
+    assert queues["LLM_mock-slow"] == {"queue_depth": 0, "running": 1, "expected_wait_s": 0}
+    snapshot = samples(http.get("/metrics").text)
+    for name in ("troupe_engine_queue_depth", "troupe_engine_expected_wait_seconds"):
+        assert any(n == name and dict(labels).get("model") == "mock-slow"
+                   for n, labels in snapshot), name
+    rows = {r["deployment"]: r for r in collect_status(None, None, queues)}
+    assert rows["LLM_mock-slow"]["engine_queue"]["running"] == 1
+    assert rows["Gateway"]["engine_queue"] is None
+    table = format_status(list(rows.values())).splitlines()
+    assert "ENGINE-Q" in table[0] and "WAIT-S" in table[0]
+    wait_until(lambda: running() == 0, timeout=10, interval=0.2)
+
+
 def test_status_shows_replicas_nodes_resources_and_in_flight(base_url: str) -> None:
     from serve_app.settings import load_settings
     from serve_app.cli.status import collect_status, format_status, in_flight_from_metrics

@@ -124,6 +124,25 @@ async def test_an_admitted_request_never_waits_past_the_bound():
     assert engine.active_requests() == 0
 
 
+async def test_time_spent_in_serves_queue_counts_against_the_bound():
+    """A request that already waited at the gateway (Serve's queue) for most of
+    ``max_queue_wait_s`` is refused if the engine's own wait would pass the rest."""
+    engine = make(delay=0.01, max_num_seqs=1, max_queue_wait_s=1.0)
+    await first_output_order(engine, [req("learn", max_tokens=10)])  # ~0.1 s of service
+    running = engine.generate(req("long", max_tokens=60))
+    await running.__anext__()
+    fresh, late = req("fresh"), req("late")
+    late.dispatched_at = time.time() - 0.95  # sent 0.95 s ago; a ~0.1 s wait would pass 1 s
+    fresh_task = asyncio.create_task(first_output_order(engine, [fresh]))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        async for _ in engine.generate(late):
+            pass
+    assert "in all" in info.value.message and info.value.retry_after_s >= 1
+    await running.aclose()
+    assert await fresh_task == ["fresh"]  # the fresh one was admitted and served
+
+
 async def test_flood_every_request_answered_or_refused_in_time():
     bound = 0.3
     engine = make(delay=0.002, max_num_seqs=4, max_queue_wait_s=bound, max_waiting=60)

@@ -83,6 +83,21 @@ async def test_fixed_size_deployments_are_not_bounded():
     assert not response.cancelled
 
 
+async def test_a_fixed_size_model_with_a_queue_bound_waits_at_most_that_for_a_replica():
+    """Serve's queue (every replica at max_ongoing_requests) is bounded like the engine's."""
+    model = ModelConfig.model_validate({
+        "id": "m", "engine": {"type": "transformers", "max_queue_wait_s": 0.2}})
+    response = PendingResponse()
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as info:
+        await _wait_for_replica(response, model)
+    assert 0.2 <= time.monotonic() - started < 2.0
+    assert response.cancelled
+    err = info.value
+    assert err.status == 503 and err.details["reason"] == "no_free_replica"
+    assert "max_queue_wait_s" in err.message and err.headers() == {"Retry-After": "1"}
+
+
 def test_cold_start_timeout_is_not_passed_to_serve():
     model = _model({"min_replicas": 0, "max_replicas": 2, "cold_start_timeout_s": 30,
                     "look_back_period_s": 2})
@@ -210,3 +225,52 @@ async def test_the_cold_start_flag_is_a_ledger_column_added_to_old_files(tmp_pat
     assert total(metrics, "troupe_cold_start_ttft_seconds_count") == 1
     assert total(metrics, "troupe_ttft_seconds_count") == 2
     await rebuilt.close()
+
+
+class _Unassigned:
+    """A streamed handle call Serve refused to assign (its queue full): awaiting the
+    assignment raises, and so does Serve's ``cancel`` (it re-raises the failure)."""
+
+    def __init__(self, failure: BaseException) -> None:
+        self.failure = failure
+
+    async def _fetch_future_result_async(self) -> None:
+        raise self.failure
+
+    def cancel(self) -> None:
+        raise self.failure
+
+
+class _Method:
+    def __init__(self, failure: BaseException) -> None:
+        self.failure = failure
+
+    def remote(self, request: Any) -> _Unassigned:
+        return _Unassigned(self.failure)
+
+
+class _RefusingHandle:
+    def __init__(self, failure: BaseException) -> None:
+        self.stream = _Method(failure)
+
+    def options(self, **_: Any) -> "_RefusingHandle":
+        return self
+
+
+async def test_a_stream_refused_by_serves_full_queue_is_a_429_not_a_500():
+    from ray.serve.exceptions import BackPressureError
+
+    from serve_app.gateway.dispatch import Dispatcher
+    from serve_app.gateway.metering import RequestInfo
+    from serve_app.settings import TroupeSettings
+
+    settings = TroupeSettings.model_validate({"models": [
+        {"id": "m", "engine": {"type": "transformers", "max_queue_wait_s": 5}}]})
+    dispatcher = Dispatcher(settings, {"m": _RefusingHandle(
+        BackPressureError(num_queued_requests=100, max_queued_requests=100))})
+    chunks = dispatcher.stream("m", "stream", _request(0.0), RequestInfo("/v1/chat/completions"),
+                               lambda meter, chunk: True)
+    with pytest.raises(Overloaded) as info:
+        await chunks.__anext__()
+    assert info.value.status == 429 and info.value.headers()["Retry-After"] == "1"
+    assert dispatcher.in_flight == 0

@@ -47,6 +47,7 @@ BAD_CHAT_BODIES: list[tuple[str, Any, Optional[str]]] = [
     ("top_p=0", {**chat_body(), "top_p": 0}, "top_p"),
     ("5 stop strings", {**chat_body(), "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("empty stop string", {**chat_body(), "stop": ""}, "stop"),
+    ("prompt_cache_key a number", {**chat_body(), "prompt_cache_key": 7}, "prompt_cache_key"),
 ]
 
 

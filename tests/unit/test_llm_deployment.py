@@ -265,6 +265,7 @@ async def test_stats_report_engine_side_state() -> None:
         "engine": "mock",
         "started": False,
         "pid": os.getpid(),
+        "queue": {"queue_depth": 0, "running": 0, "expected_wait_s": 0.0},
     }
 
     stream = dep.stream(chat(max_tokens=1000))
@@ -273,6 +274,7 @@ async def test_stats_report_engine_side_state() -> None:
     await stream.aclose()
 
     assert during["active_requests"] == 1
+    assert during["queue"]["running"] == 1  # the mock never queues: it runs what it gets
     assert during["served_requests"] == 1
     assert during["started"] is True
     assert dep.stats()["active_requests"] == 0

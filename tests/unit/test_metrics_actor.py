@@ -324,6 +324,19 @@ async def test_in_flight_gauge_sums_sources_and_forgets_silent_ones(actor) -> No
         await actor.set_gauge("nope", {}, 1)
 
 
+async def test_engine_queue_gauges_are_per_replica_and_a_gone_replica_drops_out(actor) -> None:
+    labels = {"deployment": "LLM_a", "model": "a", "replica": "r1"}
+    await actor.set_gauge("engine_queue_depth", labels, 5, source="r1")
+    await actor.set_gauge("engine_expected_wait_seconds", labels, 2.5, source="r1")
+    m = samples(await actor.prometheus())
+    key = tuple(sorted(labels.items()))
+    assert m[("troupe_engine_queue_depth", key)] == 5
+    assert m[("troupe_engine_expected_wait_seconds", key)] == 2.5
+    actor._gauges.ttl_s = 0.0  # the replica went quiet (it died): its series goes
+    m = samples(await actor.prometheus())
+    assert ("troupe_engine_queue_depth", key) not in m
+
+
 async def test_health_reports_ledger_and_redacts_the_store_password(store) -> None:
     actor = MetricsActor("postgresql://troupe:s3cret@db:5432/troupe", store=store)
     await actor.record(known_mix())

@@ -1,0 +1,150 @@
+"""Prefix-aware routing across a text model's replicas: a conversation stays on the replica
+whose engine holds its prefix in cache, unless that replica is much busier than the rest.
+
+Serve calls :class:`SessionAffinityRouter` (its request-router API, set per deployment by
+``request_router_config``) in every caller of the model's handle, i.e. in each gateway
+replica. A request's *session key* is OpenAI's ``prompt_cache_key`` when the client sends
+one (the standard hint for "these requests share a prefix"), else a digest of the opening
+of the conversation (system turns and the first user turn; the first characters of a raw
+prompt), which every later turn repeats. The key picks a replica by rendezvous hashing, so
+gateway replicas agree without sharing state and only the keys of a removed replica move;
+the replica a key was last sent to wins over the hash, so a session that once spilled
+over stays where its cache now is.
+
+Load-aware fallback: when the preferred replica has ``max_imbalance`` more requests in
+flight than the least loaded one (or is full), the request goes to the least loaded
+instead, so one hot session cannot pile up on a replica while another idles.
+Requests for a LoRA adapter first narrow the candidates to replicas holding it (Serve's
+multiplexing), then apply the same rule among those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from typing import Any, Optional
+
+from ray.serve.request_router import (
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from serve_app.protocol.internal import GenerationRequest
+
+__all__ = ["SessionAffinityRouter", "session_key"]
+
+#: Characters of a raw prompt (or ids of a token prompt) that name its conversation.
+_RAW_PREFIX = 256
+#: Sessions remembered per router (each gateway replica has its own).
+_MAX_SESSIONS = 10_000
+
+
+def session_key(request: Any) -> Optional[str]:
+    """The routing key of a request to a text model; None for anything else (control calls)."""
+    if not isinstance(request, GenerationRequest):
+        return None
+    if request.session_key:
+        return "key:" + request.session_key
+    digest = hashlib.blake2b(digest_size=12)
+    if request.messages:
+        for message in request.messages:
+            digest.update(f"{message.role}\x00{message.content}\x01".encode())
+            if message.role == "user":
+                break
+    elif request.prompt is not None:
+        digest.update(request.prompt[:_RAW_PREFIX].encode())
+    elif request.prompt_token_ids:
+        digest.update(repr(request.prompt_token_ids[:_RAW_PREFIX]).encode())
+    else:
+        return None
+    return "prefix:" + digest.hexdigest()
+
+
+def _rendezvous(key: str, replicas: list[RunningReplica]) -> RunningReplica:
+    """The replica with the highest hash of (key, replica): stable as replicas come and go."""
+    def score(replica: RunningReplica) -> bytes:
+        return hashlib.blake2b(f"{key}|{replica.replica_id.unique_id}".encode(),
+                               digest_size=8).digest()
+
+    return max(replicas, key=score)
+
+
+class SessionAffinityRouter(MultiplexMixin, RequestRouter):
+    """Serve request router: session affinity with a load-aware fallback (see the module)."""
+
+    def initialize_state(self, max_imbalance: int = 4, **kwargs: Any) -> None:
+        """Serve passes ``request_router_kwargs`` here.
+
+        Args:
+            max_imbalance: how many more requests in flight the preferred replica may have
+                than the least loaded one before a request spills over.
+        """
+        self.max_imbalance = max_imbalance
+        self._last: OrderedDict[str, ReplicaID] = OrderedDict()
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> list[list[RunningReplica]]:
+        """Ranked candidates: the session's replica first, then the rest by load."""
+        candidates = candidate_replicas
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+            if pending_request.metadata.multiplexed_model_id:
+                holding = self.apply_multiplex_routing(pending_request)
+                candidates = [r for r in candidate_replicas if r.replica_id in holding]
+        if not candidates:
+            return []
+        key = self._key(pending_request)
+        if key is None or len(candidates) == 1:
+            return [random.sample(candidates, min(2, len(candidates)))]
+        preferred = self._preferred(key, candidates)
+        others = [r for r in candidates if r is not preferred]
+        loads = await self._loads(candidates)
+        least = min(loads[r.replica_id] for r in others)
+        full = loads[preferred.replica_id] >= preferred.max_ongoing_requests
+        if full or loads[preferred.replica_id] - least > self.max_imbalance:
+            return [sorted(others, key=lambda r: loads[r.replica_id])]
+        return [[preferred], sorted(others, key=lambda r: loads[r.replica_id])]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        """Remember where the session went: its prefix is cached there now."""
+        key = self._key(pending_request)
+        if key is None:
+            return
+        self._last[key] = replica_id
+        self._last.move_to_end(key)
+        while len(self._last) > _MAX_SESSIONS:
+            self._last.popitem(last=False)
+
+    @staticmethod
+    def _key(pending_request: Optional[PendingRequest]) -> Optional[str]:
+        if pending_request is None or not pending_request.args:
+            return None
+        return session_key(pending_request.args[0])
+
+    def _preferred(self, key: str, candidates: list[RunningReplica]) -> RunningReplica:
+        last = self._last.get(key)
+        for replica in candidates:
+            if replica.replica_id == last:
+                return replica
+        return _rendezvous(key, candidates)
+
+    async def _loads(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int]:
+        """Requests in flight per replica: Serve's cached queue lengths, probing the
+        replicas the cache has no fresh entry for (as Serve's own routers do); one that
+        does not answer counts as full."""
+        cache = self.replica_queue_len_cache
+        known = {r.replica_id: cache.get(r.replica_id) for r in replicas}
+        missing = [r for r in replicas if known[r.replica_id] is None]
+        if missing:
+            for replica, queue_len in await self._probe_queue_lens(missing, 0):
+                known[replica.replica_id] = queue_len
+        return {r.replica_id: r.max_ongoing_requests if known[r.replica_id] is None
+                else int(known[r.replica_id] or 0) for r in replicas}
