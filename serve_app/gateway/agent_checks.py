@@ -8,13 +8,15 @@ provider (the one place this is decided):
 ==========  ===================================================================
 provider    refused
 ==========  ===================================================================
-openai      ``prompt`` as token ids (chat completions take text turns)
+openai      ``prompt`` as token ids (chat completions take text turns); ``echo`` with
+            ``logprobs`` (no provider returns the prompt tokens' logprobs)
 azure       as openai
-anthropic   ``logprobs``, ``presence_penalty``, ``frequency_penalty``,
+anthropic   ``logprobs``, ``echo`` with ``logprobs``, ``presence_penalty``, ``frequency_penalty``,
             ``logit_bias``, token-id ``prompt``; ``response_format`` together with
             ``tools`` (structured output is a forced tool there), and a JSON schema
             whose root is not an object (a tool's input is an object)
-gemini      ``logit_bias``, token-id ``prompt``, ``parallel_tool_calls: false``
+gemini      ``logit_bias``, token-id ``prompt``, ``echo`` with ``logprobs``,
+            ``parallel_tool_calls: false``
             (Gemini has no switch for it)
 ==========  ===================================================================
 """
@@ -51,6 +53,10 @@ def _token_prompt(r: GenerationRequest) -> bool:
     return r.prompt_token_ids is not None
 
 
+def _prompt_logprobs(r: GenerationRequest) -> bool:
+    return r.sampling.prompt_logprobs is not None
+
+
 def _format_not_a_tool(r: GenerationRequest) -> bool:
     rf = r.response_format
     if rf is None or rf.type == "text":
@@ -65,12 +71,12 @@ def _serial_tools(r: GenerationRequest) -> bool:
 
 #: provider -> (field, whether the request uses it in a way the provider cannot carry).
 PROVIDER_LIMITS: dict[str, list[tuple[str, _Check]]] = {
-    "openai": [("prompt", _token_prompt)],
-    "azure": [("prompt", _token_prompt)],
-    "anthropic": [("logprobs", _logprobs), ("presence_penalty", _presence),
+    "openai": [("prompt", _token_prompt), ("echo", _prompt_logprobs)],
+    "azure": [("prompt", _token_prompt), ("echo", _prompt_logprobs)],
+    "anthropic": [("logprobs", _logprobs), ("echo", _prompt_logprobs), ("presence_penalty", _presence),
                   ("frequency_penalty", _frequency), ("logit_bias", _logit_bias),
                   ("prompt", _token_prompt), ("response_format", _format_not_a_tool)],
-    "gemini": [("logit_bias", _logit_bias), ("prompt", _token_prompt),
+    "gemini": [("logit_bias", _logit_bias), ("prompt", _token_prompt), ("echo", _prompt_logprobs),
                ("parallel_tool_calls", _serial_tools)],
 }
 
@@ -80,7 +86,7 @@ _TEXT_ONLY: list[tuple[str, _Check]] = [
     ("response_format", lambda r: r.response_format is not None),
     ("logprobs", _logprobs), ("presence_penalty", _presence),
     ("frequency_penalty", _frequency), ("logit_bias", _logit_bias),
-    ("prompt", _token_prompt),
+    ("prompt", _token_prompt), ("echo", _prompt_logprobs),
 ]
 
 

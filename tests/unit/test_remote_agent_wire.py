@@ -340,3 +340,11 @@ def test_anthropic_cache_breakpoints_go_back_on_the_turns_last_block() -> None:
         {"type": "text", "text": "Now answer.", "cache_control": mark}]}
     plain = build_messages_body("c", GenerationRequest("r", messages=messages[1:3]), 1)
     assert "cache_control" not in json.dumps(plain)
+
+
+@pytest.mark.parametrize("provider", ["openai", "azure", "anthropic", "gemini", "other"])
+def test_echo_with_logprobs_is_named_on_every_provider(provider: str) -> None:
+    echoed = GenerationRequest("r", SamplingParams(echo=True, prompt_logprobs=1), prompt="Say hi")
+    assert unsupported_field(echoed, provider=provider) == "echo"
+    plain_echo = GenerationRequest("r", SamplingParams(echo=True), prompt="Say hi")
+    assert unsupported_field(plain_echo, provider=provider) is None
