@@ -18,6 +18,8 @@ from typing import Any
 import anthropic
 import openai
 
+from tests.gemini_shape import GeminiShape
+
 PROVIDERS = ["openai", "azure", "anthropic", "gemini"]
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
@@ -197,8 +199,8 @@ class MessagesShape:
             {"type": "text", "text": "What is this?"}]}]))
 
 
-#: The caller shapes: one entry each (a google-genai shape is one more).
-SHAPES = [ChatShape, ResponsesShape, MessagesShape]
+#: The caller shapes: one entry each (Gemini's is tests/gemini_shape.py, google-genai).
+SHAPES = [ChatShape, ResponsesShape, MessagesShape, GeminiShape]
 CASES = ["text", "tool_round_trip", "json", "image"]
 
 #: (provider, chat completions fields, the field the 400 names): what a provider's API
