@@ -1,6 +1,7 @@
 """Any caller shape to any provider through a real Serve app (deployed once for the
 module): the table in tests/remote_matrix.py, caller shapes (chat completions and
-Responses with the ``openai`` client, Messages with ``anthropic``) × OpenAI, Azure,
+Responses with the ``openai`` client, Messages with ``anthropic``, Gemini's
+generateContent with ``google-genai``) × OpenAI, Azure,
 Anthropic and Gemini fakes × {text, tool call round trip, json_schema, image input} ×
 {stream, non-stream}, plus the documented 400s."""
 
