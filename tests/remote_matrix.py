@@ -18,16 +18,10 @@ from typing import Any
 import anthropic
 import openai
 
-from tests.gemini_shape import GeminiShape
+from tests.gemini_shape import ASK_TOOL, PARAMS, PNG_B64, SCHEMA, GeminiShape
 
 PROVIDERS = ["openai", "azure", "anthropic", "gemini"]
-PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string"},
-                                           "age": {"type": "integer"}},
-          "required": ["name", "age"], "additionalProperties": False}
-PNG_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 PNG = "data:image/png;base64," + PNG_B64
-ASK_TOOL = "What is the weather in Paris? Use the tool."
 WANT_ARGS = {"city": "Paris"}
 WANT_JSON = {"name": "Paris", "age": 1}
 WANT_IMAGE = "Saw 1 image(s): image/png"
