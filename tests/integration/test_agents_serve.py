@@ -125,11 +125,17 @@ def test_bad_agent_input_is_a_400_naming_the_field(oai: OpenAI, extra, param) ->
     assert err.value.param == param
 
 
-def test_a_remote_adapter_refuses_tools_instead_of_dropping_them(oai: OpenAI,
-                                                                  claude: Anthropic) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        oai.chat.completions.create(model="remote-gpt", messages=ASK, tools=[CHAT_TOOL])
-    assert err.value.param == "tools"
-    with pytest.raises(anthropic.BadRequestError, match="tools"):
-        claude.messages.create(model="remote-gpt", max_tokens=8, messages=ASK,
-                               tools=[{"name": "f", "input_schema": PARAMS}])
+def test_a_remote_adapter_carries_tools_and_refuses_what_its_provider_cannot_say(
+        oai: OpenAI, claude: Anthropic) -> None:
+    forced = oai.chat.completions.create(model="remote-gpt", messages=ASK, tools=[CHAT_TOOL],
+                                         tool_choice="required")
+    call = forced.choices[0].message.tool_calls[0]
+    assert forced.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS)
+    used = claude.messages.create(model="remote-gpt", max_tokens=64, messages=ASK,
+                                  tools=[{"name": "get_weather", "input_schema": PARAMS}],
+                                  tool_choice={"type": "any"})
+    assert used.stop_reason == "tool_use" and used.content[-1].name == "get_weather"
+    with pytest.raises(openai.BadRequestError) as err:  # chat upstreams take text turns only
+        oai.completions.create(model="remote-gpt", prompt=[1, 2, 3], max_tokens=4)
+    assert err.value.param == "prompt" and "openai provider" in err.value.message

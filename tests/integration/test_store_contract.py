@@ -307,7 +307,7 @@ async def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
             assert conn.execute(
                 "SELECT component, version FROM schema_version ORDER BY component"
             ).fetchall() == [("adapters", 1), ("api_keys", 1), ("batch", 1),
-                             ("credentials", 1), ("idempotency", 1), ("ledger", 3)]
+                             ("credentials", 1), ("idempotency", 1), ("ledger", 5)]
     finally:
         await store.close()
 
