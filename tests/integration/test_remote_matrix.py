@@ -36,6 +36,8 @@ def url(serve_instance: int) -> Iterator[str]:
                        for p in PROVIDERS],
             "gateway": {"ray_actor_options": {"num_cpus": 0.2}},
             "metrics": {"enabled": False},  # the session's shared app owns the metrics actor
+            # Its own session actor: the shared one knows only the first app's credentials.
+            "session": {"actor_name": "troupe-session-matrix"},
         }
         serve.run(build_app(args), name="matrix", route_prefix="/matrix")
         base = f"http://127.0.0.1:{serve_instance}/matrix"
