@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from deployments.engines.weights import prompt_rows
+
 __all__ = ["SeqKV", "RaggedModel", "ATTN_IMPL"]
 
 ATTN_IMPL = "troupe_ragged"
@@ -174,7 +176,9 @@ class RaggedModel:
             torch.arange(kv.length, kv.length + n, dtype=torch.long) for kv, n in zip(kvs, lengths)
         ]).unsqueeze(0)
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        with torch.inference_mode():
+        is_prompt = torch.repeat_interleave(torch.tensor([n > 1 for n in lengths]),
+                                            torch.tensor(lengths))
+        with torch.inference_mode(), prompt_rows(is_prompt):
             out = model(
                 input_ids=input_ids, position_ids=positions, use_cache=False,
                 logits_to_keep=last, troupe_kv=Packed(kvs, lengths), **kwargs,

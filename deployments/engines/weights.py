@@ -7,19 +7,47 @@ weight as int8 with one scale per output channel and multiplies with bf16 activa
 on CPU); nothing else is quantized. Unlike torch's dynamic quantization, activations are
 not quantized per batch, so a row's result does not depend on which other rows share the
 batch: batching changes no output. Measurements: ``bench/text_engine_speed.py``.
+
+That kernel is the fastest for a few rows (decoding) but slow for many: a prompt's tokens
+go through a bf16 copy of the same de-quantized weights instead (oneDNN's bf16 matmul,
+about 2.7x faster for 320 rows here; see ``bench/README.md``). Which rows are prompt rows
+is set per packed step (:func:`prompt_rows`) from each sequence's own chunk, never from its
+neighbours, and both matmuls are row-independent, so batching still changes no output. The
+copy costs 2 bytes per weight (SmolLM2: about 270 MB more, still less than fp32).
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["WeightsKind", "Int8WeightLinear", "quantize_linears", "load_causal_lm"]
+__all__ = ["WeightsKind", "Int8WeightLinear", "quantize_linears", "load_causal_lm", "prompt_rows"]
 
 WeightsKind = Literal["int8", "bfloat16", "float32"]
+
+#: The current packed step's prompt rows on this thread (see :func:`prompt_rows`).
+_step = threading.local()
+
+
+@contextmanager
+def prompt_rows(is_prompt: Optional[torch.Tensor]) -> Iterator[None]:
+    """Within the block, a Linear input with ``len(is_prompt)`` rows sends the rows marked
+    True (tokens of prompts) through the bf16 copy; other inputs (the output head's last
+    rows) and unmarked rows use the int8 kernel. None: every row uses the int8 kernel."""
+    previous = getattr(_step, "split", None)
+    split = None
+    if is_prompt is not None and bool(is_prompt.any()):
+        split = (len(is_prompt), is_prompt.nonzero().squeeze(1), (~is_prompt).nonzero().squeeze(1))
+    _step.split = split
+    try:
+        yield
+    finally:
+        _step.split = previous
 
 
 class Int8WeightLinear(nn.Module):
@@ -32,6 +60,9 @@ class Int8WeightLinear(nn.Module):
         q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(act_dtype))
+        #: The same de-quantized weights in bf16, for prompt rows (many rows at once).
+        self.dense: torch.Tensor
+        self.register_buffer("dense", (q.float() * scale[:, None]).to(act_dtype), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype))
         self.act_dtype = act_dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -39,7 +70,15 @@ class Int8WeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(self.act_dtype)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        split = getattr(_step, "split", None)
+        if split is None or split[0] != flat.shape[0]:
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        elif len(split[2]) == 0:  # every row is a prompt's
+            out = torch.nn.functional.linear(flat, self.dense)
+        else:
+            out = flat.new_empty(flat.shape[0], self.out_features)
+            out[split[1]] = torch.nn.functional.linear(flat[split[1]], self.dense)
+            out[split[2]] = torch.ops.aten._weight_int8pack_mm(flat[split[2]], self.qweight, self.scale)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

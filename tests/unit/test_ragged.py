@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from deployments.engines.ragged import RaggedModel  # noqa: E402
-from deployments.engines.weights import Int8WeightLinear, quantize_linears  # noqa: E402
+from deployments.engines.weights import Int8WeightLinear, prompt_rows, quantize_linears  # noqa: E402
 
 
 def tiny_llama(weights: str = "float32"):
@@ -117,3 +117,21 @@ def test_prompts_joining_a_decoding_batch_change_nothing(weights):
             out.append(int(row.argmax()))
     assert outs[0][:4] == alone[0] and outs[1][:4] == alone[1]
     assert outs[2][:4] == alone[2] and outs[3][:4] == alone[3]
+
+
+def test_prompt_rows_take_the_bf16_copy_and_decode_rows_the_int8_kernel():
+    torch.manual_seed(1)
+    layer = Int8WeightLinear(torch.nn.Linear(64, 48, bias=False), torch.bfloat16)
+    x = torch.randn(7, 64).to(torch.bfloat16)
+    is_prompt = torch.tensor([True, True, True, False, True, True, False])
+    with prompt_rows(is_prompt):
+        mixed = layer(x)
+        head = layer(x[:2])  # another row count (the output head's rows): int8 for all
+    alone_int8 = layer(x)
+    for row in range(7):
+        expected = layer(x[row:row + 1]) if not is_prompt[row] else torch.nn.functional.linear(
+            x[row:row + 1], layer.dense)
+        assert torch.equal(mixed[row:row + 1], expected)
+    assert torch.equal(head, alone_int8[:2])
+    # both paths hold the same de-quantized weights: close, not necessarily bit-equal
+    assert torch.allclose(mixed.float(), alone_int8.float(), atol=0.05, rtol=0.05)
