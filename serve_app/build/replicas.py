@@ -124,7 +124,12 @@ def _serve_options(model: ModelConfig) -> dict[str, Any]:
         options["placement_group_strategy"] = "STRICT_PACK"
         options["ray_actor_options"] = {**options["ray_actor_options"], "num_gpus": 0}
     routing = model.deployment.routing
-    if model.modality == "text" and model.provider == "local" and routing.policy == "session":
+    dep = model.deployment
+    several = (dep.autoscaling.max_replicas if dep.autoscaling else dep.num_replicas or 1) > 1
+    # One replica has nothing to choose between; Serve's own router then serves it (with
+    # the session router, concurrent first requests to a lone replica stalled in Serve).
+    if (model.modality == "text" and model.provider == "local" and routing.policy == "session"
+            and several):
         from ray.serve.config import RequestRouterConfig
 
         options["request_router_config"] = RequestRouterConfig(

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 
 from serve_app.errors import InvalidRequest
 from serve_app.gateway.adapters import adapter_card, replica_header
+from serve_app.gateway.agent_checks import refuse_unsupported
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.deadline import apply_start_within
 from serve_app.gateway.fanout import complete_all, fan_out, stream_all
@@ -121,7 +122,7 @@ def completion_requests(
     core: GatewayCore, body: CompletionRequest, request_id: str
 ) -> tuple[list[GenerationRequest], list[str]]:
     """One internal request per prompt (completions are raw text), and each one's echo."""
-    _model, base = _admit(core, "/v1/completions", body, request_id)
+    model, base = _admit(core, "/v1/completions", body, request_id)
     base.raw = True
     base.sampling.logprobs = body.logprobs
     if body.echo and body.logprobs is not None:
@@ -138,6 +139,7 @@ def completion_requests(
             one.prompt_token_ids = prompt
             one.sampling.echo = bool(body.echo)
             echoes.append("")
+        refuse_unsupported(model, one, "prompt")  # what the model's provider cannot carry
         requests.append(one)
     return requests, echoes
 

@@ -84,10 +84,11 @@ class RoutingOptions(Strict):
     """How callers pick one of a local text model's replicas (serve_app/build/session_router.py)."""
 
     policy: Literal["session", "power_of_two"] = Field(
-        "session",
-        description="session: keep a conversation (its prompt_cache_key, else its opening "
-        "turns) on the replica that holds its prefix in cache; power_of_two: Serve's default "
-        "(the less loaded of two random replicas).",
+        "power_of_two",
+        description="power_of_two: Serve's default (the less loaded of two random replicas); "
+        "session (opt-in, with a known defect: concurrent requests of one session to a model "
+        "with several replicas can stall in Serve's router): keep a conversation (its "
+        "prompt_cache_key, else its opening turns) on the replica that holds its prefix.",
     )
     max_imbalance: int = Field(
         4, ge=0,

@@ -139,3 +139,6 @@ def test_a_remote_adapter_carries_tools_and_refuses_what_its_provider_cannot_say
     with pytest.raises(openai.BadRequestError) as err:  # chat upstreams take text turns only
         oai.completions.create(model="remote-gpt", prompt=[1, 2, 3], max_tokens=4)
     assert err.value.param == "prompt" and "openai provider" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:  # no provider returns prompt logprobs
+        oai.completions.create(model="remote-gpt", prompt="hi", echo=True, logprobs=1, max_tokens=4)
+    assert err.value.param == "echo"

@@ -33,6 +33,7 @@ def client(serve_instance: int) -> Iterator[OpenAI]:
             "engine": {"type": "transformers", "num_threads": 1, "max_num_seqs": 4,
                        "prefix_cache_tokens": 4096},
             "deployment": {"num_replicas": 2, "max_ongoing_requests": 16,
+                           "routing": {"policy": "session"},
                            "ray_actor_options": {"num_cpus": 0.5}},
         }],
         "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
