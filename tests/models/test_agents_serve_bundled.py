@@ -68,10 +68,16 @@ def test_chat_parse_with_a_pydantic_model_20_of_20(client: OpenAI) -> None:
         assert isinstance(done.choices[0].message.parsed, Person), done.choices[0].message.content
 
 
-def test_responses_parse_with_a_text_format(client: OpenAI) -> None:
-    for i, text in enumerate(["I loved it", "Terrible service", "Great value", "Never again", "Fine"]):
+REVIEWS = ["I loved it", "Terrible service", "Great value", "Never again", "Fine",
+           "The soup was cold", "Best trip ever", "Too loud at night", "Friendly staff", "Meh"]
+
+
+def test_responses_parse_with_a_text_format_20_of_20(client: OpenAI) -> None:
+    for i in range(20):
+        text = REVIEWS[i % len(REVIEWS)]
         done = client.responses.parse(model=MODEL, input=f"Review: {text}. Is it positive?",
-                                      text_format=Verdict, max_output_tokens=120, temperature=0)
+                                      text_format=Verdict, max_output_tokens=120,
+                                      temperature=0 if i < 10 else 0.8)
         assert isinstance(done.output_parsed, Verdict), done.output_text
 
 
