@@ -37,16 +37,37 @@ QUOTA_START_TIMEOUT_S = 60.0  # its first call: the actor may start with it
 class QuotaClient:
     """Calls the quota actor (a Ray handle) or a local QuotaActor (tests), the same way.
 
-    ``target`` may also create the actor on first use (``serve_app.build.actors``): it is
-    touched only when a rate-limited request needs a lease, never here.
+    ``target`` may also create the actor on first use (``serve_app.build.actors``, a
+    ``LazyActor`` with ``started``): it is touched only once limits apply, never here.
     """
 
     def __init__(self, target: Any) -> None:
         self.target = target
         self._answered = False
+        self._starting: Optional[asyncio.Future] = None
+        self._creating = asyncio.Lock()  # one thread creates it (LazyActor is not thread-safe)
+
+    def warm(self) -> None:
+        """Start the actor now, in the background: limits apply to some key, and its first
+        lease should not wait seconds for a process to start (nor stall this replica)."""
+        if self._starting is None and not self._answered:
+            self._starting = asyncio.ensure_future(self._warm())
+
+    async def _warm(self) -> None:
+        try:
+            await self.call("ready")
+        except Exception as exc:  # the first lease tries again, and reports it
+            logger.info("quota actor not started ahead (%s)", type(exc).__name__)
+
+    async def _method(self, method: str) -> Any:
+        if getattr(self.target, "started", True):
+            return getattr(self.target, method)
+        async with self._creating:
+            # Creating a named actor blocks on the cluster's control store: not in the loop.
+            return await asyncio.to_thread(getattr, self.target, method)
 
     async def call(self, method: str, *args: Any) -> Any:
-        fn = getattr(self.target, method)
+        fn = await self._method(method)
         if hasattr(fn, "remote"):
             # Until the actor first answers, its process may still be starting.
             limit = QUOTA_TIMEOUT_S if self._answered else QUOTA_START_TIMEOUT_S
@@ -109,6 +130,12 @@ class RateLimiter:
         self.states: dict[str, _KeyState] = {}
         self._flusher: Optional[asyncio.Task] = None
         self._warned_at = 0.0
+
+    def prepare(self, keys_have_limits: bool) -> None:
+        """Start the quota actor ahead once limits apply to some key (the defaults, or a
+        key's own): an app whose keys have none never runs it (issue 20)."""
+        if keys_have_limits or self.settings.default.any():
+            self.quota.warm()
 
     def limits_for(self, principal: Principal) -> RateLimits:
         if not principal.limits:
