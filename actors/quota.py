@@ -91,6 +91,10 @@ class QuotaActor:
         else:
             self.in_flight.pop(key_id, None)
 
+    def ready(self) -> bool:
+        """Answers once the actor runs (replicas start it before their first lease)."""
+        return True
+
     def snapshot(self) -> dict[str, Any]:
         """Counters, for tests and debugging."""
         return {"windows": {f"{k}:{kind}": v for (k, kind), v in self.windows.items()},

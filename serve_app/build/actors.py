@@ -74,7 +74,7 @@ class LazyActor:
 
 def quota_actor_handle(settings: TroupeSettings) -> LazyActor:
     """The quota actor counting rate-limit windows for every gateway replica, started
-    by the first request that needs a lease (none while no key has limits)."""
+    once limits apply to some key (``RateLimiter.prepare``; none while no key has them)."""
     from actors.quota import QUOTA_ACTOR, QuotaActor
 
     return LazyActor(lambda: named_actor(

@@ -17,7 +17,7 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from serve_app.errors import AuthenticationFailed, InvalidRequest
 from serve_app.policies.context import Principal
@@ -90,6 +90,8 @@ class KeyCache:
         self.keys: dict[str, ApiKeyRow] = {}
         self.loaded_at = 0.0
         self._task: Optional[asyncio.Task] = None
+        #: Called after every reload (the policy layer starts the quota actor from it).
+        self.on_refresh: Optional[Callable[[], None]] = None
 
     @property
     def has_active_keys(self) -> bool:
@@ -97,10 +99,19 @@ class KeyCache:
         return any(k.revoked_at is None and (k.expires_at is None or k.expires_at > now)
                    for k in self.keys.values())
 
+    @property
+    def have_limits(self) -> bool:
+        """Some active key has rate limits of its own (an override of 0 is none)."""
+        now = time.time()
+        return any(k.revoked_at is None and (k.expires_at is None or k.expires_at > now)
+                   and any(k.limits.values()) for k in self.keys.values())
+
     async def refresh(self) -> None:
         rows = await self.store.key_list()
         self.keys = {row.key_id: row for row in rows}
         self.loaded_at = time.time()
+        if self.on_refresh is not None:
+            self.on_refresh()
 
     def start(self) -> None:
         if self._task is None:

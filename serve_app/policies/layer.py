@@ -103,6 +103,9 @@ class PolicyLayer:
         self.keys = KeyCache(store, settings.auth.key_refresh_s)
         self.jwt = JWTVerifier(settings.auth.jwt) if settings.auth.jwt else None
         self.limiter = RateLimiter(settings.limits, QuotaClient(quota)) if quota is not None else None
+        if self.limiter is not None:
+            limiter = self.limiter
+            self.keys.on_refresh = lambda: limiter.prepare(self.keys.have_limits)
         self.loopback = is_loopback(bind_host)
         self.bind_host = bind_host
         self.on_rejected = on_rejected

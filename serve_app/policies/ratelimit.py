@@ -37,16 +37,37 @@ QUOTA_START_TIMEOUT_S = 60.0  # its first call: the actor may start with it
 class QuotaClient:
     """Calls the quota actor (a Ray handle) or a local QuotaActor (tests), the same way.
 
-    ``target`` may also create the actor on first use (``serve_app.build.actors``): it is
-    touched only when a rate-limited request needs a lease, never here.
+    ``target`` may also create the actor on first use (``serve_app.build.actors``, a
+    ``LazyActor`` with ``started``): it is touched only once limits apply, never here.
     """
 
     def __init__(self, target: Any) -> None:
         self.target = target
         self._answered = False
+        self._starting: Optional[asyncio.Future] = None
+        self._creating = asyncio.Lock()  # one thread creates it (LazyActor is not thread-safe)
+
+    def warm(self) -> None:
+        """Start the actor now, in the background: limits apply to some key, and its first
+        lease should not wait seconds for a process to start (nor stall this replica)."""
+        if self._starting is None and not self._answered:
+            self._starting = asyncio.ensure_future(self._warm())
+
+    async def _warm(self) -> None:
+        try:
+            await self.call("ready")
+        except Exception as exc:  # the first lease tries again, and reports it
+            logger.info("quota actor not started ahead (%s)", type(exc).__name__)
+
+    async def _method(self, method: str) -> Any:
+        if getattr(self.target, "started", True):
+            return getattr(self.target, method)
+        async with self._creating:
+            # Creating a named actor blocks on the cluster's control store: not in the loop.
+            return await asyncio.to_thread(getattr, self.target, method)
 
     async def call(self, method: str, *args: Any) -> Any:
-        fn = getattr(self.target, method)
+        fn = await self._method(method)
         if hasattr(fn, "remote"):
             # Until the actor first answers, its process may still be starting.
             limit = QUOTA_TIMEOUT_S if self._answered else QUOTA_START_TIMEOUT_S
@@ -62,6 +83,7 @@ class _Lease:
     allowance: int = 0
     remaining: int = 0      # what the actor had left after the last grant
     reset_at: float = 0.0   # local clock
+    window_end: float = 0.0  # the actor's clock: what X-RateLimit-Reset reports
 
 
 @dataclass
@@ -70,6 +92,7 @@ class _KeyState:
     leases: dict[str, _Lease] = field(default_factory=dict)
     tokens_remaining: Optional[int] = None
     tokens_reset_at: float = 0.0
+    tokens_window_end: float = 0.0
     tokens_pending: int = 0
     held: int = 0
     in_use: int = 0
@@ -86,11 +109,14 @@ class Admission:
     slot: bool = False
 
 
-def _headers(limit: int, remaining: int, reset_at: float, now: float) -> list[tuple[bytes, bytes]]:
+def _headers(limit: int, remaining: int, reset_at: float, now: float,
+             window_end: Optional[float] = None) -> list[tuple[bytes, bytes]]:
+    """``reset_at``: the window's end on this replica's clock (for Reset-After);
+    ``window_end``: the same end as the quota actor counts it (for Reset), if known."""
     return [
         (b"x-ratelimit-limit", str(limit).encode()),
         (b"x-ratelimit-remaining", str(max(0, remaining)).encode()),
-        (b"x-ratelimit-reset", str(math.ceil(reset_at)).encode()),
+        (b"x-ratelimit-reset", str(math.ceil(window_end or reset_at)).encode()),
         (b"x-ratelimit-reset-after", str(max(0, math.ceil(reset_at - now))).encode()),
     ]
 
@@ -104,6 +130,12 @@ class RateLimiter:
         self.states: dict[str, _KeyState] = {}
         self._flusher: Optional[asyncio.Task] = None
         self._warned_at = 0.0
+
+    def prepare(self, keys_have_limits: bool) -> None:
+        """Start the quota actor ahead once limits apply to some key (the defaults, or a
+        key's own): an app whose keys have none never runs it (issue 20)."""
+        if keys_have_limits or self.settings.default.any():
+            self.quota.warm()
 
     def limits_for(self, principal: Principal) -> RateLimits:
         if not principal.limits:
@@ -137,10 +169,11 @@ class RateLimiter:
         tpm = state.tpm = limits.tokens_per_minute
         if tpm and state.tokens_remaining is not None and state.tokens_remaining <= 0 \
                 and now < state.tokens_reset_at:
-            raise self._refusal("tokens per minute", tpm, state.tokens_reset_at, now)
+            raise self._refusal("tokens per minute", tpm, state.tokens_reset_at, now,
+                                state.tokens_window_end)
         windows = self._request_windows(limits)
         if windows:
-            await self._take_request(key, state, limits, windows, now)
+            now = await self._take_request(key, state, limits, windows, now)
         slot = False
         if limits.concurrent_requests:
             await self._take_slot(key, state, limits.concurrent_requests)
@@ -148,7 +181,8 @@ class RateLimiter:
         return Admission(key, limits, self._report(state, limits, windows, now), slot)
 
     async def _take_request(self, key: str, state: _KeyState, limits: RateLimits,
-                            windows: dict[str, tuple[int, float]], now: float) -> None:
+                            windows: dict[str, tuple[int, float]], now: float) -> float:
+        """Take one request from every window's lease; returns the time it was admitted."""
         def usable() -> bool:
             return all((lease := state.leases.get(kind)) is not None and lease.allowance > 0
                        and now < lease.reset_at for kind in windows)
@@ -157,7 +191,8 @@ class RateLimiter:
             async with state.lock:
                 now = time.time()
                 if not usable():
-                    await self._lease(key, state, limits, windows, now)
+                    # The call may take seconds (the actor starting): judge by its answer's time.
+                    now = await self._lease(key, state, limits, windows, now)
                     if not usable():
                         kind, (limit, _len) = min(
                             ((k, w) for k, w in windows.items()
@@ -166,12 +201,15 @@ class RateLimiter:
                             default=next(iter(windows.items())),
                         )
                         label = "requests per minute" if kind == "minute" else "requests per hour"
-                        raise self._refusal(label, limit, state.leases[kind].reset_at, now)
+                        lease = state.leases[kind]
+                        raise self._refusal(label, limit, lease.reset_at, now, lease.window_end)
         for kind in windows:
             state.leases[kind].allowance -= 1
+        return now
 
     async def _lease(self, key: str, state: _KeyState, limits: RateLimits,
-                     windows: dict[str, tuple[int, float]], now: float) -> None:
+                     windows: dict[str, tuple[int, float]], now: float) -> float:
+        """Lease a block for every window; returns the local time its answer arrived."""
         requests = {}
         for kind, (limit, length) in windows.items():
             lease = state.leases.setdefault(kind, _Lease())
@@ -184,24 +222,32 @@ class RateLimiter:
             result = await self.quota.call("lease", key, requests, tokens)
         except Exception as exc:  # the actor is restarting: admit rather than fail everyone
             self._warn(exc)
+            now = time.time()
             for kind in windows:
                 state.leases[kind] = _Lease(1, 1, now + 1.0)
-            return
+            return now
+        now = time.time()
         self._apply(state, result, now)
+        return now
 
     def _apply(self, state: _KeyState, result: dict[str, Any], now: float) -> None:
-        offset = result["now"] - now  # the actor's clock minus ours
+        """Take in the actor's answer; ``now``: when it arrived (not when it was asked:
+        the first call waits for the actor's process to start, seconds under load)."""
+        # The actor's clock minus ours, up to the answer's way back (milliseconds).
+        offset = result["now"] - now
         for kind, (remaining, reset_at) in result["windows"].items():
             lease = state.leases.setdefault(kind, _Lease())
-            if now >= lease.reset_at:
+            if reset_at != lease.window_end:
                 lease.allowance = 0  # a block of an ended window is void
             lease.allowance += result["granted"]
             lease.remaining = remaining
             lease.reset_at = reset_at - offset
+            lease.window_end = reset_at
         if result.get("tokens") is not None:
             remaining, reset_at = result["tokens"]
             state.tokens_remaining = remaining
             state.tokens_reset_at = reset_at - offset
+            state.tokens_window_end = reset_at
 
     async def _take_slot(self, key: str, state: _KeyState, limit: int) -> None:
         if state.in_use < state.held:
@@ -258,7 +304,6 @@ class RateLimiter:
                 continue
             pending, state.tokens_pending = state.tokens_pending, 0
             tpm = state.tpm or 1
-            now = time.time()
             try:
                 result = await self.quota.call(
                     "lease", key, {}, (tpm, self.settings.minute_s, pending))
@@ -266,23 +311,27 @@ class RateLimiter:
                 state.tokens_pending += pending
                 self._warn(exc)
                 continue
-            self._apply(state, result, now)
+            self._apply(state, result, time.time())
 
     def _report(self, state: _KeyState, limits: RateLimits,
                 windows: dict[str, tuple[int, float]], now: float) -> list[tuple[bytes, bytes]]:
         for kind, (limit, _length) in windows.items():
             lease = state.leases[kind]
-            return _headers(limit, lease.remaining + lease.allowance, lease.reset_at, now)
+            return _headers(limit, lease.remaining + lease.allowance, lease.reset_at, now,
+                            lease.window_end)
         if limits.tokens_per_minute:
-            reset = state.tokens_reset_at if state.tokens_reset_at > now else \
-                math.floor(now / self.settings.minute_s + 1) * self.settings.minute_s
+            if state.tokens_reset_at > now:
+                reset, end = state.tokens_reset_at, state.tokens_window_end
+            else:
+                reset = end = math.floor(now / self.settings.minute_s + 1) * self.settings.minute_s
             remaining = state.tokens_remaining if state.tokens_remaining is not None \
                 else limits.tokens_per_minute
-            return _headers(limits.tokens_per_minute, remaining, reset, now)
+            return _headers(limits.tokens_per_minute, remaining, reset, now, end)
         limit = limits.concurrent_requests or 0
         return _headers(limit, limit - state.in_use, now, now)
 
-    def _refusal(self, what: str, limit: int, reset_at: float, now: float) -> RateLimitExceeded:
+    def _refusal(self, what: str, limit: int, reset_at: float, now: float,
+                 window_end: Optional[float] = None) -> RateLimitExceeded:
         wait = max(0.001, reset_at - now)
         err = RateLimitExceeded(
             f"Rate limit exceeded: this key may make {limit} {what}. Retry in "
@@ -290,7 +339,7 @@ class RateLimiter:
             retry_after_s=wait,
             details={"limit": limit, "limit_kind": what, "retry_after_s": round(wait, 3)},
         )
-        err.rate_headers = _headers(limit, 0, reset_at, now)
+        err.rate_headers = _headers(limit, 0, reset_at, now, window_end)
         return err
 
     def _warn(self, exc: BaseException) -> None:

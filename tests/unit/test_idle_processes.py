@@ -1,5 +1,5 @@
-"""Fewer idle Ray processes (issue 20): the quota actor starts with the first rate-limited
-request, and a single gateway keeps model load state in its own process and file."""
+"""Fewer idle Ray processes (issue 20): the quota actor starts only once a key has rate
+limits, and a single gateway keeps model load state in its own process and file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from actors.quota import QuotaActor
 from serve_app.build.actors import LazyActor
 from serve_app.gateway.model_state import MemoryModelState
 from serve_app.policies.ratelimit import QuotaClient
-from tests.unit.gateway_fakes import assert_openai_error, chat_body
+from tests.unit.gateway_fakes import assert_openai_error, chat_body, eventually
 from tests.unit.test_policies import PolicyGateway
 
 
@@ -25,18 +25,21 @@ class CountingQuota:
         return self.created[-1]
 
 
-async def test_no_quota_actor_until_a_request_has_a_limit(tmp_path: Path) -> None:
+async def test_no_quota_actor_until_a_key_has_limits(tmp_path: Path) -> None:
     factory = CountingQuota()
     gateway = PolicyGateway(tmp_path)
     # What the builder hands the policy layer (serve_app.build.actors.quota_actor_handle).
     gateway.layer.limiter.quota = QuotaClient(LazyActor(factory))
     try:
         plain = await gateway.key()
-        limited = await gateway.key(limits={"requests_per_minute": 2})
         body = chat_body(model="mock-fast")
         for _ in range(3):
             assert (await gateway.post("/v1/chat/completions", plain, json=body)).status_code == 200
-        assert factory.created == []  # no request with limits yet: no actor
+        assert factory.created == []  # no key has limits: no actor
+        # A key with limits appears (a reload): the actor starts before its first request,
+        # which then does not wait for a process to start.
+        limited = await gateway.key(limits={"requests_per_minute": 2})
+        await eventually(lambda: len(factory.created) == 1)
         for _ in range(2):
             r = await gateway.post("/v1/chat/completions", limited, json=body)
             assert r.status_code == 200
