@@ -76,11 +76,12 @@ def test_prompt_cache_key_names_the_conversation(url: str) -> None:
 
 
 def test_a_hot_conversation_spills_over_to_the_idle_replica(url: str) -> None:
-    """Eight concurrent 1-second requests of one conversation: with ``max_imbalance: 1``
-    they may not all wait on the conversation's replica while the other one idles."""
+    """Eight concurrent 3-second requests of one conversation: with ``max_imbalance: 1``
+    they may not all wait on the conversation's replica while the other one idles. (At 1 s
+    each, a loaded machine once routed them so far apart that they never overlapped.)"""
     messages = conversation(999, 2)
     with ThreadPoolExecutor(8) as pool:
-        replicas = list(pool.map(lambda _: replica_of(url, messages, max_tokens=40), range(8)))
+        replicas = list(pool.map(lambda _: replica_of(url, messages, max_tokens=120), range(8)))
     assert len(set(replicas)) == 2, replicas
 
 
