@@ -126,8 +126,8 @@ def _serve_options(model: ModelConfig) -> dict[str, Any]:
     routing = model.deployment.routing
     dep = model.deployment
     several = (dep.autoscaling.max_replicas if dep.autoscaling else dep.num_replicas or 1) > 1
-    # One replica has nothing to choose between; Serve's own router then serves it (with
-    # the session router, concurrent first requests to a lone replica stalled in Serve).
+    # One replica has nothing to choose between: Serve's own router serves it without the
+    # session router's key digest and load probe.
     if (model.modality == "text" and model.provider == "local" and routing.policy == "session"
             and several):
         from ray.serve.config import RequestRouterConfig

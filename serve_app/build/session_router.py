@@ -16,6 +16,17 @@ flight than the least loaded one (or is full), the request goes to the least loa
 instead, so one hot session cannot pile up on a replica while another idles.
 Requests for a LoRA adapter first narrow the candidates to replicas holding it (Serve's
 multiplexing), then apply the same rule among those.
+
+Each replica found is given to the very request it was chosen for. Serve's base router
+matches a found replica to its request by ``internal_request_id``, but every handle call
+made while serving one HTTP request inherits that request's id (``n: 2`` fans out two such
+calls; so do other fan-outs): its index keeps the first of them only, so the replica found
+for the second went to the first and the second waited forever. Serve's FIFO matching
+would avoid that but hands a replica chosen for one session to whichever request is
+oldest, which defeats affinity; here the match is by the call's own metadata object,
+unique per handle call. The lookup overridden is a private hook of Serve's router (Ray
+2.60); tests/unit/test_session_router_queue.py drives Serve's queue through it, so an
+upgrade that changes the hook fails there first.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import random
 from collections import OrderedDict
 from typing import Any, Optional
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import (
     MultiplexMixin,
     PendingRequest,
@@ -122,6 +134,21 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
         self._last.move_to_end(key)
         while len(self._last) > _MAX_SESSIONS:
             self._last.popitem(last=False)
+
+    def _get_pending_request_matching_internal_request_id(
+        self, request_metadata: Optional[RequestMetadata] = None,
+    ) -> Optional[PendingRequest]:
+        """The unfulfilled request whose metadata this is (see the module: exact match).
+
+        Overrides the base router's lookup by ``internal_request_id``, which calls made
+        while serving one request share; the base then fulfils what this returns.
+        """
+        if request_metadata is None:
+            return None
+        for pending_request in self._pending_requests_to_fulfill:
+            if pending_request.metadata is request_metadata and not pending_request.future.done():
+                return pending_request
+        return None
 
     @staticmethod
     def _key(pending_request: Optional[PendingRequest]) -> Optional[str]:

@@ -205,6 +205,9 @@ class GenerationRequest:
     adapter_path: Optional[str] = None
     #: OpenAI's ``prompt_cache_key``: requests sharing it go to the replica that holds their
     #: prefix (``serve_app.build.session_router``); None: routed by a prompt-prefix digest.
+    #: Remote OpenAI engines forward it (``OpenAIEngineConfig.prompt_cache_key``); Anthropic
+    #: and Gemini have no such field (their caches key on the prompt itself) and get
+    #: nothing: it is a routing hint, so dropping it changes no answer.
     session_key: Optional[str] = None
 
     def has_images(self) -> bool:

@@ -240,10 +240,24 @@ class OpenAIEngineConfig(RemoteEngineConfig):
     flex_tier: bool = Field(
         True, description="The upstream offers service_tier=flex (start_within tries it first)."
     )
+    prompt_cache_key: Optional[bool] = Field(
+        None,
+        description="Send a client's prompt_cache_key upstream (default: to OpenAI, not to "
+        "Azure, whose older api-versions refuse arguments they do not know). Set false for "
+        "an OpenAI-compatible server that refuses it: it is a cache-routing hint, so "
+        "dropping it changes no answer.",
+    )
 
     @property
     def provider(self) -> str:
         return "azure" if self.azure_deployment else "openai"
+
+    @property
+    def sends_prompt_cache_key(self) -> bool:
+        """Whether a request's ``prompt_cache_key`` goes upstream (see the field)."""
+        if self.prompt_cache_key is not None:
+            return self.prompt_cache_key
+        return not self.azure_deployment
 
 
 class AnthropicEngineConfig(RemoteEngineConfig):

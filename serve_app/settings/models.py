@@ -86,9 +86,9 @@ class RoutingOptions(Strict):
     policy: Literal["session", "power_of_two"] = Field(
         "power_of_two",
         description="power_of_two: Serve's default (the less loaded of two random replicas); "
-        "session (opt-in, with a known defect: concurrent requests of one session to a model "
-        "with several replicas can stall in Serve's router): keep a conversation (its "
-        "prompt_cache_key, else its opening turns) on the replica that holds its prefix.",
+        "session (opt-in until it has a longer record, used only with more than one "
+        "replica): keep a conversation (its prompt_cache_key, else its opening turns) on the "
+        "replica that holds its prefix.",
     )
     max_imbalance: int = Field(
         4, ge=0,

@@ -69,3 +69,28 @@ async def test_queue_gauges_of_an_unloaded_engine_are_zero() -> None:
 
     await QueueGauges(lambda: None, sink, {"replica": "r"}).tick()
     assert [value for _, _, value in pushed[0]] == [0.0, 0.0, 0.0]
+
+
+def test_the_session_router_serves_a_model_with_several_replicas_that_asks_for_it() -> None:
+    from serve_app.build.replicas import model_deployment
+    from serve_app.settings import TroupeSettings
+
+    settings = TroupeSettings.model_validate({"models": [
+        {"id": "two", "engine": {"type": "mock"},
+         "deployment": {"num_replicas": 2, "routing": {"policy": "session"}}},
+        {"id": "scaled", "engine": {"type": "mock"},
+         "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3},
+                        "routing": {"policy": "session"}}},
+        {"id": "one", "engine": {"type": "mock"}, "deployment": {"routing": {"policy": "session"}}},
+        {"id": "serve-own", "engine": {"type": "mock"}, "deployment": {"num_replicas": 2}},
+    ]})
+
+    def router(model_id: str) -> str:
+        model = next(m for m in settings.models if m.id == model_id)
+        # Serve keeps the router choice in the deployment's config (no public reader).
+        config = model_deployment(model)._deployment_config.request_router_config
+        return config.request_router_class.rsplit(".", 1)[-1].rsplit(":", 1)[-1]
+
+    assert [router(m) for m in ("two", "scaled", "one", "serve-own")] == [
+        "SessionAffinityRouter", "SessionAffinityRouter",
+        "PowerOfTwoChoicesRequestRouter", "PowerOfTwoChoicesRequestRouter"]

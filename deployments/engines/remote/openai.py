@@ -21,6 +21,9 @@ which is what cost is computed from:
   at 0. When the provider sends no usage at all, the chunk approximation stands and
   ``prompt_tokens`` stays 0.
 
+A client's ``prompt_cache_key`` (the gateway's session key) goes upstream unchanged where
+the configuration allows (``OpenAIEngineConfig.sends_prompt_cache_key``).
+
 A server that ignores ``stream`` and answers one JSON ``chat.completion`` is accepted
 too (:meth:`OpenAITextEngine.on_json`).
 
@@ -94,6 +97,10 @@ class OpenAITextEngine(RemoteEngine):
         body = build_chat_body(self.config.model, request, self.context_length)
         if self.config.azure_deployment:
             body.pop("model")  # the deployment names the model
+        if request.session_key and self.config.sends_prompt_cache_key:
+            # The provider routes requests sharing it to one prompt cache, as the gateway
+            # does for its own replicas.
+            body["prompt_cache_key"] = request.session_key
         return UpstreamCall(self._url, headers, body)
 
     # ------------------------------------------------------------------ responses
