@@ -48,7 +48,7 @@ from deployments.engines.base import check_prompt_ids, plan_output_tokens
 from deployments.engines.chat_render import render_messages
 from deployments.engines.tool_parsers import parser_for
 from deployments.engines.vllm_lora import LoRAMethods, VLLMAdapters, lora_engine_args
-from deployments.engines.vllm_stream import stream_interval, without_unknown_stream_interval
+from deployments.engines.vllm_stream import RecentPeak, stream_interval, without_unknown_stream_interval
 from deployments.engines.vllm_structured import (
     STRUCTURED_ENGINE_DEFAULTS,
     agent_sampling_kwargs,
@@ -241,6 +241,7 @@ class VLLMTextEngine(LoRAMethods):
         self._engine: Any = None
         self._tokenizer: Any = None
         self._active: dict[str, _Flight] = {}
+        self._load = RecentPeak()  # streams running lately: how many tokens a chunk carries
         self.lora = VLLMAdapters(model_id, config.max_loras is not None, lora_request_factory)
 
     # ------------------------------------------------------------------ lifecycle
@@ -364,7 +365,7 @@ class VLLMTextEngine(LoRAMethods):
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
         factory = self._sampling_params_factory
         assert factory is not None  # start() bound it before any request
-        interval = stream_interval(self.config.stream_interval, len(self._active))
+        interval = stream_interval(self.config.stream_interval, self._load.update(len(self._active)))
         try:
             kwargs = build_sampling_kwargs(request, max_tokens, self._tokenizer, interval)
             return factory(**kwargs)

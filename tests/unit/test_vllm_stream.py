@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.engines.vllm_stream import stream_interval, without_unknown_stream_interval
+from deployments.engines.vllm_stream import RecentPeak, stream_interval, without_unknown_stream_interval
 from tests.unit.vllm_fakes import chat, started_engine, vllm_config
 
 TOKENS = [[f" t{i}"] for i in range(10)]  # ten engine steps of one token each
@@ -44,6 +44,31 @@ async def test_under_load_chunks_grow_but_the_text_and_counts_stay_the_same():
     assert sum(o.num_tokens for o in loaded) == sum(o.num_tokens for o in alone) == 10
     assert loaded[-1].finish_reason == alone[-1].finish_reason == "stop"
     assert engine.active_requests() == 0
+
+
+async def test_the_next_wave_after_a_busy_one_is_grouped_too():
+    # Equal requests started together end together: the next one is admitted while none
+    # runs, and still streams in chunks, since 8 ran at once a moment ago.
+    engine, _ = await started_engine(script=TOKENS)
+    wave = [engine.generate(chat(f"wave{i}", max_tokens=10)) for i in range(9)]
+    for stream in wave:
+        await anext(stream)
+    for stream in wave:
+        await stream.aclose()
+    assert engine.active_requests() == 0
+
+    after = [o async for o in engine.generate(chat("next", max_tokens=10))]
+    assert [o.num_tokens for o in after] == [1, 3, 3, 3]
+
+
+def test_the_recent_peak_holds_for_its_window_then_follows_the_load():
+    now = [0.0]
+    peak = RecentPeak(window_s=10.0, clock=lambda: now[0])
+    assert [peak.update(n) for n in (0, 5, 15, 2)] == [0, 5, 15, 15]
+    now[0] = 9.0
+    assert peak.update(0) == 15
+    now[0] = 10.5
+    assert peak.update(1) == 1
 
 
 async def test_a_configured_interval_applies_to_a_lone_stream_too():

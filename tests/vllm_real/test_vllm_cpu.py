@@ -45,3 +45,32 @@ async def test_the_engine_is_vllm_on_cpu(engine):
 
     assert engine.context_length == 2048
     print(f"vllm {vllm.__version__} on {MODEL}")
+
+
+async def test_under_load_chunks_group_tokens_with_exact_counts(engine):
+    # stream_interval auto: a request admitted while 8 others stream gets its first token
+    # alone, then chunks of at least 3 tokens (vLLM's per-request stream_interval; more if
+    # an earlier test ran more streams at once lately), with the exact token count.
+    from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
+
+    def ask(rid: str) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=rid, sampling=SamplingParams(max_tokens=24, temperature=0.0),
+            messages=[ChatMessage("user", "Count from 1 to 50, separated by commas.")])
+
+    alone = [o async for o in engine.generate(ask("grouping-alone"))]
+    others = [engine.generate(ask(f"grouping-busy{i}")) for i in range(8)]
+    try:
+        for stream in others:
+            await anext(stream)
+        assert engine.active_requests() == 8
+        loaded = [o async for o in engine.generate(ask("grouping-loaded"))]
+    finally:
+        for stream in others:
+            await stream.aclose()
+
+    sizes = [o.num_tokens for o in loaded]
+    assert sizes[0] == 1 and len(set(sizes[1:-1])) == 1 and sizes[1] >= 3, sizes
+    assert sum(sizes) == sum(o.num_tokens for o in alone) == 24
+    assert "".join(o.text for o in loaded).strip() and loaded[-1].finish_reason == "length"
+    assert engine.active_requests() == 0
