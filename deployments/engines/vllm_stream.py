@@ -3,7 +3,7 @@
 Every chunk a model replica yields becomes one Serve streaming item: one Ray object on
 the replica, one on the gateway, one SSE event through the HTTP proxy. On a 2-core CPU
 server with 16 streams, those hops cost Troupe about 2.7 ms of CPU per token in three
-processes (``bench/vllm_cpu_bench.py``, per-process CPU at c=16), CPU that vLLM's engine
+processes (``bench/vllm_cpu_profile.py`` at c=16), CPU that vLLM's engine
 core then lacks; ``vllm serve`` spends about 0.2 ms. vLLM itself offers the remedy as a
 per-request ``SamplingParams.stream_interval``: its output processor sends the first token
 at once, then a chunk every ``n`` tokens, and the last one when the request finishes,
