@@ -13,9 +13,8 @@ test_vllm_cpu_agents.py, LoRA in test_vllm_cpu_lora.py.
 ``TROUPE_VLLM_DTYPE`` (default bfloat16) and ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache,
 the Makefile sets 1) tune the CPU engine. The engine fixture is in conftest.py.
 
-Last run (2-core AVX-512 machine, vllm-cpu 0.32.0, bfloat16): 16 passed, 1 failed, 1 xfailed
-in 126 s; the failure compared two adapters batched together with their answers alone (see
-test_two_adapters_in_one_batch_each_get_their_own, narrowed afterwards to what it showed).
+Last run (2-core AVX-512 machine, vllm-cpu 0.32.0, bfloat16): 18 passed, 1 xfailed in
+146 s, with the chunk-grouping test below (vLLM's per-request stream_interval).
 """
 
 from __future__ import annotations
