@@ -20,7 +20,12 @@ engine arguments in both of its systems (bfloat16, ``max_model_len`` 2048, eager
 
 Each concurrency level (1, 2, 4, 8, 16) is a closed loop of streamed chat requests
 (``max_tokens`` 64, temperature 0) for ``--duration`` seconds; output tokens/s counts the
-usage the server reported. Run under the shared lock (it starts servers)::
+usage the server reported. ``--rounds`` repeats the systems in rotating order; the report
+gives each round's Troupe/``vllm serve`` ratio at c=16 (the two ran back to back, so the
+shared machine's noise hits a pair alike) and their median, and per level the p50 TPOT
+and the tokens per streamed chunk (Troupe's adapter groups tokens under load, see
+``deployments/engines/vllm_stream.py``; ``vllm serve`` sends every token). Run under the
+shared lock (it starts servers)::
 
     flock /tmp/troupe-ray.lock .venv/bin/python -m bench.vllm_cpu_bench --vllm-venv .venv-vllm
 
@@ -149,28 +154,45 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, dict[str, Optional[float]]
     for c in LEVELS:
         stats = [r["levels"][str(c)] for r in runs]
         ttfts = [s["ttft_ms"]["p50"] for s in stats if s["ttft_ms"]]
+        chunk = [s["tokens_per_chunk"] for s in stats if s.get("tokens_per_chunk")]
+        tpot = [s["tpot_ms"]["p50"] for s in stats if s.get("tpot_ms")]
         out[str(c)] = {
             "output_tokens_per_s": statistics.fmean(s["output_tokens_per_s"] for s in stats),
             "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
+            "tpot_p50_ms": statistics.median(tpot) if tpot else None,
+            "tokens_per_chunk": statistics.fmean(chunk) if chunk else None,
             "errors": sum(s["errors"] for s in stats),
         }
     return out
 
 
+def _round_ratios(runs: dict[str, list[dict[str, Any]]], level: int = 16) -> list[float]:
+    """Troupe (vllm-cpu) / vllm serve tokens/s at ``level``, round by round (the two ran
+    back to back in each round, so machine noise hits a pair alike)."""
+    serve = {v["round"]: v for v in runs.get("vllm-serve", [])}
+    return [t["levels"][str(level)]["output_tokens_per_s"]
+            / serve[t["round"]]["levels"][str(level)]["output_tokens_per_s"]
+            for t in runs.get("troupe-vllm", []) if t["round"] in serve]
+
+
 def _markdown(report: dict[str, Any]) -> str:
-    lines = [f"# vLLM CPU build: Troupe vs vllm serve vs Troupe transformers ({report['utc']})", "",
+    lines = [f"# vLLM CPU build: {' vs '.join(report['combined'])} ({report['utc']})", "",
              report["setup"], "", "| system | " + " | ".join(f"c={c}" for c in LEVELS) + " |",
              "|---|" + "---|" * len(LEVELS)]
     for name, combined in report["combined"].items():
         tps = " | ".join(f"{combined[str(c)]['output_tokens_per_s']:.1f}" for c in LEVELS)
         lines.append(f"| {name} tok/s | {tps} |")
-    for name, combined in report["combined"].items():
-        ttft = " | ".join(f"{(combined[str(c)]['ttft_p50_ms'] or float('nan')):.0f}" for c in LEVELS)
-        lines.append(f"| {name} TTFT p50 ms | {ttft} |")
-    ratio = report.get("ratio_troupe_vllm_over_vllm_serve_c16")
-    if ratio is not None:
-        lines += ["", f"Troupe (vllm-cpu) / vllm serve, output tokens/s at c=16: **{ratio:.3f}x** "
-                  "(target >= 0.9x)."]
+    for key, title, fmt in (("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("tpot_p50_ms", "TPOT p50 ms", ".1f"),
+                            ("tokens_per_chunk", "tokens/chunk", ".2f")):
+        for name, combined in report["combined"].items():
+            cells = " | ".join(format(combined[str(c)].get(key) or float("nan"), fmt) for c in LEVELS)
+            lines.append(f"| {name} {title} | {cells} |")
+    ratios = report.get("ratios_c16_by_round") or []
+    if ratios:
+        lines += ["", "Troupe (vllm-cpu) / vllm serve, output tokens/s at c=16: median of the "
+                  f"rounds **{statistics.median(ratios):.3f}x** (target >= 0.9x); by round: "
+                  + ", ".join(f"{r:.3f}" for r in ratios)
+                  + f"; ratio of the round means {report['ratio_troupe_vllm_over_vllm_serve_c16']:.3f}x."]
     lines += [f"Failed: {f}" for f in report["failures"]]
     lines += ["", "Start-up seconds (to the first 200): " + ", ".join(
         f"{k} {statistics.fmean(r['start_s'] for r in v):.0f}" for k, v in report["runs"].items())]
@@ -228,7 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for i, name in enumerate(order):
             print(f"round {r + 1}: {name}", flush=True)
             try:
-                runs[name].append(measure(specs[name], r * len(names) + i, log_dir, args.duration))
+                result = measure(specs[name], r * len(names) + i, log_dir, args.duration)
+                runs[name].append({**result, "round": r + 1})
             except (RuntimeError, OSError) as exc:  # one system failing keeps the others' numbers
                 failures.append(f"{name} round {r + 1}: {exc}")
                 print(f"  {name} failed: {exc} (logs: {log_dir})", flush=True)
@@ -242,12 +265,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "bfloat16, max_model_len 2048, eager, 1 GiB KV cache, max_num_seqs 32; "
                   "transformers: config/local.yaml (int8 weights), max_num_seqs 16. Streamed "
                   f"chat, max_tokens {MAX_TOKENS}, temperature 0, {args.duration:.0f} s per level, "
-                  f"{args.rounds} round(s)."),
+                  f"{args.rounds} round(s), systems interleaved (order rotating per round): "
+                  f"{', '.join(names)}. Troupe's vLLM adapter: stream_interval auto (see "
+                  "deployments/engines/vllm_stream.py); vllm serve: its default (every token)."),
     }
     if {"troupe-vllm", "vllm-serve"} <= set(runs):
         report["ratio_troupe_vllm_over_vllm_serve_c16"] = (
             report["combined"]["troupe-vllm"]["16"]["output_tokens_per_s"]
             / report["combined"]["vllm-serve"]["16"]["output_tokens_per_s"])
+        report["ratios_c16_by_round"] = _round_ratios(runs)
     stem = RESULTS / f"{utc}-{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(_markdown(report))

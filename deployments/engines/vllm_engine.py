@@ -17,8 +17,9 @@ What the engine does per request:
    with :class:`~serve_app.errors.ContextLengthExceeded` *before* submitting it (vLLM
    itself would only refuse an over-long prompt, and silently cut the output short).
 3. Streams vLLM's DELTA outputs as :class:`EngineOutput`: a delta may carry several
-   tokens when the consumer lags (vLLM merges them), ``num_tokens`` is the number of
-   token ids in the delta, ``prompt_tokens`` the prompt's length.
+   tokens when the consumer lags (vLLM merges them) or under load (``stream_interval``,
+   see :mod:`vllm_stream`), ``num_tokens`` is the number of token ids in the delta,
+   ``prompt_tokens`` the prompt's length.
 4. Aborts in ``finally``: closing or cancelling the stream calls ``engine.abort`` for a
    request that was submitted and has not finished, so the GPU slot is freed at once.
 
@@ -47,6 +48,7 @@ from deployments.engines.base import check_prompt_ids, plan_output_tokens
 from deployments.engines.chat_render import render_messages
 from deployments.engines.tool_parsers import parser_for
 from deployments.engines.vllm_lora import LoRAMethods, VLLMAdapters, lora_engine_args
+from deployments.engines.vllm_stream import RecentPeak, stream_interval, without_unknown_stream_interval
 from deployments.engines.vllm_structured import (
     STRUCTURED_ENGINE_DEFAULTS,
     agent_sampling_kwargs,
@@ -70,11 +72,7 @@ logger = logging.getLogger("troupe.engine.vllm")
 DELTA_OUTPUT_KIND = "DELTA"
 
 #: vLLM finish reasons -> Troupe's. ``error`` (an engine-side failure) is raised instead.
-_FINISH_REASONS: dict[str, EngineFinishReason] = {
-    "stop": "stop",
-    "length": "length",
-    "abort": "abort",
-}
+_FINISH_REASONS: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 # Prompts longer than this (characters) are rendered and tokenized in a worker thread, so
 # one huge prompt does not stall the token streams of every other request on the replica.
@@ -144,10 +142,11 @@ def build_engine_args(model_id: str, config: VLLMEngineConfig) -> dict[str, Any]
 
 
 def build_sampling_kwargs(
-    request: GenerationRequest, max_tokens: int, tokenizer: Any = None
+    request: GenerationRequest, max_tokens: int, tokenizer: Any = None, interval: int = 1
 ) -> dict[str, Any]:
     """Keyword arguments for ``vllm.SamplingParams`` (``output_kind`` by member name; a
-    constraint as a plain ``structured_outputs`` dict, see :mod:`vllm_structured`)."""
+    constraint as a plain ``structured_outputs`` dict, see :mod:`vllm_structured`;
+    ``interval`` tokens per streamed chunk, see :mod:`vllm_stream`)."""
     sp = request.sampling
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
@@ -155,6 +154,8 @@ def build_sampling_kwargs(
         "top_p": sp.top_p,
         "output_kind": DELTA_OUTPUT_KIND,
     }
+    if interval > 1:
+        kwargs["stream_interval"] = interval
     if sp.seed is not None:
         kwargs["seed"] = sp.seed
     if sp.stop:
@@ -181,6 +182,7 @@ def _vllm_sampling_params_factory() -> SamplingParamsFactory:
 
     def make(**kwargs: Any) -> Any:
         kwargs["output_kind"] = kinds[kwargs["output_kind"]]
+        kwargs = without_unknown_stream_interval(kwargs, SamplingParams)
         return SamplingParams(**to_vllm_structured(kwargs))
 
     return make
@@ -239,6 +241,7 @@ class VLLMTextEngine(LoRAMethods):
         self._engine: Any = None
         self._tokenizer: Any = None
         self._active: dict[str, _Flight] = {}
+        self._load = RecentPeak()  # streams running lately: how many tokens a chunk carries
         self.lora = VLLMAdapters(model_id, config.max_loras is not None, lora_request_factory)
 
     # ------------------------------------------------------------------ lifecycle
@@ -362,8 +365,9 @@ class VLLMTextEngine(LoRAMethods):
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
         factory = self._sampling_params_factory
         assert factory is not None  # start() bound it before any request
+        interval = stream_interval(self.config.stream_interval, self._load.update(len(self._active)))
         try:
-            kwargs = build_sampling_kwargs(request, max_tokens, self._tokenizer)
+            kwargs = build_sampling_kwargs(request, max_tokens, self._tokenizer, interval)
             return factory(**kwargs)
         except self._request_errors as exc:  # SamplingParams validates its own ranges
             raise InvalidRequest(

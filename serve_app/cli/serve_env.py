@@ -56,6 +56,11 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     # that its raylet lives and collects per-process stats for the dashboard every 5 s.
     "RAY_DASHBOARD_AGENT_CHECK_PARENT_INTERVAL_S": "2",
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
+    # Ray starts its workers at nice 15 (batch jobs yield to its daemons). Troupe's workers
+    # are the service: the proxy, the gateway, the model replicas and the engine processes
+    # they spawn (vLLM's engine core and CPU worker inherit it). At nice 15 any nice-0
+    # process on the machine takes ~28x their CPU share; ``vllm serve`` runs at nice 0.
+    "RAY_worker_niceness": "0",
 }
 
 

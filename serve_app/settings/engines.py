@@ -156,6 +156,13 @@ class VLLMEngineConfig(_EngineConfig):
         description="How tool calls are read from the output with tool_choice auto (as "
         "vLLM's --tool-call-parser). None: only required or named calls (structured outputs).",
     )
+    stream_interval: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
+        "auto",
+        description="Tokens per streamed chunk after the first (vLLM's per-request "
+        "stream_interval; the first token and the last chunk always go at once). auto: 1 "
+        "while few streams run, one more per 4 streams already running (at most 8), since "
+        "every chunk costs the serving processes CPU that a small CPU engine needs.",
+    )
 
 
 class RetryConfig(Strict):

@@ -69,3 +69,10 @@ def test_troupe_run_slows_the_idle_ticks_of_serve_and_ray():
     assert float(env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]) >= 0.5  # Serve's default: 0.1
     assert int(env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]) >= 1000  # Serve's default: 100
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_troupe_run_serves_at_normal_priority_unless_the_user_says_otherwise():
+    # Ray's default starts every worker (proxy, gateway, replicas, and the vLLM engine
+    # processes a replica spawns) at nice 15, below any other process on the machine.
+    assert serve_environment({})["RAY_worker_niceness"] == "0"
+    assert serve_environment({"RAY_worker_niceness": "10"})["RAY_worker_niceness"] == "10"

@@ -177,6 +177,11 @@ class FakeAsyncLLM:
             )
         aborted = asyncio.Event()
         self.running[request_id] = aborted
+        # vLLM's per-request stream_interval: the first tokens at once, then a delta per
+        # `interval` tokens, the rest with the finish (its output processor's rule).
+        interval = getattr(sampling_params, "kwargs", {}).get("stream_interval", 1)
+        held: list[str] = []
+        sent = False
         try:
             for i, step in enumerate(self.script):
                 await asyncio.sleep(0)  # the engine produces asynchronously
@@ -185,6 +190,10 @@ class FakeAsyncLLM:
                     return
                 last = i == len(self.script) - 1
                 reason = self.finish if last else None
+                held += step
+                if sent and reason is None and len(held) < interval:
+                    continue
+                step, held, sent = held, [], True
                 output = self._output(request_id, prompt_ids, step, reason)
                 if reason is not None:
                     output.outputs[0].stop_reason = self.stop_reason

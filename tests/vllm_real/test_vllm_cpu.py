@@ -13,9 +13,8 @@ test_vllm_cpu_agents.py, LoRA in test_vllm_cpu_lora.py.
 ``TROUPE_VLLM_DTYPE`` (default bfloat16) and ``VLLM_CPU_KVCACHE_SPACE`` (GiB of KV cache,
 the Makefile sets 1) tune the CPU engine. The engine fixture is in conftest.py.
 
-Last run (2-core AVX-512 machine, vllm-cpu 0.32.0, bfloat16): 16 passed, 1 failed, 1 xfailed
-in 126 s; the failure compared two adapters batched together with their answers alone (see
-test_two_adapters_in_one_batch_each_get_their_own, narrowed afterwards to what it showed).
+Last run (2-core AVX-512 machine, vllm-cpu 0.32.0, bfloat16): 18 passed, 1 xfailed in
+146 s, with the chunk-grouping test below (vLLM's per-request stream_interval).
 """
 
 from __future__ import annotations
@@ -45,3 +44,32 @@ async def test_the_engine_is_vllm_on_cpu(engine):
 
     assert engine.context_length == 2048
     print(f"vllm {vllm.__version__} on {MODEL}")
+
+
+async def test_under_load_chunks_group_tokens_with_exact_counts(engine):
+    # stream_interval auto: a request admitted while 8 others stream gets its first token
+    # alone, then chunks of at least 3 tokens (vLLM's per-request stream_interval; more if
+    # an earlier test ran more streams at once lately), with the exact token count.
+    from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
+
+    def ask(rid: str) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=rid, sampling=SamplingParams(max_tokens=24, temperature=0.0),
+            messages=[ChatMessage("user", "Count from 1 to 50, separated by commas.")])
+
+    alone = [o async for o in engine.generate(ask("grouping-alone"))]
+    others = [engine.generate(ask(f"grouping-busy{i}")) for i in range(8)]
+    try:
+        for stream in others:
+            await anext(stream)
+        assert engine.active_requests() == 8
+        loaded = [o async for o in engine.generate(ask("grouping-loaded"))]
+    finally:
+        for stream in others:
+            await stream.aclose()
+
+    sizes = [o.num_tokens for o in loaded]
+    assert sizes[0] == 1 and len(set(sizes[1:-1])) == 1 and sizes[1] >= 3, sizes
+    assert sum(sizes) == sum(o.num_tokens for o in alone) == 24
+    assert "".join(o.text for o in loaded).strip() and loaded[-1].finish_reason == "length"
+    assert engine.active_requests() == 0
