@@ -135,3 +135,33 @@ def test_prompt_rows_take_the_bf16_copy_and_decode_rows_the_int8_kernel():
     assert torch.equal(head, alone_int8[:2])
     # both paths hold the same de-quantized weights: close, not necessarily bit-equal
     assert torch.allclose(mixed.float(), alone_int8.float(), atol=0.05, rtol=0.05)
+
+
+def test_fused_siblings_change_no_output():
+    """q/k/v and gate/up as one int8 matmul give exactly what the separate layers give,
+    for decode rows (int8 kernel) and prompt rows (bf16 copy) alike."""
+    from deployments.engines.weights import fuse_siblings
+
+    plain, fused = RaggedModel(tiny_llama("int8")), RaggedModel(tiny_llama("int8"))
+    assert fuse_siblings(fused.model) == 2 * 2
+    for stepper in (plain, fused):
+        stepper.out = ragged_greedy(stepper, PROMPTS, 5)
+        kvs = [stepper.new_kv() for _ in PROMPTS]
+        stepper.logits = stepper.step(kvs, PROMPTS)
+    assert fused.out == plain.out
+    assert torch.equal(fused.logits, plain.logits)
+
+
+def test_one_token_attention_is_close_to_sdpa():
+    import torch.nn.functional as F
+
+    from deployments.engines.ragged import _one_token_attention
+
+    torch.manual_seed(2)
+    for n in (1, 7, 130):
+        q = torch.randn(1, 9, 1, 64).bfloat16()
+        k, v = torch.randn(1, 3, n, 64).bfloat16(), torch.randn(1, 3, n, 64).bfloat16()
+        want = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+        got = _one_token_attention(q, k, v, 0.125)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0)
