@@ -165,3 +165,24 @@ def test_one_token_attention_is_close_to_sdpa():
         got = _one_token_attention(q, k, v, 0.125)
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16", "float32"])
+def test_the_lean_llama_pass_computes_what_transformers_computes(weights):
+    """The step's own pass through a Llama gives transformers' logits bit for bit."""
+    from deployments.engines.weights import fuse_siblings
+
+    model = tiny_llama(weights)
+    if weights == "int8":
+        fuse_siblings(model)
+    lean, plain = RaggedModel(model), RaggedModel(model)
+    assert lean.plain_llama
+    plain.plain_llama = False
+    logits = {}
+    for name, stepper in (("lean", lean), ("plain", plain)):
+        kvs = [stepper.new_kv() for _ in PROMPTS]
+        first = stepper.step(kvs[:2], PROMPTS[:2])
+        mixed = stepper.step(kvs, [[1], [2], *PROMPTS[2:]])  # decode rows beside prompts
+        logits[name] = (first, mixed, stepper.decode(kvs, [3, 4, 5, 6]))
+    for got, want in zip(logits["lean"], logits["plain"]):
+        assert torch.equal(got, want)
