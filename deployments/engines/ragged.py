@@ -9,6 +9,12 @@ matmuls, which the int8 and bf16 kernels are; see ``weights``). This is register
 transformers attention implementation (``troupe_ragged``); the model's own cache is not
 used (``use_cache=False``): the buffers travel in the ``troupe_kv`` keyword, which
 transformers forwards to the attention function.
+
+Decode segments (one new token) take a two-matmul attention instead of sdpa's CPU flash
+kernel, whose set-up dominates a one-row query; transformers' own Llama (the bundled
+SmolLM2) is stepped by :func:`_llama_pass`, its forward's operations without its module
+plumbing. A one-token step on one core is bound by per-call costs nearly as much as by
+reading the weights; ``bench/README.md`` has the measurements.
 """
 
 from __future__ import annotations

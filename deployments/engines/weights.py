@@ -14,6 +14,9 @@ about 2.7x faster for 320 rows here; see ``bench/README.md``). Which rows are pr
 is set per packed step (:func:`prompt_rows`) from each sequence's own chunk, never from its
 neighbours, and both matmuls are row-independent, so batching still changes no output. The
 copy costs 2 bytes per weight (SmolLM2: about 270 MB more, still less than fp32).
+
+Sibling layers that read the same input (q/k/v, gate/up) are fused into one matmul each
+(:func:`fuse_siblings`): fewer kernel calls per step, the same result per output channel.
 """
 
 from __future__ import annotations
