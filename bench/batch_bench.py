@@ -83,36 +83,50 @@ def load_baseline(path: str) -> type:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every level, ``--rounds`` times. Each round starts a fresh engine (an empty prefix
+    cache, warmed the same way), so rounds repeat one another; the engine before
+    batching keeps no state and is loaded once."""
     config = TransformersEngineConfig(num_threads=args.threads, max_num_seqs=args.max_num_seqs,
                                       prefix_cache_tokens=args.prefix_cache_tokens)
-    new = TransformersTextEngine("smollm2", config)
-    await new.start()
     old = None
     if args.baseline_module:
         old = load_baseline(args.baseline_module)("smollm2", TransformersEngineConfig(num_threads=args.threads))
         await old.start()
-    await wave(new, 2, 8)  # warm-up
     rows: dict[str, list[dict[str, Any]]] = {"new": [], "before": []}
-    for c in args.levels:
-        if old is not None and c in args.baseline_levels:
-            rows["before"].append(await wave(old, c, args.max_tokens))
-            print("before", json.dumps(rows["before"][-1]), flush=True)
-        rows["new"].append(await wave(new, c, args.max_tokens))
-        print("new", json.dumps(rows["new"][-1]), flush=True)
-    await new.shutdown()
+    for round_no in range(args.rounds):
+        new = TransformersTextEngine("smollm2", config)
+        await new.start()
+        await wave(new, 2, 8)  # warm-up
+        for c in args.levels:
+            if old is not None and c in args.baseline_levels:
+                rows["before"].append({**await wave(old, c, args.max_tokens), "round": round_no})
+                print("before", json.dumps(rows["before"][-1]), flush=True)
+            rows["new"].append({**await wave(new, c, args.max_tokens), "round": round_no})
+            print("new", json.dumps(rows["new"][-1]), flush=True)
+        await new.shutdown()
     if old is not None:
         await old.shutdown()
     return rows
 
 
+def medians(table: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per concurrency level, the median of each measure over the rounds."""
+    levels: dict[int, list[dict[str, Any]]] = {}
+    for r in table:
+        levels.setdefault(r["concurrency"], []).append(r)
+    keys = ("tokens_per_s", "per_stream_tokens_per_s", "ttft_p50_s", "ttft_max_s")
+    return {c: {"concurrency": c, "rounds": len(rs), **{k: round(statistics.median(r[k] for r in rs), 3) for k in keys}}
+            for c, rs in sorted(levels.items())}
+
+
 def summary(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
-    new = {r["concurrency"]: r for r in rows["new"]}
-    before = {r["concurrency"]: r for r in rows["before"]}
-    lines = ["| engine | c | output tok/s | per-stream tok/s | p50 TTFT s | max TTFT s |",
-             "|---|---|---|---|---|---|"]
+    new, before = medians(rows["new"]), medians(rows["before"])
+    lines = ["Medians over rounds (each round: its own waves, in order).", "",
+             "| engine | c | rounds | output tok/s | per-stream tok/s | p50 TTFT s | max TTFT s |",
+             "|---|---|---|---|---|---|---|"]
     for name, table in (("before", before), ("new", new)):
         for c, r in sorted(table.items()):
-            lines.append(f"| {name} | {c} | {r['tokens_per_s']} | {r['per_stream_tokens_per_s']} "
+            lines.append(f"| {name} | {c} | {r['rounds']} | {r['tokens_per_s']} | {r['per_stream_tokens_per_s']} "
                          f"| {r['ttft_p50_s']} | {r['ttft_max_s']} |")
     lines.append("")
     if 1 in new and 8 in new:
@@ -136,7 +150,8 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, table in rows.items():
+    for name, runs in rows.items():
+        table = list(medians(runs).values())
         if not table:
             continue
         cs = [r["concurrency"] for r in table]
@@ -153,6 +168,14 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def recorded_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as recorded: the baseline by file name only (no machine paths)."""
+    recorded = dict(vars(args))
+    if args.baseline_module:
+        recorded["baseline_module"] = Path(args.baseline_module).name
+    return recorded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -161,6 +184,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every level; the report gives medians")
     parser.add_argument("--prefix-cache-tokens", type=int, default=0,
                         help="engine prefix_cache_tokens (the warm-up fills it with the chat template's prefix)")
     args = parser.parse_args()
@@ -168,10 +192,10 @@ def main() -> None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     RESULTS.mkdir(exist_ok=True)
     lines = [f"# Continuous batching sweep (SmolLM2-135M, {args.threads} thread(s), max_tokens {args.max_tokens}, "
-             f"prefix cache {args.prefix_cache_tokens} tokens)",
+             f"prefix cache {args.prefix_cache_tokens} tokens, {args.rounds} round(s))",
              "", *summary(rows)]
     (RESULTS / f"{stamp}-batching.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{stamp}-batching.json").write_text(json.dumps({"args": vars(args), **rows}, indent=2))
+    (RESULTS / f"{stamp}-batching.json").write_text(json.dumps({"args": recorded_args(args), **rows}, indent=2))
     plot(rows, RESULTS / f"{stamp}-batching.png")
     print("\n".join(lines))
 

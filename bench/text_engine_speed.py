@@ -13,8 +13,10 @@ Variants, all on the same CPU reservation (``--threads``, default 1 and 2):
 * ``int8``: int8 per-channel weights with bf16 activations (``deployments.engines.weights``;
   the engine's default); ``int8-bf16-head`` keeps the output head in bf16.
 
-Quality: greedy (temperature 0) answers on a fixed prompt set, compared with fp32's: the
-share of prompts whose first 32 tokens are identical, and the top-1 agreement of next-token
+Quality: greedy (temperature 0) answers on a fixed prompt set, compared with fp32's
+``generate``: the share of prompts whose first 32 tokens are identical (each variant's
+answers computed as its engine would: ``generate`` for ``today`` and ``int8-dynamic``, the
+ragged step loop for the others), and the top-1 agreement of next-token
 predictions along fp32's own continuation (teacher forcing). Writes
 ``bench/results/<stamp>-text-engine-speed.{json,md}``.
 """
@@ -90,6 +92,17 @@ def greedy(model: Any, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def engine_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation the way the engine computes it: the ragged step loop
+    (prompt rows, then one-token decode steps), exactly n tokens."""
+    stepper = RaggedModel(model)
+    kv = stepper.new_kv()
+    out = [int(stepper.prefill(kv, ids).argmax())]
+    while len(out) < n:
+        out.append(int(stepper.decode([kv], [out[-1]])[0].argmax()))
+    return out
+
+
 def teacher_forced_top1(model: Any, ids: list[int], ref: list[int]) -> float:
     """Share of positions where the model's argmax equals the reference continuation."""
     x = torch.tensor([ids + ref[:-1]])
@@ -135,7 +148,8 @@ def main() -> None:
         started = time.perf_counter()
         model = load(folder, variant)
         load_s = time.perf_counter() - started
-        answers = [greedy(model, ids, QUALITY_TOKENS) for ids in prompts]
+        answer = greedy if variant in ("today", "int8-dynamic") else engine_greedy
+        answers = [answer(model, ids, QUALITY_TOKENS) for ids in prompts]
         row: dict[str, Any] = {
             "variant": variant,
             "load_s": round(load_s, 2),

@@ -16,6 +16,7 @@ engine contract) cannot be expressed; see bench/README.md.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import secrets
@@ -125,6 +126,8 @@ class BatchLoop:
         self.steps = 0
         self._cond = threading.Condition()
         self._closed = False
+        #: Event loops that have a wake of this loop scheduled (see :meth:`submit`).
+        self._wake_pending: set[asyncio.AbstractEventLoop] = set()
         #: Work for the loop's thread between two steps (LoRA adapter loads and unloads).
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -132,11 +135,26 @@ class BatchLoop:
 
     # ---------------------------------------------------------------- outside the thread
 
-    def submit(self, seq: Seq, key: Any, priority: Optional[str], waited_s: float = 0.0) -> None:
+    def submit(self, seq: Seq, key: Any, priority: Optional[str], waited_s: float = 0.0,
+               batch_with: Optional[asyncio.AbstractEventLoop] = None) -> None:
         """Queue a sequence that has already waited ``waited_s`` on its way here (in
-        Serve's queue): its queue-wait bound counts that too."""
+        Serve's queue): its queue-wait bound counts that too.
+
+        ``batch_with``: the submitting event loop. The loop thread is then woken from it
+        once its current turn is over, so requests arriving in one turn (a burst) join the
+        same step; woken at the first, it would start a step with that one alone and make
+        the rest wait a whole step for their prefill.
+        """
         seq.enqueued_at = now() - waited_s
         self.waiting.push(seq, key, priority)
+        if batch_with is None:
+            self.wake()
+        elif batch_with not in self._wake_pending:
+            self._wake_pending.add(batch_with)
+            batch_with.call_soon(self._wake_from, batch_with)
+
+    def _wake_from(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        self._wake_pending.discard(event_loop)
         self.wake()
 
     def wake(self) -> None:

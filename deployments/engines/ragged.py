@@ -9,6 +9,12 @@ matmuls, which the int8 and bf16 kernels are; see ``weights``). This is register
 transformers attention implementation (``troupe_ragged``); the model's own cache is not
 used (``use_cache=False``): the buffers travel in the ``troupe_kv`` keyword, which
 transformers forwards to the attention function.
+
+Decode segments (one new token) take a two-matmul attention instead of sdpa's CPU flash
+kernel, whose set-up dominates a one-row query; transformers' own Llama (the bundled
+SmolLM2) is stepped by :func:`_llama_pass`, its forward's operations without its module
+plumbing. A one-token step on one core is bound by per-call costs nearly as much as by
+reading the weights; ``bench/README.md`` has the measurements.
 """
 
 from __future__ import annotations
@@ -102,6 +108,9 @@ def _ragged_attention(
     for kv, start, t in troupe_kv.segments:
         end = start + t
         keys, values = kv.append(module.layer_idx, key[:, :, start:end], value[:, :, start:end])
+        if t == 1:
+            outs.append(_one_token_attention(query[:, :, start:end], keys, values, scaling))
+            continue
         n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
@@ -113,6 +122,25 @@ def _ragged_attention(
             )
         )
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         scaling: Optional[float]) -> torch.Tensor:
+    """One new token's attention over its sequence's keys: ``[1, heads, 1, dim]``.
+
+    sdpa's CPU flash kernel costs about 60 us a call whatever the size (its blocking
+    set-up), a third of a decode step's attention; two float32 matmuls and a softmax do a
+    one-row query in a fraction of that. Query heads are grouped over their key/value head
+    (GQA) instead of repeating the keys. Float32 throughout, as the flash kernel
+    accumulates, then back to the activations' dtype.
+    """
+    heads, dim = query.shape[1], query.shape[3]
+    kv_heads = keys.shape[1]
+    scale = scaling if scaling is not None else dim ** -0.5
+    q = query.reshape(kv_heads, heads // kv_heads, dim).float()
+    scores = torch.matmul(q, keys[0].float().transpose(1, 2)).mul_(scale)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values[0].float())
+    return out.to(query.dtype).reshape(1, heads, 1, dim)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -142,6 +170,8 @@ class RaggedModel:
         self.num_layers = int(model.config.num_hidden_layers)
         #: LoRA adapters on this model (a ``lora_peft.PeftAdapters``; issue 19), or None.
         self.lora: Any = None
+        #: Steps of the base model skip transformers' module plumbing (:func:`_llama_pass`).
+        self.plain_llama = _is_plain_llama(model)
 
     def new_kv(self) -> SeqKV:
         return SeqKV(self.num_layers)
@@ -178,10 +208,13 @@ class RaggedModel:
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
         is_prompt = torch.repeat_interleave(torch.tensor([n > 1 for n in lengths]),
                                             torch.tensor(lengths))
+        packed = Packed(kvs, lengths)
         with torch.inference_mode(), prompt_rows(is_prompt):
+            if model is self.model and self.plain_llama and not kwargs:
+                return _llama_pass(model, input_ids, positions, last, packed)[0].float()
             out = model(
                 input_ids=input_ids, position_ids=positions, use_cache=False,
-                logits_to_keep=last, troupe_kv=Packed(kvs, lengths), **kwargs,
+                logits_to_keep=last, troupe_kv=packed, **kwargs,
             )
         return out.logits[0].float()
 
@@ -192,3 +225,58 @@ class RaggedModel:
     def decode(self, kvs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
         """One token per sequence, all in one pass; next-token logits, [B, V]."""
         return self.step(kvs, [[t] for t in tokens])
+
+
+def _is_plain_llama(model: Any) -> bool:
+    """Whether ``model`` is transformers' own Llama (SmolLM2's architecture), layer for
+    layer, so :func:`_llama_pass` computes exactly what its forward computes."""
+    from transformers.models.llama import modeling_llama as llama
+
+    inner = getattr(model, "model", None)
+    return (type(model) is llama.LlamaForCausalLM and type(inner) is llama.LlamaModel
+            and type(inner.norm) is llama.LlamaRMSNorm
+            and all(type(layer) is llama.LlamaDecoderLayer and type(layer.self_attn) is llama.LlamaAttention
+                    and type(layer.mlp) is llama.LlamaMLP and type(layer.input_layernorm) is llama.LlamaRMSNorm
+                    and type(layer.post_attention_layernorm) is llama.LlamaRMSNorm
+                    for layer in inner.layers))
+
+
+def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm.forward``, op for op."""
+    dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon)).to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary_pos_emb`` for one tensor, op for op."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _llama_pass(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                packed: Packed) -> torch.Tensor:
+    """A packed step through transformers' Llama: the same operations in the same order as
+    its forward (so the same logits, bit for bit), without its per-module plumbing (hooks,
+    keyword routing, output records), which costs a one-token step on one core about as
+    much as a tenth of its matmuls. Logits of the ``last`` positions, ``[1, len(last), V]``.
+    """
+    inner = model.model
+    hidden = inner.embed_tokens(input_ids)
+    cos, sin = inner.rotary_emb(hidden, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    shape = (*hidden.shape[:-1], -1)
+    for layer in inner.layers[: model.config.num_hidden_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        x = _rms_norm(layer.input_layernorm, hidden)
+        heads = (*x.shape[:-1], -1, attn.head_dim)
+        q = _rotate(attn.q_proj(x).view(heads).transpose(1, 2), cos, sin)
+        k = _rotate(attn.k_proj(x).view(heads).transpose(1, 2), cos, sin)
+        v = attn.v_proj(x).view(heads).transpose(1, 2)
+        out, _ = _ragged_attention(attn, q, k, v, None, scaling=attn.scaling, troupe_kv=packed)
+        hidden = hidden + attn.o_proj(out.reshape(shape).contiguous())
+        x = _rms_norm(layer.post_attention_layernorm, hidden)
+        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    hidden = _rms_norm(inner.norm, hidden)
+    return model.lm_head(hidden[:, last, :])

@@ -328,7 +328,8 @@ class TransformersTextEngine(PeftAdapterMethods):
         with self._jobs_lock:
             self._jobs[job.key] = job  # queued requests count as active
         assert self._loop is not None
-        self._loop.submit(seq, getattr(request, "api_key_id", None), priority, waited)
+        # Requests arriving in one event-loop turn (a burst) join one step together.
+        self._loop.submit(seq, getattr(request, "api_key_id", None), priority, waited, batch_with=job.loop)
         return job
 
     # ---------------------------------------------------------------- loop side

@@ -14,6 +14,9 @@ about 2.7x faster for 320 rows here; see ``bench/README.md``). Which rows are pr
 is set per packed step (:func:`prompt_rows`) from each sequence's own chunk, never from its
 neighbours, and both matmuls are row-independent, so batching still changes no output. The
 copy costs 2 bytes per weight (SmolLM2: about 270 MB more, still less than fp32).
+
+Sibling layers that read the same input (q/k/v, gate/up) are fused into one matmul each
+(:func:`fuse_siblings`): fewer kernel calls per step, the same result per output channel.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from torch import nn
 
-__all__ = ["WeightsKind", "Int8WeightLinear", "quantize_linears", "load_causal_lm", "prompt_rows"]
+__all__ = ["WeightsKind", "Int8WeightLinear", "FusedGroup", "quantize_linears", "fuse_siblings",
+           "load_causal_lm", "prompt_rows"]
 
 WeightsKind = Literal["int8", "bfloat16", "float32"]
 
@@ -67,21 +71,101 @@ class Int8WeightLinear(nn.Module):
         self.act_dtype = act_dtype
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+        #: Set by :func:`fuse_siblings`: the group this layer's weights are a slice of.
+        self.group: Optional[FusedGroup] = None
+
+    def matmul(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` [rows, in] times this layer's weights: prompt rows in bf16, others int8."""
+        return _matmul(flat, self.qweight, self.scale, self.dense, self.out_features)  # type: ignore[arg-type]  # buffers
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(self.act_dtype)
-        split = getattr(_step, "split", None)
-        if split is None or split[0] != flat.shape[0]:
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
-        elif len(split[2]) == 0:  # every row is a prompt's
-            out = torch.nn.functional.linear(flat, self.dense)
+        if self.group is not None:
+            out = self.group.output(self, x)
         else:
-            out = flat.new_empty(flat.shape[0], self.out_features)
-            out[split[1]] = torch.nn.functional.linear(flat[split[1]], self.dense)
-            out[split[2]] = torch.ops.aten._weight_int8pack_mm(flat[split[2]], self.qweight, self.scale)
+            out = self.matmul(_as(x.reshape(-1, shape[-1]), self.act_dtype))
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return _as(out.reshape(*shape[:-1], self.out_features), x.dtype)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; without a call when it already is (a decode step makes hundreds)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _matmul(flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor,
+            out_features: int) -> torch.Tensor:
+    split = getattr(_step, "split", None)
+    if split is None or split[0] != flat.shape[0]:
+        return torch.ops.aten._weight_int8pack_mm(flat, qweight, scale)
+    if len(split[2]) == 0:  # every row is a prompt's
+        return torch.nn.functional.linear(flat, dense)
+    out = flat.new_empty(flat.shape[0], out_features)
+    out[split[1]] = torch.nn.functional.linear(flat[split[1]], dense)
+    out[split[2]] = torch.ops.aten._weight_int8pack_mm(flat[split[2]], qweight, scale)
+    return out
+
+
+class FusedGroup:
+    """Sibling int8 layers that read the same input (q/k/v, gate/up) as one matmul.
+
+    Decoding is bound by per-call cost as much as by bytes: one int8 kernel call over the
+    concatenated output channels replaces two or three, with the same result per channel
+    (each output channel is its own dot product and scale), so outputs do not change. The
+    members' buffers become slices of the fused ones (no extra memory). The first member
+    computes every member's columns and keeps them for the others, which take their slice
+    when called with the very same input tensor and otherwise compute their own.
+    """
+
+    def __init__(self, members: list[Int8WeightLinear]) -> None:
+        self.lead = members[0]
+        self.qweight = torch.cat([m.qweight for m in members]).contiguous()  # type: ignore[misc]  # buffers
+        self.scale = torch.cat([m.scale for m in members])  # type: ignore[misc]
+        self.dense = torch.cat([m.dense for m in members]).contiguous()
+        self.columns: dict[int, tuple[int, int]] = {}
+        start = 0
+        for m in members:
+            end = start + m.out_features
+            self.columns[id(m)] = (start, end)
+            m.qweight, m.scale, m.dense = self.qweight[start:end], self.scale[start:end], self.dense[start:end]
+            m.group = self
+            start = end
+        #: (input, prompt-row split, fused output) of the lead's last call, set in one
+        #: assignment so a second thread (a prompt-logprobs forward) never mixes two calls.
+        self._last: Optional[tuple[torch.Tensor, Any, torch.Tensor]] = None
+
+    def output(self, member: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s output for ``x`` ([rows, out_features])."""
+        split = getattr(_step, "split", None)
+        start, end = self.columns[id(member)]
+        last = self._last
+        if member is not self.lead and last is not None and last[0] is x and last[1] is split:
+            return last[2][:, start:end]
+        flat = _as(x.reshape(-1, x.shape[-1]), member.act_dtype)
+        if member is not self.lead:
+            return member.matmul(flat)
+        out = _matmul(flat, self.qweight, self.scale, self.dense, self.qweight.shape[0])
+        self._last = (x, split, out)
+        return out[:, start:end]
+
+
+#: Sibling layers that read one input in Llama-style blocks (Llama, Mistral, Qwen2, SmolLM).
+FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_siblings(model: nn.Module) -> int:
+    """Group the int8 layers named in :data:`FUSABLE` under each module; returns how many
+    groups. Layers with a bias or different input sizes stay apart."""
+    count = 0
+    for module in model.modules():
+        for names in FUSABLE:
+            members = [getattr(module, n, None) for n in names]
+            if all(isinstance(m, Int8WeightLinear) and m.bias is None and m.group is None
+                   and m.in_features == members[0].in_features for m in members):
+                FusedGroup(members)  # type: ignore[arg-type]  # checked just above
+                count += 1
+    return count
 
 
 def quantize_linears(
@@ -110,4 +194,5 @@ def load_causal_lm(folder: Path, weights: WeightsKind) -> Any:
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     if weights == "int8":
         quantize_linears(model, torch.bfloat16)
+        fuse_siblings(model)
     return model.eval()

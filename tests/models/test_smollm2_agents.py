@@ -190,8 +190,13 @@ async def test_logprobs_penalties_and_logit_bias(engine):
     assert tokens - 1 <= len(entries) <= tokens  # an EOS counts as a token but has no entry
     assert "".join(e.token for e in entries) == text
     assert all(len(e.top) == 3 and e.top[0][2] >= e.logprob - 1e-4 for e in entries)  # greedy: top is the pick
-    plain, _ = await run(engine, chat("np", "Count: one, one, one, one,", sampling={"max_tokens": 20}))
-    penalised, _ = await run(engine, chat("fp", "Count: one, one, one, one,", sampling={"max_tokens": 20, "frequency_penalty": 2.0}))
+    # A long answer repeats tokens (" a", ","), which the penalties must then steer away from
+    # (a short one may repeat none and so be left as it is; 20 tokens with only the frequency
+    # penalty kept their greedy choice here).
+    story = "Write a long story about a lighthouse keeper."
+    plain, _ = await run(engine, chat("np", story, sampling={"max_tokens": 40}))
+    penalised, _ = await run(engine, chat("fp", story, sampling={
+        "max_tokens": 40, "frequency_penalty": 2.0, "presence_penalty": 2.0}))
     assert penalised != plain
     first = entries[0].token_id
     _, banned = await run(engine, chat("lb", question, sampling={"max_tokens": 2, "logprobs": 0, "logit_bias": {first: -100}}))

@@ -135,3 +135,53 @@ def test_prompt_rows_take_the_bf16_copy_and_decode_rows_the_int8_kernel():
     assert torch.equal(head, alone_int8[:2])
     # both paths hold the same de-quantized weights: close, not necessarily bit-equal
     assert torch.allclose(mixed.float(), alone_int8.float(), atol=0.05, rtol=0.05)
+
+
+def test_fused_siblings_change_no_output():
+    """q/k/v and gate/up as one int8 matmul give exactly what the separate layers give,
+    for decode rows (int8 kernel) and prompt rows (bf16 copy) alike."""
+    from deployments.engines.weights import fuse_siblings
+
+    plain, fused = RaggedModel(tiny_llama("int8")), RaggedModel(tiny_llama("int8"))
+    assert fuse_siblings(fused.model) == 2 * 2
+    greedy = {name: ragged_greedy(s, PROMPTS, 5) for name, s in (("plain", plain), ("fused", fused))}
+    prompts = {name: s.step([s.new_kv() for _ in PROMPTS], PROMPTS)
+               for name, s in (("plain", plain), ("fused", fused))}
+    assert greedy["fused"] == greedy["plain"]
+    assert torch.equal(prompts["fused"], prompts["plain"])
+
+
+def test_one_token_attention_is_close_to_sdpa():
+    import torch.nn.functional as F
+
+    from deployments.engines.ragged import _one_token_attention
+
+    torch.manual_seed(2)
+    for n in (1, 7, 130):
+        q = torch.randn(1, 9, 1, 64).bfloat16()
+        k, v = torch.randn(1, 3, n, 64).bfloat16(), torch.randn(1, 3, n, 64).bfloat16()
+        want = F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True)
+        got = _one_token_attention(q, k, v, 0.125)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16", "float32"])
+def test_the_lean_llama_pass_computes_what_transformers_computes(weights):
+    """The step's own pass through a Llama gives transformers' logits bit for bit."""
+    from deployments.engines.weights import fuse_siblings
+
+    model = tiny_llama(weights)
+    if weights == "int8":
+        fuse_siblings(model)
+    lean, plain = RaggedModel(model), RaggedModel(model)
+    assert lean.plain_llama
+    plain.plain_llama = False
+    logits = {}
+    for name, stepper in (("lean", lean), ("plain", plain)):
+        kvs = [stepper.new_kv() for _ in PROMPTS]
+        first = stepper.step(kvs[:2], PROMPTS[:2])
+        mixed = stepper.step(kvs, [[1], [2], *PROMPTS[2:]])  # decode rows beside prompts
+        logits[name] = (first, mixed, stepper.decode(kvs, [3, 4, 5, 6]))
+    for got, want in zip(logits["lean"], logits["plain"]):
+        assert torch.equal(got, want)

@@ -241,6 +241,7 @@ class FakeModel:
         self.generation_config = SimpleNamespace(eos_token_id=EOS, pad_token_id=EOS)
         self.config = SimpleNamespace(max_position_embeddings=64)
         self.produced = 0
+        self.batches: list[list[int]] = []  # chunk lengths of each step
 
     def new_kv(self):
         return SimpleNamespace(n=0)
@@ -255,6 +256,7 @@ class FakeModel:
         return logits
 
     def step(self, kvs, chunks):
+        self.batches.append([len(c) for c in chunks])
         time.sleep(self.delay)
         return torch.stack([self._next(kv) for kv in kvs])
 
@@ -393,3 +395,24 @@ async def test_shutdown_aborts_everything():
     assert engine.active_requests() == 0
     with pytest.raises(ModelNotLoaded):
         await collect(engine, req())
+
+
+class SlowTokenizer(FakeTokenizer):
+    """Tokenizing takes a while and lets other threads run meanwhile (as a real one does)."""
+
+    def __call__(self, text, add_special_tokens=True):
+        time.sleep(0.005)
+        return super().__call__(text, add_special_tokens)
+
+
+async def test_a_burst_of_requests_is_prefilled_in_one_step():
+    """Eight requests arriving together get their first tokens from the same step: none
+    waits a whole step behind the first one's prefill."""
+    engine = TransformersTextEngine("fake", TransformersEngineConfig(max_num_seqs=8))
+    model = FakeModel([3, 4, 5], delay=0.02)
+    engine._attach(SlowTokenizer(), model)
+    results = await asyncio.gather(*(collect(engine, req(f"r{i}", prompt="a b c d", max_tokens=3))
+                                     for i in range(8)))
+    assert all(text == " one two three" for text, _ in results)
+    assert model.batches[0] == [4] * 8
+    await engine.shutdown()
