@@ -125,3 +125,24 @@ def test_folded_torch_engines_agree_on_their_threads() -> None:
     assert load_settings({"models": models(1)})
     with pytest.raises(ConfigError, match="num_threads must match"):
         load_settings({"models": models(2)})
+
+
+def test_troupe_status_lists_models_hosted_in_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_app.cli import status
+
+    gateway = {"status": "HEALTHY", "target_num_replicas": 1,
+               "deployment_config": {"max_ongoing_requests": 1000,
+                                     "ray_actor_options": {"num_cpus": 0.9}},
+               "replicas": [{"state": "RUNNING", "node_ip": "127.0.0.1", "node_id": "abcdef0123"}]}
+    details = {"applications": {"troupe": {"deployments": {"Gateway": gateway}}}}
+    monkeypatch.setattr(status, "_serve_details", lambda: details)
+    monkeypatch.setattr(status, "_placement_group_gpus", lambda: {})
+    settings = load_settings({"models": FOLDED})
+    queues = {"LLM_chat": {"queue_depth": 2.0, "running": 1.0, "expected_wait_s": 0.5}}
+    rows = {r["deployment"]: r for r in status.collect_status(
+        {"troupe": settings}, {"LLM_chat": 3.0}, queues)}
+    assert set(rows) == {"Gateway"} | {f"{m.deployment_name}@Gateway" for m in settings.models}
+    chat = rows["LLM_chat@Gateway"]
+    assert chat["replicas"] == {"RUNNING": 1} and chat["status"] == "HEALTHY"
+    assert chat["in_flight"] == 3.0 and chat["engine_queue"]["queue_depth"] == 2.0
+    assert "troupe/LLM_chat@Gateway" in status.format_status(list(rows.values()))
