@@ -56,6 +56,12 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     # that its raylet lives and collects per-process stats for the dashboard every 5 s.
     "RAY_DASHBOARD_AGENT_CHECK_PARENT_INTERVAL_S": "2",
     "REPORTER_UPDATE_INTERVAL_MS": "60000",
+    # Ray's log monitor (it streams the replicas' output to this terminal) globbed the logs
+    # folder for new files ten times a second; with the threshold at 0 it looks for new
+    # files every 5 s and still reads the open ones at 10 Hz (a new replica's first lines
+    # arrive up to 5 s later; none are lost: a new file is read from its start).
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
 }
 
 
