@@ -72,6 +72,7 @@ async def test_a_folded_model_unloads_its_engine_and_loads_again(folded: Any) ->
     r = await folded.post("/models/emb/unload")
     assert r.status_code == 200, r.text
     assert r.json()["loaded"] is False and r.json()["memory"]["loaded"] is False
+    assert "hosted in the gateway" in r.json()["replicas"]
     assert folded.hosted.hosts["emb"].engine is None  # freed in this process
     refused = await folded.post("/v1/embeddings", json={"model": "emb", "input": "x"})
     assert refused.status_code == 409 and "POST /models/emb/load" in refused.text
