@@ -4,6 +4,7 @@ config rules around it (CPU reservation, what may not be folded, torch threads).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any, AsyncIterator
 
@@ -147,3 +148,35 @@ def test_troupe_status_lists_models_hosted_in_the_gateway(monkeypatch: pytest.Mo
     assert chat["replicas"] == {"RUNNING": 1} and chat["status"] == "HEALTHY"
     assert chat["in_flight"] == 3.0 and chat["engine_queue"]["queue_depth"] == 2.0
     assert "troupe/LLM_chat@Gateway" in status.format_status(list(rows.values()))
+
+
+async def test_the_metrics_actor_in_process_answers_like_the_ray_actor(tmp_path) -> None:
+    """The recorder's sink, the gauge sink, and a span exporter's thread reach a
+    MetricsActor kept in this process; its /metrics text counts what they sent."""
+    import threading
+
+    from actors.recorder import actor_gauge_sink, actor_sink
+    from serve_app.build.actors import in_process_metrics
+    from serve_app.protocol.metrics import RequestEvent
+
+    settings = load_settings({"models": FOLDED, "metrics": {"serve_poll_interval_s": 0}})
+    metrics = await in_process_metrics(settings, f"sqlite:///{tmp_path}/ledger.db")
+    try:
+        event = RequestEvent(event_id="e1", ts=1000.0, model="chat", route="/v1/chat/completions",
+                             provider="local", e2e_ms=12.0, prompt_tokens=3, completion_tokens=4)
+        assert await actor_sink(metrics)([event]) == 1
+        assert await actor_sink(metrics)([event]) == 0  # a retried batch counts once
+        await actor_gauge_sink(metrics, "gw")([("in_flight_requests", {"deployment": "LLM_chat"},
+                                                2.0)])
+        span = {"trace_id": "t1", "span_id": "s1", "name": "gateway", "start": 1.0, "end": 2.0}
+        sent = []  # from the exporter's own thread, as the span processor calls it
+        thread = threading.Thread(target=lambda: sent.append(metrics.record_spans.remote([span])))
+        thread.start()
+        thread.join()
+        await asyncio.wait_for(asyncio.wrap_future(sent[0]), 5)
+        text = (await metrics.prometheus.remote()).decode()
+        assert 'troupe_requests_total{' in text and 'model="chat"' in text
+        assert 'troupe_in_flight_requests{deployment="LLM_chat"} 2.0' in text
+        assert [t["trace_id"] for t in await metrics.traces.remote()] == ["t1"]
+    finally:
+        await metrics.target.close()
