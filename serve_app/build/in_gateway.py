@@ -12,21 +12,34 @@ the gateway can host it instead: the plain deployment class (the same
 Engines start before the gateway replica reports ready (weights load once, up front). The
 heavy work of every CPU engine already runs in threads (``asyncio.to_thread`` or the text
 engine's batch loop), so the gateway's event loop keeps serving while a model computes.
+A CPU model of another modality keeps its ``deployment.max_ongoing_requests`` as a cap
+(beyond it requests wait their turn, as in Serve's router), and the loop's worker threads
+grow by those caps, so a burst to one model cannot hold the threads another model needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
 
 from serve_app.build.local_handle import LocalHandle
 from serve_app.build.replicas import plain_class
-from serve_app.settings import TroupeSettings
+from serve_app.settings import ModelConfig, TroupeSettings
 
 __all__ = ["InGatewayModels"]
 
 logger = logging.getLogger("troupe.in_gateway")
+
+
+def _cap(model: ModelConfig) -> Optional[asyncio.Semaphore]:
+    """A CPU model's own ``max_ongoing_requests`` (text engines bound their own queue;
+    remote providers and mocks do no work here)."""
+    if model.modality == "text" or not model.computes_locally:
+        return None
+    return asyncio.Semaphore(model.deployment.max_ongoing_requests)
 
 
 class InGatewayModels:
@@ -43,7 +56,8 @@ class InGatewayModels:
         }
         #: model id -> a handle with the Serve handle surface the dispatcher calls.
         self.handles: dict[str, LocalHandle] = {
-            mid: LocalHandle(host) for mid, host in self.hosts.items()
+            mid: LocalHandle(host, limit=_cap(self.models[mid]))
+            for mid, host in self.hosts.items()
         }
         self._gauges: list[asyncio.Task] = []
 
@@ -51,6 +65,12 @@ class InGatewayModels:
         """Load every engine now (one after another: loading weights is CPU-bound), then
         export the text engines' queues to ``metrics`` (the metrics actor's handle, Ray's
         or in-process; None: metrics off) as a text replica would."""
+        capped = sum(m.deployment.max_ongoing_requests for m in self.models.values()
+                     if _cap(m) is not None)
+        if capped:  # each model's capped requests get worker threads, as in its own replica
+            asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
+                max_workers=capped + (os.cpu_count() or 1) + 4,
+                thread_name_prefix="in-gateway"))
         for mid, host in self.hosts.items():
             model = self.models[mid]
             if model.computes_locally:

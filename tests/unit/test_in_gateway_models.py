@@ -180,3 +180,41 @@ async def test_the_metrics_actor_in_process_answers_like_the_ray_actor(tmp_path)
         assert [t["trace_id"] for t in await metrics.traces.remote()] == ["t1"]
     finally:
         await metrics.target.close()
+
+
+async def test_a_capped_model_takes_its_max_ongoing_requests_and_the_rest_wait() -> None:
+    """An in-gateway CPU model keeps its replica's cap: beyond it requests wait their turn
+    (they are not refused), and managing the model (stats, unload) never waits."""
+    from serve_app.build.local_handle import LocalHandle
+
+    class Engine:
+        def __init__(self) -> None:
+            self.running, self.most = 0, 0
+            self.release = asyncio.Event()
+
+        async def generate(self, n: int) -> int:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            await self.release.wait()
+            self.running -= 1
+            return n
+
+        def stats(self) -> dict[str, int]:
+            return {"running": self.running}
+
+    engine = Engine()
+    handle = LocalHandle(engine, limit=asyncio.Semaphore(2))
+    calls = [handle.generate.remote(i) for i in range(5)]
+    await asyncio.wait_for(_until(lambda: engine.running == 2), 5)
+    assert (await handle.stats.remote()) == {"running": 2}  # not held behind the cap
+    engine.release.set()
+    assert [await c for c in calls] == [0, 1, 2, 3, 4] and engine.most == 2
+    settings = load_settings({"models": [
+        {"id": "img", "modality": "image", "run_in": "gateway", "engine": {"type": "gan"},
+         "deployment": {"max_ongoing_requests": 3}}]})
+    assert InGatewayModels(settings).handles["img"]._limit._value == 3  # type: ignore[union-attr]
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0)
