@@ -19,7 +19,9 @@ from serve_app.tracing import ActorSpanSink
 __all__ = [
     "ActorModelState",
     "LazyActor",
+    "in_process_metrics",
     "metrics_actor_handle",
+    "metrics_in_process",
     "model_state_backend",
     "quota_actor_handle",
     "install_session",
@@ -38,14 +40,35 @@ def metrics_actor_handle(settings: TroupeSettings, store_url: str) -> Any:
     return named_actor(
         MetricsActor, METRICS_ACTOR, num_cpus=metrics.actor_num_cpus,
         on_head=head_for_store(store_url),
-    ).remote(
-        store_url,
-        overrides_from_models(settings.models),
-        metrics.histogram_buckets_ms,
-        max_traces=settings.tracing.max_traces_kept,
-        max_spans_per_trace=settings.tracing.max_spans_per_trace,
-        serve_poll_s=metrics.serve_poll_interval_s,
-    )
+    ).remote(store_url, overrides_from_models(settings.models), metrics.histogram_buckets_ms,
+             **_metrics_options(settings))
+
+
+def _metrics_options(settings: TroupeSettings) -> dict[str, Any]:
+    return {"max_traces": settings.tracing.max_traces_kept,
+            "max_spans_per_trace": settings.tracing.max_spans_per_trace,
+            "serve_poll_s": settings.metrics.serve_poll_interval_s}
+
+
+def metrics_in_process(settings: TroupeSettings) -> bool:
+    """Whether the metrics actor can live in the gateway's own process: one gateway replica,
+    every model hosted in it (no model replica sends events, spans or queue gauges), and
+    a one-node Ray (the ledger file is on this machine). ``make run``'s case."""
+    return (settings.metrics.enabled and settings.gateway.num_replicas == 1
+            and all(m.run_in == "gateway" for m in settings.models) and _one_node())
+
+
+async def in_process_metrics(settings: TroupeSettings, store_url: str) -> Any:
+    """The metrics actor as an object of this process (see :func:`metrics_in_process`),
+    started, behind the handle surface its callers use."""
+    from actors.metrics import MetricsActor
+    from serve_app.build.local_actor import InProcessActor
+    from serve_app.pricing import overrides_from_models
+
+    actor = MetricsActor(store_url, overrides_from_models(settings.models),
+                         settings.metrics.histogram_buckets_ms, **_metrics_options(settings))
+    await actor.start()
+    return InProcessActor(actor)
 
 
 class LazyActor:
@@ -180,8 +203,10 @@ def install_session(args: Optional[Mapping[str, Any]]) -> Any:
     return source
 
 
-def span_sink(metrics_enabled: bool) -> Optional[ActorSpanSink]:
-    """Finished spans of a replica go, in batches, to the metrics actor (for /traces)."""
+def span_sink(metrics_enabled: bool, metrics: Any = None) -> Optional[ActorSpanSink]:
+    """Finished spans of a replica go, in batches, to the metrics actor (for /traces):
+    ``metrics`` when given (the gateway's own), else the named actor."""
     if not metrics_enabled:
         return None
-    return ActorSpanSink(METRICS_ACTOR, namespace=NAMESPACE)
+    return ActorSpanSink(METRICS_ACTOR, namespace=NAMESPACE,
+                         resolve=None if metrics is None else (lambda: metrics))

@@ -16,13 +16,16 @@ from typing import Any, Optional
 from fastapi import FastAPI
 
 from serve_app.build.actors import (
+    in_process_metrics,
     install_session,
     metrics_actor_handle,
+    metrics_in_process,
     model_state_backend,
     quota_actor_handle,
     session_actor_args,
     span_sink,
 )
+from serve_app.build.in_gateway import InGatewayModels
 from serve_app.build.replicas import model_deployment
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.http.plumbing import RequestIdMiddleware, install_error_handlers
@@ -149,7 +152,9 @@ class Gateway:
         handles: model id -> handle of that model's deployment (Serve resolves them).
     """
 
-    def __init__(self, settings: dict[str, Any], handles: dict[str, Any]) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__; typing wants it sync
+        self, settings: dict[str, Any], handles: dict[str, Any],
+    ) -> None:
         logging.basicConfig(level=logging.INFO)
         parsed = TroupeSettings.model_validate(settings)
         self.state: StateLocation = settings_state_location(parsed)
@@ -160,14 +165,16 @@ class Gateway:
         self.session_actor = None
         if parsed.credential_envs():
             self.session_actor = install_session(session_actor_args(parsed)).actor
-        self.local_handles = _in_gateway_handles(parsed)
-        handles = {**handles, **self.local_handles}
+        self.in_gateway = InGatewayModels(parsed)
+        handles = {**handles, **self.in_gateway.handles}
         self.metrics_actor = None
         self.recorder = None
         if parsed.metrics.enabled:
             from actors.recorder import MetricsRecorder, actor_gauge_sink, actor_sink
 
-            self.metrics_actor = metrics_actor_handle(parsed, self.state.store_url)
+            self.metrics_actor = await in_process_metrics(parsed, self.state.store_url) \
+                if metrics_in_process(parsed) \
+                else metrics_actor_handle(parsed, self.state.store_url)
             self.recorder = MetricsRecorder(
                 actor_sink(self.metrics_actor),
                 flush_interval_s=parsed.metrics.flush_interval_s,
@@ -182,10 +189,19 @@ class Gateway:
             gauge=self.recorder.set_gauge if self.recorder else None,
             model_state=model_state_backend(self.state, parsed.gateway.num_replicas),
         )
-        setup_tracing(parsed.tracing, "gateway", span_sink(parsed.metrics.enabled))
+        setup_tracing(parsed.tracing, "gateway", span_sink(parsed.metrics.enabled,
+                                                            self._own_metrics()))
         self.policies = policy_layer(parsed, self.core, self.state.store_url)
         self.core.adapters.store = self.policies.store  # registered adapters persist there
         self.core.adapters.ready = self.policies.ready  # which opens that store
+        # Weights load before this replica reports ready, as a model replica's would.
+        await self.in_gateway.start(self.metrics_actor)
+
+    def _own_metrics(self) -> Any:
+        """The metrics actor when it lives in this process (None: the named Ray actor)."""
+        from serve_app.build.local_actor import InProcessActor
+
+        return self.metrics_actor if isinstance(self.metrics_actor, InProcessActor) else None
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_fastapi_app(
@@ -200,20 +216,13 @@ class Gateway:
         await self.core.adapters.refresh()  # adapters registered on another replica
 
     async def __del__(self) -> None:  # Serve awaits it on graceful shutdown: flush what is left
-        for handle in getattr(self, "local_handles", {}).values():  # in-gateway engines
-            await handle.shutdown.remote()
+        if hasattr(self, "in_gateway"):
+            await self.in_gateway.shutdown()
         if self.recorder is not None:
             await self.recorder.close()
-
-
-def _in_gateway_handles(settings: TroupeSettings) -> dict[str, Any]:
-    """Handles over engines that run inside this gateway replica (``run_in: gateway``)."""
-    from deployments.llm import LLMDeployment
-    from serve_app.build.local_handle import LocalHandle
-
-    return {
-        m.id: LocalHandle(LLMDeployment(m)) for m in settings.models if m.run_in == "gateway"
-    }
+        own = self._own_metrics() if hasattr(self, "metrics_actor") else None
+        if own is not None:  # the ledger's store closes with this process's metrics
+            await own.target.close()
 
 
 def build_app(args: Optional[dict[str, Any]] = None):
@@ -243,7 +252,9 @@ def build_app(args: Optional[dict[str, Any]] = None):
         name="Gateway",
         num_replicas=gw.num_replicas,
         max_ongoing_requests=gw.max_ongoing_requests,
-        ray_actor_options=gw.ray_actor_options.to_ray(),
+        # Its own CPUs plus those of the models computing inside it (run_in: gateway).
+        ray_actor_options={**gw.ray_actor_options.to_ray(),
+                           "num_cpus": settings.gateway_num_cpus()},
     )
     logger.info(
         "Troupe %s: %d model(s): %s", VERSION, len(settings.models),

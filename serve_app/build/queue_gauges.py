@@ -84,8 +84,10 @@ def metrics_actor_sink(source: str) -> GaugeSink:
     return sink
 
 
-def start_queue_gauges(replica: Any, deployment: str, model_id: str) -> asyncio.Task:
-    """Start pushing a text replica's queue gauges on its event loop (metrics enabled)."""
+def start_queue_gauges(replica: Any, deployment: str, model_id: str,
+                       sink: Optional[GaugeSink] = None) -> asyncio.Task:
+    """Start pushing a text replica's queue gauges on its event loop (metrics enabled), to
+    ``sink`` (default: the named metrics actor, found on first use)."""
 
     def read() -> Optional[dict[str, Any]]:
         engine = replica.engine
@@ -94,5 +96,5 @@ def start_queue_gauges(replica: Any, deployment: str, model_id: str) -> asyncio.
         return engine.queue_stats()
 
     labels = {"deployment": deployment, "model": model_id, "replica": replica.replica_id}
-    gauges = QueueGauges(read, metrics_actor_sink(replica.replica_id), labels)
+    gauges = QueueGauges(read, sink or metrics_actor_sink(replica.replica_id), labels)
     return asyncio.get_running_loop().create_task(gauges.run())

@@ -61,6 +61,12 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     # they spawn (vLLM's engine core and CPU worker inherit it). At nice 15 any nice-0
     # process on the machine takes ~28x their CPU share; ``vllm serve`` runs at nice 0.
     "RAY_worker_niceness": "0",
+    # Ray's log monitor (it streams the replicas' output to this terminal) globbed the logs
+    # folder for new files ten times a second; with the threshold at 0 it looks for new
+    # files every 5 s and still reads the open ones at 10 Hz (a new replica's first lines
+    # arrive up to 5 s later; none are lost: a new file is read from its start).
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "5",
 }
 
 

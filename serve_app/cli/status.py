@@ -1,4 +1,4 @@
-"""``troupe status``: what runs where, per deployment.
+"""``troupe status``: what runs where, per deployment (and per model hosted in a gateway).
 
 Reads Serve's controller (each deployment's config, target replica count, and its
 replicas with their state and node), the gateway's ``/metrics`` (requests in flight per
@@ -152,6 +152,32 @@ def collect_status(
             row = _deployment_row(app_name, dep_name, dep, groups, options, flight)
             row["engine_queue"] = (engine_queues or {}).get(dep_name)
             rows.append(row)
+    for app_name, app_settings in sorted((settings or {}).items()):
+        gateway = ((applications.get(app_name) or {}).get("deployments") or {}).get("Gateway")
+        rows += _in_gateway_rows(app_name, app_settings, gateway, groups, in_flight,
+                                 engine_queues)
+    return rows
+
+
+def _in_gateway_rows(
+    app_name: str, settings: TroupeSettings, gateway: Optional[dict[str, Any]],
+    groups: dict[str, float], in_flight: Optional[dict[str, float]],
+    engine_queues: Optional[dict[str, dict[str, float]]],
+) -> list[dict[str, Any]]:
+    """One row per model hosted in the gateway (``run_in: gateway``), named
+    ``<deployment>@Gateway``: it runs wherever, and as often as, the gateway's replicas do."""
+    if gateway is None:
+        return []
+    rows = []
+    for model in settings.models:
+        if model.run_in != "gateway":
+            continue
+        name = model.deployment_name
+        flight = None if in_flight is None else in_flight.get(name, 0.0)
+        row = _deployment_row(app_name, f"{name}@Gateway", gateway, groups, None, flight)
+        row["queued"] = None  # the gateway's cap is not this model's
+        row["engine_queue"] = (engine_queues or {}).get(name)
+        rows.append(row)
     return rows
 
 

@@ -111,9 +111,13 @@ class ModelStates:
         self.unloaded.add(model.id)
         freed = await self.dispatcher.control(model.id, "unload")
         # Then the replicas themselves go (apps deployed with external_scaler_enabled).
-        removed = model.run_in == "deployment" and await set_replicas(model.deployment_name, 0)
-        return {"id": model.id, "loaded": False, "memory": freed,
-                "replicas": 0 if removed else "kept (engine freed; the app is not externally scaled)"}
+        if model.run_in == "gateway":
+            replicas: Any = "none (hosted in the gateway replica; its engine was freed there)"
+        elif await set_replicas(model.deployment_name, 0):
+            replicas = 0
+        else:
+            replicas = "kept (engine freed; the app is not externally scaled)"
+        return {"id": model.id, "loaded": False, "memory": freed, "replicas": replicas}
 
     async def load(self, model: ModelConfig) -> dict[str, Any]:
         """Start the engine again, then accept requests."""

@@ -222,8 +222,9 @@ class ModelConfig(Strict):
     run_in: Literal["deployment", "gateway"] = Field(
         "deployment",
         description="Where the engine runs: its own Serve deployment, or inside each gateway "
-        "replica (no extra hop; only for engines that hold no accelerator state: remote "
-        "providers and the mock).",
+        "replica (no hop and no idle process of its own; for engines that hold no "
+        "accelerator: remote providers, the mock and the CPU engines). A model in the "
+        "gateway adds its ray_actor_options.num_cpus to the gateway's reservation.",
     )
     adapters: Optional[AdapterSettings] = Field(
         None,
@@ -231,15 +232,27 @@ class ModelConfig(Strict):
         "None: the model serves no adapters and refuses registrations.",
     )
 
+    @property
+    def computes_locally(self) -> bool:
+        """The engine does its own compute (weights in this process): not a remote provider
+        and not the mock."""
+        return self.provider == "local" and not self.engine.type.startswith("mock")
+
     @model_validator(mode="after")
-    def _gateway_only_remote(self) -> "ModelConfig":
-        if (self.run_in == "gateway" and self.engine.provider == "local"
-                and self.engine.type != "mock"):
-            raise ValueError("run_in: gateway is only for remote engines (openai, anthropic, "
-                             "gemini) and the mock engine")
-        if self.run_in == "gateway" and self.modality != "text":
-            raise ValueError("run_in: gateway is only for text models; remote embeddings run "
-                             "in their own deployment (run_in: deployment)")
+    def _fits_in_the_gateway(self) -> "ModelConfig":
+        if self.run_in != "gateway":
+            return self
+        dep = self.deployment
+        if self.engine.type.startswith("vllm") or dep.ray_actor_options.num_gpus > 0 \
+                or dep.placement_group_bundles:
+            raise ValueError("run_in: gateway is for engines without an accelerator (remote "
+                             "providers, the mock, CPU engines); a GPU model needs its own "
+                             "deployment (run_in: deployment)")
+        if dep.autoscaling is not None or (dep.num_replicas or 1) > 1:
+            raise ValueError("a model with run_in: gateway runs once in each gateway replica: "
+                             "scale it with gateway.num_replicas, or give it its own "
+                             "deployment (run_in: deployment) to set deployment.num_replicas "
+                             "or autoscaling")
         return self
 
     @model_validator(mode="after")

@@ -30,6 +30,9 @@ from serve_app.settings.policies import (
 )
 from serve_app.settings.realtime import RealtimeSettings
 
+#: Engines whose threads are torch's (one per-process intra-op pool).
+_TORCH_ENGINES = frozenset({"transformers", "sentence-transformers", "gan"})
+
 __all__ = [
     "GatewayOptions",
     "MetricsSettings",
@@ -170,7 +173,7 @@ class TroupeSettings(Strict):
         Ray never runs a replica whose CPUs are not free, so a config that asks for more
         than the cluster has leaves a replica (maybe the gateway) waiting forever.
         """
-        total = self.gateway.num_replicas * self.gateway.ray_actor_options.num_cpus
+        total = self.gateway.num_replicas * self.gateway_num_cpus()
         for model in self.models:
             if model.run_in == "gateway":
                 continue
@@ -182,6 +185,26 @@ class TroupeSettings(Strict):
         total += self.metrics.actor_num_cpus + self.session.actor_num_cpus
         total += self.limits.actor_num_cpus
         return round(total, 3)
+
+    def gateway_num_cpus(self) -> float:
+        """Ray CPUs of one gateway replica: its own, plus those of every model that computes
+        inside it (``run_in: gateway``; remote providers and mocks add none)."""
+        folded = sum(m.deployment.ray_actor_options.num_cpus
+                     for m in self.models if m.run_in == "gateway" and m.computes_locally)
+        return round(self.gateway.ray_actor_options.num_cpus + folded, 3)
+
+    @model_validator(mode="after")
+    def _one_torch_thread_count_in_the_gateway(self) -> "TroupeSettings":
+        """torch's intra-op thread count is per process: the torch engines hosted in the
+        gateway must agree on it, or one would silently change the others'."""
+        counts = {m.id: getattr(m.engine, "num_threads", None) for m in self.models
+                  if m.run_in == "gateway" and m.engine.type in _TORCH_ENGINES}
+        if len(set(counts.values())) > 1:
+            raise ValueError(
+                "models with run_in: gateway share one torch thread pool, so their "
+                f"engine.num_threads must match (got {counts}); set one value, or give a "
+                "model its own deployment (run_in: deployment)")
+        return self
 
     @field_validator("models")
     @classmethod

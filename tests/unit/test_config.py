@@ -299,7 +299,7 @@ def test_pricing_cost() -> None:
 # ------------------------------------------------------------------ shipped configs
 
 
-@pytest.mark.parametrize("name", ["mock.yaml", "local.yaml"])
+@pytest.mark.parametrize("name", ["mock.yaml", "local.yaml", "local-replicas.yaml"])
 def test_shipped_serve_configs_validate(name: str) -> None:
     serve_config = yaml.safe_load((REPO / "config" / name).read_text())
     apps = serve_config["applications"]
@@ -310,6 +310,23 @@ def test_shipped_serve_configs_validate(name: str) -> None:
         assert settings.models
         for model in settings.models:
             model.deployment.to_serve()  # every model's Serve options build
+
+
+def test_make_run_hosts_its_models_in_the_gateway_and_local_replicas_does_not() -> None:
+    """config/local.yaml and config/local-replicas.yaml serve the same models; only where
+    they run differs, and both reserve the same CPUs (the gateway takes its models')."""
+    def settings(name: str) -> Any:
+        return load_settings(yaml.safe_load((REPO / "config" / name).read_text())
+                             ["applications"][0]["args"])
+
+    folded, replicas = settings("local.yaml"), settings("local-replicas.yaml")
+    assert all(m.run_in == "gateway" for m in folded.models)
+    assert [m.run_in for m in replicas.models if m.engine.type != "mock"] == ["deployment"] * 5
+    strip = {"run_in"}
+    assert [m.model_dump(exclude=strip) for m in folded.models] == \
+        [m.model_dump(exclude=strip) for m in replicas.models]
+    assert folded.cpus_at_start() == replicas.cpus_at_start() <= 1.8
+    assert folded.gateway_num_cpus() == 1.4
 
 
 def test_mock_config_serves_mock_engines_only() -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from deployments.engines.registry import ENGINE_KINDS, create_engine, engine_class_path
 from deployments.llm import LLMDeployment
-from serve_app.build.app import _in_gateway_handles, build_fastapi_app
+from serve_app.build.app import build_fastapi_app
+from serve_app.build.in_gateway import InGatewayModels
 from serve_app.errors import ModelNotLoaded, Timeout
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.model_state import MemoryModelState
@@ -95,14 +96,14 @@ async def gateway_hosted(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> A
                    "api_key_env": KEY_ENV, "credential": "engine-host-test",
                    "retry": {"max_retries": 0}},
     }]})
-    handles = _in_gateway_handles(settings)
-    core = GatewayCore(settings, handles, model_state=MemoryModelState())
+    hosted = InGatewayModels(settings)
+    await hosted.start()
+    core = GatewayCore(settings, hosted.handles, model_state=MemoryModelState())
     transport = httpx.ASGITransport(app=build_fastapi_app(core))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as client:
         client.core = core  # type: ignore[attr-defined]
         yield client
-    for handle in handles.values():
-        await handle.shutdown.remote()
+    await hosted.shutdown()
 
 
 async def test_a_gateway_hosted_model_unloads_and_loads(gateway_hosted: Any) -> None:

@@ -90,9 +90,9 @@ def test_only_providers_with_an_embeddings_api_fit_the_modality() -> None:
     with pytest.raises(ConfigError, match="engines for 'embeddings'.*openai, gemini"):
         load_settings({"models": [{"id": "e", "modality": "embeddings",
                                    "engine": {"type": "anthropic", "model": "claude"}}]})
-    with pytest.raises(ConfigError, match="only for text models"):
-        load_settings({"models": [{"id": "e", "modality": "embeddings", "run_in": "gateway",
-                                   "engine": {"type": "openai", "model": "m"}}]})
+    # a remote embeddings model may run inside the gateway (no hop to a replica of its own)
+    assert load_settings({"models": [{"id": "e", "modality": "embeddings", "run_in": "gateway",
+                                      "engine": {"type": "openai", "model": "m"}}]})
     engine = RemoteEmbeddingEngine("g", load_settings({"models": [{
         "id": "g", "modality": "embeddings",
         "engine": {"type": "gemini", "model": "text-embedding-004"}}]}).models[0].engine)
