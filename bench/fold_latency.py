@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 import httpx
 
-from bench.idle_cpu import _first_text_model, _troupe_command
+from bench.idle_cpu import _first_text_model, _troupe_command, wait_healthy
 from bench.users_systems import RunningSystem, SystemSpec
 
 __all__ = ["main"]
@@ -100,11 +100,7 @@ def measure(config: Path, n: int, streams: int) -> dict[str, Any]:
     try:
         system.start()
         base = f"http://127.0.0.1:{system.port}"
-        deadline = time.monotonic() + 600
-        while httpx.get(base + "/health", timeout=10).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("gateway not healthy in 600 s")
-            time.sleep(2)
+        wait_healthy(system.port, 600.0)
         return asyncio.run(_measure(base, spec.model, n, streams))
     finally:
         system.stop()

@@ -33,7 +33,7 @@ import yaml
 
 from bench.users_systems import RunningSystem, SystemSpec
 
-__all__ = ["main", "label_of", "cpu_percent_by_process"]
+__all__ = ["main", "label_of", "cpu_percent_by_process", "wait_healthy"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
@@ -109,6 +109,16 @@ def _health_ok(url: str) -> bool:
         return False
 
 
+def wait_healthy(port: int, timeout_s: float) -> None:
+    """Wait until the gateway on ``port`` answers ``/health`` with 200 (every model loaded)."""
+    health = f"http://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + timeout_s
+    while not _health_ok(health):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{health} not 200 in {timeout_s}s (models loading?)")
+        time.sleep(2)
+
+
 def _troupe_command(config: Path):
     def command(port: int, workdir: Path) -> list[str]:
         data = yaml.safe_load(config.read_text())
@@ -139,12 +149,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     system = RunningSystem(spec, 0, log_dir)
     try:
         system.start()
-        health = f"http://127.0.0.1:{system.port}/health"
-        deadline = time.monotonic() + args.ready_timeout
-        while not _health_ok(health):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{health} not 200 in {args.ready_timeout}s (models loading?)")
-            time.sleep(2)
+        wait_healthy(system.port, args.ready_timeout)
         time.sleep(args.settle)
         procs = system.processes()
         t0, before, before_t = time.monotonic(), snapshot(procs), snapshot_threads(procs)
