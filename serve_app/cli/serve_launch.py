@@ -8,10 +8,11 @@ to Serve's own ``serve run`` command, which keeps that Ray (it only starts one w
 is running) and shuts it down on Ctrl-C exactly as before. With ``RAY_ADDRESS`` set
 (a running cluster) it is plain ``serve run``.
 
-Without the dashboard, two more head processes go (:func:`lean_head`): Ray's autoscaler
-monitor (one local node: nothing to scale) and Ray's API server (``ray.init`` starts it
-even with ``include_dashboard=False``, loading only the usage-stats module, and usage
-stats are off). Ray's log monitor stays: it brings the replicas' output to the terminal.
+Without the dashboard, Ray's autoscaler monitor goes too (:func:`lean_head`: one local
+node, nothing to scale). Ray's log monitor stays (it brings the replicas' output to the
+terminal), and so does Ray's API server: ``ray.init`` starts it even with
+``include_dashboard=False``, and without it the dashboard agent's event module, which
+waits for the API server's address, logs an error every second.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any, Iterator
 __all__ = ["LEAN_HEAD_SKIPS", "lean_head", "main"]
 
 #: ``ray._private.node.Node`` methods that :func:`lean_head` turns into no-ops: the
-#: autoscaler monitor (what ``ray start --no-monitor`` skips) and the API server.
-LEAN_HEAD_SKIPS = ("start_monitor", "start_api_server")
+#: autoscaler monitor (what ``ray start --no-monitor`` skips).
+LEAN_HEAD_SKIPS = ("start_monitor",)
 
 
 def _skipped(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -38,9 +39,9 @@ def lean_head(node_cls: Any) -> Iterator[None]:
     """While the block runs, a head node of ``node_cls`` starts without the processes
     named in :data:`LEAN_HEAD_SKIPS`; the class is restored afterwards.
 
-    ``ray.init`` exposes neither Ray's ``no_monitor`` nor a way to skip its API server,
-    and both are started while ``ray.init`` builds the head node, so this wraps that one
-    call. A Ray without one of these methods is left as it is.
+    ``ray.init`` does not expose Ray's ``no_monitor`` (``RayParams``), and the monitor is
+    started while ``ray.init`` builds the head node, so this wraps that one call. A Ray
+    without one of these methods is left as it is.
     """
     saved = {name: node_cls.__dict__[name] for name in LEAN_HEAD_SKIPS
              if name in node_cls.__dict__}

@@ -1,6 +1,6 @@
-"""`troupe run` starts its local Ray head without the processes a single-node gateway
-never uses (issue 20's idle CPU): the autoscaler monitor and Ray's API server, unless the
-user asked for the Ray dashboard or points at a running cluster."""
+"""`troupe run` starts its local Ray head without the process a single-node gateway never
+uses (issue 20's idle CPU): the autoscaler monitor, unless the user asked for the Ray
+dashboard or points at a running cluster."""
 
 from __future__ import annotations
 
@@ -36,13 +36,16 @@ class Head:
         self.start_log_monitor()
 
 
-def test_a_lean_head_starts_neither_monitor_nor_api_server_but_keeps_the_log_monitor():
+def test_a_lean_head_starts_no_autoscaler_monitor_but_keeps_the_log_monitor_and_api_server():
     head = Head()
     with lean_head(Head):
         head.start_head_processes()
-    assert head.started == ["log_monitor"]  # replica output still reaches the terminal
+    # The log monitor brings replica output to the terminal; without the API server the
+    # dashboard agent would log an error every second.
+    assert head.started == ["api_server", "log_monitor"]
+    head.started.clear()
     head.start_head_processes()  # afterwards the class is whole again
-    assert head.started == ["log_monitor", "monitor", "api_server", "log_monitor"]
+    assert head.started == ["monitor", "api_server", "log_monitor"]
 
 
 def test_the_class_is_restored_when_starting_ray_fails():
