@@ -27,10 +27,10 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     # would keep a stopping ingress replica open >= 30 s for external load balancers;
     # with none in front, Ctrl-C would wait that long for nothing.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-    # Serve: the controller reconciles twice a second, not ten times (deploys and scaling
-    # react within 0.5 s; requests never wait on it), and replicas hand their cached
+    # Serve: the controller reconciles once a second, not ten times (deploys and scaling
+    # react within 1 s; requests never wait on it), and replicas hand their cached
     # metrics to Ray every 2 s instead of every 100 ms.
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",
     # Ray core, per node: resource reports, memory-pressure checks, idle-worker reaping
     # and GC checks at 1 Hz, not 4-10 Hz (one node: nothing schedules on stale reports).
@@ -52,6 +52,23 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     # The raylet's object store checks disk space every 100 ms (for spilling, which a
     # gateway's small objects never need); once every 2 s still refuses a full disk.
     "RAY_local_fs_monitor_interval_ms": "2000",
+    # Ray's own metrics (OpenTelemetry in every process, exported through the dashboard
+    # agent) and per-handler event-loop stats feed only Ray's dashboard, Prometheus
+    # endpoint and debug dumps; Troupe's /metrics does not use them. Set
+    # RAY_enable_metrics_collection=1 with TROUPE_RAY_DASHBOARD=1 for Ray's graphs.
+    "RAY_enable_metrics_collection": "0",
+    "RAY_event_stats": "0",
+    "RAY_io_context_monitor_probe_interval_ms": "10000",
+    "RAY_debug_dump_period_milliseconds": "60000",
+    # One node: the object manager's pull/push retry timer (objects move between nodes),
+    # the GCS's raylet health checks and the workers' task-backlog reports (they feed the
+    # autoscaler, which lean_head does not start) tick every 1-10 s, not every 0.1-3 s. A
+    # worker that dies closes its socket; the periodic re-check for one that did not
+    # runs every 5 s rather than every second.
+    "RAY_object_manager_timer_freq_ms": "1000",
+    "RAY_health_check_period_ms": "10000",
+    "RAY_report_worker_backlog_interval_ms": "10000",
+    "RAY_raylet_check_for_unexpected_worker_disconnect_interval_ms": "5000",
     # Ray's dashboard agent (started even without the dashboard) checks every 0.4 s
     # that its raylet lives and collects per-process stats for the dashboard every 5 s.
     "RAY_DASHBOARD_AGENT_CHECK_PARENT_INTERVAL_S": "2",

@@ -1,0 +1,68 @@
+"""`troupe run` as a user starts it (its own Ray, its own terminal): a lean local head
+that still answers a streamed chat and still shows the replicas' log lines (issue 20).
+
+Set ``TROUPE_CLI_RUN_CONFIG=config/local.yaml`` to run it on the bundled models (slower:
+they load before the gateway is healthy); the default is the mock config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from openai import OpenAI
+
+from bench.idle_cpu import _troupe_command, label_of, wait_healthy
+from bench.users_systems import RunningSystem, SystemSpec
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / os.environ.get("TROUPE_CLI_RUN_CONFIG", "config/mock.yaml")
+MODEL = {"mock.yaml": "mock-5ms", "local.yaml": "mock-fast"}[CONFIG.name]
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
+    spec = SystemSpec("troupe-run", _troupe_command(CONFIG), model=MODEL, ready_timeout_s=600)
+    system = RunningSystem(spec, 0, tmp_path_factory.mktemp("troupe-run"))
+    system.start()
+    try:
+        wait_healthy(system.port, 600)
+        yield system
+    finally:
+        assert system.stop() == []  # Ctrl-C alone shut everything down
+
+
+def _gateway_posts(system: RunningSystem) -> int:
+    """Serve's access-log lines for POSTs to the gateway replica seen on the console
+    (Ray prefixes each with the replica's name and pid)."""
+    text = system.log_path.read_text(errors="replace")
+    return sum("ServeReplica:troupe:Gateway" in x and "-- POST " in x for x in text.splitlines())
+
+
+def test_a_streamed_chat_answers_and_the_replica_logs_reach_the_terminal(
+        running: RunningSystem) -> None:
+    seen = _gateway_posts(running)
+    client = OpenAI(base_url=f"http://127.0.0.1:{running.port}/v1", api_key="unused",
+                    max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+        stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert len(text.split()) == 8
+    # Serve's access log line is written by the gateway replica's process; Ray's log
+    # monitor brings it to `troupe run`'s terminal.
+    deadline = time.monotonic() + 30
+    while _gateway_posts(running) <= seen:
+        assert time.monotonic() < deadline, running.log_path.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def test_the_head_runs_without_the_autoscaler_monitor(
+        running: RunningSystem) -> None:
+    labels = [label_of(p.cmdline(), p.name()) for p in running.processes()]
+    assert any("log_monitor.py" in x for x in labels)  # kept: it feeds the terminal
+    assert not any(x.endswith("monitor.py") and "log_monitor" not in x for x in labels)
+    assert any(x.startswith("ray::ServeReplica:troupe:Gateway") for x in labels)

@@ -1,0 +1,96 @@
+"""`troupe run` starts its local Ray head without the process a single-node gateway never
+uses (issue 20's idle CPU): the autoscaler monitor, unless the user asked for the Ray
+dashboard or points at a running cluster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import ray
+from ray._private.node import Node
+from ray.serve.scripts import cli
+
+from serve_app.cli import serve_launch
+from serve_app.cli.serve_launch import LEAN_HEAD_SKIPS, lean_head
+
+
+class Head:
+    """A stand-in head node: records which of its processes were started."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start_monitor(self) -> None:
+        self.started.append("monitor")
+
+    def start_api_server(self, *, include_dashboard: Any, raise_on_failure: bool) -> None:
+        self.started.append("api_server")
+
+    def start_log_monitor(self) -> None:
+        self.started.append("log_monitor")
+
+    def start_head_processes(self) -> None:  # the order Ray's Node uses
+        self.start_monitor()
+        self.start_api_server(include_dashboard=False, raise_on_failure=False)
+        self.start_log_monitor()
+
+
+def test_a_lean_head_starts_no_autoscaler_monitor_but_keeps_the_log_monitor_and_api_server():
+    head = Head()
+    with lean_head(Head):
+        head.start_head_processes()
+    # The log monitor brings replica output to the terminal; without the API server the
+    # dashboard agent would log an error every second.
+    assert head.started == ["api_server", "log_monitor"]
+    head.started.clear()
+    head.start_head_processes()  # afterwards the class is whole again
+    assert head.started == ["monitor", "api_server", "log_monitor"]
+
+
+def test_the_class_is_restored_when_starting_ray_fails():
+    with pytest.raises(RuntimeError):
+        with lean_head(Head):
+            raise RuntimeError("ray.init failed")
+    head = Head()
+    head.start_head_processes()
+    assert head.started == ["monitor", "api_server", "log_monitor"]
+
+
+def test_the_installed_ray_still_has_what_the_lean_head_skips():
+    # A Ray upgrade that renames these would silently bring the processes back.
+    assert set(LEAN_HEAD_SKIPS) <= set(vars(Node))
+
+
+def _launch(monkeypatch, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Runs serve_launch.main with ``env``; returns what each ray.init saw."""
+    for key in ("RAY_ADDRESS", "TROUPE_RAY_DASHBOARD"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    calls: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> None:
+        skipped = [n for n in LEAN_HEAD_SKIPS if vars(Node)[n] is serve_launch._skipped]
+        calls.append({**kwargs, "skipped": skipped})
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(cli, "main", lambda argv, **kwargs: 0)
+    assert serve_launch.main(["run", "config.yaml"]) == 0
+    return calls
+
+
+def test_troupe_run_starts_a_lean_head_without_the_dashboard(monkeypatch):
+    (call,) = _launch(monkeypatch, {})
+    assert call["include_dashboard"] is False
+    assert call["skipped"] == list(LEAN_HEAD_SKIPS)
+    assert all(vars(Node)[n] is not serve_launch._skipped for n in LEAN_HEAD_SKIPS)
+
+
+def test_the_ray_dashboard_brings_the_whole_head_back(monkeypatch):
+    (call,) = _launch(monkeypatch, {"TROUPE_RAY_DASHBOARD": "1"})
+    assert call["include_dashboard"] is True and call["skipped"] == []
+
+
+def test_a_running_cluster_is_left_to_serve_run(monkeypatch):
+    assert _launch(monkeypatch, {"RAY_ADDRESS": "ray://head:10001"}) == []
