@@ -33,7 +33,14 @@ _registered = False
 
 
 class SeqKV:
-    """One sequence's keys and values for every layer, in buffers that grow by doubling."""
+    """One sequence's keys and values for every layer, in buffers that grow by doubling.
+
+    The buffers are float32 whatever the activations' dtype: a decode step's attention
+    reads every key and value in float32 (:func:`_one_token_attention`), and converting
+    the whole history of every sequence and layer at each step cost a batch of 8 about
+    half its step time. A bf16 value is exact in float32, so nothing changes numerically;
+    a prompt's attention converts back (exactly) for sdpa.
+    """
 
     __slots__ = ("keys", "values", "lengths")
 
@@ -56,13 +63,14 @@ class SeqKV:
         return copy
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's."""
+        """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's
+        (float32)."""
         start, t = self.lengths[layer], key.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or start + t > buf_k.shape[2]:
             capacity = max(16, 2 * (start + t))
-            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3])
-            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3])
+            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3], dtype=torch.float32)
+            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3], dtype=torch.float32)
             if buf_k is not None:
                 new_k[:, :, :start] = buf_k[:, :, :start]
                 new_v[:, :, :start] = buf_v[:, :, :start]  # type: ignore[index]
@@ -117,7 +125,7 @@ def _ragged_attention(
             mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
         outs.append(
             F.scaled_dot_product_attention(
-                query[:, :, start:end], keys, values, attn_mask=mask,
+                query[:, :, start:end], keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
                 is_causal=(t > 1 and t == n), scale=scaling, enable_gqa=True,
             )
         )
@@ -132,14 +140,15 @@ def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     set-up), a third of a decode step's attention; two float32 matmuls and a softmax do a
     one-row query in a fraction of that. Query heads are grouped over their key/value head
     (GQA) instead of repeating the keys. Float32 throughout, as the flash kernel
-    accumulates, then back to the activations' dtype.
+    accumulates (the buffers already are), then back to the activations' dtype.
     """
     heads, dim = query.shape[1], query.shape[3]
     kv_heads = keys.shape[1]
     scale = scaling if scaling is not None else dim ** -0.5
     q = query.reshape(kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(q, keys[0].float().transpose(1, 2)).mul_(scale)
-    out = torch.matmul(torch.softmax(scores, dim=-1), values[0].float())
+    # .float() is free on the (float32) buffers; bmm, as matmul copies their strided views
+    scores = torch.bmm(q, keys[0].float().transpose(1, 2)).mul_(scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), values[0].float())
     return out.to(query.dtype).reshape(1, heads, 1, dim)
 
 
