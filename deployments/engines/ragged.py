@@ -112,43 +112,55 @@ def _ragged_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    outs = []
+    heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
+    scale = scaling if scaling is not None else dim ** -0.5
+    # Every token's heads side by side ([tokens, heads, dim]), as the projections made them:
+    # one conversion to float32 for all queries and one back for all outputs, not one per
+    # sequence (per-call costs dominate a decode step's attention).
+    queries = query[0].transpose(0, 1).float()
+    out = queries.new_empty(tokens, heads, dim)
     for kv, start, t in troupe_kv.segments:
         end = start + t
         keys, values = kv.append(module.layer_idx, key[:, :, start:end], value[:, :, start:end])
         if t == 1:
-            outs.append(_one_token_attention(query[:, :, start:end], keys, values, scaling))
+            _attend_one(queries[start], keys, values, scale, out[start])
             continue
         n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
             mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end], keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
-                is_causal=(t > 1 and t == n), scale=scaling, enable_gqa=True,
-            )
-        )
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+        out[start:end] = F.scaled_dot_product_attention(
+            query[:, :, start:end], keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
+            is_causal=(t > 1 and t == n), scale=scale, enable_gqa=True,
+        )[0].transpose(0, 1)  # bf16 in float32 and back: exact
+    return out.to(query.dtype).unsqueeze(0), None
 
 
-def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         scaling: Optional[float]) -> torch.Tensor:
-    """One new token's attention over its sequence's keys: ``[1, heads, 1, dim]``.
+def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                out: torch.Tensor) -> None:
+    """One new token's attention over its sequence's keys, float32 ``[heads, dim]`` into
+    ``out`` (the same shape).
 
     sdpa's CPU flash kernel costs about 60 us a call whatever the size (its blocking
     set-up), a third of a decode step's attention; two float32 matmuls and a softmax do a
     one-row query in a fraction of that. Query heads are grouped over their key/value head
     (GQA) instead of repeating the keys. Float32 throughout, as the flash kernel
-    accumulates (the buffers already are), then back to the activations' dtype.
+    accumulates (the buffers already are).
     """
-    heads, dim = query.shape[1], query.shape[3]
     kv_heads = keys.shape[1]
-    scale = scaling if scaling is not None else dim ** -0.5
-    q = query.reshape(kv_heads, heads // kv_heads, dim).float()
+    grouped = (kv_heads, query.shape[0] // kv_heads, query.shape[1])
     # .float() is free on the (float32) buffers; bmm, as matmul copies their strided views
-    scores = torch.bmm(q, keys[0].float().transpose(1, 2)).mul_(scale)
-    out = torch.bmm(torch.softmax(scores, dim=-1), values[0].float())
+    scores = torch.bmm(query.reshape(grouped), keys[0].float().transpose(1, 2)).mul_(scale)
+    torch.bmm(torch.softmax(scores, dim=-1), values[0].float(), out=out.view(grouped))
+
+
+def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         scaling: Optional[float]) -> torch.Tensor:
+    """:func:`_attend_one` for a ``[1, heads, 1, dim]`` query, in the query's dtype."""
+    heads, dim = query.shape[1], query.shape[3]
+    out = torch.empty(heads, dim)
+    _attend_one(query.reshape(heads, dim).float(), keys, values,
+                scaling if scaling is not None else dim ** -0.5, out)
     return out.to(query.dtype).reshape(1, heads, 1, dim)
 
 
