@@ -223,12 +223,11 @@ class RaggedModel:
                  chunks: Sequence[Sequence[int]]) -> torch.Tensor:
         lengths = [len(c) for c in chunks]
         input_ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long)
-        positions = torch.cat([
-            torch.arange(kv.length, kv.length + n, dtype=torch.long) for kv, n in zip(kvs, lengths)
-        ]).unsqueeze(0)
+        # Plain lists into one tensor each: arange/repeat_interleave per step cost ~0.7 ms
+        positions = torch.tensor([[p for kv, n in zip(kvs, lengths) for p in range(kv.length, kv.length + n)]],
+                                 dtype=torch.long)
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        is_prompt = torch.repeat_interleave(torch.tensor([n > 1 for n in lengths]),
-                                            torch.tensor(lengths))
+        is_prompt = torch.tensor([n > 1 for n in lengths for _ in range(n)])
         packed = Packed(kvs, lengths)
         with torch.inference_mode(), prompt_rows(is_prompt):
             if model is self.model and self.plain_llama and not kwargs:
