@@ -33,7 +33,14 @@ _registered = False
 
 
 class SeqKV:
-    """One sequence's keys and values for every layer, in buffers that grow by doubling."""
+    """One sequence's keys and values for every layer, in buffers that grow by doubling.
+
+    The buffers are float32 whatever the activations' dtype: a decode step's attention
+    reads every key and value in float32 (:func:`_one_token_attention`), and converting
+    the whole history of every sequence and layer at each step cost a batch of 8 about
+    half its step time. A bf16 value is exact in float32, so nothing changes numerically;
+    a prompt's attention converts back (exactly) for sdpa.
+    """
 
     __slots__ = ("keys", "values", "lengths")
 
@@ -56,13 +63,14 @@ class SeqKV:
         return copy
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's."""
+        """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's
+        (float32)."""
         start, t = self.lengths[layer], key.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or start + t > buf_k.shape[2]:
             capacity = max(16, 2 * (start + t))
-            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3])
-            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3])
+            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3], dtype=torch.float32)
+            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3], dtype=torch.float32)
             if buf_k is not None:
                 new_k[:, :, :start] = buf_k[:, :, :start]
                 new_v[:, :, :start] = buf_v[:, :, :start]  # type: ignore[index]
@@ -104,42 +112,55 @@ def _ragged_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    outs = []
+    heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
+    scale = scaling if scaling is not None else dim ** -0.5
+    # Every token's heads side by side ([tokens, heads, dim]), as the projections made them:
+    # one conversion to float32 for all queries and one back for all outputs, not one per
+    # sequence (per-call costs dominate a decode step's attention).
+    queries = query[0].transpose(0, 1).float()
+    out = queries.new_empty(tokens, heads, dim)
     for kv, start, t in troupe_kv.segments:
         end = start + t
         keys, values = kv.append(module.layer_idx, key[:, :, start:end], value[:, :, start:end])
         if t == 1:
-            outs.append(_one_token_attention(query[:, :, start:end], keys, values, scaling))
+            _attend_one(queries[start], keys, values, scale, out[start])
             continue
         n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
             mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, start:end], keys, values, attn_mask=mask,
-                is_causal=(t > 1 and t == n), scale=scaling, enable_gqa=True,
-            )
-        )
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+        out[start:end] = F.scaled_dot_product_attention(
+            query[:, :, start:end], keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
+            is_causal=(t > 1 and t == n), scale=scale, enable_gqa=True,
+        )[0].transpose(0, 1)  # bf16 in float32 and back: exact
+    return out.to(query.dtype).unsqueeze(0), None
 
 
-def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         scaling: Optional[float]) -> torch.Tensor:
-    """One new token's attention over its sequence's keys: ``[1, heads, 1, dim]``.
+def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+                out: torch.Tensor) -> None:
+    """One new token's attention over its sequence's keys, float32 ``[heads, dim]`` into
+    ``out`` (the same shape).
 
     sdpa's CPU flash kernel costs about 60 us a call whatever the size (its blocking
     set-up), a third of a decode step's attention; two float32 matmuls and a softmax do a
     one-row query in a fraction of that. Query heads are grouped over their key/value head
     (GQA) instead of repeating the keys. Float32 throughout, as the flash kernel
-    accumulates, then back to the activations' dtype.
+    accumulates (the buffers already are).
     """
-    heads, dim = query.shape[1], query.shape[3]
     kv_heads = keys.shape[1]
-    scale = scaling if scaling is not None else dim ** -0.5
-    q = query.reshape(kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(q, keys[0].float().transpose(1, 2)).mul_(scale)
-    out = torch.matmul(torch.softmax(scores, dim=-1), values[0].float())
+    grouped = (kv_heads, query.shape[0] // kv_heads, query.shape[1])
+    # .float() is free on the (float32) buffers; bmm, as matmul copies their strided views
+    scores = torch.bmm(query.reshape(grouped), keys[0].float().transpose(1, 2)).mul_(scale)
+    torch.bmm(torch.softmax(scores, dim=-1), values[0].float(), out=out.view(grouped))
+
+
+def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         scaling: Optional[float]) -> torch.Tensor:
+    """:func:`_attend_one` for a ``[1, heads, 1, dim]`` query, in the query's dtype."""
+    heads, dim = query.shape[1], query.shape[3]
+    out = torch.empty(heads, dim)
+    _attend_one(query.reshape(heads, dim).float(), keys, values,
+                scaling if scaling is not None else dim ** -0.5, out)
     return out.to(query.dtype).reshape(1, heads, 1, dim)
 
 
@@ -202,12 +223,11 @@ class RaggedModel:
                  chunks: Sequence[Sequence[int]]) -> torch.Tensor:
         lengths = [len(c) for c in chunks]
         input_ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long)
-        positions = torch.cat([
-            torch.arange(kv.length, kv.length + n, dtype=torch.long) for kv, n in zip(kvs, lengths)
-        ]).unsqueeze(0)
+        # Plain lists into one tensor each: arange/repeat_interleave per step cost ~0.7 ms
+        positions = torch.tensor([[p for kv, n in zip(kvs, lengths) for p in range(kv.length, kv.length + n)]],
+                                 dtype=torch.long)
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        is_prompt = torch.repeat_interleave(torch.tensor([n > 1 for n in lengths]),
-                                            torch.tensor(lengths))
+        is_prompt = torch.tensor([n > 1 for n in lengths for _ in range(n)])
         packed = Packed(kvs, lengths)
         with torch.inference_mode(), prompt_rows(is_prompt):
             if model is self.model and self.plain_llama and not kwargs:

@@ -151,6 +151,21 @@ def test_fused_siblings_change_no_output():
     assert torch.equal(prompts["fused"], prompts["plain"])
 
 
+def test_float32_buffers_hold_bf16_keys_exactly():
+    """The buffers are float32 for the decode attention; a prompt's attention reads them
+    back as bf16 and gets the very keys it stored."""
+    from deployments.engines.ragged import SeqKV, _one_token_attention
+
+    torch.manual_seed(3)
+    kv = SeqKV(1)
+    k, v = torch.randn(1, 3, 20, 64).bfloat16(), torch.randn(1, 3, 20, 64).bfloat16()
+    keys, values = kv.append(0, k, v)
+    assert keys.dtype == torch.float32
+    assert torch.equal(keys.to(torch.bfloat16), k) and torch.equal(values.to(torch.bfloat16), v)
+    q = torch.randn(1, 9, 1, 64).bfloat16()
+    assert torch.equal(_one_token_attention(q, keys, values, 0.125), _one_token_attention(q, k, v, 0.125))
+
+
 def test_one_token_attention_is_close_to_sdpa():
     import torch.nn.functional as F
 
