@@ -255,7 +255,11 @@ class VLLMTextEngine(LoRAMethods):
         self._template_errors = template_errors()
         engine_factory = self._engine_factory
         assert engine_factory is not None  # _bind_vllm filled what the caller did not inject
-        engine = engine_factory(dict(self.engine_args))
+        # In a worker thread: vLLM starts its engine core and loads the weights (~40 s on
+        # CPU) while this loop keeps serving, which matters when the loop is the gateway's
+        # (run_in: gateway; POST /models/{id}/load). Built outside the loop, AsyncLLM starts
+        # its output handler on the first request, in the loop that makes it.
+        engine = await asyncio.to_thread(engine_factory, dict(self.engine_args))
         tokenizer = engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM releases made it a coroutine
             tokenizer = await tokenizer
