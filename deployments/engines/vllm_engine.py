@@ -255,10 +255,8 @@ class VLLMTextEngine(LoRAMethods):
         self._template_errors = template_errors()
         engine_factory = self._engine_factory
         assert engine_factory is not None  # _bind_vllm filled what the caller did not inject
-        # In a worker thread: vLLM starts its engine core and loads the weights (~40 s on
-        # CPU) while this loop keeps serving, which matters when the loop is the gateway's
-        # (run_in: gateway; POST /models/{id}/load). Built outside the loop, AsyncLLM starts
-        # its output handler on the first request, in the loop that makes it.
+        # Off the loop: a load (~40 s on CPU) must not stall a gateway hosting it (run_in:
+        # gateway); AsyncLLM then starts its output handler on the first request, here.
         engine = await asyncio.to_thread(engine_factory, dict(self.engine_args))
         tokenizer = engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM releases made it a coroutine
