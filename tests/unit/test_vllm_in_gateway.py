@@ -1,6 +1,6 @@
 """vLLM's CPU build hosted inside the gateway replica (``run_in: gateway``, issue 17): the
 config rules, a chat streamed through the in-process handle, ``/health``, unload and load
-rebuilding the engine, and the gateway's shutdown ending it; with the fake AsyncLLM of
+rebuilding the engine, a LoRA adapter, and the gateway's shutdown ending it; with the fake AsyncLLM of
 vllm_fakes (no vLLM). The real engine in the gateway: tests/vllm_real/test_vllm_cpu_gateway.py.
 """
 
@@ -19,7 +19,8 @@ from serve_app.build.in_gateway import InGatewayModels
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.model_state import MemoryModelState
 from serve_app.settings import load_settings
-from tests.unit.vllm_fakes import FakeAsyncLLM, RecordedSamplingParams
+from tests.unit.test_lora_adapters import make_adapter
+from tests.unit.vllm_fakes import FakeAsyncLLM, FakeLoRARequest, RecordedSamplingParams
 
 VLLM_CPU = {"id": "smol-vllm", "run_in": "gateway",
             "engine": {"type": "vllm", "model": "/models/fake", "max_model_len": 64},
@@ -38,6 +39,7 @@ def made(monkeypatch: pytest.MonkeyPatch) -> list[FakeAsyncLLM]:
 
         engine._engine_factory = factory
         engine._sampling_params_factory = RecordedSamplingParams
+        engine.lora._factory = FakeLoRARequest
 
     monkeypatch.setattr(VLLMTextEngine, "_bind_vllm", bind)
     return engines
@@ -107,3 +109,23 @@ async def test_the_gateways_shutdown_stops_the_vllm_engine(made: list[FakeAsyncL
     await hosted.start()
     await hosted.shutdown()
     assert [e.shutdown_calls for e in made] == [1]
+
+
+async def test_a_lora_adapter_reaches_vllm_in_the_gateway(made: list[FakeAsyncLLM], tmp_path) -> None:
+    model = {**VLLM_CPU, "adapters": {"paths": {"terse": make_adapter(tmp_path / "terse", base="fake")}}}
+    hosted = InGatewayModels(load_settings({"models": [model]}))
+    await hosted.start()
+    core = GatewayCore(load_settings({"models": [model]}), hosted.handles,
+                       model_state=MemoryModelState())
+    transport = httpx.ASGITransport(app=build_fastapi_app(core))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            r = await client.post("/v1/chat/completions", json={
+                "model": "smol-vllm:terse", "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        [fake] = made
+        assert [lora.lora_name for lora in fake.loras.values()] == ["terse"]  # add_lora'd
+        assert fake.submitted[-1].lora_request.lora_name == "terse"
+    finally:
+        await hosted.shutdown()
