@@ -7,7 +7,10 @@ it and run alone (``bench.users_systems``: own process tree, own Ray instance, o
   ``.venv-vllm`` (vLLM's own OpenAI server, one process plus its engine core; started as
   ``python -m vllm.entrypoints.launchers.api_server.entry``, what ``vllm serve`` runs);
 * ``troupe-vllm``: ``troupe run config/vllm-cpu.yaml`` from ``.venv-vllm`` (the same
-  weights and engine settings, vLLM ``AsyncLLM`` inside a Serve replica);
+  weights and engine settings, vLLM ``AsyncLLM`` inside the gateway replica, ``run_in:
+  gateway``);
+* ``troupe-vllm-deployment``: the same from ``config/vllm-cpu-replicas.yaml`` (the model in
+  a Serve deployment of its own: one more streaming hop and Ray process);
 * ``troupe-transformers``: ``troupe run`` of config/local.yaml's SmolLM2 entry (the
   default CPU engine, int8 weights, continuous batching) from the main venv.
 
@@ -58,6 +61,8 @@ MODEL_DIR = "~/.cache/troupe/models/SmolLM2-135M-Instruct.Q4_1"
 VLLM_MODEL_ID = "smollm2-135m-vllm"
 CPU_MODEL_ID = "smollm2-135m"
 SYSTEMS = ("vllm-serve", "troupe-vllm", "troupe-transformers")
+#: Also measurable (--systems): the deployment layout of the same model.
+EXTRA_SYSTEMS = ("troupe-vllm-deployment",)
 
 
 def _troupe_config(source: str, model_id: str, port: int, edit: Callable[[dict], None]) -> dict:
@@ -107,7 +112,7 @@ def _transformers_engine(model: dict) -> None:
 
 
 def system_specs(vllm_venv: Path, model_dir: str = MODEL_DIR) -> dict[str, SystemSpec]:
-    """The three systems (see the module docstring)."""
+    """The systems (see the module docstring)."""
     vbin = vllm_venv.resolve() / "bin"
     main_troupe = Path(sys.executable).parent / "troupe"
     return {
@@ -115,6 +120,9 @@ def system_specs(vllm_venv: Path, model_dir: str = MODEL_DIR) -> dict[str, Syste
                                  uses_ray=False, model=VLLM_MODEL_ID, ready_timeout_s=420),
         "troupe-vllm": SystemSpec("troupe-vllm", _troupe_command(
             vbin / "troupe", "config/vllm-cpu.yaml", VLLM_MODEL_ID, _same_vllm_engine),
+            model=VLLM_MODEL_ID, ready_timeout_s=480),
+        "troupe-vllm-deployment": SystemSpec("troupe-vllm-deployment", _troupe_command(
+            vbin / "troupe", "config/vllm-cpu-replicas.yaml", VLLM_MODEL_ID, _same_vllm_engine),
             model=VLLM_MODEL_ID, ready_timeout_s=480),
         "troupe-transformers": SystemSpec("troupe-transformers", _troupe_command(
             main_troupe, "config/local.yaml", CPU_MODEL_ID, _transformers_engine),
@@ -166,13 +174,14 @@ def _combine(runs: list[dict[str, Any]]) -> dict[str, dict[str, Optional[float]]
     return out
 
 
-def _round_ratios(runs: dict[str, list[dict[str, Any]]], level: int = 16) -> list[float]:
-    """Troupe (vllm-cpu) / vllm serve tokens/s at ``level``, round by round (the two ran
-    back to back in each round, so machine noise hits a pair alike)."""
+def _round_ratios(runs: dict[str, list[dict[str, Any]]], level: int = 16,
+                  system: str = "troupe-vllm") -> list[float]:
+    """``system`` / vllm serve tokens/s at ``level``, round by round (the two ran back to
+    back in each round, so machine noise hits a pair alike)."""
     serve = {v["round"]: v for v in runs.get("vllm-serve", [])}
     return [t["levels"][str(level)]["output_tokens_per_s"]
             / serve[t["round"]]["levels"][str(level)]["output_tokens_per_s"]
-            for t in runs.get("troupe-vllm", []) if t["round"] in serve]
+            for t in runs.get(system, []) if t["round"] in serve]
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -193,6 +202,10 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"rounds **{statistics.median(ratios):.3f}x** (target >= 0.9x); by round: "
                   + ", ".join(f"{r:.3f}" for r in ratios)
                   + f"; ratio of the round means {report['ratio_troupe_vllm_over_vllm_serve_c16']:.3f}x."]
+    other = report.get("ratios_c16_by_round_deployment") or []
+    if other:
+        lines += ["", "troupe-vllm-deployment / vllm serve at c=16: median of the rounds "
+                  f"{statistics.median(other):.3f}x; by round: " + ", ".join(f"{r:.3f}" for r in other)]
     lines += [f"Failed: {f}" for f in report["failures"]]
     lines += ["", "Start-up seconds (to the first 200): " + ", ".join(
         f"{k} {statistics.fmean(r['start_s'] for r in v):.0f}" for k, v in report["runs"].items())]
@@ -230,7 +243,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per level")
     parser.add_argument("--rounds", type=int, default=1, help="rounds, system order rotating")
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated, of {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     parser.add_argument("--tag", default="vllm-cpu")
     return parser.parse_args(argv)
 
@@ -274,6 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["combined"]["troupe-vllm"]["16"]["output_tokens_per_s"]
             / report["combined"]["vllm-serve"]["16"]["output_tokens_per_s"])
         report["ratios_c16_by_round"] = _round_ratios(runs)
+    if {"troupe-vllm-deployment", "vllm-serve"} <= set(runs):
+        report["ratios_c16_by_round_deployment"] = _round_ratios(runs, system="troupe-vllm-deployment")
     stem = RESULTS / f"{utc}-{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(_markdown(report))

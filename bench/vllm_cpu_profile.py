@@ -1,6 +1,6 @@
 """Where the CPU goes at c=16: per-process CPU seconds of one system of ``vllm_cpu_bench``.
 
-Starts one system (``troupe-vllm`` or ``vllm-serve``, as ``bench.vllm_cpu_bench`` starts
+Starts one system (``troupe-vllm``, ``troupe-vllm-deployment`` or ``vllm-serve``, as ``bench.vllm_cpu_bench`` starts
 it), warms it up, runs ``--duration`` seconds of 16 streamed chats and prints each of its
 processes' CPU seconds over that window (and per finished request), busiest first; with
 ``--py-spy`` it also records the gateway, model replica, proxy and engine core with py-spy
@@ -50,7 +50,7 @@ def _spy(procs: list[psutil.Process], seconds: int, out: Path) -> list[subproces
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.vllm_cpu_profile", description=__doc__.split("\n")[0])
-    parser.add_argument("system", choices=("troupe-vllm", "vllm-serve"))
+    parser.add_argument("system", choices=("troupe-vllm", "troupe-vllm-deployment", "vllm-serve"))
     parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--py-spy", action="store_true")

@@ -255,7 +255,9 @@ class VLLMTextEngine(LoRAMethods):
         self._template_errors = template_errors()
         engine_factory = self._engine_factory
         assert engine_factory is not None  # _bind_vllm filled what the caller did not inject
-        engine = engine_factory(dict(self.engine_args))
+        # Off the loop: a load (~40 s on CPU) must not stall a gateway hosting it (run_in:
+        # gateway); AsyncLLM then starts its output handler on the first request, here.
+        engine = await asyncio.to_thread(engine_factory, dict(self.engine_args))
         tokenizer = engine.get_tokenizer()
         if inspect.isawaitable(tokenizer):  # older vLLM releases made it a coroutine
             tokenizer = await tokenizer

@@ -223,8 +223,9 @@ class ModelConfig(Strict):
         "deployment",
         description="Where the engine runs: its own Serve deployment, or inside each gateway "
         "replica (no hop and no idle process of its own; for engines that hold no "
-        "accelerator: remote providers, the mock and the CPU engines). A model in the "
-        "gateway adds its ray_actor_options.num_cpus to the gateway's reservation.",
+        "accelerator: remote providers, the mock, the CPU engines and vLLM's CPU build, "
+        "whose engine core keeps its own process). A model in the gateway adds its "
+        "ray_actor_options.num_cpus to the gateway's reservation.",
     )
     adapters: Optional[AdapterSettings] = Field(
         None,
@@ -243,11 +244,11 @@ class ModelConfig(Strict):
         if self.run_in != "gateway":
             return self
         dep = self.deployment
-        if self.engine.type.startswith("vllm") or dep.ray_actor_options.num_gpus > 0 \
-                or dep.placement_group_bundles:
+        if dep.ray_actor_options.num_gpus > 0 or dep.placement_group_bundles \
+                or getattr(self.engine, "tensor_parallel_size", 1) > 1:
             raise ValueError("run_in: gateway is for engines without an accelerator (remote "
-                             "providers, the mock, CPU engines); a GPU model needs its own "
-                             "deployment (run_in: deployment)")
+                             "providers, the mock, CPU engines, vLLM's CPU build); a GPU "
+                             "model needs its own deployment (run_in: deployment)")
         if dep.autoscaling is not None or (dep.num_replicas or 1) > 1:
             raise ValueError("a model with run_in: gateway runs once in each gateway replica: "
                              "scale it with gateway.num_replicas, or give it its own "

@@ -108,7 +108,12 @@ def test_folded_cpu_models_add_their_cpus_to_the_gateways() -> None:
      "gateway.num_replicas"),
     ({"engine": {"type": "mock"}, "deployment": {"ray_actor_options": {"num_gpus": 1}}},
      "without an accelerator"),
-    ({"engine": {"type": "vllm", "model": "m"}}, "without an accelerator"),
+    ({"engine": {"type": "vllm", "model": "m"},
+      "deployment": {"ray_actor_options": {"num_gpus": 1}}}, "without an accelerator"),
+    ({"engine": {"type": "vllm", "model": "m", "tensor_parallel_size": 2}},
+     "without an accelerator"),
+    ({"engine": {"type": "vllm", "model": "m"},
+      "deployment": {"placement_group_bundles": [{"GPU": 1}]}}, "without an accelerator"),
 ])
 def test_what_cannot_run_in_the_gateway_is_refused(model: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
