@@ -36,6 +36,7 @@ logger = logging.getLogger("troupe.metrics")
 
 ACTOR_NAME = METRICS_ACTOR
 ACTOR_NAMESPACE = NAMESPACE
+SERVE_READ_WAIT_S = 5.0  # a scrape waits at most this long for fresh replica counts
 
 
 class _Collector:
@@ -113,8 +114,9 @@ class MetricsActor:
         self._rebuild_s = 0.0
         self._counts = {"recorded": 0, "duplicates": 0, "rejected": 0, "resyncs": 0}
         self._traces = TraceBuffer(max_traces, max_spans_per_trace)
-        self._serve_poll_s = serve_poll_s  # 0: do not poll Serve (plain-class tests)
-        self._serve_poller: Optional[asyncio.Task] = None
+        self._serve_poll_s = serve_poll_s  # 0: do not read Serve (plain-class tests)
+        self._serve_read: Optional[asyncio.Task] = None
+        self._serve_read_at = -math.inf
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -129,26 +131,35 @@ class MetricsActor:
             await self._rebuild()
             self._started = True
             self._started_at = time.time()
-            if self._serve_poll_s and self._serve_poller is None:
-                self._serve_poller = asyncio.get_running_loop().create_task(self._poll_serve())
 
-    async def _poll_serve(self) -> None:
-        """Replicas per deployment and state, from Serve's controller, every few seconds."""
+    async def _refresh_replicas(self) -> None:
+        """Replicas per deployment and state, read from Serve's controller when a scrape
+        finds them older than ``serve_poll_s`` (issue 20: no background poll, so an idle,
+        unscraped gateway asks the controller nothing; concurrent scrapes share one read)."""
+        if not self._serve_poll_s or time.monotonic() - self._serve_read_at < self._serve_poll_s:
+            return
+        if self._serve_read is None or self._serve_read.done():
+            self._serve_read = asyncio.get_running_loop().create_task(self._read_serve())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._serve_read), SERVE_READ_WAIT_S)
+        except asyncio.TimeoutError:  # a slow controller: this scrape shows the last counts
+            logger.debug("serve.status() slower than %.1f s", SERVE_READ_WAIT_S)
+
+    async def _read_serve(self) -> None:
         from ray import serve
 
-        while True:
-            try:
-                status = await asyncio.to_thread(serve.status)
-                for app_name, app in status.applications.items():
-                    for dep_name, dep in app.deployments.items():
-                        counts = dep.replica_states or {}
-                        for state, count in counts.items():
-                            labels = {"application": app_name, "deployment": dep_name,
-                                      "state": str(getattr(state, "value", state))}
-                            self._gauges.set("replicas", labels, count, "serve")
-            except Exception:  # Serve not up yet, or shutting down: try again later
-                logger.debug("serve.status() failed", exc_info=True)
-            await asyncio.sleep(self._serve_poll_s)
+        try:
+            status = await asyncio.to_thread(serve.status)
+        except Exception:  # Serve not up yet, or shutting down: the next scrape tries again
+            logger.debug("serve.status() failed", exc_info=True)
+            return
+        self._serve_read_at = time.monotonic()
+        for app_name, app in status.applications.items():
+            for dep_name, dep in app.deployments.items():
+                for state, count in (dep.replica_states or {}).items():
+                    labels = {"application": app_name, "deployment": dep_name,
+                              "state": str(getattr(state, "value", state))}
+                    self._gauges.set("replicas", labels, count, "serve")
 
     async def close(self) -> None:
         """Release the store's connections."""
@@ -264,6 +275,7 @@ class MetricsActor:
     async def prometheus(self) -> bytes:
         """Prometheus text exposition (format 0.0.4) of every ``troupe_`` metric."""
         await self.start()
+        await self._refresh_replicas()
         return generate_latest(self._registry)
 
     async def usage(self, start_ts: float, end_ts: float, group_by: str = "model",

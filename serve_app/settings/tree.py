@@ -107,7 +107,9 @@ class MetricsSettings(Strict):
     )
     actor_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved for the metrics actor.")
     serve_poll_interval_s: float = Field(
-        15.0, ge=0, description="How often the actor reads replica counts from Serve (0: never)."
+        15.0, ge=0, description="How old the replica counts on /metrics may be: a scrape that "
+        "finds them older reads them from Serve's controller; nothing is read between scrapes "
+        "(0: never)."
     )
 
 

@@ -411,3 +411,49 @@ async def test_realtime_response_rows_keep_audio_and_ttfa_through_sqlite(tmp_pat
         proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                               timeout=30)
         assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()
+
+
+class _ServeStatus:
+    """What ``serve.status()`` answers, for one app with one deployment; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.running = 2
+
+    def __call__(self) -> Any:
+        from types import SimpleNamespace
+
+        self.calls += 1
+        dep = SimpleNamespace(replica_states={"RUNNING": self.running})
+        return SimpleNamespace(applications={
+            "troupe": SimpleNamespace(deployments={"LLM_a": dep})})
+
+
+async def test_replica_counts_are_read_at_scrape_time_not_in_the_background(
+        store: FakeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    status = _ServeStatus()
+    monkeypatch.setattr(serve, "status", status)
+    actor = MetricsActor("memory://", PRICES, store=store, serve_poll_s=3600)
+    await actor.start()
+    await actor.record(known_mix())
+    assert status.calls == 0  # idle, unscraped: the controller is not asked
+    assert total(samples(await actor.prometheus()), "troupe_replicas", state="RUNNING") == 2
+    status.running = 3
+    assert total(samples(await actor.prometheus()), "troupe_replicas", state="RUNNING") == 2
+    assert status.calls == 1  # younger than serve_poll_s: the last counts, no second read
+    actor._serve_read_at -= 3600  # the counts age past serve_poll_s
+    assert total(samples(await actor.prometheus()), "troupe_replicas", state="RUNNING") == 3
+    assert status.calls == 2
+
+
+async def test_serve_poll_zero_never_asks_serve(store: FakeStore,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray import serve
+
+    status = _ServeStatus()
+    monkeypatch.setattr(serve, "status", status)
+    actor = MetricsActor("memory://", PRICES, store=store, serve_poll_s=0)
+    await actor.prometheus()
+    assert status.calls == 0
