@@ -2,10 +2,9 @@
 
 vLLM is imported only inside :meth:`VLLMTextEngine.start` (it ships in the ``gpu`` extra),
 so importing this module, building the app, and the unit tests never need it. Tests inject
-fakes through two seams: ``engine_factory`` (engine-args dict -> an object with the
-``AsyncLLM`` surface used here) and ``sampling_params_factory`` (keyword arguments ->
-sampling params; the engine asks for ``output_kind="DELTA"`` by name, the default factory
-turns the name into ``vllm.sampling_params.RequestOutputKind.DELTA``).
+fakes through ``engine_factory`` (engine-args dict -> an object with the ``AsyncLLM``
+surface used here) and ``sampling_params_factory`` (keyword arguments -> sampling params;
+``output_kind="DELTA"`` by name, the default factory resolves it with vLLM's enum).
 
 What the engine does per request:
 
@@ -28,11 +27,9 @@ group per replica (``placement_group_bundles``, see :func:`placement_bundles`) a
 schedules the replica actor in its first bundle with
 ``placement_group_capture_child_tasks=True``. The engine then sets
 ``distributed_executor_backend="ray"``: vLLM's Ray executor finds the *current* placement
-group and starts one GPU worker actor per bundle inside it. With the multiprocessing
-backend vLLM would instead spawn local processes on the GPUs visible to the replica
-actor, so the GPUs Serve reserved in the bundles would sit idle while vLLM looked for
-GPUs it was never given. So: bundles hold the GPUs, the replica actor itself asks for
-``num_gpus: 0`` and at most the first bundle's CPUs.
+group and starts one GPU worker actor per bundle inside it (the multiprocessing backend
+would look for GPUs beside the replica actor, leaving the bundles' idle). So: bundles hold
+the GPUs; the replica actor asks for ``num_gpus: 0`` and at most the first bundle's CPUs.
 """
 
 from __future__ import annotations
@@ -63,8 +60,7 @@ from serve_app.errors import ContextLengthExceeded, InferenceFailed, InvalidRequ
 from serve_app.protocol.internal import ChatMessage, EngineFinishReason, EngineOutput, GenerationRequest
 from serve_app.settings import ConfigError, VLLMEngineConfig
 
-__all__ = ["VLLMTextEngine", "build_engine_args", "build_sampling_kwargs", "placement_bundles",
-           "DELTA_OUTPUT_KIND"]
+__all__ = ["VLLMTextEngine", "build_engine_args", "build_sampling_kwargs", "placement_bundles", "DELTA_OUTPUT_KIND"]
 
 logger = logging.getLogger("troupe.engine.vllm")
 
@@ -171,7 +167,11 @@ def _vllm_engine_factory(engine_args: dict[str, Any]) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**to_vllm_engine_args(engine_args)))
+    from deployments.engines.vllm_cpu_affinity import pin_after_cpu_start
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**to_vllm_engine_args(engine_args)))
+    pin_after_cpu_start()  # on CPU: the front end and engine core off the worker's cores
+    return engine
 
 
 def _vllm_sampling_params_factory() -> SamplingParamsFactory:

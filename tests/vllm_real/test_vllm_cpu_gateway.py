@@ -62,15 +62,21 @@ async def test_vllm_served_from_inside_the_gateway_ends_its_processes_on_unload(
                    "extra_engine_args": {"kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 8}},
         "deployment": {"ray_actor_options": {"num_cpus": 0.5}}}]})
     before = {p.pid for p in _vllm_processes()}  # the session engine's (conftest)
+    all_cores = os.sched_getaffinity(0)
     hosted = InGatewayModels(settings)
     await hosted.start()
     try:
         mine = [p for p in _vllm_processes() if p.pid not in before]
         assert any(p.name() == "VLLM::EngineCore" for p in mine), mine
-        if len(os.sched_getaffinity(0)) > 1:  # vLLM kept a core for the serving processes
+        if len(all_cores) > 1:  # vLLM kept a core for the serving processes
             workers = [p for p in mine if p.name() == "VLLM::Worker"]
-            assert workers and all(len(w.cpu_affinity()) < len(os.sched_getaffinity(0))
-                                   for w in workers)
+            held = set().union(*(w.cpu_affinity() for w in workers))
+            assert workers and held < all_cores
+            # the host (here: this process, as the gateway replica) and the engine core
+            # moved off the worker's cores (vllm_cpu_affinity)
+            assert os.sched_getaffinity(0) == all_cores - held
+            assert all(set(p.cpu_affinity()) == all_cores - held
+                       for p in mine if p.name() == "VLLM::EngineCore")
         core = GatewayCore(settings, hosted.handles, model_state=MemoryModelState())
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_fastapi_app(core)),
                                  base_url="http://gw", timeout=120)
@@ -93,6 +99,7 @@ async def test_vllm_served_from_inside_the_gateway_ends_its_processes_on_unload(
         await http.aclose()
     finally:
         await hosted.shutdown()
+        os.sched_setaffinity(0, all_cores)  # the rest of the session runs unpinned
     assert await _gone_except(before)
 
 
