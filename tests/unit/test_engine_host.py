@@ -6,19 +6,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Iterator
 
-import httpx
 import pytest
 
 from deployments.engines.registry import ENGINE_KINDS, create_engine, engine_class_path
 from deployments.llm import LLMDeployment
-from serve_app.build.app import build_fastapi_app
-from serve_app.build.in_gateway import InGatewayModels
 from serve_app.errors import ModelNotLoaded, Timeout
-from serve_app.gateway.core import GatewayCore
-from serve_app.gateway.model_state import MemoryModelState
 from serve_app.protocol.internal import ChatMessage, GenerationRequest, SamplingParams
 from serve_app.settings import MockEngineConfig, ModelConfig, TroupeSettings
 from tests.fake_openai import FakeOpenAI
+from tests.in_gateway import in_gateway_client
 
 KEY_ENV = "TROUPE_TEST_ENGINE_HOST_KEY"
 
@@ -96,14 +92,8 @@ async def gateway_hosted(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> A
                    "api_key_env": KEY_ENV, "credential": "engine-host-test",
                    "retry": {"max_retries": 0}},
     }]})
-    hosted = InGatewayModels(settings)
-    await hosted.start()
-    core = GatewayCore(settings, hosted.handles, model_state=MemoryModelState())
-    transport = httpx.ASGITransport(app=build_fastapi_app(core))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as client:
-        client.core = core  # type: ignore[attr-defined]
+    async with in_gateway_client(settings) as client:
         yield client
-    await hosted.shutdown()
 
 
 async def test_a_gateway_hosted_model_unloads_and_loads(gateway_hosted: Any) -> None:

@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 
 from deployments.audio import encode_audio
-from serve_app.build.app import build_fastapi_app
 from serve_app.build.in_gateway import InGatewayModels
-from serve_app.gateway.core import GatewayCore
-from serve_app.gateway.model_state import MemoryModelState
 from serve_app.settings import ConfigError, load_settings
+from tests.in_gateway import in_gateway_client
 
 FOLDED = [
     {"id": "chat", "engine": {"type": "mock", "token_delay_ms": 0}, "run_in": "gateway"},
@@ -33,14 +31,8 @@ FOLDED = [
 @pytest.fixture
 async def folded() -> AsyncIterator[httpx.AsyncClient]:
     settings = load_settings({"models": FOLDED})
-    hosted = InGatewayModels(settings)
-    await hosted.start()
-    core = GatewayCore(settings, hosted.handles, model_state=MemoryModelState())
-    transport = httpx.ASGITransport(app=build_fastapi_app(core))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as client:
-        client.hosted = hosted  # type: ignore[attr-defined]
+    async with in_gateway_client(settings) as client:
         yield client
-    await hosted.shutdown()
 
 
 def _wav() -> bytes:

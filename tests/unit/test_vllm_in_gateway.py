@@ -19,6 +19,7 @@ from serve_app.build.in_gateway import InGatewayModels
 from serve_app.gateway.core import GatewayCore
 from serve_app.gateway.model_state import MemoryModelState
 from serve_app.settings import load_settings
+from tests.in_gateway import in_gateway_client
 from tests.unit.test_lora_adapters import make_adapter
 from tests.unit.vllm_fakes import FakeAsyncLLM, FakeLoRARequest, RecordedSamplingParams
 
@@ -48,14 +49,8 @@ def made(monkeypatch: pytest.MonkeyPatch) -> list[FakeAsyncLLM]:
 @pytest.fixture
 async def gateway(made: list[FakeAsyncLLM]) -> AsyncIterator[httpx.AsyncClient]:
     settings = load_settings({"models": [VLLM_CPU], "gateway": {"ray_actor_options": {"num_cpus": 0.25}}})
-    hosted = InGatewayModels(settings)
-    await hosted.start()
-    core = GatewayCore(settings, hosted.handles, model_state=MemoryModelState())
-    transport = httpx.ASGITransport(app=build_fastapi_app(core))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=30) as client:
-        client.hosted = hosted  # type: ignore[attr-defined]
+    async with in_gateway_client(settings) as client:
         yield client
-    await hosted.shutdown()
 
 
 async def _chat(client: httpx.AsyncClient) -> httpx.Response:
