@@ -7,7 +7,7 @@ Run (under the shared lock)::
     flock /tmp/troupe-ray.lock python -m bench.batch_bench \
         --baseline-module /tmp/engine_at_issue17.py /tmp/engine_before_batching.py
 
-Two load shapes per level ``c`` (temperature 0, max_tokens 64):
+Up to three load shapes per level ``c`` (temperature 0, max_tokens 64):
 
 * **wave**: ``c`` streams start at once; each stream's time to first token and the
   aggregate output tokens/s of the wave.
