@@ -7,13 +7,21 @@ Run (under the shared lock)::
     flock /tmp/troupe-ray.lock python -m bench.batch_bench \
         --baseline-module /tmp/engine_at_issue17.py /tmp/engine_before_batching.py
 
-Two load shapes per level ``c`` (temperature 0, max_tokens 64):
+Up to three load shapes per level ``c`` (temperature 0, max_tokens 64):
 
 * **wave**: ``c`` streams start at once; each stream's time to first token and the
   aggregate output tokens/s of the wave.
 * **closed loop** (``--closed-requests N``): ``c`` users, each sending its next request
   as soon as its previous one ends, ``N`` requests each: how users load a server, with
   new prompts arriving while others decode. TTFT over every request, tokens/s over the run.
+  With max_tokens 64 and no early end the users finish in the same step and send together,
+  so this stays close to a train of waves.
+* **staggered closed loop** (``--staggered-requests N``): the same users, but user ``u+1``
+  joins once user ``u``'s first request has streamed ``max_tokens / c`` tokens, so the
+  users are out of step and one new prompt arrives every ``max_tokens / c`` tokens, as
+  independent users' requests do. Tokens/s and TTFT over the steady window only: from the
+  last user's first request to the first user's last answer (the ramp up and down, with
+  fewer than ``c`` users, left out; at ``c = 1`` the whole run).
 
 Every request's prompt is one no earlier request had (a run/round/shape/request id in
 the user text); the chat template's system prefix stays shared, as in real traffic, so a
@@ -50,6 +58,9 @@ RESULTS = Path(__file__).parent / "results"
 TOPICS = ["a lighthouse keeper", "a lost robot", "a dragon who bakes", "two rival chefs",
           "a time-travelling cat", "the last tree on Mars", "a shy volcano", "a detective owl"]
 
+
+#: Load shapes, in the order the report lists them.
+SHAPES = ("wave", "closed", "staggered")
 
 #: Module names an older engine file imports -> where they live now.
 MOVED_MODULES = {"serve_app.config": "serve_app.settings"}
@@ -97,6 +108,53 @@ async def closed_loop(engine: Any, concurrency: int, max_tokens: int, per_user: 
 
     results = [r for rs in await asyncio.gather(*(user(u) for u in range(concurrency))) for r in rs]
     return _row(concurrency, results, time.perf_counter() - t0, shape="closed")
+
+
+async def staggered_loop(engine: Any, concurrency: int, max_tokens: int, per_user: int) -> dict[str, Any]:
+    """``concurrency`` users out of step (see the module docstring), ``per_user`` requests each."""
+    joined = [asyncio.Event() for _ in range(concurrency)]
+    joined[0].set()
+    step = max(1, max_tokens // concurrency)
+    marks: list[tuple[float, int]] = []  # (time, tokens) of every output
+    sent: list[tuple[float, float]] = []  # (sent at, ttft) of every request
+    starts: list[float] = []
+    ends: list[float] = []
+
+    async def user(u: int) -> None:
+        await joined[u].wait()
+        starts.append(time.perf_counter())
+        for r in range(per_user):
+            t0 = time.perf_counter()
+            ttft, tokens = None, 0
+            async for out in engine.generate(request(u, max_tokens)):
+                if out.num_tokens:
+                    t = time.perf_counter()
+                    ttft = t - t0 if ttft is None else ttft
+                    tokens += out.num_tokens
+                    marks.append((t, out.num_tokens))
+                    if r == 0 and tokens >= step and u + 1 < concurrency:
+                        joined[u + 1].set()
+            joined[min(u + 1, concurrency - 1)].set()  # an early end still lets the next join
+            sent.append((t0, ttft if ttft is not None else time.perf_counter() - t0))
+        ends.append(time.perf_counter())
+
+    await asyncio.gather(*(user(u) for u in range(concurrency)))
+    lo, hi = max(starts), min(ends)
+    if hi <= lo:  # too few requests per user for a steady window: the whole run
+        lo, hi = min(starts), max(ends)
+    tokens = sum(n for t, n in marks if lo <= t <= hi)
+    ttfts = [ttft for t0, ttft in sent if lo <= t0 <= hi] or [ttft for _, ttft in sent]
+    return {
+        "shape": "staggered",
+        "concurrency": concurrency,
+        "requests": len(ttfts),
+        "output_tokens": tokens,
+        "wall_s": round(hi - lo, 3),
+        "tokens_per_s": round(tokens / (hi - lo), 2),
+        "per_stream_tokens_per_s": round(tokens / (hi - lo) / concurrency, 2),
+        "ttft_p50_s": round(statistics.median(ttfts), 3),
+        "ttft_max_s": round(max(ttfts), 3),
+    }
 
 
 def _row(concurrency: int, results: list[tuple[float, int]], wall: float, shape: str) -> dict[str, Any]:
@@ -157,6 +215,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             record("new", await wave(new, c, args.max_tokens), round_no)
             if args.closed_requests:
                 record("new", await closed_loop(new, c, args.max_tokens, args.closed_requests), round_no)
+            if args.staggered_requests:
+                record("new", await staggered_loop(new, c, args.max_tokens, args.staggered_requests), round_no)
         await new.shutdown()
     for old in olds.values():
         await old.shutdown()
@@ -187,7 +247,7 @@ def summary(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
              "| engine | load | c | rounds | output tok/s | per-stream tok/s | p50 TTFT s | max TTFT s |",
              "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
-        for shape in ("wave", "closed"):
+        for shape in SHAPES:
             for c, r in medians(runs, shape).items():
                 lines.append(f"| {name} | {shape} | {c} | {r['rounds']} | {r['tokens_per_s']} "
                              f"| {r['per_stream_tokens_per_s']} | {r['ttft_p50_s']} | {r['ttft_max_s']} |")
@@ -195,6 +255,7 @@ def summary(rows: dict[str, list[dict[str, Any]]]) -> list[str]:
     new = medians(rows["new"])
     lines += _targets(new, "new engine, waves")
     lines += _targets(medians(rows["new"], "closed"), "new engine, closed loop")
+    lines += _targets(medians(rows["new"], "staggered"), "new engine, staggered closed loop")
     for name, runs in rows.items():
         before = medians(runs)
         if name != "new" and 1 in new and 1 in before:
@@ -211,7 +272,7 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, runs in rows.items():
-        for shape in ("wave", "closed"):
+        for shape in SHAPES:
             table = list(medians(runs, shape).values())
             if not table:
                 continue
@@ -246,6 +307,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--closed-requests", type=int, default=0,
                         help="also a closed loop per level: each of c users sends this many requests in turn")
+    parser.add_argument("--staggered-requests", type=int, default=0,
+                        help="also a staggered closed loop per level: c users out of step, this many requests each")
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="repeat every level; the report gives medians")

@@ -19,6 +19,7 @@ reading the weights; ``bench/README.md`` has the measurements.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -35,11 +36,12 @@ _registered = False
 class SeqKV:
     """One sequence's keys and values for every layer, in buffers that grow by doubling.
 
-    The buffers are float32 whatever the activations' dtype: a decode step's attention
-    reads every key and value in float32 (:func:`_one_token_attention`), and converting
-    the whole history of every sequence and layer at each step cost a batch of 8 about
-    half its step time. A bf16 value is exact in float32, so nothing changes numerically;
-    a prompt's attention converts back (exactly) for sdpa.
+    Each layer's buffer is ``[kv_heads, capacity, dim]`` float32 whatever the activations'
+    dtype: a decode step's attention reads every key and value in float32
+    (:func:`_attend_one`), and converting the whole history of every sequence and layer at
+    each step cost a batch of 8 about half its step time. A bf16 value is exact in
+    float32, so nothing changes numerically; a prompt's attention converts back (exactly)
+    for sdpa.
     """
 
     __slots__ = ("keys", "values", "lengths")
@@ -59,26 +61,43 @@ class SeqKV:
         copy = SeqKV(len(self.lengths))
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None and v is not None:
-                copy.append(layer, k[:, :, :n], v[:, :, :n])
+                copy.append(layer, k[None, :, :n], v[None, :, :n])
         return copy
+
+    def _room(self, layer: int, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The layer's buffers, grown to hold ``t`` more tokens, and its length."""
+        start = self.lengths[layer]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or buf_v is None or start + t > buf_k.shape[1]:
+            capacity = max(16, 2 * (start + t))
+            shape = (like.shape[-2], capacity, like.shape[-1])
+            new_k = like.new_empty(shape, dtype=torch.float32)
+            new_v = like.new_empty(shape, dtype=torch.float32)
+            if buf_k is not None and buf_v is not None:
+                new_k[:, :start] = buf_k[:, :start]
+                new_v[:, :start] = buf_v[:, :start]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        return buf_k, buf_v, start
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's
-        (float32)."""
-        start, t = self.lengths[layer], key.shape[2]
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or start + t > buf_k.shape[2]:
-            capacity = max(16, 2 * (start + t))
-            new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3], dtype=torch.float32)
-            new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3], dtype=torch.float32)
-            if buf_k is not None:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = buf_v[:, :, :start]  # type: ignore[index]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
-        buf_k[:, :, start : start + t] = key
-        buf_v[:, :, start : start + t] = value  # type: ignore[index]
-        self.lengths[layer] = start + t
-        return buf_k[:, :, : start + t], buf_v[:, :, : start + t]  # type: ignore[index]
+        (float32, ``[1, heads, n, dim]``)."""
+        t = key.shape[2]
+        buf_k, buf_v, start = self._room(layer, t, key[0, :, 0])
+        buf_k[:, start : start + t] = key[0]
+        buf_v[:, start : start + t] = value[0]
+        self.lengths[layer] = n = start + t
+        return buf_k[None, :, :n], buf_v[None, :, :n]
+
+    def push(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add one token's ``[heads, dim]`` float32 key/value to ``layer``; returns all of
+        that layer's (``[heads, n, dim]``). The decode path: as few tensor calls as can be
+        (each costs about a microsecond; a batch of 8 makes 240 of these a step)."""
+        buf_k, buf_v, start = self._room(layer, 1, key)
+        buf_k.select(1, start).copy_(key)
+        buf_v.select(1, start).copy_(value)
+        self.lengths[layer] = n = start + 1
+        return buf_k.narrow(1, 0, n), buf_v.narrow(1, 0, n)
 
 
 class Packed:
@@ -115,16 +134,27 @@ def _ragged_attention(
     heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
     scale = scaling if scaling is not None else dim ** -0.5
     # Every token's heads side by side ([tokens, heads, dim]), as the projections made them:
-    # one conversion to float32 for all queries and one back for all outputs, not one per
-    # sequence (per-call costs dominate a decode step's attention).
+    # one conversion to float32 for all queries, keys and values and one back for all
+    # outputs, not one per sequence (per-call costs dominate a decode step's attention).
     queries = query[0].transpose(0, 1).float()
+    decode_scale = scale
+    if math.frexp(scale)[0] == 0.5:
+        # A power of two (1/8 for 64-wide heads) scales the queries exactly, once for
+        # every sequence, instead of each sequence's scores: the same scores, bit for bit.
+        # (in place only on a copy: float32 activations' queries are ``query`` itself)
+        queries = queries.mul(scale) if query.dtype == torch.float32 else queries.mul_(scale)
+        decode_scale = 1.0
+    new_keys = key[0].transpose(0, 1).float()
+    new_values = value[0].transpose(0, 1).float()
     out = queries.new_empty(tokens, heads, dim)
+    layer = module.layer_idx
     for kv, start, t in troupe_kv.segments:
-        end = start + t
-        keys, values = kv.append(module.layer_idx, key[:, :, start:end], value[:, :, start:end])
         if t == 1:
-            _attend_one(queries[start], keys, values, scale, out[start])
+            keys, values = kv.push(layer, new_keys[start], new_values[start])
+            _attend_one(queries[start], keys, values, decode_scale, out[start])
             continue
+        end = start + t
+        keys, values = kv.append(layer, key[:, :, start:end], value[:, :, start:end])
         n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
@@ -138,28 +168,31 @@ def _ragged_attention(
 
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                 out: torch.Tensor) -> None:
-    """One new token's attention over its sequence's keys, float32 ``[heads, dim]`` into
-    ``out`` (the same shape).
+    """One new token's attention over its sequence's float32 ``[kv_heads, n, dim]`` keys
+    and values: ``query`` float32 ``[heads, dim]`` into ``out`` (the same shape).
 
     sdpa's CPU flash kernel costs about 60 us a call whatever the size (its blocking
     set-up), a third of a decode step's attention; two float32 matmuls and a softmax do a
     one-row query in a fraction of that. Query heads are grouped over their key/value head
     (GQA) instead of repeating the keys. Float32 throughout, as the flash kernel
-    accumulates (the buffers already are).
+    accumulates. ``scale`` 1.0: the query is already scaled.
     """
-    kv_heads = keys.shape[1]
+    kv_heads = keys.shape[0]
     grouped = (kv_heads, query.shape[0] // kv_heads, query.shape[1])
-    # .float() is free on the (float32) buffers; bmm, as matmul copies their strided views
-    scores = torch.bmm(query.reshape(grouped), keys[0].float().transpose(1, 2)).mul_(scale)
-    torch.bmm(torch.softmax(scores, dim=-1), values[0].float(), out=out.view(grouped))
+    # bmm, as matmul copies the keys' strided (transposed) view
+    scores = torch.bmm(query.view(grouped), keys.transpose(1, 2))
+    if scale != 1.0:
+        scores.mul_(scale)
+    torch.bmm(torch.softmax(scores, dim=-1), values, out=out.view(grouped))
 
 
 def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          scaling: Optional[float]) -> torch.Tensor:
-    """:func:`_attend_one` for a ``[1, heads, 1, dim]`` query, in the query's dtype."""
+    """:func:`_attend_one` for a ``[1, heads, 1, dim]`` query and ``[1, kv_heads, n, dim]``
+    keys and values, in the query's dtype."""
     heads, dim = query.shape[1], query.shape[3]
     out = torch.empty(heads, dim)
-    _attend_one(query.reshape(heads, dim).float(), keys, values,
+    _attend_one(query.reshape(heads, dim).float(), keys[0].float(), values[0].float(),
                 scaling if scaling is not None else dim ** -0.5, out)
     return out.to(query.dtype).reshape(1, heads, 1, dim)
 

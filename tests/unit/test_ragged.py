@@ -200,3 +200,48 @@ def test_the_lean_llama_pass_computes_what_transformers_computes(weights):
         logits[name] = (first, mixed, stepper.decode(kvs, [3, 4, 5, 6]))
     for got, want in zip(logits["lean"], logits["plain"]):
         assert torch.equal(got, want)
+
+
+def test_decode_keys_pushed_one_at_a_time_equal_appended_ones():
+    """The decode path's ``push`` keeps what a prompt's ``append`` keeps, past regrowth."""
+    from deployments.engines.ragged import SeqKV
+
+    torch.manual_seed(4)
+    k, v = torch.randn(1, 3, 40, 8).bfloat16(), torch.randn(1, 3, 40, 8).bfloat16()
+    whole, stepped = SeqKV(1), SeqKV(1)
+    want_k, want_v = whole.append(0, k, v)
+    stepped.append(0, k[:, :, :5], v[:, :, :5])
+    for i in range(5, 40):
+        got_k, got_v = stepped.push(0, k[0, :, i].float(), v[0, :, i].float())
+    assert stepped.length == whole.length == 40
+    assert torch.equal(got_k, want_k[0]) and torch.equal(got_v, want_v[0])
+    assert torch.equal(stepped.fork(30).keys[0][:, :30], want_k[0, :, :30])
+
+
+def test_a_power_of_two_scale_on_the_queries_gives_the_same_attention_bit_for_bit():
+    """Decode steps scale the queries once (1/8 for 64-wide heads) instead of every
+    sequence's scores: exact for a power of two, so outputs do not change."""
+    from deployments.engines.ragged import _attend_one
+
+    torch.manual_seed(5)
+    for n in (1, 9, 70):
+        q = torch.randn(9, 64).bfloat16().float()
+        k, v = torch.randn(3, n, 64).bfloat16().float(), torch.randn(3, n, 64).bfloat16().float()
+        folded, plain = torch.empty(9, 64), torch.empty(9, 64)
+        _attend_one(q * 0.125, k, v, 1.0, folded)
+        _attend_one(q, k, v, 0.125, plain)
+        assert torch.equal(folded, plain)
+
+
+def test_a_scale_that_is_no_power_of_two_still_changes_nothing_in_a_batch():
+    """24-wide heads (scale 1/sqrt(24)) take the per-sequence scaling; batch-invariant too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    quantize_linears(model)
+    stepper = RaggedModel(model)
+    together = ragged_greedy(stepper, PROMPTS, 6)
+    assert together == [ragged_greedy(stepper, [p], 6)[0] for p in PROMPTS]
