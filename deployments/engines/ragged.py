@@ -186,17 +186,6 @@ def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     torch.bmm(torch.softmax(scores, dim=-1), values, out=out.view(grouped))
 
 
-def _one_token_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         scaling: Optional[float]) -> torch.Tensor:
-    """:func:`_attend_one` for a ``[1, heads, 1, dim]`` query and ``[1, kv_heads, n, dim]``
-    keys and values, in the query's dtype."""
-    heads, dim = query.shape[1], query.shape[3]
-    out = torch.empty(heads, dim)
-    _attend_one(query.reshape(heads, dim).float(), keys[0].float(), values[0].float(),
-                scaling if scaling is not None else dim ** -0.5, out)
-    return out.to(query.dtype).reshape(1, heads, 1, dim)
-
-
 def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 

@@ -151,10 +151,21 @@ def test_fused_siblings_change_no_output():
     assert torch.equal(prompts["fused"], prompts["plain"])
 
 
+def _one_token_attention(query, keys, values, scale):
+    """The decode attention (``_attend_one``) for a ``[1, heads, 1, dim]`` query and
+    ``[1, kv_heads, n, dim]`` keys and values, in the query's dtype."""
+    from deployments.engines.ragged import _attend_one
+
+    heads, dim = query.shape[1], query.shape[3]
+    out = torch.empty(heads, dim)
+    _attend_one(query.reshape(heads, dim).float(), keys[0].float(), values[0].float(), scale, out)
+    return out.to(query.dtype).reshape(1, heads, 1, dim)
+
+
 def test_float32_buffers_hold_bf16_keys_exactly():
     """The buffers are float32 for the decode attention; a prompt's attention reads them
     back as bf16 and gets the very keys it stored."""
-    from deployments.engines.ragged import SeqKV, _one_token_attention
+    from deployments.engines.ragged import SeqKV
 
     torch.manual_seed(3)
     kv = SeqKV(1)
@@ -168,8 +179,6 @@ def test_float32_buffers_hold_bf16_keys_exactly():
 
 def test_one_token_attention_is_close_to_sdpa():
     import torch.nn.functional as F
-
-    from deployments.engines.ragged import _one_token_attention
 
     torch.manual_seed(2)
     for n in (1, 7, 130):
