@@ -72,7 +72,7 @@ def keep_off_worker_cores(root_pid: Optional[int] = None) -> Optional[set[int]]:
     root = psutil.Process(root_pid or os.getpid())
     try:
         children = root.children(recursive=True)
-        titles = {p.pid: " ".join(p.cmdline()[:1]) for p in children}
+        titles = {p.pid: (p.cmdline() or [""])[0] for p in children}
     except psutil.Error:
         return None
     workers = [pid for pid, title in titles.items() if title.startswith(WORKER_TITLE)]
