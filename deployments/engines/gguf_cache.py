@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -41,12 +42,14 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "MARKER",
     "bundled_gguf_path",
+    "conversion_pending",
     "convert_gguf",
     "default_cache_root",
     "ensure_converted",
     "prepare_bundled_model",
     "resolve_model_dir",
     "main",
+    "parse_once",
 ]
 
 logger = logging.getLogger("troupe.engine.transformers")
@@ -131,16 +134,55 @@ def _file_lock(path: Path) -> Iterator[bool]:
         os.close(fd)  # closing releases the lock
 
 
+@contextlib.contextmanager
+def parse_once() -> Iterator[None]:
+    """While the block runs, ``gguf`` parses each file once and builds each tensor-name map
+    once; both are restored afterwards.
+
+    transformers reads a GGUF three times for one model (its tokenizer, its config, its
+    tensors), each time decoding every metadata field in Python, the 49k-entry vocabulary
+    included; and to map tensor names it rebuilds ``gguf.get_tensor_name_map`` for every
+    submodule of the model (hundreds of identical maps). Both are pure reads of the file
+    (mapped read-only) and of fixed tables, so sharing one result changes nothing the
+    conversion writes; measured here it was about a third of the conversion's time.
+    transformers imports both names from ``gguf`` inside its functions, so they are
+    swapped on that module.
+    """
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[str, Any] = {}
+
+    def reader(path: Any, mode: Any = "r") -> Any:
+        if mode != "r":  # a writable mapping is never shared
+            return reader_cls(path, mode)
+        key = os.path.realpath(path)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    swapped = {"GGUFReader": reader, "get_tensor_name_map": functools.lru_cache(None)(name_map)}
+    original = {name: getattr(gguf, name) for name in swapped}
+    try:
+        for name, value in swapped.items():
+            setattr(gguf, name, value)
+        yield
+    finally:
+        for name, value in original.items():
+            setattr(gguf, name, value)
+
+
 def convert_gguf(gguf_path: Path, dest: Path) -> None:
     """Parse ``gguf_path`` (slow) and save it as a float32 safetensors folder in ``dest``."""
     import torch  # imported here: finding and checking the cache needs neither torch nor transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-    )
+    with parse_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+        )
     # The GGUF "quantizer" already de-quantized to fp32, but it refuses to serialize.
     model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as set; None means "not quantized"
     if hasattr(model.config, "quantization_config"):
@@ -204,6 +246,23 @@ def ensure_converted(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     return final
+
+
+def conversion_pending(config: TransformersEngineConfig) -> bool:
+    """Whether loading ``config`` would first wait for a GGUF conversion (its own, or a
+    background ``troupe prepare``'s): the bundled model, or a ``.gguf`` file, not yet in
+    the cache. Cheap: reads the marker file only."""
+    root = default_cache_root(config.cache_dir)
+    try:
+        if not config.model_path:
+            gguf = bundled_gguf_path()
+            return not is_valid_cache(root / cache_name_for(gguf, bundled=True), gguf)
+    except FileNotFoundError:
+        return False  # loading reports it
+    path = Path(config.model_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return not is_valid_cache(root / cache_name_for(path), path)
+    return False
 
 
 def resolve_model_dir(config: TransformersEngineConfig) -> Path:

@@ -124,6 +124,24 @@ def gguf(tmp_path) -> Path:
     return path
 
 
+def test_a_conversion_parses_the_gguf_once_and_builds_each_name_map_once():
+    import gguf as gguf_py
+
+    path = tc.bundled_gguf_path()
+    reader_cls, name_map = gguf_py.GGUFReader, gguf_py.get_tensor_name_map
+    with tc.parse_once():
+        first = gguf_py.GGUFReader(path)
+        # transformers reads the same file for the tokenizer, the config and the tensors
+        assert gguf_py.GGUFReader(str(path)) is first
+        assert first.fields["general.architecture"].contents() == "llama"
+        arch = next(k for k, v in gguf_py.MODEL_ARCH_NAMES.items() if v == "llama")
+        assert gguf_py.get_tensor_name_map(arch, 30) is gguf_py.get_tensor_name_map(arch, 30)
+        assert gguf_py.get_tensor_name_map(arch, 30).get_name("model.layers.3.mlp.up_proj") \
+            == "blk.3.ffn_up"
+    assert (gguf_py.GGUFReader, gguf_py.get_tensor_name_map) == (reader_cls, name_map)
+    assert gguf_py.GGUFReader(path) is not first  # afterwards each call parses again
+
+
 def test_convert_once_then_reuse(tmp_path, gguf):
     conv, root = FakeConverter(), tmp_path / "cache"
     out = ensure_converted(gguf, root, "tiny", convert=conv)
