@@ -67,7 +67,9 @@ system-deps:
 	@command -v espeak-ng >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng; }
 
-run: install models system-deps
+# No `models` here: `troupe run` converts the bundled GGUF in the background while Ray and
+# Serve start (a first run's conversion overlaps the startup instead of preceding it).
+run: install system-deps
 	$(BIN)/troupe run $(CONFIG)
 
 # System packages the tests need: a PostgreSQL server (the store's tests start a private

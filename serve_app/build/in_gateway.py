@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 from serve_app.build.local_handle import LocalHandle
 from serve_app.build.replicas import plain_class
-from serve_app.settings import ModelConfig, TroupeSettings
+from serve_app.settings import ModelConfig, TransformersEngineConfig, TroupeSettings
 
 __all__ = ["InGatewayModels"]
 
@@ -40,6 +40,15 @@ def _cap(model: ModelConfig) -> Optional[asyncio.Semaphore]:
     if model.modality == "text" or not model.computes_locally:
         return None
     return asyncio.Semaphore(model.deployment.max_ongoing_requests)
+
+
+def _waits(model: ModelConfig) -> bool:
+    """Whether loading ``model`` would wait for its GGUF conversion to finish."""
+    if not isinstance(model.engine, TransformersEngineConfig):
+        return False
+    from deployments.engines.gguf_cache import conversion_pending
+
+    return conversion_pending(model.engine)
 
 
 class InGatewayModels:
@@ -64,14 +73,17 @@ class InGatewayModels:
     async def start(self, metrics: Any = None) -> None:
         """Load every engine now (one after another: loading weights is CPU-bound), then
         export the text engines' queues to ``metrics`` (the metrics actor's handle, Ray's
-        or in-process; None: metrics off) as a text replica would."""
+        or in-process; None: metrics off) as a text replica would.
+
+        A model whose weights are still being converted loads last, so the others load
+        while the conversion runs (a first ``make run``) instead of after it."""
         capped = sum(m.deployment.max_ongoing_requests for m in self.models.values()
                      if _cap(m) is not None)
         if capped:  # each model's capped requests get worker threads, as in its own replica
             asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(
                 max_workers=capped + (os.cpu_count() or 1) + 4,
                 thread_name_prefix="in-gateway"))
-        for mid, host in self.hosts.items():
+        for mid, host in sorted(self.hosts.items(), key=lambda item: _waits(self.models[item[0]])):
             model = self.models[mid]
             if model.computes_locally:
                 logger.info("loading %s in the gateway replica", mid)

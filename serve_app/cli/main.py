@@ -3,6 +3,10 @@
 ``troupe run CONFIG`` validates the config, starts ``serve run CONFIG`` as a child
 process, waits until ``/health`` answers, and prints the URL and an example request.
 Ctrl-C (or SIGTERM) is passed on to ``serve run``, which shuts Serve and Ray down.
+
+A first run converts the bundled GGUF model (20-40 s of one core) in a background
+``troupe prepare`` while Ray and Serve start on the other core; the model's replica waits
+for that conversion's lock instead of converting again (issue 20's two-minute first run).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from typing import Optional
 from serve_app.cli.keys import add_keys_parser
 from serve_app.cli.serve_config import read_serve_config, validate
 from serve_app.cli.serve_env import serve_environment
-from serve_app.settings import ConfigError, TroupeSettings
+from serve_app.settings import ConfigError, TransformersEngineConfig, TroupeSettings
 
-__all__ = ["main", "validate", "local_cpu_problem"]
+__all__ = ["main", "validate", "local_cpu_problem", "start_conversions"]
 
 
 def local_cpu_problem(apps: list[TroupeSettings], cpus: Optional[int] = None) -> Optional[str]:
@@ -47,6 +51,46 @@ def local_cpu_problem(apps: list[TroupeSettings], cpus: Optional[int] = None) ->
         "never be scheduled. Lower the num_cpus values (a reservation, not a thread count; "
         "fractions are fine) or run against a cluster (RAY_ADDRESS)."
     )
+
+
+def start_conversions(apps: list[TroupeSettings]) -> list[subprocess.Popen]:
+    """Start ``troupe prepare`` in the background for each cache root that still lacks
+    the converted bundled model; return the processes (none when all are converted).
+
+    The replica that needs the model takes the same file lock (``gguf_cache``), so it
+    waits for this conversion rather than repeating it, and converts itself if this one
+    fails. Output goes to the terminal, like ``make models``.
+    """
+    from deployments.engines.gguf_cache import conversion_pending
+
+    pending = {model.engine.cache_dir for app in apps for model in app.models
+               if isinstance(model.engine, TransformersEngineConfig)
+               and not model.engine.model_path and conversion_pending(model.engine)}
+    started = []
+    for cache_dir in sorted(pending, key=str):
+        print("troupe: converting the bundled model in the background (once, 20-40 s)",
+              flush=True)
+        command = [sys.executable, "-m", "serve_app.cli.main", "prepare"]
+        # SIGINT restored to the default, as for `serve run` below: started from a shell's
+        # background job it is ignored, and the conversion could not be interrupted.
+        started.append(subprocess.Popen(
+            command + (["--cache-dir", cache_dir] if cache_dir else []),
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    return started
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Interrupt what is still running of ``processes`` (a conversion cleans up its
+    temporary folder on KeyboardInterrupt) and reap them."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _wait_healthy(url: str, child: subprocess.Popen, timeout_s: float) -> Optional[dict]:
@@ -95,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     host, port = config.host, config.port
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     env = serve_environment(os.environ)  # Ray/Serve tuned for an idle-cheap gateway
+    conversions = start_conversions(list(config.apps.values()))
     print(f"troupe: starting `serve run {path}` (gateway on {url}) ...", flush=True)
     # `serve run` gets its own session, so a terminal's Ctrl-C reaches it once (through
     # us), and SIGINT restored to the default: a shell starts background jobs with SIGINT
@@ -121,7 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif child.poll() is None:
         print(f"troupe: {url}/health did not answer within {args.ready_timeout:.0f}s; "
               "still waiting on serve run", file=sys.stderr, flush=True)
-    return child.wait()
+    try:
+        return child.wait()
+    finally:
+        _stop(conversions)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

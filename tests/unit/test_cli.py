@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -120,3 +121,50 @@ def test_prepare_defaults_to_the_shared_cache(monkeypatch, tmp_path: Path) -> No
     monkeypatch.setattr(gguf_cache, "prepare_bundled_model", fake)
     assert main(["prepare"]) == 0
     assert fake.calls == [None]  # prepare_bundled_model picks ~/.cache/troupe/models
+
+
+def _local_apps_with_cache(cache_dir: Path) -> list:
+    """config/local.yaml's applications, the bundled text model's cache in ``cache_dir``."""
+    from serve_app.cli.serve_config import read_serve_config
+
+    data = yaml.safe_load((ROOT / "config" / "local.yaml").read_text())
+    for app in data["applications"]:
+        for model in app["args"]["models"]:
+            if model["engine"]["type"] == "transformers":
+                model["engine"]["cache_dir"] = str(cache_dir)
+    path = cache_dir / "serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return list(read_serve_config(path).apps.values())
+
+
+def test_run_converts_the_bundled_model_in_the_background_and_ctrl_c_leaves_no_debris(
+        tmp_path: Path) -> None:
+    from serve_app.cli.main import _stop, start_conversions
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (process,) = start_conversions(_local_apps_with_cache(cache))
+    assert process.args[-4:] == ["serve_app.cli.main", "prepare", "--cache-dir", str(cache)]
+    deadline = time.monotonic() + 120  # until it converts into its temporary folder
+    while not any(p.name.startswith(".tmp-") for p in cache.iterdir()):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    _stop([process])  # what troupe run does when serve run ends first (Ctrl-C)
+    assert process.returncode is not None
+    # An interrupted conversion leaves neither a half-written folder nor a usable cache.
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".") or
+            p.name.startswith(".tmp-")] == ["serve.yaml"]
+
+
+def test_run_starts_no_conversion_when_the_cache_is_ready(tmp_path: Path) -> None:
+    from deployments.engines import gguf_cache
+    from serve_app.cli.main import start_conversions
+
+    gguf = gguf_cache.bundled_gguf_path()
+    name = gguf_cache.cache_name_for(gguf, bundled=True)
+    converted = gguf_cache.default_cache_root() / name  # `make test` converts it first
+    assert gguf_cache.is_valid_cache(converted, gguf)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / name).symlink_to(converted, target_is_directory=True)
+    assert start_conversions(_local_apps_with_cache(cache)) == []

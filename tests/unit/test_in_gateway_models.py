@@ -215,3 +215,24 @@ async def test_a_capped_model_takes_its_max_ongoing_requests_and_the_rest_wait()
 async def _until(condition: Any) -> None:
     while not condition():
         await asyncio.sleep(0)
+
+
+async def test_a_model_waiting_for_its_conversion_loads_after_the_others(tmp_path) -> None:
+    # A first `make run`: the bundled model's GGUF is still converting (nothing in this
+    # cache yet), so the gateway loads the ready models meanwhile rather than after it.
+    settings = load_settings({"models": [
+        {"id": "smol", "engine": {"type": "transformers", "cache_dir": str(tmp_path)},
+         "run_in": "gateway"},
+        *FOLDED[:2]]})
+    hosted = InGatewayModels(settings)
+    order: list[str] = []
+
+    def recorder(mid: str) -> Any:
+        async def start() -> None:
+            order.append(mid)
+        return start
+
+    for mid, host in hosted.hosts.items():
+        host.start = recorder(mid)
+    await hosted.start()
+    assert order == ["chat", "emb", "smol"]
