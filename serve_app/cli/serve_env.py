@@ -80,8 +80,9 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     "RAY_worker_niceness": "0",
     # Ray's log monitor (it streams the replicas' output to this terminal) globbed the logs
     # folder for new files ten times a second; with the threshold at 0 it looks for new
-    # files every 5 s and still reads the open ones at 10 Hz (a new replica's first lines
-    # arrive up to 5 s later; none are lost: a new file is read from its start).
+    # files every 5 s (a new replica's first lines arrive up to 5 s later; none are lost:
+    # a new file is read from its start). How often it reads the open ones when idle is
+    # serve_app/cli/lean_log_monitor.py's IDLE_WAIT_S.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "5",
 }

@@ -10,7 +10,8 @@ is running) and shuts it down on Ctrl-C exactly as before. With ``RAY_ADDRESS`` 
 
 Without the dashboard, Ray's autoscaler monitor goes too (:func:`lean_head`: one local
 node, nothing to scale). Ray's log monitor stays (it brings the replicas' output to the
-terminal), and so does Ray's API server: ``ray.init`` starts it even with
+terminal) but polls less when idle (:mod:`serve_app.cli.lean_log_monitor`), and Ray's API
+server stays: ``ray.init`` starts it even with
 ``include_dashboard=False``, and without it the dashboard agent's event module, which
 waits for the API server's address, logs an error every second.
 """
@@ -20,13 +21,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["LEAN_HEAD_SKIPS", "lean_head", "main"]
+__all__ = ["LEAN_HEAD_SKIPS", "LEAN_LOG_MONITOR", "lean_head", "main"]
 
 #: ``ray._private.node.Node`` methods that :func:`lean_head` turns into no-ops: the
 #: autoscaler monitor (what ``ray start --no-monitor`` skips).
 LEAN_HEAD_SKIPS = ("start_monitor",)
+
+
+#: The script :func:`lean_head` starts in place of Ray's ``log_monitor.py``.
+LEAN_LOG_MONITOR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "lean_log_monitor.py")
 
 
 def _skipped(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -34,10 +40,23 @@ def _skipped(self: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _lean_starter(start: Callable[..., Any], log_monitor_type: str) -> Callable[..., Any]:
+    """``start`` (Ray's ``services.start_ray_process``), but a log monitor's command runs
+    :data:`LEAN_LOG_MONITOR` with the same interpreter, flags and arguments."""
+    def start_ray_process(command: list[str], process_type: str, *args: Any,
+                          **kwargs: Any) -> Any:
+        if process_type == log_monitor_type and len(command) > 2 \
+                and command[2].endswith("log_monitor.py"):
+            command = [*command[:2], LEAN_LOG_MONITOR, *command[3:]]
+        return start(command, process_type, *args, **kwargs)
+    return start_ray_process
+
+
 @contextlib.contextmanager
-def lean_head(node_cls: Any) -> Iterator[None]:
+def lean_head(node_cls: Any, services: Any = None) -> Iterator[None]:
     """While the block runs, a head node of ``node_cls`` starts without the processes
-    named in :data:`LEAN_HEAD_SKIPS`; the class is restored afterwards.
+    named in :data:`LEAN_HEAD_SKIPS`, and (given Ray's ``services`` module) with
+    :data:`LEAN_LOG_MONITOR` as its log monitor; both are restored afterwards.
 
     ``ray.init`` does not expose Ray's ``no_monitor`` (``RayParams``), and the monitor is
     started while ``ray.init`` builds the head node, so this wraps that one call. A Ray
@@ -45,13 +64,21 @@ def lean_head(node_cls: Any) -> Iterator[None]:
     """
     saved = {name: node_cls.__dict__[name] for name in LEAN_HEAD_SKIPS
              if name in node_cls.__dict__}
+    start = getattr(services, "start_ray_process", None)
     try:
         for name in saved:
             setattr(node_cls, name, _skipped)
+        if start is not None:
+            from ray._private import ray_constants
+
+            services.start_ray_process = _lean_starter(
+                start, ray_constants.PROCESS_TYPE_LOG_MONITOR)
         yield
     finally:
         for name, method in saved.items():
             setattr(node_cls, name, method)
+        if start is not None:
+            services.start_ray_process = start
 
 
 def main(argv: list[str]) -> int:
@@ -59,11 +86,12 @@ def main(argv: list[str]) -> int:
 
     if not os.environ.get("RAY_ADDRESS"):
         import ray
+        from ray._private import services
         from ray._private.node import Node
         from ray.serve._private.constants import SERVE_NAMESPACE
 
         dashboard = os.environ.get("TROUPE_RAY_DASHBOARD") == "1"
-        with contextlib.nullcontext() if dashboard else lean_head(Node):
+        with contextlib.nullcontext() if dashboard else lean_head(Node, services):
             ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard)
     return cli.main(argv, prog_name="serve", standalone_mode=True) or 0
 

@@ -63,6 +63,8 @@ def test_a_streamed_chat_answers_and_the_replica_logs_reach_the_terminal(
 def test_the_head_runs_without_the_autoscaler_monitor(
         running: RunningSystem) -> None:
     labels = [label_of(p.cmdline(), p.name()) for p in running.processes()]
-    assert any("log_monitor.py" in x for x in labels)  # kept: it feeds the terminal
+    # Kept, it feeds the terminal: Troupe's lean log monitor, not Ray's 10 Hz one.
+    assert any("lean_log_monitor.py" in x for x in labels), labels
+    assert not any(x.endswith(" log_monitor.py") for x in labels), labels
     assert not any(x.endswith("monitor.py") and "log_monitor" not in x for x in labels)
     assert any(x.startswith("ray::ServeReplica:troupe:Gateway") for x in labels)

@@ -1,6 +1,6 @@
 """`troupe run` starts its local Ray head without the process a single-node gateway never
 uses (issue 20's idle CPU): the autoscaler monitor, unless the user asked for the Ray
-dashboard or points at a running cluster."""
+dashboard or points at a running cluster; and its log monitor polls less when idle."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import ray
+from ray._private import ray_constants, services
 from ray._private.node import Node
 from ray.serve.scripts import cli
 
-from serve_app.cli import serve_launch
-from serve_app.cli.serve_launch import LEAN_HEAD_SKIPS, lean_head
+from serve_app.cli import lean_log_monitor, serve_launch
+from serve_app.cli.serve_launch import LEAN_HEAD_SKIPS, LEAN_LOG_MONITOR, lean_head
 
 
 class Head:
@@ -94,3 +95,44 @@ def test_the_ray_dashboard_brings_the_whole_head_back(monkeypatch):
 
 def test_a_running_cluster_is_left_to_serve_run(monkeypatch):
     assert _launch(monkeypatch, {"RAY_ADDRESS": "ray://head:10001"}) == []
+
+
+def _log_monitor_command(monkeypatch) -> list[str]:
+    """The command Ray's own ``services.start_log_monitor`` starts its process with."""
+    started: list[list[str]] = []
+    monkeypatch.setattr(services, "start_ray_process",
+                        lambda command, process_type, **kwargs: started.append(command))
+    services.start_log_monitor("/s", "/s/logs", "127.0.0.1:1", "127.0.0.1",
+                               stdout_filepath="/s/logs/lm.out",
+                               stderr_filepath="/s/logs/lm.err")
+    (command,) = started
+    return command
+
+
+def test_the_lean_head_runs_the_lean_log_monitor_with_rays_own_arguments(monkeypatch):
+    ray_command = _log_monitor_command(monkeypatch)
+    # A Ray upgrade that moved the script would silently bring Ray's 10 Hz poll back.
+    assert ray_command[1:3] == ["-u", services.os.path.join(
+        services.RAY_PATH, services.RAY_PRIVATE_DIR, "log_monitor.py")]
+    started: list[tuple[list[str], str]] = []
+
+    class Services:
+        @staticmethod
+        def start_ray_process(command: list[str], process_type: str, **kwargs: Any) -> None:
+            started.append((command, process_type))
+
+    with lean_head(Head, Services):
+        Services.start_ray_process(ray_command, ray_constants.PROCESS_TYPE_LOG_MONITOR)
+        Services.start_ray_process(["raylet", "--x"], ray_constants.PROCESS_TYPE_RAYLET)
+    Services.start_ray_process(ray_command, ray_constants.PROCESS_TYPE_LOG_MONITOR)
+    (lean, _), raylet, (restored, _) = started
+    assert lean == [ray_command[0], "-u", LEAN_LOG_MONITOR, *ray_command[3:]]
+    assert raylet == (["raylet", "--x"], ray_constants.PROCESS_TYPE_RAYLET)
+    assert restored == ray_command  # afterwards Ray's own script again
+
+
+def test_the_lean_log_monitor_accepts_every_argument_ray_passes(monkeypatch):
+    command = _log_monitor_command(monkeypatch)
+    args = lean_log_monitor._arguments(command[3:])
+    assert (args.gcs_address, args.logs_dir, args.stdout_filepath) == (
+        "127.0.0.1:1", "/s/logs", "/s/logs/lm.out")
