@@ -12,8 +12,8 @@ transformers forwards to the attention function.
 
 Decode segments (one new token) take a two-matmul attention instead of sdpa's CPU flash
 kernel, whose set-up dominates a one-row query; transformers' own Llama (the bundled
-SmolLM2) is stepped by :func:`_llama_pass`, its forward's operations without its module
-plumbing. A one-token step on one core is bound by per-call costs nearly as much as by
+SmolLM2) is stepped by ``llama_pass.LlamaPass``, its forward's operations in fewer
+tensor calls. A one-token step on one core is bound by per-call costs nearly as much as by
 reading the weights; ``bench/README.md`` has the measurements.
 """
 
@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from deployments.engines.llama_pass import LlamaPass
 from deployments.engines.weights import prompt_rows
 
 __all__ = ["SeqKV", "RaggedModel", "ATTN_IMPL"]
@@ -36,19 +37,19 @@ _registered = False
 class SeqKV:
     """One sequence's keys and values for every layer, in buffers that grow by doubling.
 
-    Each layer's buffer is ``[kv_heads, capacity, dim]`` float32 whatever the activations'
-    dtype: a decode step's attention reads every key and value in float32
-    (:func:`_attend_one`), and converting the whole history of every sequence and layer at
-    each step cost a batch of 8 about half its step time. A bf16 value is exact in
-    float32, so nothing changes numerically; a prompt's attention converts back (exactly)
-    for sdpa.
+    Each layer's buffer is ``[2, kv_heads, capacity, dim]`` (keys, then values) float32
+    whatever the activations' dtype: a decode step's attention reads every key and value
+    in float32 (:func:`_attend_one`), and converting the whole history of every sequence
+    and layer at each step cost a batch of 8 about half its step time. A bf16 value is
+    exact in float32, so nothing changes numerically; a prompt's attention converts back
+    (exactly) for sdpa. Keys and values share a buffer so that a decode token's pair is
+    stored in one copy.
     """
 
-    __slots__ = ("keys", "values", "lengths")
+    __slots__ = ("buffers", "lengths")
 
     def __init__(self, num_layers: int) -> None:
-        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
-        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.buffers: list[Optional[torch.Tensor]] = [None] * num_layers
         self.lengths = [0] * num_layers
 
     @property
@@ -59,45 +60,43 @@ class SeqKV:
     def fork(self, n: int) -> "SeqKV":
         """A private copy of the first ``n`` tokens (a cached prefix for a new sequence)."""
         copy = SeqKV(len(self.lengths))
-        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None and v is not None:
-                copy.append(layer, k[None, :, :n], v[None, :, :n])
+        for layer, buf in enumerate(self.buffers):
+            if buf is not None:
+                copy.append(layer, buf[0, None, :, :n], buf[1, None, :, :n])
         return copy
 
-    def _room(self, layer: int, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The layer's buffers, grown to hold ``t`` more tokens, and its length."""
+    def _room(self, layer: int, t: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The layer's buffer, grown to hold ``t`` more tokens of ``like``'s ``[heads,
+        dim]`` shape, and its length."""
         start = self.lengths[layer]
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or buf_v is None or start + t > buf_k.shape[1]:
+        buf = self.buffers[layer]
+        if buf is None or start + t > buf.shape[2]:
             capacity = max(16, 2 * (start + t))
-            shape = (like.shape[-2], capacity, like.shape[-1])
-            new_k = like.new_empty(shape, dtype=torch.float32)
-            new_v = like.new_empty(shape, dtype=torch.float32)
-            if buf_k is not None and buf_v is not None:
-                new_k[:, :start] = buf_k[:, :start]
-                new_v[:, :start] = buf_v[:, :start]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
-        return buf_k, buf_v, start
+            grown = like.new_empty((2, like.shape[-2], capacity, like.shape[-1]), dtype=torch.float32)
+            if buf is not None:
+                grown[:, :, :start] = buf[:, :, :start]
+            self.buffers[layer] = buf = grown
+        return buf, start
 
     def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``[1, heads, t, dim]`` keys/values to ``layer``; returns all of that layer's
         (float32, ``[1, heads, n, dim]``)."""
         t = key.shape[2]
-        buf_k, buf_v, start = self._room(layer, t, key[0, :, 0])
-        buf_k[:, start : start + t] = key[0]
-        buf_v[:, start : start + t] = value[0]
+        buf, start = self._room(layer, t, key[0, :, 0])
+        buf[0, :, start : start + t] = key[0]
+        buf[1, :, start : start + t] = value[0]
         self.lengths[layer] = n = start + t
-        return buf_k[None, :, :n], buf_v[None, :, :n]
+        return buf[0, None, :, :n], buf[1, None, :, :n]
 
-    def push(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add one token's ``[heads, dim]`` float32 key/value to ``layer``; returns all of
-        that layer's (``[heads, n, dim]``). The decode path: as few tensor calls as can be
-        (each costs about a microsecond; a batch of 8 makes 240 of these a step)."""
-        buf_k, buf_v, start = self._room(layer, 1, key)
-        buf_k.select(1, start).copy_(key)
-        buf_v.select(1, start).copy_(value)
-        self.lengths[layer] = n = start + 1
-        return buf_k.narrow(1, 0, n), buf_v.narrow(1, 0, n)
+    def push(self, layer: int, pair: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Add one token's float32 key and value (``[2, heads, dim]``) to ``layer``;
+        returns all of that layer's keys and values (``[heads, n, dim]`` each). The decode
+        path: as few tensor calls as can be (each costs a microsecond or two; a batch of
+        8 makes 240 of these a step)."""
+        buf, start = self._room(layer, 1, pair)
+        buf.select(2, start).copy_(pair)
+        self.lengths[layer] = start + 1
+        return buf.narrow(2, 0, start + 1).unbind(0)
 
 
 class Packed:
@@ -110,6 +109,11 @@ class Packed:
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
         self.segments = list(zip(kvs, starts, lengths))
+
+    def attend(self, layer: int, query: torch.Tensor, queries: torch.Tensor, pairs: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """One layer's attention of every segment (``llama_pass.Attend``)."""
+        return _attend_packed(self, layer, query, queries, pairs, scale)
 
 
 def _ragged_attention(
@@ -131,12 +135,27 @@ def _ragged_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    heads, tokens, dim = query.shape[1], query.shape[2], query.shape[3]
+    dim = query.shape[3]
     scale = scaling if scaling is not None else dim ** -0.5
     # Every token's heads side by side ([tokens, heads, dim]), as the projections made them:
     # one conversion to float32 for all queries, keys and values and one back for all
     # outputs, not one per sequence (per-call costs dominate a decode step's attention).
     queries = query[0].transpose(0, 1).float()
+    new_pairs = torch.stack((key[0].transpose(0, 1), value[0].transpose(0, 1)), dim=1).float()
+    out = _attend_packed(troupe_kv, module.layer_idx, query, queries, new_pairs, scale)
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+def _attend_packed(packed: Packed, layer: int, query: torch.Tensor, queries: torch.Tensor,
+                   new_pairs: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each segment's attention against its own sequence's buffers; float32 ``[tokens,
+    heads, dim]`` out. ``query``: the ``[1, heads, tokens, dim]`` queries in the
+    activations' dtype (a prompt's sdpa); ``queries``: the same as float32 ``[tokens,
+    heads, dim]`` (scaled in place when it is not ``query``'s own storage);
+    ``new_pairs``: each token's float32 key and value, ``[tokens, 2, kv_heads, dim]``.
+    """
+    tokens, heads, dim = queries.shape
+    kv_heads = new_pairs.shape[2]
     decode_scale = scale
     if math.frexp(scale)[0] == 0.5:
         # A power of two (1/8 for 64-wide heads) scales the queries exactly, once for
@@ -144,17 +163,22 @@ def _ragged_attention(
         # (in place only on a copy: float32 activations' queries are ``query`` itself)
         queries = queries.mul(scale) if query.dtype == torch.float32 else queries.mul_(scale)
         decode_scale = 1.0
-    new_keys = key[0].transpose(0, 1).float()
-    new_values = value[0].transpose(0, 1).float()
-    out = queries.new_empty(tokens, heads, dim)
-    layer = module.layer_idx
-    for kv, start, t in troupe_kv.segments:
+    # Query heads grouped over their key/value head (GQA), as :func:`_attend_one` reads them
+    grouped = (tokens, kv_heads, heads // kv_heads, dim)
+    out = queries.new_empty(grouped)
+    rows_q: Any = queries.view(grouped)  # a tensor (a select per row) or its rows
+    rows_out: Any = out
+    rows_kv: Any = new_pairs
+    if tokens == len(packed.segments):  # one token each: every row's views in one call each
+        rows_q, rows_out, rows_kv = rows_q.unbind(0), out.unbind(0), new_pairs.unbind(0)
+    for kv, start, t in packed.segments:
         if t == 1:
-            keys, values = kv.push(layer, new_keys[start], new_values[start])
-            _attend_one(queries[start], keys, values, decode_scale, out[start])
+            keys, values = kv.push(layer, rows_kv[start])
+            _attend_one(rows_q[start], keys, values, decode_scale, rows_out[start])
             continue
         end = start + t
-        keys, values = kv.append(layer, key[:, :, start:end], value[:, :, start:end])
+        pairs = new_pairs[start:end].transpose(0, 2)  # [kv_heads, 2, t, dim]
+        keys, values = kv.append(layer, pairs[:, 0][None], pairs[:, 1][None])
         n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
@@ -162,28 +186,27 @@ def _ragged_attention(
         out[start:end] = F.scaled_dot_product_attention(
             query[:, :, start:end], keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
             is_causal=(t > 1 and t == n), scale=scale, enable_gqa=True,
-        )[0].transpose(0, 1)  # bf16 in float32 and back: exact
-    return out.to(query.dtype).unsqueeze(0), None
+        )[0].transpose(0, 1).view(t, *grouped[1:])  # bf16 in float32 and back: exact
+    return out.view(tokens, heads, dim)
 
 
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
                 out: torch.Tensor) -> None:
     """One new token's attention over its sequence's float32 ``[kv_heads, n, dim]`` keys
-    and values: ``query`` float32 ``[heads, dim]`` into ``out`` (the same shape).
+    and values: ``query`` float32 ``[kv_heads, heads / kv_heads, dim]`` (query heads
+    grouped over their key/value head, GQA, instead of repeating the keys) into ``out``
+    (the same shape).
 
     sdpa's CPU flash kernel costs about 60 us a call whatever the size (its blocking
     set-up), a third of a decode step's attention; two float32 matmuls and a softmax do a
-    one-row query in a fraction of that. Query heads are grouped over their key/value head
-    (GQA) instead of repeating the keys. Float32 throughout, as the flash kernel
+    one-row query in a fraction of that. Float32 throughout, as the flash kernel
     accumulates. ``scale`` 1.0: the query is already scaled.
     """
-    kv_heads = keys.shape[0]
-    grouped = (kv_heads, query.shape[0] // kv_heads, query.shape[1])
     # bmm, as matmul copies the keys' strided (transposed) view
-    scores = torch.bmm(query.view(grouped), keys.transpose(1, 2))
+    scores = torch.bmm(query, keys.transpose(1, 2))
     if scale != 1.0:
         scores.mul_(scale)
-    torch.bmm(torch.softmax(scores, dim=-1), values, out=out.view(grouped))
+    torch.bmm(torch.softmax(scores, dim=-1), values, out=out)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -213,8 +236,9 @@ class RaggedModel:
         self.num_layers = int(model.config.num_hidden_layers)
         #: LoRA adapters on this model (a ``lora_peft.PeftAdapters``; issue 19), or None.
         self.lora: Any = None
-        #: Steps of the base model skip transformers' module plumbing (:func:`_llama_pass`).
-        self.plain_llama = _is_plain_llama(model)
+        #: Steps of the base model skip transformers' module plumbing (``llama_pass``).
+        self.plain_llama = LlamaPass.fits(model)
+        self._pass = LlamaPass(model) if self.plain_llama else None
 
     def new_kv(self) -> SeqKV:
         return SeqKV(self.num_layers)
@@ -252,8 +276,8 @@ class RaggedModel:
         is_prompt = torch.tensor([n > 1 for n in lengths for _ in range(n)])
         packed = Packed(kvs, lengths)
         with torch.inference_mode(), prompt_rows(is_prompt):
-            if model is self.model and self.plain_llama and not kwargs:
-                return _llama_pass(model, input_ids, positions, last, packed)[0].float()
+            if model is self.model and self.plain_llama and self._pass is not None and not kwargs:
+                return self._pass(input_ids, positions, last, packed.attend).float()
             out = model(
                 input_ids=input_ids, position_ids=positions, use_cache=False,
                 logits_to_keep=last, troupe_kv=packed, **kwargs,
@@ -267,58 +291,3 @@ class RaggedModel:
     def decode(self, kvs: Sequence[SeqKV], tokens: Sequence[int]) -> torch.Tensor:
         """One token per sequence, all in one pass; next-token logits, [B, V]."""
         return self.step(kvs, [[t] for t in tokens])
-
-
-def _is_plain_llama(model: Any) -> bool:
-    """Whether ``model`` is transformers' own Llama (SmolLM2's architecture), layer for
-    layer, so :func:`_llama_pass` computes exactly what its forward computes."""
-    from transformers.models.llama import modeling_llama as llama
-
-    inner = getattr(model, "model", None)
-    return (type(model) is llama.LlamaForCausalLM and type(inner) is llama.LlamaModel
-            and type(inner.norm) is llama.LlamaRMSNorm
-            and all(type(layer) is llama.LlamaDecoderLayer and type(layer.self_attn) is llama.LlamaAttention
-                    and type(layer.mlp) is llama.LlamaMLP and type(layer.input_layernorm) is llama.LlamaRMSNorm
-                    and type(layer.post_attention_layernorm) is llama.LlamaRMSNorm
-                    for layer in inner.layers))
-
-
-def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward``, op for op."""
-    dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon)).to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary_pos_emb`` for one tensor, op for op."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _llama_pass(model: Any, input_ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
-                packed: Packed) -> torch.Tensor:
-    """A packed step through transformers' Llama: the same operations in the same order as
-    its forward (so the same logits, bit for bit), without its per-module plumbing (hooks,
-    keyword routing, output records), which costs a one-token step on one core about as
-    much as a tenth of its matmuls. Logits of the ``last`` positions, ``[1, len(last), V]``.
-    """
-    inner = model.model
-    hidden = inner.embed_tokens(input_ids)
-    cos, sin = inner.rotary_emb(hidden, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    shape = (*hidden.shape[:-1], -1)
-    for layer in inner.layers[: model.config.num_hidden_layers]:
-        attn, mlp = layer.self_attn, layer.mlp
-        x = _rms_norm(layer.input_layernorm, hidden)
-        heads = (*x.shape[:-1], -1, attn.head_dim)
-        q = _rotate(attn.q_proj(x).view(heads).transpose(1, 2), cos, sin)
-        k = _rotate(attn.k_proj(x).view(heads).transpose(1, 2), cos, sin)
-        v = attn.v_proj(x).view(heads).transpose(1, 2)
-        out, _ = _ragged_attention(attn, q, k, v, None, scaling=attn.scaling, troupe_kv=packed)
-        hidden = hidden + attn.o_proj(out.reshape(shape).contiguous())
-        x = _rms_norm(layer.post_attention_layernorm, hidden)
-        hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-    hidden = _rms_norm(inner.norm, hidden)
-    return model.lm_head(hidden[:, last, :])

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["WeightsKind", "Int8WeightLinear", "FusedGroup", "quantize_linears", "fuse_siblings",
-           "load_causal_lm", "prompt_rows"]
+           "load_causal_lm", "prompt_rows", "matmul_rows"]
 
 WeightsKind = Literal["int8", "bfloat16", "float32"]
 
@@ -76,7 +76,7 @@ class Int8WeightLinear(nn.Module):
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times this layer's weights: prompt rows in bf16, others int8."""
-        return _matmul(flat, self.qweight, self.scale, self.dense, self.out_features)  # type: ignore[arg-type]  # buffers
+        return matmul_rows(flat, self.qweight, self.scale, self.dense, self.out_features)  # type: ignore[arg-type]  # buffers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -94,8 +94,10 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def _matmul(flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor,
-            out_features: int) -> torch.Tensor:
+def matmul_rows(flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor,
+                out_features: int) -> torch.Tensor:
+    """``flat`` [rows, in] times int8 weights: this step's prompt rows through ``dense``
+    (bf16), the others through the int8 kernel (see :func:`prompt_rows`)."""
     split = getattr(_step, "split", None)
     if split is None or split[0] != flat.shape[0]:
         return torch.ops.aten._weight_int8pack_mm(flat, qweight, scale)
@@ -145,7 +147,7 @@ class FusedGroup:
         flat = _as(x.reshape(-1, x.shape[-1]), member.act_dtype)
         if member is not self.lead:
             return member.matmul(flat)
-        out = _matmul(flat, self.qweight, self.scale, self.dense, self.qweight.shape[0])
+        out = matmul_rows(flat, self.qweight, self.scale, self.dense, self.qweight.shape[0])
         self._last = (x, split, out)
         return out[:, start:end]
 

@@ -156,9 +156,9 @@ def _one_token_attention(query, keys, values, scale):
     ``[1, kv_heads, n, dim]`` keys and values, in the query's dtype."""
     from deployments.engines.ragged import _attend_one
 
-    heads, dim = query.shape[1], query.shape[3]
-    out = torch.empty(heads, dim)
-    _attend_one(query.reshape(heads, dim).float(), keys[0].float(), values[0].float(), scale, out)
+    heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[3]
+    out = torch.empty(kv_heads, heads // kv_heads, dim)
+    _attend_one(query.reshape(out.shape).float(), keys[0].float(), values[0].float(), scale, out)
     return out.to(query.dtype).reshape(1, heads, 1, dim)
 
 
@@ -190,12 +190,13 @@ def test_one_token_attention_is_close_to_sdpa():
         assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("weights", ["int8", "bfloat16", "float32"])
+@pytest.mark.parametrize("weights", ["int8", "int8-unfused", "bfloat16", "float32"])
 def test_the_lean_llama_pass_computes_what_transformers_computes(weights):
-    """The step's own pass through a Llama gives transformers' logits bit for bit."""
+    """The step's own pass through a Llama gives transformers' logits bit for bit (with
+    q/k/v and gate/up fused into one int8 matmul each, or each layer on its own)."""
     from deployments.engines.weights import fuse_siblings
 
-    model = tiny_llama(weights)
+    model = tiny_llama(weights.removesuffix("-unfused"))
     if weights == "int8":
         fuse_siblings(model)
     lean, plain = RaggedModel(model), RaggedModel(model)
@@ -221,10 +222,10 @@ def test_decode_keys_pushed_one_at_a_time_equal_appended_ones():
     want_k, want_v = whole.append(0, k, v)
     stepped.append(0, k[:, :, :5], v[:, :, :5])
     for i in range(5, 40):
-        got_k, got_v = stepped.push(0, k[0, :, i].float(), v[0, :, i].float())
+        got_k, got_v = stepped.push(0, torch.stack((k[0, :, i], v[0, :, i])).float())
     assert stepped.length == whole.length == 40
     assert torch.equal(got_k, want_k[0]) and torch.equal(got_v, want_v[0])
-    assert torch.equal(stepped.fork(30).keys[0][:, :30], want_k[0, :, :30])
+    assert torch.equal(stepped.fork(30).buffers[0][0, :, :30], want_k[0, :, :30])
 
 
 def test_a_power_of_two_scale_on_the_queries_gives_the_same_attention_bit_for_bit():
@@ -234,9 +235,9 @@ def test_a_power_of_two_scale_on_the_queries_gives_the_same_attention_bit_for_bi
 
     torch.manual_seed(5)
     for n in (1, 9, 70):
-        q = torch.randn(9, 64).bfloat16().float()
+        q = torch.randn(3, 3, 64).bfloat16().float()  # 9 query heads over 3 key/value heads
         k, v = torch.randn(3, n, 64).bfloat16().float(), torch.randn(3, n, 64).bfloat16().float()
-        folded, plain = torch.empty(9, 64), torch.empty(9, 64)
+        folded, plain = torch.empty(3, 3, 64), torch.empty(3, 3, 64)
         _attend_one(q * 0.125, k, v, 1.0, folded)
         _attend_one(q, k, v, 0.125, plain)
         assert torch.equal(folded, plain)
