@@ -15,8 +15,14 @@ is set per packed step (:func:`prompt_rows`) from each sequence's own chunk, nev
 neighbours, and both matmuls are row-independent, so batching still changes no output. The
 copy costs 2 bytes per weight (SmolLM2: about 270 MB more, still less than fp32).
 
-Sibling layers that read the same input (q/k/v, gate/up) are fused into one matmul each
-(:func:`fuse_siblings`): fewer kernel calls per step, the same result per output channel.
+oneDNN's bf16 matmul picks its blocking by the number of rows: on CPUs with AMX a call
+of 33 or more rows rounds some rows differently than a call of a few (a batch of prompts
+then changed a sampled answer), while any two calls of the same size give each row the
+same result wherever it sits and whatever its neighbours. So prompt rows always go through
+it :data:`DENSE_ROWS` at a time, the last call padded with zero rows (:func:`dense_rows`).
+(Row-independence of the bfloat16 and float32 weight kinds' plain Linear layers is not
+arranged: float32's matmul differs between one row and two; only ``int8`` promises that
+batching changes no output.)
 """
 
 from __future__ import annotations
@@ -30,12 +36,17 @@ import torch
 from torch import nn
 
 __all__ = ["WeightsKind", "Int8WeightLinear", "FusedGroup", "quantize_linears", "fuse_siblings",
-           "load_causal_lm", "prompt_rows", "matmul_rows"]
+           "load_causal_lm", "prompt_rows", "matmul_rows", "dense_rows", "DENSE_ROWS"]
 
 WeightsKind = Literal["int8", "bfloat16", "float32"]
 
 #: The current packed step's prompt rows on this thread (see :func:`prompt_rows`).
 _step = threading.local()
+
+#: The rows of every bf16 matmul call of prompt rows (see the module docstring): each
+#: row's result is then the same alone or batched. 64: on AMX a 64-row call costs about
+#: 1.4x a 32-row one and half of two (tests/unit/test_weights.py checks the invariance).
+DENSE_ROWS = 64
 
 
 @contextmanager
@@ -102,11 +113,25 @@ def matmul_rows(flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, 
     if split is None or split[0] != flat.shape[0]:
         return torch.ops.aten._weight_int8pack_mm(flat, qweight, scale)
     if len(split[2]) == 0:  # every row is a prompt's
-        return torch.nn.functional.linear(flat, dense)
+        return dense_rows(flat, dense)
     out = flat.new_empty(flat.shape[0], out_features)
-    out[split[1]] = torch.nn.functional.linear(flat[split[1]], dense)
+    out[split[1]] = dense_rows(flat[split[1]], dense)
     out[split[2]] = torch.ops.aten._weight_int8pack_mm(flat[split[2]], qweight, scale)
     return out
+
+
+def dense_rows(flat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``flat`` [rows, in] times ``dense`` [out, in] (bf16) in calls of exactly
+    :data:`DENSE_ROWS` rows (zero rows pad the last), so every row's result is the one it
+    gets alone or beside any other rows."""
+    rows = flat.shape[0]
+    padded = -(-rows // DENSE_ROWS) * DENSE_ROWS
+    if padded != rows:
+        flat = torch.cat((flat, flat.new_zeros(padded - rows, flat.shape[1])))
+    if padded == DENSE_ROWS:
+        return torch.nn.functional.linear(flat, dense)[:rows]
+    return torch.cat([torch.nn.functional.linear(chunk, dense)
+                      for chunk in flat.split(DENSE_ROWS)])[:rows]
 
 
 class FusedGroup:

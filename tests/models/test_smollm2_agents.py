@@ -229,6 +229,8 @@ async def test_echo_prompt_logprobs_match_a_hand_computation(engine):
     assert all(o.prompt_logprobs is None for o in outs[1:])
     ids = engine._tokenizer.encode(prompt, add_special_tokens=False)
     assert [e.token_id for e in entries] == ids and "".join(e.token for e in entries) == prompt
+    from deployments.engines.weights import prompt_rows
+
     model = engine._model
     with torch.inference_mode():
         for i in range(1, len(ids)):
@@ -236,8 +238,11 @@ async def test_echo_prompt_logprobs_match_a_hand_computation(engine):
             assert entries[i].logprob == pytest.approx(float(logp[ids[i]]), abs=1e-3)
             best = torch.topk(logp, 2)
             assert [t[1] for t in entries[i].top] == best.indices.tolist()
-        # The first generated token continues the same distribution.
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        # The first generated token continues the same distribution, as the engine
+        # computes a prompt: its rows through the int8 layers' bf16 copy (weights.py).
+        # (Through the int8 kernel instead, the logprob moved by 0.04 on an AMX CPU.)
+        with prompt_rows(torch.ones(len(ids), dtype=torch.bool)):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
     first = next(e for o in outs for e in o.logprobs or ())
-    assert first.logprob == pytest.approx(float(logp[first.token_id]), abs=1e-2)
+    assert first.logprob == pytest.approx(float(logp[first.token_id]), abs=5e-3)
     assert text  # the completion itself still comes
