@@ -11,7 +11,9 @@ Variants, all on the same CPU reservation (``--threads``, default 1 and 2):
 * ``fp32`` / ``bf16``: the ragged step loop (``deployments.engines.ragged``) on those weights.
 * ``int8-dynamic``: torch's ``quantize_dynamic`` of the Linear layers (int8 activations too).
 * ``int8``: int8 per-channel weights with bf16 activations (``deployments.engines.weights``;
-  the engine's default); ``int8-bf16-head`` keeps the output head in bf16.
+  the engine's default until ``auto``); ``int8-bf16-head`` keeps the output head in bf16.
+* ``auto``: the engine's default: int4 groups of 32 for the layers already on a 4-bit grid
+  (all but the output head of the bundled Q4_1 model), int8 for the rest.
 
 Quality: greedy (temperature 0) answers on a fixed prompt set, compared with fp32's
 ``generate``: the share of prompts whose first 32 tokens are identical (each variant's
@@ -61,8 +63,8 @@ def load(folder: Path, variant: str) -> Any:
         return load_causal_lm(folder, "float32")
     if variant == "bf16":
         return load_causal_lm(folder, "bfloat16")
-    if variant == "int8":
-        return load_causal_lm(folder, "int8")
+    if variant in ("int8", "auto"):
+        return load_causal_lm(folder, variant)
     if variant == "int8-bf16-head":
         from deployments.engines.weights import quantize_linears
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from deployments.engines.weights import Int8WeightLinear, matmul_rows
+from deployments.engines.weights import QuantizedLinear, matmul_rows
 
 __all__ = ["LlamaPass", "Attend"]
 
@@ -128,10 +128,12 @@ def _projection(*members: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     group = getattr(first, "group", None)
     if (group is not None and group.lead is first and len(group.columns) == len(members)
             and [group.columns.get(id(m)) for m in members] == sorted(group.columns.values())):
-        weights = (group.qweight, group.scale, group.dense, group.qweight.shape[0])
-        return lambda x: matmul_rows(x, *weights)
-    if len(members) == 1:
-        if isinstance(first, Int8WeightLinear) and first.bias is None and group is None:
+        kernel, dense, width = group.kernel, group.dense, group.width
+        return lambda x: matmul_rows(x, kernel, dense, width)
+    if all(isinstance(m, QuantizedLinear) and m.bias is None and m.group is None for m in members):
+        if len(members) == 1:
             return lambda x: first.matmul(x) if x.dtype == first.act_dtype else first(x)
+        return lambda x: torch.cat([m.matmul(x) if x.dtype == m.act_dtype else m(x) for m in members], dim=-1)
+    if len(members) == 1:
         return first
     return lambda x: torch.cat([m(x) for m in members], dim=-1)

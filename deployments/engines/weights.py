@@ -1,4 +1,4 @@
-"""How the CPU text engine holds its weights: int8 (default), bfloat16 or float32.
+"""How the CPU text engine holds its weights: auto (default), int8, bfloat16 or float32.
 
 Decoding a small model on one CPU thread is bound by reading the weights once per step,
 so the fewer bytes per weight the faster each token. ``int8`` keeps each Linear layer's
@@ -7,6 +7,14 @@ weight as int8 with one scale per output channel and multiplies with bf16 activa
 on CPU); nothing else is quantized. Unlike torch's dynamic quantization, activations are
 not quantized per batch, so a row's result does not depend on which other rows share the
 batch: batching changes no output. Measurements: ``bench/text_engine_speed.py``.
+
+``auto`` reads half those bytes where it loses nothing: a layer whose float32 weights sit
+exactly on a 4-bit grid (every group of 32 input channels ``low + step * q``, q in 0..15:
+what a Q4_1 GGUF such as the bundled SmolLM2's de-quantizes to) is held as those 4-bit
+values (:class:`Int4WeightLinear`, torch's CPU int4 weight-only kernel, scale and offset
+rounded to bf16), every other layer as int8. On the bundled model that is every layer but
+the output head, and it is both faster and closer to float32 than int8 everywhere
+(``bench/README.md``).
 
 That kernel is the fastest for a few rows (decoding) but slow for many: a prompt's tokens
 go through a bf16 copy of the same de-quantized weights instead (oneDNN's bf16 matmul,
@@ -30,15 +38,16 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["WeightsKind", "Int8WeightLinear", "FusedGroup", "quantize_linears", "fuse_siblings",
+__all__ = ["WeightsKind", "QuantizedLinear", "Int8WeightLinear", "Int4WeightLinear", "four_bit_grid",
+           "INT4_GROUP", "FusedGroup", "quantize_linears", "fuse_siblings",
            "load_causal_lm", "prompt_rows", "matmul_rows", "dense_rows", "DENSE_ROWS"]
 
-WeightsKind = Literal["int8", "bfloat16", "float32"]
+WeightsKind = Literal["auto", "int8", "bfloat16", "float32"]
 
 #: The current packed step's prompt rows on this thread (see :func:`prompt_rows`).
 _step = threading.local()
@@ -65,29 +74,25 @@ def prompt_rows(is_prompt: Optional[torch.Tensor]) -> Iterator[None]:
         _step.split = previous
 
 
-class Int8WeightLinear(nn.Module):
-    """A Linear layer whose weight is int8 with a per-output-channel scale (no bias kept)."""
+class QuantizedLinear(nn.Module):
+    """A Linear layer held as quantized weights (no float weight kept): prompt rows go
+    through a bf16 copy of the de-quantized weights, other rows through :meth:`kernel`."""
 
-    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
-        super().__init__()
-        weight = linear.weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale.to(act_dtype))
-        #: The same de-quantized weights in bf16, for prompt rows (many rows at once).
-        self.dense: torch.Tensor
-        self.register_buffer("dense", (q.float() * scale[:, None]).to(act_dtype), persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype))
-        self.act_dtype = act_dtype
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+    dense: torch.Tensor
+    bias: Optional[nn.Parameter]
+    act_dtype: torch.dtype
+    in_features: int
+    out_features: int
+    #: Set by :func:`fuse_siblings` (int8 layers): the group this layer's weights are a slice of.
+    group: Optional["FusedGroup"] = None
 
-        #: Set by :func:`fuse_siblings`: the group this layer's weights are a slice of.
-        self.group: Optional[FusedGroup] = None
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` [rows, in] times the quantized weights (the decode rows' kernel)."""
+        raise NotImplementedError
 
     def matmul(self, flat: torch.Tensor) -> torch.Tensor:
-        """``flat`` [rows, in] times this layer's weights: prompt rows in bf16, others int8."""
-        return matmul_rows(flat, self.qweight, self.scale, self.dense, self.out_features)  # type: ignore[arg-type]  # buffers
+        """``flat`` [rows, in] times this layer's weights: prompt rows in bf16, others quantized."""
+        return matmul_rows(flat, self.kernel, self.dense, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -99,24 +104,97 @@ class Int8WeightLinear(nn.Module):
             out = out + self.bias
         return _as(out.reshape(*shape[:-1], self.out_features), x.dtype)
 
+    def _keep(self, linear: nn.Linear, dense: torch.Tensor, act_dtype: torch.dtype) -> None:
+        """The bf16 copy for prompt rows, the bias and the shape (both kinds alike)."""
+        self.register_buffer("dense", dense.to(act_dtype), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(act_dtype))
+        self.act_dtype = act_dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group = None
+
+
+class Int8WeightLinear(QuantizedLinear):
+    """A Linear layer whose weight is int8 with a per-output-channel scale (no bias kept)."""
+
+    def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(act_dtype))
+        #: The same de-quantized weights in bf16, for prompt rows (many rows at once).
+        self._keep(linear, q.float() * scale[:, None], act_dtype)
+
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` [rows, in] times the int8 weights (the decode rows' kernel)."""
+        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+
+
+#: Input channels per int4 group: a Q4_0 / Q4_1 GGUF block.
+INT4_GROUP = 32
+
+
+def four_bit_grid(weight: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(q, step, low)`` when every group of :data:`INT4_GROUP` input channels of
+    ``weight`` [out, in] holds only values ``low + step * q`` with ``q`` in 0..15, exactly
+    in float32 (a 4-bit GGUF's weights de-quantized, as the bundled Q4_1 SmolLM2's are);
+    None otherwise, and for a shape the kernel cannot pack (output channels not a multiple
+    of 16). ``q``: int32 [out, in]; ``step``, ``low``: float32 [out, in / 32]."""
+    out_features, in_features = weight.shape
+    if in_features % INT4_GROUP or out_features % 16:
+        return None
+    w = weight.detach().float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    q = ((w - low) / step.clamp(min=torch.finfo(torch.float32).tiny)).round().clamp(0, 15)
+    if not torch.equal(q * step + low, w):
+        return None
+    return q.reshape(out_features, in_features).to(torch.int32), step.squeeze(-1), low.squeeze(-1)
+
+
+class Int4WeightLinear(QuantizedLinear):
+    """A Linear layer held as 4-bit groups of :data:`INT4_GROUP` input channels, each with
+    its own bf16 scale and offset (torch's CPU int4 weight-only kernel,
+    ``_weight_int4pack_mm_for_cpu``): half the bytes a decode step reads of int8. Built
+    only from weights already on that grid (:func:`four_bit_grid`), so the only change
+    from them is the scale and offset rounded to bf16."""
+
+    def __init__(self, linear: nn.Linear, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 act_dtype: torch.dtype) -> None:
+        super().__init__()
+        q, step, low = grid
+        # The kernel de-quantizes (q - 8) * scale + zero, so zero is the group's middle.
+        scale, zero = step.to(act_dtype), (low + 8 * step).to(act_dtype)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        self.register_buffer("scales_zeros", torch.stack((scale, zero), -1).transpose(0, 1).contiguous())
+        groups = q.reshape(q.shape[0], -1, INT4_GROUP).float() - 8
+        self._keep(linear, (groups * scale.float()[..., None] + zero.float()[..., None]).reshape(q.shape),
+                   act_dtype)
+
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` [rows, in] times the int4 weights (the decode rows' kernel)."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_zeros)
+
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``; without a call when it already is (a decode step makes hundreds)."""
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def matmul_rows(flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor,
-                out_features: int) -> torch.Tensor:
-    """``flat`` [rows, in] times int8 weights: this step's prompt rows through ``dense``
-    (bf16), the others through the int8 kernel (see :func:`prompt_rows`)."""
+def matmul_rows(flat: torch.Tensor, kernel: Callable[[torch.Tensor], torch.Tensor],
+                dense: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``flat`` [rows, in] times quantized weights: this step's prompt rows through
+    ``dense`` (bf16), the others through ``kernel`` (the int8 or int4 weight-only matmul;
+    see :func:`prompt_rows`)."""
     split = getattr(_step, "split", None)
     if split is None or split[0] != flat.shape[0]:
-        return torch.ops.aten._weight_int8pack_mm(flat, qweight, scale)
+        return kernel(flat)
     if len(split[2]) == 0:  # every row is a prompt's
         return dense_rows(flat, dense)
     out = flat.new_empty(flat.shape[0], out_features)
     out[split[1]] = dense_rows(flat[split[1]], dense)
-    out[split[2]] = torch.ops.aten._weight_int8pack_mm(flat[split[2]], qweight, scale)
+    out[split[2]] = kernel(flat[split[2]])
     return out
 
 
@@ -135,34 +213,52 @@ def dense_rows(flat: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 
 
 class FusedGroup:
-    """Sibling int8 layers that read the same input (q/k/v, gate/up) as one matmul.
+    """Sibling quantized layers that read the same input (q/k/v, gate/up) as one matmul.
 
-    Decoding is bound by per-call cost as much as by bytes: one int8 kernel call over the
+    Decoding is bound by per-call cost as much as by bytes: one kernel call over the
     concatenated output channels replaces two or three, with the same result per channel
     (each output channel is its own dot product and scale), so outputs do not change. The
-    members' buffers become slices of the fused ones (no extra memory). The first member
-    computes every member's columns and keeps them for the others, which take their slice
-    when called with the very same input tensor and otherwise compute their own.
+    members' buffers become slices of the fused ones (no extra memory; an int4 member keeps
+    its own small scales, the kernel reads them whole). The members are all int8 or all
+    int4 (whose packing is row-local in blocks of 64 output channels, so the members'
+    packed weights concatenate as they are). The first member computes every member's
+    columns and keeps them for the others, which take their slice when called with the
+    very same input tensor and otherwise compute their own.
     """
 
-    def __init__(self, members: list[Int8WeightLinear]) -> None:
+    def __init__(self, members: list[QuantizedLinear]) -> None:
         self.lead = members[0]
-        self.qweight = torch.cat([m.qweight for m in members]).contiguous()  # type: ignore[misc]  # buffers
-        self.scale = torch.cat([m.scale for m in members])  # type: ignore[misc]
+        self.four_bit = isinstance(self.lead, Int4WeightLinear)
+        names = ("packed",) if self.four_bit else ("qweight", "scale")
+        fused = {name: torch.cat([getattr(m, name) for m in members]).contiguous() for name in names}
+        if self.four_bit:
+            self.packed = fused["packed"]
+            self.scales_zeros = torch.cat([m.scales_zeros for m in members], dim=1).contiguous()  # type: ignore[misc]  # buffers
+        else:
+            self.qweight, self.scale = fused["qweight"], fused["scale"]
         self.dense = torch.cat([m.dense for m in members]).contiguous()
+        self.width = int(self.dense.shape[0])
         self.columns: dict[int, tuple[int, int]] = {}
         start = 0
         for m in members:
             end = start + m.out_features
             self.columns[id(m)] = (start, end)
-            m.qweight, m.scale, m.dense = self.qweight[start:end], self.scale[start:end], self.dense[start:end]
+            for name, whole in fused.items():
+                setattr(m, name, whole[start:end])
+            m.dense = self.dense[start:end]
             m.group = self
             start = end
         #: (input, prompt-row split, fused output) of the lead's last call, set in one
         #: assignment so a second thread (a prompt-logprobs forward) never mixes two calls.
         self._last: Optional[tuple[torch.Tensor, Any, torch.Tensor]] = None
 
-    def output(self, member: Int8WeightLinear, x: torch.Tensor) -> torch.Tensor:
+    def kernel(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat`` [rows, in] times every member's quantized weights, side by side."""
+        if self.four_bit:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_zeros)
+        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+
+    def output(self, member: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         """``member``'s output for ``x`` ([rows, out_features])."""
         split = getattr(_step, "split", None)
         start, end = self.columns[id(member)]
@@ -172,7 +268,7 @@ class FusedGroup:
         flat = _as(x.reshape(-1, x.shape[-1]), member.act_dtype)
         if member is not self.lead:
             return member.matmul(flat)
-        out = matmul_rows(flat, self.qweight, self.scale, self.dense, self.qweight.shape[0])
+        out = matmul_rows(flat, self.kernel, self.dense, self.width)
         self._last = (x, split, out)
         return out[:, start:end]
 
@@ -182,44 +278,59 @@ FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def fuse_siblings(model: nn.Module) -> int:
-    """Group the int8 layers named in :data:`FUSABLE` under each module; returns how many
-    groups. Layers with a bias or different input sizes stay apart."""
+    """Group the quantized layers named in :data:`FUSABLE` under each module; returns how
+    many groups. Layers with a bias, different input sizes or different kinds stay apart,
+    and int4 layers whose output channels are not whole packing blocks (64)."""
     count = 0
     for module in model.modules():
         for names in FUSABLE:
-            members = [getattr(module, n, None) for n in names]
-            if all(isinstance(m, Int8WeightLinear) and m.bias is None and m.group is None
-                   and m.in_features == members[0].in_features for m in members):
+            members = [m for n in names
+                       if isinstance(m := getattr(module, n, None), (Int8WeightLinear, Int4WeightLinear))]
+            if len(members) == len(names) and all(
+                    type(m) is type(members[0]) and m.bias is None and m.group is None
+                    and m.in_features == members[0].in_features
+                    and (isinstance(m, Int8WeightLinear) or m.out_features % 64 == 0)
+                    for m in members):
                 FusedGroup(members)  # type: ignore[arg-type]  # checked just above
                 count += 1
     return count
 
 
 def quantize_linears(
-    model: nn.Module, act_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ()
+    model: nn.Module, act_dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = (),
+    four_bit: bool = False,
 ) -> int:
-    """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8WeightLinear`; returns how many.
+    """Replace every ``nn.Linear`` in ``model`` by an :class:`Int8WeightLinear` (with
+    ``four_bit``, by an :class:`Int4WeightLinear` where its weights sit on a 4-bit grid);
+    returns how many.
 
     Layers named in ``skip`` (e.g. ``lm_head``) keep their weights. A tied output head
-    (``lm_head`` sharing the embedding) that is quantized gets its own int8 copy; the
+    (``lm_head`` sharing the embedding) that is quantized gets its own copy; the
     embedding lookup keeps its full-precision table.
     """
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and name not in skip:
-                setattr(module, name, Int8WeightLinear(child, act_dtype))
+                grid = four_bit_grid(child.weight) if four_bit else None
+                setattr(module, name, Int8WeightLinear(child, act_dtype) if grid is None
+                        else Int4WeightLinear(child, grid, act_dtype))
                 count += 1
     return count
 
 
 def load_causal_lm(folder: Path, weights: WeightsKind) -> Any:
-    """Load a causal LM from a local folder in the requested weight format (eval mode)."""
+    """Load a causal LM from a local folder in the requested weight format (eval mode).
+
+    ``auto``: int4 for the layers whose weights already sit on a 4-bit grid (checked on the
+    float32 weights, before any rounding), int8 for the rest; then the other parameters
+    (embeddings, norms) in bf16, as with ``int8``."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if weights == "float32" else torch.bfloat16
+    dtype = torch.float32 if weights in ("float32", "auto") else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
-    if weights == "int8":
-        quantize_linears(model, torch.bfloat16)
+    if weights in ("int8", "auto"):
+        quantize_linears(model, torch.bfloat16, four_bit=weights == "auto")
         fuse_siblings(model)
+        nn.Module.to(model, torch.bfloat16)  # in place: what the quantized layers left in float32
     return model.eval()

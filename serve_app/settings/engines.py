@@ -100,10 +100,12 @@ class TransformersEngineConfig(_EngineConfig):
         "Troupe asks of models whose chat template cannot render tools. None: only required "
         "or named tool calls (constrained decoding).",
     )
-    weights: Literal["int8", "bfloat16", "float32"] = Field(
-        "int8",
-        description="How the weights are held: int8 per-channel weight-only with bf16 "
-        "activations (fastest on CPU), bfloat16, or float32.",
+    weights: Literal["auto", "int8", "bfloat16", "float32"] = Field(
+        "auto",
+        description="How the weights are held: auto = int4 groups of 32 for the layers whose "
+        "weights already sit on a 4-bit grid (a Q4_1 GGUF's, as the bundled SmolLM2's: no "
+        "loss but the scales' rounding to bf16), int8 for the others; int8 = int8 per-channel "
+        "weight-only with bf16 activations for every layer; bfloat16; or float32.",
     )
     max_num_seqs: int = Field(
         8, ge=1, le=256, description="Requests decoded together (continuous batching slots)."

@@ -261,10 +261,10 @@ class ModelConfig(Strict):
         if self.adapters is not None and (self.modality != "text" or self.provider != "local"):
             raise ValueError("adapters are served only by local text engines (mock, "
                              "transformers, vllm); remove 'adapters' from this model")
-        if self.adapters is not None and getattr(self.engine, "weights", None) == "int8":
+        if self.adapters is not None and getattr(self.engine, "weights", None) in ("int8", "auto"):
             raise ValueError("LoRA adapters need engine.weights bfloat16 or float32 (int8 "
-                             "layers take no adapters); change engine.weights or remove "
-                             "'adapters'")
+                             "and int4 layers take no adapters); change engine.weights or "
+                             "remove 'adapters'")
         return self
 
     @model_validator(mode="before")

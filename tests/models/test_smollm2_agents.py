@@ -244,5 +244,5 @@ async def test_echo_prompt_logprobs_match_a_hand_computation(engine):
         with prompt_rows(torch.ones(len(ids), dtype=torch.bool)):
             logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
     first = next(e for o in outs for e in o.logprobs or ())
-    assert first.logprob == pytest.approx(float(logp[first.token_id]), abs=5e-3)
+    assert first.logprob == pytest.approx(float(logp[first.token_id]), abs=1e-2)
     assert text  # the completion itself still comes

@@ -354,5 +354,6 @@ def test_transformers_models_with_adapters_keep_weights_that_take_them() -> None
 
     assert load_settings({"models": [model()]}).models[0].engine.weights == "bfloat16"
     assert load_settings({"models": [model(weights="float32")]}).models[0].engine.weights == "float32"
-    with pytest.raises(ConfigError, match="weights"):
-        load_settings({"models": [model(weights="int8")]})
+    for quantized in ("int8", "auto"):
+        with pytest.raises(ConfigError, match="weights"):
+            load_settings({"models": [model(weights=quantized)]})

@@ -25,11 +25,30 @@ def tiny_llama(weights: str = "float32"):
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config).eval()
+    if weights == "int4":  # every layer's weights on a 4-bit grid, as a Q4_1 GGUF's are
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(on_four_bit_grid(module.weight.shape))
+        assert quantize_linears(model, four_bit=True) == 2 * 7 + 1
+        return model.to(torch.bfloat16)
     if weights != "float32":
         model = model.to(torch.bfloat16)
     if weights == "int8":
         assert quantize_linears(model) == 2 * 7 + 1  # q k v o gate up down per layer, lm_head
     return model
+
+
+def on_four_bit_grid(shape, scale=0.02):
+    """Random float32 weights of ``shape`` whose groups of 32 input channels each hold
+    values low + step * q, q in 0..15 (using both ends), like a Q4_1 GGUF's de-quantized."""
+    out_features, in_features = shape
+    q = torch.randint(0, 16, (out_features, in_features // 32, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15
+    # a GGUF block's step and low are float16: their products and sums are exact in float32
+    step = (torch.rand(out_features, in_features // 32, 1) * scale / 8 + 1e-4).half().float()
+    low = (-8 * step + torch.randn(out_features, in_features // 32, 1) * scale / 10).half().float()
+    return (q * step + low).reshape(shape)
 
 
 def reference_greedy(model, ids, n):
@@ -66,7 +85,7 @@ def test_ragged_matches_the_plain_forward():
 # float32 is not batch-invariant on CPU (a one-row matmul takes another kernel than a
 # batched one, so roundings differ); int8 is (weights.py), and so is bfloat16 here, where
 # each call stays under oneDNN's 33 rows (a CPU with AMX blocks rows by 32).
-@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "bfloat16"])
 def test_logits_do_not_depend_on_the_batch(weights):
     stepper = RaggedModel(tiny_llama(weights))
     alone = []
@@ -102,7 +121,7 @@ def test_int8_linear_is_close_to_the_float_layer():
     assert torch.allclose(q(x), linear(x), atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+@pytest.mark.parametrize("weights", ["int8", "int4", "bfloat16"])
 def test_prompts_joining_a_decoding_batch_change_nothing(weights):
     """One pass packing two prompts with two decoding sequences equals each alone."""
     stepper = RaggedModel(tiny_llama(weights))
@@ -138,13 +157,15 @@ def test_prompt_rows_take_the_bf16_copy_and_decode_rows_the_int8_kernel():
     assert torch.allclose(mixed.float(), alone_int8.float(), atol=0.05, rtol=0.05)
 
 
-def test_fused_siblings_change_no_output():
+@pytest.mark.parametrize("weights, groups", [("int8", 2 * 2), ("int4", 2)])
+def test_fused_siblings_change_no_output(weights, groups):
     """q/k/v and gate/up as one int8 matmul give exactly what the separate layers give,
-    for decode rows (int8 kernel) and prompt rows (bf16 copy) alike."""
+    for decode rows (int8 kernel) and prompt rows (bf16 copy) alike; int4 likewise, where
+    the outputs are whole packing blocks (this model's k/v are 32 wide: gate/up only)."""
     from deployments.engines.weights import fuse_siblings
 
-    plain, fused = RaggedModel(tiny_llama("int8")), RaggedModel(tiny_llama("int8"))
-    assert fuse_siblings(fused.model) == 2 * 2
+    plain, fused = RaggedModel(tiny_llama(weights)), RaggedModel(tiny_llama(weights))
+    assert fuse_siblings(fused.model) == groups
     greedy = {name: ragged_greedy(s, PROMPTS, 5) for name, s in (("plain", plain), ("fused", fused))}
     prompts = {name: s.step([s.new_kv() for _ in PROMPTS], PROMPTS)
                for name, s in (("plain", plain), ("fused", fused))}
@@ -191,7 +212,7 @@ def test_one_token_attention_is_close_to_sdpa():
         assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int8-unfused", "bfloat16", "float32"])
+@pytest.mark.parametrize("weights", ["int8", "int8-unfused", "int4", "bfloat16", "float32"])
 def test_the_lean_llama_pass_computes_what_transformers_computes(weights):
     """The step's own pass through a Llama gives transformers' logits bit for bit (with
     q/k/v and gate/up fused into one int8 matmul each, or each layer on its own)."""

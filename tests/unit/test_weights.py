@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.engines.weights import DENSE_ROWS, Int8WeightLinear, dense_rows, prompt_rows
+from deployments.engines.weights import (
+    DENSE_ROWS,
+    Int4WeightLinear,
+    Int8WeightLinear,
+    dense_rows,
+    four_bit_grid,
+    prompt_rows,
+    quantize_linears,
+)
 
 # SmolLM2's projections (fused q/k/v, fused gate/up, down) and its output head: on an AMX
 # CPU a plain 33-row bf16 matmul of the last three rounds some rows unlike one row alone.
@@ -51,3 +59,75 @@ def test_a_step_with_many_prompt_rows_still_matches_each_prompt_alone():
         second_alone = layer(second)
     assert torch.equal(packed[:20], first_alone) and torch.equal(packed[23:], second_alone)
     assert torch.equal(packed[20:23], torch.cat([layer(decode[i:i + 1]) for i in range(3)]))
+
+
+def test_four_bit_grid_finds_a_q4_1_layer_and_nothing_else():
+    from tests.unit.test_ragged import on_four_bit_grid
+
+    torch.manual_seed(6)
+    weight = on_four_bit_grid((48, 96))
+    q, step, low = four_bit_grid(weight)
+    assert q.dtype == torch.int32 and int(q.min()) == 0 and int(q.max()) == 15
+    assert torch.equal((q.reshape(48, 3, 32).float() * step[..., None] + low[..., None]).reshape(48, 96), weight)
+    assert four_bit_grid(torch.randn(48, 96)) is None  # ordinary weights: int8 instead
+    assert four_bit_grid(on_four_bit_grid((48, 96))[:, :80]) is None  # not whole groups
+    off = weight.clone()
+    off[3, 40] += 1e-6  # one value off the grid
+    assert four_bit_grid(off) is None
+
+
+def test_int4_layers_hold_the_grid_and_keep_rows_independent():
+    from tests.unit.test_ragged import on_four_bit_grid
+
+    torch.manual_seed(7)
+    linear = torch.nn.Linear(576, 960, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(on_four_bit_grid((960, 576)))
+    layer = Int4WeightLinear(linear, four_bit_grid(linear.weight), torch.bfloat16)
+    # the bf16 copy for prompt rows is the grid, up to the scales' rounding to bf16
+    assert torch.allclose(layer.dense.float(), linear.weight, atol=2e-4, rtol=0)
+    x = torch.randn(8, 576).bfloat16()
+    decode = layer(x)
+    assert torch.allclose(decode.float(), x.float() @ linear.weight.T, atol=0.05, rtol=0.02)
+    assert torch.equal(decode, torch.cat([layer(x[i:i + 1]) for i in range(8)]))
+    is_prompt = torch.tensor([True, True, False, True, False, False, True, True])
+    with prompt_rows(is_prompt):
+        mixed = layer(x)
+    assert torch.equal(mixed[~is_prompt], decode[~is_prompt])
+    assert torch.equal(mixed[is_prompt], dense_rows(x[is_prompt], layer.dense))
+
+
+def test_quantize_four_bit_takes_int4_only_where_the_grid_is_exact():
+    from tests.unit.test_ragged import on_four_bit_grid
+
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(32, 16, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(on_four_bit_grid((32, 64)))
+    assert quantize_linears(model, four_bit=True) == 2
+    assert isinstance(model[0], Int4WeightLinear) and isinstance(model[1], Int8WeightLinear)
+
+
+def test_fused_int4_siblings_give_each_layer_its_own_output():
+    """SmolLM2's q/k/v shapes as one int4 group: each member's columns bit for bit as the
+    layer alone, for decode rows and prompt rows alike."""
+    from deployments.engines.weights import FusedGroup
+    from tests.unit.test_ragged import on_four_bit_grid
+
+    torch.manual_seed(9)
+    layers = []
+    for width in (576, 192, 192):
+        linear = torch.nn.Linear(576, width, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(on_four_bit_grid((width, 576)))
+        layers.append(Int4WeightLinear(linear, four_bit_grid(linear.weight), torch.bfloat16))
+    x = torch.randn(6, 576).bfloat16()
+    is_prompt = torch.tensor([True, False, True, True, False, False])
+    alone = [layer(x) for layer in layers]
+    with prompt_rows(is_prompt):
+        alone_mixed = [layer(x) for layer in layers]
+    FusedGroup(layers)
+    assert torch.equal(torch.cat([layer(x) for layer in layers], dim=-1), torch.cat(alone, dim=-1))
+    with prompt_rows(is_prompt):
+        assert torch.equal(torch.cat([layer(x) for layer in layers], dim=-1), torch.cat(alone_mixed, dim=-1))
+    assert layers[1](x[:2]).shape == (2, 192)  # a member called alone computes its own
