@@ -13,6 +13,10 @@ and runs alone:
 * ``litellm``: LiteLLM's proxy (one worker) in front of an OpenAI-compatible upstream on
   the same mock (only when ``make bench-remote``'s LiteLLM venv exists).
 
+Variants for attribution (``--systems``): ``troupe-dep`` (the model in its own
+deployment), ``troupe-tpo`` / ``serve-tpo`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``) and
+``troupe-haproxy`` (Serve's HAProxy ingress, ``RAY_SERVE_ENABLE_HA_PROXY=1``).
+
 Each round starts each system (order rotating), runs every scenario against it, and stops
 it completely (see ``bench.users_systems``). Run::
 
@@ -120,6 +124,11 @@ def system_specs(litellm_venv: Path) -> dict[str, SystemSpec]:
             "troupe", lambda p: troupe_config(p, run_in="deployment"))),
         "troupe-tpo": SystemSpec("troupe-tpo", _yaml_command(
             "troupe", lambda p: troupe_config(p, run_in="gateway")), env=tpo_on),
+        # Serve's HAProxy ingress (ray[serve] ships the binary): HAProxy in front of the
+        # gateway replica's own HTTP port (direct ingress) instead of Serve's proxy actor.
+        "troupe-haproxy": SystemSpec("troupe-haproxy", _yaml_command(
+            "troupe", lambda p: troupe_config(p, run_in="gateway")),
+            env={"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
         "serve": SystemSpec("serve", _yaml_command("serve", baseline_config)),
         "serve-tpo": SystemSpec("serve-tpo", _yaml_command("serve", baseline_config),
                                 env=tpo_on),
