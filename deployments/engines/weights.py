@@ -29,8 +29,11 @@ then changed a sampled answer), while any two calls of the same size give each r
 same result wherever it sits and whatever its neighbours. So prompt rows always go through
 it :data:`DENSE_ROWS` at a time, the last call padded with zero rows (:func:`dense_rows`).
 (Row-independence of the bfloat16 and float32 weight kinds' plain Linear layers is not
-arranged: float32's matmul differs between one row and two; only ``int8`` promises that
-batching changes no output.)
+arranged: float32's matmul differs between one row and two; only ``auto`` and ``int8``
+promise that batching changes no output.)
+
+Sibling layers that read the same input (q/k/v, gate/up) are fused into one matmul each
+(:func:`fuse_siblings`): fewer kernel calls per step, the same result per output channel.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class QuantizedLinear(nn.Module):
     act_dtype: torch.dtype
     in_features: int
     out_features: int
-    #: Set by :func:`fuse_siblings` (int8 layers): the group this layer's weights are a slice of.
+    #: Set by :func:`fuse_siblings`: the group this layer's weights are a slice of.
     group: Optional["FusedGroup"] = None
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
