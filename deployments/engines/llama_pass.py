@@ -123,7 +123,7 @@ def _plan(layer: Any) -> _Layer:
 
 def _projection(*members: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``[tokens, in]`` through sibling Linear layers, their outputs side by side: one
-    int8 matmul when they are exactly one fused group (in this order)."""
+    quantized matmul when they are exactly one fused group (in this order)."""
     first = members[0]
     group = getattr(first, "group", None)
     if (group is not None and group.lead is first and len(group.columns) == len(members)

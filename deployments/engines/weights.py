@@ -119,6 +119,9 @@ class QuantizedLinear(nn.Module):
 class Int8WeightLinear(QuantizedLinear):
     """A Linear layer whose weight is int8 with a per-output-channel scale (no bias kept)."""
 
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
@@ -131,7 +134,17 @@ class Int8WeightLinear(QuantizedLinear):
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times the int8 weights (the decode rows' kernel)."""
-        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        return _int8_mm(flat, self.qweight, self.scale)
+
+
+def _int8_mm(flat: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``flat`` [rows, in] times int8 weights with one scale per output channel."""
+    return torch.ops.aten._weight_int8pack_mm(flat, qweight, scale)
+
+
+def _int4_mm(flat: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """``flat`` [rows, in] times packed int4 weights (groups of :data:`INT4_GROUP`)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, INT4_GROUP, scales_zeros)
 
 
 #: Input channels per int4 group: a Q4_0 / Q4_1 GGUF block.
@@ -163,6 +176,9 @@ class Int4WeightLinear(QuantizedLinear):
     only from weights already on that grid (:func:`four_bit_grid`), so the only change
     from them is the scale and offset rounded to bf16."""
 
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
     def __init__(self, linear: nn.Linear, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  act_dtype: torch.dtype) -> None:
         super().__init__()
@@ -177,7 +193,7 @@ class Int4WeightLinear(QuantizedLinear):
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times the int4 weights (the decode rows' kernel)."""
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_zeros)
+        return _int4_mm(flat, self.packed, self.scales_zeros)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -258,8 +274,8 @@ class FusedGroup:
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times every member's quantized weights, side by side."""
         if self.four_bit:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_zeros)
-        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+            return _int4_mm(flat, self.packed, self.scales_zeros)
+        return _int8_mm(flat, self.qweight, self.scale)
 
     def output(self, member: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
         """``member``'s output for ``x`` ([rows, out_features])."""
