@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -225,8 +226,11 @@ def ensure_converted(
         if locked:  # nobody else converts this name now: leftovers are from crashes
             for stale in cache_root.glob(f".tmp-{name}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=cache_root))
+        # Named before it exists and made inside the try: a Ctrl-C right after the folder
+        # appears (a background `troupe prepare` stopped by troupe run) still removes it.
+        tmp = cache_root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
+            tmp.mkdir(mode=0o700)
             started = time.monotonic()
             logger.info("converting %s into %s (once)", gguf_path, final)
             convert(gguf_path, tmp)
