@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from typing import Optional
 
 from serve_app.cli.keys import add_keys_parser
 from serve_app.cli.serve_config import read_serve_config, validate
-from serve_app.cli.serve_env import serve_environment
+from serve_app.cli.serve_env import make_haproxy_folder, serve_environment
 from serve_app.settings import ConfigError, TransformersEngineConfig, TroupeSettings
 
 __all__ = ["main", "validate", "local_cpu_problem", "start_conversions"]
@@ -138,7 +139,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     host, port = config.host, config.port
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    env = serve_environment(os.environ)  # Ray/Serve tuned for an idle-cheap gateway
+    # Ray/Serve tuned for an idle-cheap gateway behind Serve's HAProxy ingress, whose files
+    # go in a folder of this run's own (troupe<pid>-*), removed at exit.
+    haproxy_folder = make_haproxy_folder()
+    env = serve_environment(os.environ, haproxy_folder)
     conversions = start_conversions(list(config.apps.values()))
     print(f"troupe: starting `serve run {path}` (gateway on {url}) ...", flush=True)
     # `serve run` gets its own session, so a terminal's Ctrl-C reaches it once (through
@@ -170,6 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return child.wait()
     finally:
         _stop(conversions)
+        shutil.rmtree(haproxy_folder, ignore_errors=True)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

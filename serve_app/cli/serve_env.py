@@ -8,14 +8,23 @@ replica and proxy, the raylet's 10 Hz resource reports and 4 Hz memory checks, a
 worker's metrics and task-event reports. The values below slow those ticks down where
 nothing waits on them.
 
+It also puts Serve's HAProxy ingress in front (:data:`FAST_INGRESS_ENV`): HAProxy, which
+``ray[serve]`` ships, forwards each request straight to the gateway replica's own HTTP
+server, where Serve's default sends it through a Python proxy actor and a Ray call first.
+
 Every value is a default: a variable already set in the environment wins.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import os
+import socket
+import tempfile
+from typing import Callable, Mapping, Optional
 
-__all__ = ["IDLE_FRIENDLY_ENV", "serve_environment"]
+__all__ = ["FAST_INGRESS_ENV", "HAPROXY_PORT_VARIABLES", "IDLE_FRIENDLY_ENV",
+           "fast_ingress_environment", "haproxy_environment", "make_haproxy_folder",
+           "serve_environment"]
 
 IDLE_FRIENDLY_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -23,10 +32,7 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     "TRANSFORMERS_OFFLINE": "1",
     # Not set: RAY_SERVE_THROUGHPUT_OPTIMIZED. bench/users_bench.py measured it worse for
     # Troupe as users run it (throughput at c=32 x0.80, TTFT at c=16 x1.39, unary p50
-    # x1.06; results/20261203T142550Z-users.md). If a user turns it on, direct ingress
-    # would keep a stopping ingress replica open >= 30 s for external load balancers;
-    # with none in front, Ctrl-C would wait that long for nothing.
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # x1.06; results/20261203T142550Z-users.md).
     # Serve: the controller reconciles once a second, not ten times (deploys and scaling
     # react within 1 s; requests never wait on it), and replicas hand their cached
     # metrics to Ray every 2 s instead of every 100 ms.
@@ -88,9 +94,104 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
 }
 
 
-def serve_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` plus every default of :data:`IDLE_FRIENDLY_ENV` that ``base`` lacks."""
+#: Serve's HAProxy ingress (issue 20). Measured as users run it, it halves unary latency
+#: at c=1 and doubles throughput at c=64 against Serve's Python proxy
+#: (bench/results/20261204T145020Z-users-haproxy.md). ``RAY_SERVE_ENABLE_HA_PROXY=0``
+#: brings the proxy actor back.
+FAST_INGRESS_ENV: dict[str, str] = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # With HAProxy, each gateway replica serves HTTP itself (direct ingress), and a stopping
+    # one keeps serving >= 30 s by default, for external load balancers to notice. Serve's
+    # own HAProxy hears of it from the controller within a reload (~0.1 s); Ctrl-C, a
+    # redeploy and every test module's teardown would otherwise wait the 30 s for nothing.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # HAProxy writes one datagram per request to a socket that Serve's HAProxy manager
+    # parses in Python into Ray's serve_http_* metrics, which only Ray's own metrics
+    # pipeline reads (off above, RAY_enable_metrics_collection=0). Troupe's /metrics
+    # counts every request itself.
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+}
+
+#: The ports Serve's HAProxy mode opens besides the gateway's own, each fixed by default:
+#: HAProxy's stats page (8404) and Prometheus exporter (9101), and the Python proxy it
+#: falls back to when no gateway replica is up (8500, and 9500 for gRPC). A second
+#: gateway on the machine (or the test suite beside `make run`) would fail to start on
+#: the first two, and silently share the fallback proxy's port (Serve's proxy sets
+#: SO_REUSEPORT), so each run gets free ones.
+HAPROXY_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                          "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+                          "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+#: Where Serve keeps HAProxy's config, admin socket and server state, relative to the
+#: run's own folder. Serve's default is /tmp/haproxy-serve for every run and every user
+#: of the machine: the first user's folder would refuse the next one, and each run
+#: leaves a folder behind there.
+_HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+
+
+#: HAProxy refuses an admin socket path over 97 characters, and Serve puts it at
+#: ``<folder>/<56-character node id>/admin.sock``: the folder gets 29 at most.
+_MAX_HAPROXY_FOLDER_CHARS = 97 - len("/") - 56 - len("/admin.sock")
+
+
+def make_haproxy_folder() -> str:
+    """A new folder for one run's HAProxy files: ``troupe<pid>-<random>`` in the temp
+    folder, or in /tmp when the temp folder's path is too long for HAProxy's socket."""
+    parent = tempfile.gettempdir()
+    prefix = f"troupe{os.getpid()}-"
+    if len(os.path.join(parent, prefix)) + 8 > _MAX_HAPROXY_FOLDER_CHARS:
+        parent = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=parent)
+
+
+def _free_port() -> int:
+    """A TCP port free on every interface now (HAProxy's stats and metrics bind ``*``)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def haproxy_environment(env: Mapping[str, str], folder: Optional[str],
+                        free_port: Callable[[], int] = _free_port) -> dict[str, str]:
+    """What Serve's HAProxy mode needs to run beside other gateways: a free port for each
+    of :data:`HAPROXY_PORT_VARIABLES` and, given ``folder``, its files there; HAProxy's
+    threads at most the machine's cores. Only what ``env`` leaves unset."""
+    extra: dict[str, str] = {}
+    for key in HAPROXY_PORT_VARIABLES:
+        if key not in env:
+            extra[key] = str(free_port())
+    if folder is not None:
+        for key, name in _HAPROXY_FILES.items():
+            if key not in env:
+                extra[key] = os.path.join(folder, name) if name else folder
+    if "RAY_SERVE_HAPROXY_NBTHREAD" not in env:
+        # Serve's default is 4 threads; on a 2-core machine two of them only contend.
+        extra["RAY_SERVE_HAPROXY_NBTHREAD"] = str(max(1, min(4, os.cpu_count() or 1)))
+    return extra
+
+
+def fast_ingress_environment(base: Mapping[str, str],
+                             haproxy_folder: Optional[str] = None) -> dict[str, str]:
+    """What ``base`` lacks of :data:`FAST_INGRESS_ENV` and, with HAProxy on, of
+    :func:`haproxy_environment` (its files in ``haproxy_folder``): only the additions."""
+    extra = {key: value for key, value in FAST_INGRESS_ENV.items() if key not in base}
+    if {**base, **extra}["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
+        extra.update(haproxy_environment({**base, **extra}, haproxy_folder))
+    return extra
+
+
+def serve_environment(base: Mapping[str, str],
+                      haproxy_folder: Optional[str] = None) -> dict[str, str]:
+    """``base`` plus every default of :data:`IDLE_FRIENDLY_ENV` that ``base`` lacks and
+    :func:`fast_ingress_environment`'s additions."""
     env = dict(base)
     for key, value in IDLE_FRIENDLY_ENV.items():
         env.setdefault(key, value)
+    env.update(fast_ingress_environment(env, haproxy_folder))
     return env

@@ -3,10 +3,19 @@ starts Serve with idle-cheap defaults that the user's own environment overrides.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 from serve_app.cli.pip_to_uv import UnsupportedPipConfig, parse_pip_config, uv_options
-from serve_app.cli.serve_env import IDLE_FRIENDLY_ENV, serve_environment
+from serve_app.cli.serve_env import (
+    HAPROXY_PORT_VARIABLES,
+    IDLE_FRIENDLY_ENV,
+    haproxy_environment,
+    make_haproxy_folder,
+    serve_environment,
+)
 
 # What `pip config list` prints on this kind of machine (files, then PIP_* variables).
 PIP_CONFIG = """\
@@ -76,3 +85,50 @@ def test_troupe_run_serves_at_normal_priority_unless_the_user_says_otherwise():
     # processes a replica spawns) at nice 15, below any other process on the machine.
     assert serve_environment({})["RAY_worker_niceness"] == "0"
     assert serve_environment({"RAY_worker_niceness": "10"})["RAY_worker_niceness"] == "10"
+
+
+def test_troupe_run_puts_serve_haproxy_ingress_in_front_unless_the_user_turns_it_off(tmp_path):
+    env = serve_environment({}, str(tmp_path))
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # HAProxy's per-request datagrams feed only Ray's metrics, which are off.
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    off = serve_environment({"RAY_SERVE_ENABLE_HA_PROXY": "0"}, str(tmp_path))
+    assert off["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert not any(key in off for key in HAPROXY_PORT_VARIABLES)
+    assert "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in off
+
+
+def test_each_run_gets_free_ports_and_its_own_folder_for_haproxy(tmp_path):
+    ports = iter(range(41000, 41100))
+    env = haproxy_environment({}, str(tmp_path), free_port=lambda: next(ports))
+    # Serve's fixed defaults (8404, 9101, 8500, 9500) would clash with a second gateway.
+    assert [env[key] for key in HAPROXY_PORT_VARIABLES] == ["41000", "41001", "41002", "41003"]
+    assert env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == str(tmp_path / "haproxy.cfg")
+    assert env["RAY_SERVE_HAPROXY_SOCKET_PATH"] == str(tmp_path / "admin.sock")
+    assert env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == str(tmp_path)
+    assert 1 <= int(env["RAY_SERVE_HAPROXY_NBTHREAD"]) <= 4
+
+
+def test_the_users_haproxy_settings_win():
+    mine = {"RAY_SERVE_HAPROXY_STATS_PORT": "8404", "RAY_SERVE_HAPROXY_NBTHREAD": "8",
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": "/run/hap.sock"}
+    env = haproxy_environment(mine, "/tmp/x", free_port=lambda: 1)
+    assert not set(mine) & set(env)
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "1"
+
+
+def test_the_haproxy_folder_leaves_room_for_serves_admin_socket_path(monkeypatch, tmp_path):
+    # Serve puts the socket at <folder>/<56-character node id>/admin.sock; HAProxy refuses
+    # paths over 97 characters. A long TMPDIR falls back to /tmp.
+    monkeypatch.setenv("TMPDIR", str(tmp_path / ("x" * 60)))
+    (tmp_path / ("x" * 60)).mkdir()
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        folder = make_haproxy_folder()
+    finally:
+        tempfile.tempdir = None
+    try:
+        assert len(os.path.join(folder, "n" * 56, "admin.sock")) <= 97
+        assert os.path.basename(folder).startswith(f"troupe{os.getpid()}-")
+    finally:
+        os.rmdir(folder)
