@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import psutil
 
 from bench.loadgen import LoadSpec, run_load
+from serve_app.cli.serve_env import haproxy_environment
 
 __all__ = ["SystemSpec", "RunningSystem", "free_port", "troupe_config", "baseline_config"]
 
@@ -118,6 +119,8 @@ class RunningSystem:
         env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", str(base - 10000))
         env.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", str(base - 9900))
         env.update(self.spec.env)
+        if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":  # ports and files of its own
+            env.update(haproxy_environment(env, str(self.workdir / "hap")))
         return env
 
     def start(self) -> None:
@@ -160,7 +163,8 @@ class RunningSystem:
 
     def processes(self) -> list[psutil.Process]:
         """Every live process of this system: the trees it started, and any process whose
-        command line names its private Ray directory (Ray daemons re-parent to init)."""
+        command line names its private Ray directory or its HAProxy folder (Ray daemons
+        re-parent to init)."""
         found: dict[int, psutil.Process] = {}
         for proc in self.procs:
             try:
@@ -170,10 +174,11 @@ class RunningSystem:
                     found[child.pid] = child
             except psutil.NoSuchProcess:
                 continue
-        marker = str(self.workdir)
+        # Ray's private folder, and `troupe run`'s HAProxy folder (/tmp/troupe<pid>-*).
+        markers = [str(self.workdir), *(f"/troupe{proc.pid}-" for proc in self.procs)]
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if any(marker in arg for arg in p.info["cmdline"] or ()):
+                if any(m in arg for arg in p.info["cmdline"] or () for m in markers):
                     found.setdefault(p.pid, p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue

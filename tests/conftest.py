@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -50,7 +51,20 @@ def serve_instance() -> Iterator[int]:
     import ray
     from ray import serve
 
-    ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    from serve_app.cli.serve_env import fast_ingress_environment, make_haproxy_folder
+
+    # The suite runs behind the ingress `troupe run` gives users (Serve's HAProxy by
+    # default). Its variables reach Ray's processes through the raylet, which copies this
+    # environment at ray.init; they leave this process's environment afterwards, so a
+    # `troupe run` a test starts picks free ports of its own.
+    haproxy_folder = make_haproxy_folder()
+    saved = dict(os.environ)
+    os.environ.update(fast_ingress_environment(os.environ, haproxy_folder))
+    try:
+        ray.init(address="local", include_dashboard=False, num_cpus=4, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -58,6 +72,7 @@ def serve_instance() -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(haproxy_folder, ignore_errors=True)
 
 
 # The session's Troupe app (mock engines + a fake OpenAI upstream), shared by the

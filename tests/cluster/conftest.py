@@ -26,6 +26,7 @@ dead node is noticed after ~1.5 s, so the suite stays short.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -33,6 +34,7 @@ from typing import Any, Iterator, Optional
 import httpx
 import pytest
 
+from serve_app.cli.serve_env import fast_ingress_environment, make_haproxy_folder
 from tests.conftest import free_port, wait_until
 
 _REPO = str(Path(__file__).resolve().parents[2])
@@ -153,6 +155,9 @@ def local_cluster() -> Iterator[LocalCluster]:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (_REPO, os.environ.get("PYTHONPATH", "")) if p
     )
+    # The ingress `troupe run` gives users: Serve's HAProxy, on the head (HeadOnly below).
+    haproxy_folder = make_haproxy_folder()
+    os.environ.update(fast_ingress_environment(os.environ, haproxy_folder))
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -191,6 +196,7 @@ def local_cluster() -> Iterator[LocalCluster]:
             finally:
                 ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(haproxy_folder, ignore_errors=True)
 
 
 def deploy_troupe(local: LocalCluster, args: dict[str, Any], timeout: float = 90) -> None:

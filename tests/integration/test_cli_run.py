@@ -1,5 +1,6 @@
 """`troupe run` as a user starts it (its own Ray, its own terminal): a lean local head
-that still answers a streamed chat and still shows the replicas' log lines (issue 20).
+behind Serve's HAProxy ingress that still answers a streamed chat and still shows the
+replicas' log lines, and that Ctrl-C stops whole, HAProxy included (issue 20).
 
 Set ``TROUPE_CLI_RUN_CONFIG=config/local.yaml`` to run it on the bundled models (slower:
 they load before the gateway is healthy); the default is the mock config.
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -68,3 +70,15 @@ def test_the_head_runs_without_the_autoscaler_monitor(
     assert not any(x.endswith(" log_monitor.py") for x in labels), labels
     assert not any(x.endswith("monitor.py") and "log_monitor" not in x for x in labels)
     assert any(x.startswith("ray::ServeReplica:troupe:Gateway") for x in labels)
+
+
+def test_requests_reach_the_gateway_through_serve_haproxy_ingress(
+        running: RunningSystem) -> None:
+    # `troupe run`'s default ingress: HAProxy (its config in this run's own folder,
+    # which the fixture's stop() also checks for leftovers), managed by Serve's actor.
+    labels = [label_of(p.cmdline(), p.name()) for p in running.processes()]
+    assert any(x.startswith("haproxy") for x in labels), labels
+    assert any(x.startswith("ray::HAProxyManager") for x in labels), labels
+    owner = next(c.pid for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == running.port)
+    assert psutil.Process(owner).name() == "haproxy"
