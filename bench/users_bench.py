@@ -6,7 +6,7 @@ actors, its background loops, its proxy). Here every system starts the way a use
 and runs alone:
 
 * ``troupe``: ``troupe run`` of a one-model config (mock engine, 5 ms per token), with
-  whatever environment ``troupe run`` sets by default;
+  whatever environment ``troupe run`` sets by default (Serve's HAProxy ingress included);
 * ``serve``: ``serve run`` of the bare Ray Serve app of ``bench.baseline_app``
   (proxy -> FastAPI ingress -> handle -> mock deployment), Ray's defaults;
 * ``uvicorn``: plain uvicorn + FastAPI with the same mock engine in process (the floor);
@@ -14,8 +14,9 @@ and runs alone:
   the same mock (only when ``make bench-remote``'s LiteLLM venv exists).
 
 Variants for attribution (``--systems``): ``troupe-dep`` (the model in its own
-deployment), ``troupe-tpo`` / ``serve-tpo`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``) and
-``troupe-haproxy`` (Serve's HAProxy ingress, ``RAY_SERVE_ENABLE_HA_PROXY=1``).
+deployment), ``troupe-tpo`` / ``serve-tpo`` (``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``),
+``troupe-proxy`` (Serve's Python proxy actor in place of HAProxy,
+``RAY_SERVE_ENABLE_HA_PROXY=0``) and ``serve-haproxy`` (the bare app behind HAProxy).
 
 Each round starts each system (order rotating), runs every scenario against it, and stops
 it completely (see ``bench.users_systems``). Run::
@@ -124,12 +125,15 @@ def system_specs(litellm_venv: Path) -> dict[str, SystemSpec]:
             "troupe", lambda p: troupe_config(p, run_in="deployment"))),
         "troupe-tpo": SystemSpec("troupe-tpo", _yaml_command(
             "troupe", lambda p: troupe_config(p, run_in="gateway")), env=tpo_on),
-        # Serve's HAProxy ingress (ray[serve] ships the binary): HAProxy in front of the
-        # gateway replica's own HTTP port (direct ingress) instead of Serve's proxy actor.
-        "troupe-haproxy": SystemSpec("troupe-haproxy", _yaml_command(
+        # `troupe run`'s ingress is Serve's HAProxy (ray[serve] ships the binary) in front
+        # of the gateway replica's own HTTP port; this is Serve's Python proxy actor instead.
+        "troupe-proxy": SystemSpec("troupe-proxy", _yaml_command(
             "troupe", lambda p: troupe_config(p, run_in="gateway")),
-            env={"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
+            env={"RAY_SERVE_ENABLE_HA_PROXY": "0"}),
         "serve": SystemSpec("serve", _yaml_command("serve", baseline_config)),
+        # The bare app behind the same HAProxy ingress (what a Serve user could turn on).
+        "serve-haproxy": SystemSpec("serve-haproxy", _yaml_command("serve", baseline_config),
+                                    env={"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
         "serve-tpo": SystemSpec("serve-tpo", _yaml_command("serve", baseline_config),
                                 env=tpo_on),
         "uvicorn": SystemSpec("uvicorn", _uvicorn("bench.users_apps:plain_app"), uses_ray=False),
