@@ -27,8 +27,7 @@ from typing import Callable, Mapping, Optional
 
 __all__ = ["FAST_INGRESS_ENV", "HAPROXY_PORT_VARIABLES", "IDLE_FRIENDLY_ENV",
            "fast_ingress_environment", "haproxy_available", "haproxy_environment",
-           "make_haproxy_folder",
-           "serve_environment"]
+           "make_haproxy_folder", "serve_environment"]
 
 IDLE_FRIENDLY_ENV: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -100,7 +99,8 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
 
 #: Serve's HAProxy ingress (issue 20). Measured as users run it, it halves unary latency
 #: at c=1 and doubles throughput at c=64 against Serve's Python proxy
-#: (bench/results/20261204T145020Z-users-haproxy.md). ``RAY_SERVE_ENABLE_HA_PROXY=0``
+#: (bench/results/20261204T145020Z-users-haproxy.md), and takes a third of the CPU per
+#: request (…170652Z / …170902Z-s27-per-request-*.md). ``RAY_SERVE_ENABLE_HA_PROXY=0``
 #: brings the proxy actor back.
 FAST_INGRESS_ENV: dict[str, str] = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
