@@ -119,9 +119,14 @@ def test_known_mix_is_counted_exactly(http: httpx.Client, base_url: str, fake_op
     remote = groups["remote-gpt"]
     exact = [remote_unary["usage"], remote_stream_usage]
     r_prompt = sum(u["prompt_tokens"] for u in exact)
-    r_completion = sum(u["completion_tokens"] for u in exact) + 2  # + the 2 counted deltas
+    # + the deltas the gateway received for the cut stream before it learnt of the cut: at
+    # least the 2 the client read. Behind HAProxy (troupe run's ingress) the cut reaches the
+    # gateway when a write to the gone client fails, a delta or two later (0.3 s each).
+    cut_counted = remote["completion_tokens"] - sum(u["completion_tokens"] for u in exact)
+    assert 2 <= cut_counted <= 6, remote
+    r_completion = sum(u["completion_tokens"] for u in exact) + cut_counted
     assert (remote["requests"], remote["errors"], remote["estimated_entries"]) == (3, 0, 1)
-    assert (remote["prompt_tokens"], remote["completion_tokens"]) == (r_prompt, r_completion)
+    assert remote["prompt_tokens"] == r_prompt
     by_provider = {g["group"]: g for g in http.get(
         "/v1/usage", params={"group_by": "provider", "start": t0}).json()["groups"]}
     assert remote["cost_usd"] == pytest.approx(
