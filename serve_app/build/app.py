@@ -27,6 +27,7 @@ from serve_app.build.actors import (
 )
 from serve_app.build.in_gateway import InGatewayModels
 from serve_app.build.replicas import model_deployment
+from serve_app.build.uvicorn_tick import tick_from_env
 from serve_app.gateway.core import VERSION, GatewayCore
 from serve_app.http.plumbing import RequestIdMiddleware, install_error_handlers
 from serve_app.routes.adapters import build_adapters_router
@@ -156,6 +157,7 @@ class Gateway:
         self, settings: dict[str, Any], handles: dict[str, Any],
     ) -> None:
         logging.basicConfig(level=logging.INFO)
+        tick_from_env()  # before Serve starts this replica's uvicorn (direct ingress)
         parsed = TroupeSettings.model_validate(settings)
         self.state: StateLocation = settings_state_location(parsed)
         logger.info("Troupe %s", self.state.describe())
