@@ -13,7 +13,10 @@ node, nothing to scale). Ray's log monitor stays (it brings the replicas' output
 terminal) but polls less when idle (:mod:`serve_app.cli.lean_log_monitor`), and Ray's API
 server stays: ``ray.init`` starts it even with
 ``include_dashboard=False``, and without it the dashboard agent's event module, which
-waits for the API server's address, logs an error every second.
+waits for the API server's address, logs an error every second. It runs ``--minimal``
+(no self-metrics, loop-lag probe or Prometheus thread, which only the dashboard reads).
+Every worker of that Ray starts with :data:`WORKER_SETUP_HOOK`, which slows uvicorn's
+housekeeping tick in Serve's own proxy as the gateway does in its replica.
 """
 
 from __future__ import annotations
@@ -23,12 +26,17 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
-__all__ = ["LEAN_HEAD_SKIPS", "LEAN_LOG_MONITOR", "lean_head", "main"]
+__all__ = ["LEAN_HEAD_SKIPS", "LEAN_LOG_MONITOR", "WORKER_SETUP_HOOK", "lean_head", "main"]
 
 #: ``ray._private.node.Node`` methods that :func:`lean_head` turns into no-ops: the
 #: autoscaler monitor (what ``ray start --no-monitor`` skips).
 LEAN_HEAD_SKIPS = ("start_monitor",)
 
+
+#: Run by every Ray worker of ``troupe run``'s local Ray (``ray.init``'s
+#: ``worker_process_setup_hook``): slows uvicorn's 10 Hz housekeeping tick in Serve's
+#: proxy, which Troupe's code does not otherwise reach (:mod:`serve_app.build.uvicorn_tick`).
+WORKER_SETUP_HOOK = "serve_app.build.uvicorn_tick.worker_process_setup"
 
 #: The script :func:`lean_head` starts in place of Ray's ``log_monitor.py``.
 LEAN_LOG_MONITOR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -40,14 +48,20 @@ def _skipped(self: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _lean_starter(start: Callable[..., Any], log_monitor_type: str) -> Callable[..., Any]:
+def _lean_starter(start: Callable[..., Any], log_monitor_type: str,
+                  api_server_type: str) -> Callable[..., Any]:
     """``start`` (Ray's ``services.start_ray_process``), but a log monitor's command runs
-    :data:`LEAN_LOG_MONITOR` with the same interpreter, flags and arguments."""
+    :data:`LEAN_LOG_MONITOR` with the same interpreter, flags and arguments, and an API
+    server started without its web UI (``--disable-frontend``: no dashboard) runs
+    ``--minimal``."""
     def start_ray_process(command: list[str], process_type: str, *args: Any,
                           **kwargs: Any) -> Any:
         if process_type == log_monitor_type and len(command) > 2 \
                 and command[2].endswith("log_monitor.py"):
             command = [*command[:2], LEAN_LOG_MONITOR, *command[3:]]
+        if process_type == api_server_type and "--disable-frontend" in command \
+                and "--minimal" not in command:
+            command = [*command, "--minimal"]
         return start(command, process_type, *args, **kwargs)
     return start_ray_process
 
@@ -72,7 +86,8 @@ def lean_head(node_cls: Any, services: Any = None) -> Iterator[None]:
             from ray._private import ray_constants
 
             services.start_ray_process = _lean_starter(
-                start, ray_constants.PROCESS_TYPE_LOG_MONITOR)
+                start, ray_constants.PROCESS_TYPE_LOG_MONITOR,
+                ray_constants.PROCESS_TYPE_DASHBOARD)
         yield
     finally:
         for name, method in saved.items():
@@ -92,7 +107,8 @@ def main(argv: list[str]) -> int:
 
         dashboard = os.environ.get("TROUPE_RAY_DASHBOARD") == "1"
         with contextlib.nullcontext() if dashboard else lean_head(Node, services):
-            ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard)
+            ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard,
+                     runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
     return cli.main(argv, prog_name="serve", standalone_mode=True) or 0
 
 

@@ -82,3 +82,18 @@ def test_requests_reach_the_gateway_through_serve_haproxy_ingress(
     owner = next(c.pid for c in psutil.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == running.port)
     assert psutil.Process(owner).name() == "haproxy"
+
+
+def test_rays_api_server_runs_minimal_and_serves_proxy_slows_uvicorns_tick(
+        running: RunningSystem) -> None:
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+
+    from serve_app.cli.serve_launch import WORKER_SETUP_HOOK
+
+    processes = {label_of(p.cmdline(), p.name()): p for p in running.processes()}
+    (api_server,) = [p for label, p in processes.items() if "dashboard.py" in label]
+    assert "--minimal" in api_server.cmdline()
+    # Ray runs the hook as each worker starts, and ends a worker whose hook fails: the
+    # proxy running with it configured is the hook having run.
+    (proxy,) = [p for label, p in processes.items() if label.startswith("ray::ProxyActor")]
+    assert proxy.environ().get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR) == WORKER_SETUP_HOOK

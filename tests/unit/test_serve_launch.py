@@ -12,8 +12,14 @@ from ray._private import ray_constants, services
 from ray._private.node import Node
 from ray.serve.scripts import cli
 
+from serve_app.build import uvicorn_tick
 from serve_app.cli import lean_log_monitor, serve_launch
-from serve_app.cli.serve_launch import LEAN_HEAD_SKIPS, LEAN_LOG_MONITOR, lean_head
+from serve_app.cli.serve_launch import (
+    LEAN_HEAD_SKIPS,
+    LEAN_LOG_MONITOR,
+    WORKER_SETUP_HOOK,
+    lean_head,
+)
 
 
 class Head:
@@ -85,6 +91,8 @@ def test_troupe_run_starts_a_lean_head_without_the_dashboard(monkeypatch):
     (call,) = _launch(monkeypatch, {})
     assert call["include_dashboard"] is False
     assert call["skipped"] == list(LEAN_HEAD_SKIPS)
+    # Every worker of this Ray, Serve's proxy included, slows uvicorn's tick at start.
+    assert call["runtime_env"] == {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     assert all(vars(Node)[n] is not serve_launch._skipped for n in LEAN_HEAD_SKIPS)
 
 
@@ -136,3 +144,53 @@ def test_the_lean_log_monitor_accepts_every_argument_ray_passes(monkeypatch):
     args = lean_log_monitor._arguments(command[3:])
     assert (args.gcs_address, args.logs_dir, args.stdout_filepath) == (
         "127.0.0.1:1", "/s/logs", "/s/logs/lm.out")
+
+
+def test_the_worker_setup_hook_names_the_uvicorn_tick_setup():
+    # Ray imports the hook by this dotted path in every worker; a rename would make each
+    # worker fail its start.
+    from ray._common.utils import load_class
+
+    assert load_class(WORKER_SETUP_HOOK) is uvicorn_tick.worker_process_setup
+
+
+def _api_server_command(monkeypatch, include_dashboard: bool) -> list[str]:
+    """The command Ray's own ``services.start_api_server`` starts its process with."""
+    started: list[list[str]] = []
+
+    def start(command: list[str], process_type: str, **kwargs: Any) -> None:
+        started.append(command)
+        raise RuntimeError("stop before Ray waits for the server's address")
+
+    monkeypatch.setattr(services, "start_ray_process", start)
+    # raise_on_failure=False: Ray logs the failure and returns.
+    services.start_api_server(
+        include_dashboard, False, "127.0.0.1", "127.0.0.1:1", "00" * 28, "127.0.0.1",
+        "/tmp", "/s/logs", "/s", port=8265, stdout_filepath="/s/logs/d.out",
+        stderr_filepath="/s/logs/d.err")
+    (command,) = started
+    return command
+
+
+def test_the_lean_head_runs_rays_api_server_minimal_unless_the_dashboard_is_on(monkeypatch):
+    without = _api_server_command(monkeypatch, include_dashboard=False)
+    with_ui = _api_server_command(monkeypatch, include_dashboard=True)
+    # What Ray passes without the dashboard; the lean head keys on the first flag.
+    assert "--disable-frontend" in without and "--minimal" not in without
+    started: list[list[str]] = []
+
+    class Services:
+        @staticmethod
+        def start_ray_process(command: list[str], process_type: str, **kwargs: Any) -> None:
+            started.append(command)
+
+    with lean_head(Head, Services):
+        Services.start_ray_process(without, ray_constants.PROCESS_TYPE_DASHBOARD)
+        Services.start_ray_process(with_ui, ray_constants.PROCESS_TYPE_DASHBOARD)
+        Services.start_ray_process([*without, "--minimal"], ray_constants.PROCESS_TYPE_DASHBOARD)
+    lean, dashboard, already = started
+    # Minimal: no self-metrics every 5 s (psutil reading smaps), no 4 Hz loop-lag probe,
+    # no Prometheus thread; it still publishes its address for the dashboard agent.
+    assert lean == [*without, "--minimal"]
+    assert dashboard == with_ui
+    assert already.count("--minimal") == 1
