@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from serve_app.cli.serve_config import read_serve_config, validate
 from serve_app.cli.serve_env import make_haproxy_folder, serve_environment
 from serve_app.settings import ConfigError, TransformersEngineConfig, TroupeSettings
 
-__all__ = ["main", "validate", "local_cpu_problem", "start_conversions"]
+__all__ = ["main", "validate", "local_cpu_problem", "port_problem", "start_conversions"]
 
 
 def local_cpu_problem(apps: list[TroupeSettings], cpus: Optional[int] = None) -> Optional[str]:
@@ -52,6 +53,28 @@ def local_cpu_problem(apps: list[TroupeSettings], cpus: Optional[int] = None) ->
         "never be scheduled. Lower the num_cpus values (a reservation, not a thread count; "
         "fractions are fine) or run against a cluster (RAY_ADDRESS)."
     )
+
+
+def port_problem(host: str, port: int, config: Path) -> Optional[str]:
+    """Why the gateway could not listen on ``host:port`` here, or None.
+
+    Checked before a local Ray starts: otherwise Serve's HAProxy (or its proxy) fails to
+    bind only once every model has loaded, and says so in retried tracebacks while
+    ``serve run`` waits. (Against a cluster the port is the cluster's business: no check.)
+    """
+    if os.environ.get("RAY_ADDRESS") or port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As servers bind (HAProxy, uvicorn): a closed connection's TIME_WAIT is no conflict.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return (f"cannot listen on {host}:{port} ({exc.strerror or exc}): another "
+                    "gateway (an earlier `make run`?) or another server holds it. Stop it, "
+                    f"or set http_options.port in {config} to a free port.")
+    return None
 
 
 def start_conversions(apps: list[TroupeSettings]) -> list[subprocess.Popen]:
@@ -138,6 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"troupe: {problem}", file=sys.stderr)
         return 2
     host, port = config.host, config.port
+    problem = port_problem(host, port, path)
+    if problem is not None:
+        print(f"troupe: {problem}", file=sys.stderr)
+        return 2
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     # Ray/Serve tuned for an idle-cheap gateway behind Serve's HAProxy ingress, whose files
     # go in a folder of this run's own (troupe<pid>-*), removed at exit.

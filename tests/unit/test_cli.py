@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
 import yaml
 
-from serve_app.cli.main import main
+from serve_app.cli.main import main, port_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +91,28 @@ def test_run_refuses_a_config_that_cannot_fit_this_machine(tmp_path: Path, capsy
     assert "never be scheduled" in capsys.readouterr().err
     assert main(["validate", str(big)]) == 0
     assert "warning: on this machine" in capsys.readouterr().out
+
+
+def test_run_refuses_a_port_another_server_holds(tmp_path: Path, capsys, monkeypatch) -> None:
+    # Found by hand: a second `make run` beside a first one loaded every model, then
+    # printed HAProxy's bind failure as retried tracebacks until Ctrl-C.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        data = yaml.safe_load((ROOT / "config" / "mock.yaml").read_text())
+        data["http_options"] = {"host": "127.0.0.1", "port": port}
+        taken = tmp_path / "taken.yaml"
+        taken.write_text(yaml.safe_dump(data))
+        assert main(["run", str(taken)]) == 2  # before starting serve run
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "http_options.port" in err
+        assert port_problem("127.0.0.1", port, taken) is not None
+        monkeypatch.setenv("RAY_ADDRESS", "auto")  # a cluster's ports are its own
+        assert port_problem("127.0.0.1", port, taken) is None
+        monkeypatch.delenv("RAY_ADDRESS")
+    assert port_problem("127.0.0.1", port, taken) is None  # free again
 
 
 class _RecordingPrepare:
