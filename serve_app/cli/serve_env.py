@@ -36,10 +36,12 @@ IDLE_FRIENDLY_ENV: dict[str, str] = {
     # Not set: RAY_SERVE_THROUGHPUT_OPTIMIZED. bench/users_bench.py measured it worse for
     # Troupe as users run it (throughput at c=32 x0.80, TTFT at c=16 x1.39, unary p50
     # x1.06; results/20261203T142550Z-users.md).
-    # Serve: the controller reconciles once a second, not ten times (deploys and scaling
-    # react within 1 s; requests never wait on it), and replicas hand their cached
+    # Serve: the controller reconciles every 2 s, not ten times a second (deploys,
+    # scaling and a replica's replacement react within 2 s; requests never wait on it;
+    # each pass asks the GCS for every node's state and resources: 0.2% of a core at
+    # 1 s, bench/results/20261204T19*-s28-ab-cl*.md), and replicas hand their cached
     # metrics to Ray every 2 s instead of every 100 ms.
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "2",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",
     # Ray core, per node: resource reports, memory-pressure checks, idle-worker reaping
     # and GC checks at 1 Hz, not 4-10 Hz (one node: nothing schedules on stale reports).
