@@ -71,10 +71,32 @@ def load(folder: Path, variant: str) -> Any:
         model = load_causal_lm(folder, "bfloat16")
         quantize_linears(model, torch.bfloat16, skip=("lm_head",))
         return model
+    if variant == "auto-int4-head":
+        return int4_head(load_causal_lm(folder, "auto"), load_causal_lm(folder, "float32"))
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = load_causal_lm(folder, "float32")
     return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def int4_head(model: Any, reference: Any) -> Any:
+    """``model`` with its output head re-quantized to 4-bit groups of 32 (each group's own
+    min and step, rounded to nearest) from ``reference``'s float32 head: the one layer
+    ``auto`` keeps in int8, and a third of a decode step's weight bytes."""
+    from deployments.engines.weights import INT4_GROUP, Int4WeightLinear
+
+    head = reference.lm_head
+    w = head.weight.detach().float()
+    out_features, in_features = w.shape
+    groups = w.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = ((groups - low) / step).round().clamp(0, 15)
+    grid = (q.reshape(out_features, in_features).to(torch.int32), step.squeeze(-1),
+            low.squeeze(-1))
+    model.lm_head = Int4WeightLinear(head, grid, torch.bfloat16)
+    torch.nn.Module.to(model.lm_head, torch.bfloat16)
+    return model
 
 
 def encode(tok: Any, prompt: str) -> list[int]:
