@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -20,6 +21,8 @@ os.environ["TROUPE_TEST_OPENAI_KEY"] = FAKE_OPENAI_KEY
 # State a test does not place itself (stores of apps without a store_url) goes to a fresh
 # folder, never to the user's ~/.local/share/troupe. Set before Ray starts: replicas inherit it.
 os.environ["TROUPE_STATE_DIR"] = tempfile.mkdtemp(prefix="troupe-test-state-")
+# Removed when the test process exits (after every fixture, Ray's included, has stopped).
+atexit.register(shutil.rmtree, os.environ["TROUPE_STATE_DIR"], ignore_errors=True)
 
 T = TypeVar("T")
 
