@@ -33,9 +33,9 @@ __all__ = ["LEAN_HEAD_SKIPS", "LEAN_LOG_MONITOR", "WORKER_SETUP_HOOK", "lean_hea
 LEAN_HEAD_SKIPS = ("start_monitor",)
 
 
-#: Run by every Ray worker of ``troupe run``'s local Ray (``ray.init``'s
-#: ``worker_process_setup_hook``): slows uvicorn's 10 Hz housekeeping tick in Serve's
-#: proxy, which Troupe's code does not otherwise reach (:mod:`serve_app.build.uvicorn_tick`).
+#: Run by every Ray worker of ``troupe run``'s local Ray as it starts (Ray's worker
+#: process setup hook): slows uvicorn's 10 Hz housekeeping tick in Serve's proxy, which
+#: Troupe's code does not otherwise reach (:mod:`serve_app.build.uvicorn_tick`).
 WORKER_SETUP_HOOK = "serve_app.build.uvicorn_tick.worker_process_setup"
 
 #: The script :func:`lean_head` starts in place of Ray's ``log_monitor.py``.
@@ -103,12 +103,19 @@ def main(argv: list[str]) -> int:
         import ray
         from ray._private import services
         from ray._private.node import Node
+        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
         from ray.serve._private.constants import SERVE_NAMESPACE
+
+        # Where Ray's workers look for the hook that ``ray.init(runtime_env=
+        # {"worker_process_setup_hook": ...})`` would set; in the environment the local
+        # Ray's processes inherit, it costs nothing at a worker's start, where a
+        # runtime_env made every worker wait on Ray's runtime-env agent (6 s more to
+        # start the mock config). A hook the user set already wins.
+        os.environ.setdefault(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, WORKER_SETUP_HOOK)
 
         dashboard = os.environ.get("TROUPE_RAY_DASHBOARD") == "1"
         with contextlib.nullcontext() if dashboard else lean_head(Node, services):
-            ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard,
-                     runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK})
+            ray.init(namespace=SERVE_NAMESPACE, include_dashboard=dashboard)
     return cli.main(argv, prog_name="serve", standalone_mode=True) or 0
 
 

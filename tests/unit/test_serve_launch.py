@@ -4,12 +4,14 @@ dashboard or points at a running cluster; and its log monitor polls less when id
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 import ray
 from ray._private import ray_constants, services
 from ray._private.node import Node
+from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray.serve.scripts import cli
 
 from serve_app.build import uvicorn_tick
@@ -71,7 +73,7 @@ def test_the_installed_ray_still_has_what_the_lean_head_skips():
 
 def _launch(monkeypatch, env: dict[str, str]) -> list[dict[str, Any]]:
     """Runs serve_launch.main with ``env``; returns what each ray.init saw."""
-    for key in ("RAY_ADDRESS", "TROUPE_RAY_DASHBOARD"):
+    for key in ("RAY_ADDRESS", "TROUPE_RAY_DASHBOARD", WORKER_PROCESS_SETUP_HOOK_ENV_VAR):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -79,7 +81,8 @@ def _launch(monkeypatch, env: dict[str, str]) -> list[dict[str, Any]]:
 
     def init(**kwargs: Any) -> None:
         skipped = [n for n in LEAN_HEAD_SKIPS if vars(Node)[n] is serve_launch._skipped]
-        calls.append({**kwargs, "skipped": skipped})
+        calls.append({**kwargs, "skipped": skipped,
+                      "hook": os.environ.get(WORKER_PROCESS_SETUP_HOOK_ENV_VAR)})
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(cli, "main", lambda argv, **kwargs: 0)
@@ -91,8 +94,9 @@ def test_troupe_run_starts_a_lean_head_without_the_dashboard(monkeypatch):
     (call,) = _launch(monkeypatch, {})
     assert call["include_dashboard"] is False
     assert call["skipped"] == list(LEAN_HEAD_SKIPS)
-    # Every worker of this Ray, Serve's proxy included, slows uvicorn's tick at start.
-    assert call["runtime_env"] == {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+    # Every worker of this Ray, Serve's proxy included, slows uvicorn's tick at start:
+    # the hook is in the environment the local Ray's processes inherit.
+    assert call["hook"] == WORKER_SETUP_HOOK
     assert all(vars(Node)[n] is not serve_launch._skipped for n in LEAN_HEAD_SKIPS)
 
 
@@ -194,3 +198,18 @@ def test_the_lean_head_runs_rays_api_server_minimal_unless_the_dashboard_is_on(m
     assert lean == [*without, "--minimal"]
     assert dashboard == with_ui
     assert already.count("--minimal") == 1
+
+
+def test_a_setup_hook_the_user_set_wins(monkeypatch):
+    (call,) = _launch(monkeypatch, {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: "mine.setup"})
+    assert call["hook"] == "mine.setup"
+
+
+def test_rays_workers_still_run_the_hook_named_in_that_variable():
+    # The variable is Ray's own (the runtime_env field becomes it); a Ray that stopped
+    # reading it would silently bring the proxy's 10 Hz tick back.
+    import inspect
+
+    from ray._private.workers import default_worker
+
+    assert "WORKER_PROCESS_SETUP_HOOK_ENV_VAR" in inspect.getsource(default_worker)
