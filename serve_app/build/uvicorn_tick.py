@@ -1,6 +1,7 @@
-"""Uvicorn's housekeeping tick, slowed in the gateway's process.
+"""Uvicorn's housekeeping tick, slowed in the processes that serve Troupe's HTTP.
 
-Behind HAProxy, the gateway replica serves HTTP through uvicorn (Serve's direct ingress).
+Behind HAProxy, the gateway replica serves HTTP through uvicorn (Serve's direct ingress),
+and so does Serve's fallback proxy.
 uvicorn's ``Server.main_loop`` wakes every 0.1 s whatever the traffic, to refresh the
 ``Date`` header once a second and to notice ``should_exit``: about 0.17% of one core on an
 idle process here, and ten of the twelve wake-ups a second of the replica's event loop.
@@ -95,7 +96,10 @@ def tick_from_env() -> bool:
 
 
 def worker_process_setup() -> None:
-    """Ray's ``worker_process_setup_hook`` for the workers of a ``troupe run`` Ray: Serve's
+    """Ray's worker process setup hook for the workers of a ``troupe run`` Ray: Serve's
     own proxy (the fallback behind HAProxy) runs uvicorn too, in a process Troupe's code
-    does not otherwise reach."""
-    tick_from_env()
+    does not otherwise reach. Never raises: Ray ends a worker whose hook fails."""
+    try:
+        tick_from_env()
+    except Exception:  # noqa: BLE001 - a slower tick is not worth a worker
+        logger.warning("Troupe: could not slow uvicorn's tick in this worker", exc_info=True)

@@ -113,3 +113,12 @@ def test_the_environment_sets_the_period(monkeypatch, value, slowed):
         assert uvicorn.Server.main_loop.troupe_tick_s == expected
     else:
         assert uvicorn.Server.main_loop is original
+
+
+def test_the_ray_worker_hook_never_fails_the_worker(monkeypatch):
+    # Ray ends a worker whose setup hook raises: a uvicorn it cannot patch is no reason.
+    def broken(period_s: float) -> bool:
+        raise ImportError("no uvicorn here")
+
+    monkeypatch.setattr(uvicorn_tick, "slow_uvicorn_tick", broken)
+    uvicorn_tick.worker_process_setup()
