@@ -58,17 +58,13 @@ def slow_uvicorn_tick(period_s: float = DEFAULT_TICK_S) -> bool:
         return False
 
     async def main_loop(self: Any) -> None:
-        # uvicorn's loop, one wake per period; the counter advances by as many 0.1 s
-        # ticks as the period spans, rounded up to whole seconds' worth so that every
-        # wake refreshes the Date header (uvicorn does it when counter % 10 == 0).
+        # uvicorn's loop, one wake per period. on_tick reads the counter only to refresh
+        # the Date header when counter % 10 == 0, so it advances by 10: every wake does.
         counter = 0
         should_exit = await self.on_tick(counter)
         while not should_exit:
-            period = main_loop.troupe_tick_s  # type: ignore[attr-defined]
-            step = max(1, round(period / _UVICORN_TICK_S))
-            step = -(-step // 10) * 10
-            counter = (counter + step) % _COUNTER_WRAP
-            await asyncio.sleep(period)
+            counter = (counter + 10) % _COUNTER_WRAP
+            await asyncio.sleep(main_loop.troupe_tick_s)  # type: ignore[attr-defined]
             should_exit = await self.on_tick(counter)
 
     main_loop.troupe_tick_s = period_s  # type: ignore[attr-defined]
