@@ -83,18 +83,10 @@ def int4_head(model: Any, reference: Any) -> Any:
     """``model`` with its output head re-quantized to 4-bit groups of 32 (each group's own
     min and step, rounded to nearest) from ``reference``'s float32 head: the one layer
     ``auto`` keeps in int8, and a third of a decode step's weight bytes."""
-    from deployments.engines.weights import INT4_GROUP, Int4WeightLinear
+    from deployments.engines.weights import Int4WeightLinear, nearest_four_bit_grid
 
     head = reference.lm_head
-    w = head.weight.detach().float()
-    out_features, in_features = w.shape
-    groups = w.reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
-    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-    step = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    q = ((groups - low) / step).round().clamp(0, 15)
-    grid = (q.reshape(out_features, in_features).to(torch.int32), step.squeeze(-1),
-            low.squeeze(-1))
-    model.lm_head = Int4WeightLinear(head, grid, torch.bfloat16)
+    model.lm_head = Int4WeightLinear(head, nearest_four_bit_grid(head.weight), torch.bfloat16)
     torch.nn.Module.to(model.lm_head, torch.bfloat16)
     return model
 

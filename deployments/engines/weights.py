@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 __all__ = ["WeightsKind", "QuantizedLinear", "Int8WeightLinear", "Int4WeightLinear", "four_bit_grid",
+           "nearest_four_bit_grid",
            "INT4_GROUP", "FusedGroup", "quantize_linears", "fuse_siblings",
            "load_causal_lm", "prompt_rows", "matmul_rows", "dense_rows", "DENSE_ROWS"]
 
@@ -160,12 +161,21 @@ def four_bit_grid(weight: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Te
     out_features, in_features = weight.shape
     if in_features % INT4_GROUP or out_features % 16:
         return None
+    q, step, low = nearest_four_bit_grid(weight)
+    w = weight.detach().float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    on_grid = q.reshape(w.shape).float() * step[..., None] + low[..., None]
+    return (q, step, low) if torch.equal(on_grid, w) else None
+
+
+def nearest_four_bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, step, low)`` of the 4-bit grid each group of :data:`INT4_GROUP` input channels
+    of ``weight`` [out, in] spans (its minimum to its maximum in 15 steps), each value
+    rounded to its nearest point; shapes as :func:`four_bit_grid`'s."""
+    out_features, in_features = weight.shape
     w = weight.detach().float().reshape(out_features, in_features // INT4_GROUP, INT4_GROUP)
     low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     step = (high - low) / 15
     q = ((w - low) / step.clamp(min=torch.finfo(torch.float32).tiny)).round().clamp(0, 15)
-    if not torch.equal(q * step + low, w):
-        return None
     return q.reshape(out_features, in_features).to(torch.int32), step.squeeze(-1), low.squeeze(-1)
 
 
