@@ -102,13 +102,16 @@ class SeqKV:
 class Packed:
     """The sequences of one step packed into a single row: (kv, start, length) per segment."""
 
-    __slots__ = ("segments",)
+    __slots__ = ("segments", "masks")
 
     def __init__(self, kvs: Sequence[SeqKV], lengths: Sequence[int]) -> None:
         starts = [0]
         for n in lengths[:-1]:
             starts.append(starts[-1] + n)
         self.segments = list(zip(kvs, starts, lengths))
+        #: (new tokens, all tokens) -> a prompt's causal mask after its cached prefix, made
+        #: once a step, not once a layer.
+        self.masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def attend(self, layer: int, query: torch.Tensor, queries: torch.Tensor, pairs: torch.Tensor,
                scale: float) -> torch.Tensor:
@@ -182,7 +185,9 @@ def _attend_packed(packed: Packed, layer: int, query: torch.Tensor, queries: tor
         n = keys.shape[2]
         mask = None
         if 1 < t < n:  # new tokens after a cached prefix: causal, shifted by the prefix
-            mask = torch.ones(t, n, dtype=torch.bool).tril(n - t)
+            mask = packed.masks.get((t, n))
+            if mask is None:
+                mask = packed.masks[(t, n)] = torch.ones(t, n, dtype=torch.bool).tril(n - t)
         out[start:end] = F.scaled_dot_product_attention(
             query[:, :, start:end], keys.to(query.dtype), values.to(query.dtype), attn_mask=mask,
             is_causal=(t > 1 and t == n), scale=scale, enable_gqa=True,

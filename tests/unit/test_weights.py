@@ -8,12 +8,15 @@ import torch
 
 from deployments.engines.weights import (
     DENSE_ROWS,
+    DENSE_SIZES,
     Int4WeightLinear,
     Int8WeightLinear,
+    dense_call_sizes,
     dense_rows,
     four_bit_grid,
     prompt_rows,
     quantize_linears,
+    split_calls,
 )
 
 # SmolLM2's projections (fused q/k/v, fused gate/up, down) and its output head: on an AMX
@@ -26,15 +29,50 @@ def test_dense_rows_gives_each_row_what_it_gets_alone(shape):
     torch.set_num_threads(1)
     torch.manual_seed(3)
     dense = torch.randn(*shape).bfloat16()
-    x = torch.randn(150, shape[1]).bfloat16()
-    alone = torch.cat([dense_rows(x[i:i + 1], dense) for i in range(0, 150, 7)])
-    for rows in (1, 20, DENSE_ROWS, DENSE_ROWS + 1, 150):
+    x = torch.randn(300, shape[1]).bfloat16()
+    alone = torch.cat([dense_rows(x[i:i + 1], dense) for i in range(0, 300, 7)])
+    # every call size there is (64, 128, 256 where this CPU agrees) and two calls
+    for rows in (1, 20, DENSE_ROWS, DENSE_ROWS + 1, 150, 256, 300):
         got = dense_rows(x[:rows], dense)
         assert got.shape == (rows, shape[0])
         assert torch.equal(got[::7], alone[: len(got[::7])]), rows
     # the same rows behind other rows (another sequence's prompt packed first)
     shifted = dense_rows(torch.cat((torch.randn(45, shape[1]).bfloat16(), x)), dense)[45:]
     assert torch.equal(shifted[::7], alone)
+
+
+def test_split_calls_takes_the_largest_size_then_the_smallest_that_holds_the_rest():
+    sizes = (64, 128, 256)
+    assert split_calls(1, sizes) == [64]
+    assert split_calls(64, sizes) == [64]
+    assert split_calls(65, sizes) == [128]
+    assert split_calls(129, sizes) == [256]
+    assert split_calls(256, sizes) == [256]
+    assert split_calls(300, sizes) == [256, 64]
+    assert split_calls(600, sizes) == [256, 256, 128]
+    assert split_calls(130, (64,)) == [64, 64, 64]
+
+
+def test_a_call_size_that_rounds_rows_differently_is_not_used():
+    # A kernel whose calls of more than 128 rows round unlike 64-row calls (as oneDNN's
+    # bf16 matmul does for some shapes at 192 or 384 rows on AMX) loses 256; one that
+    # rounds every call of another size differently keeps only 64-row calls.
+    def over_128(x, w):
+        out = torch.nn.functional.linear(x, w)
+        return out + 1 if x.shape[0] > 128 else out
+
+    def not_64(x, w):
+        out = torch.nn.functional.linear(x, w)
+        return out if x.shape[0] == DENSE_ROWS else out * 2
+
+    torch.manual_seed(5)
+    dense = torch.randn(192, 64).bfloat16()
+    assert DENSE_SIZES == (128, 256)
+    assert dense_call_sizes(dense, over_128) == (64, 128)
+    assert dense_call_sizes(dense, not_64) == (DENSE_ROWS,)
+    # what dense_rows uses for this shape is the real kernel's finding, not a fake's
+    assert dense_call_sizes(dense)[0] == DENSE_ROWS
+
 
 
 def test_dense_rows_is_the_plain_matmul_up_to_rounding():
