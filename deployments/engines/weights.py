@@ -74,8 +74,8 @@ DENSE_ROWS = 64
 #: projections of all 30 layers: 64 rows 43 ms, 128 rows 56 ms, 256 rows 72 ms.
 DENSE_SIZES = (128, 256)
 
-#: (out, in, dtype, threads) -> the call sizes found to agree (see :func:`dense_call_sizes`).
-_call_sizes: dict[tuple[int, int, torch.dtype, int], tuple[int, ...]] = {}
+#: (out, in, strides, dtype, threads) -> the call sizes found to agree (:func:`dense_call_sizes`).
+_call_sizes: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
 
 @contextmanager
@@ -277,8 +277,9 @@ def dense_call_sizes(dense: torch.Tensor,
     thread count: :data:`DENSE_ROWS`, and each of :data:`DENSE_SIZES` whose call gives
     every one of its rows (random, seeded) bit for bit what it gets in a
     :data:`DENSE_ROWS`-row call. A rounding difference comes from the kernel's blocking,
-    which depends on shapes, not values, so random rows show it. Checked once per shape."""
-    key = (int(dense.shape[0]), int(dense.shape[1]), dense.dtype, torch.get_num_threads())
+    which depends on shapes, not values, so random rows show it. Checked once per shape
+    (and layout, dtype and thread count)."""
+    key = (*dense.shape, *dense.stride(), dense.dtype, torch.get_num_threads())
     own = linear is torch.nn.functional.linear  # another (a test's) is checked, not kept
     sizes = _call_sizes.get(key) if own else None
     if sizes is None:
