@@ -12,7 +12,7 @@ it and run alone (``bench.users_systems``: own process tree, own Ray instance, o
 * ``troupe-vllm-deployment``: the same from ``config/vllm-cpu-replicas.yaml`` (the model in
   a Serve deployment of its own: one more streaming hop and Ray process);
 * ``troupe-transformers``: ``troupe run`` of config/local.yaml's SmolLM2 entry (the
-  default CPU engine, int8 weights, continuous batching) from the main venv.
+  default CPU engine, ``auto`` weights, continuous batching) from the main venv.
 
 CPU reservation, the same for all three: the whole 2-core machine, one compute thread for
 the model. vLLM's CPU worker binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND=auto
@@ -277,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "setup": ("Each system alone on the whole 2-core machine, one compute thread for the "
                   "model (vLLM's worker auto-bound to core 0; transformers num_threads 1); vLLM: "
                   "bfloat16, max_model_len 2048, eager, 1 GiB KV cache, max_num_seqs 32; "
-                  "transformers: config/local.yaml (int8 weights), max_num_seqs 16. Streamed "
+                  "transformers: config/local.yaml (auto weights), max_num_seqs 16. Streamed "
                   f"chat, max_tokens {MAX_TOKENS}, temperature 0, {args.duration:.0f} s per level, "
                   f"{args.rounds} round(s), systems interleaved (order rotating per round): "
                   f"{', '.join(names)}. Troupe's vLLM adapter: stream_interval auto (see "
