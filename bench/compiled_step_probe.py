@@ -106,19 +106,16 @@ def main() -> None:
 
     compiled = torch.compile(core, dynamic=True)
 
+    def through_compiled(input_ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+                         attend: Any) -> torch.Tensor:
+        """In ``LlamaPass``'s place: ``attend`` is the step's ``Packed.attend``."""
+        CURRENT["packed"] = attend.__self__
+        return compiled(input_ids, positions, last)
+
     def step(kvs: list[Any], chunks: list[list[int]], fn: Step) -> torch.Tensor:
-        """``RaggedModel._forward`` through the eager pass (None) or ``fn``."""
-        lengths = [len(c) for c in chunks]
-        input_ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long)
-        positions = torch.tensor([[p for kv, n in zip(kvs, lengths) for p in range(kv.length, kv.length + n)]],
-                                 dtype=torch.long)
-        last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        is_prompt = torch.tensor([n > 1 for n in lengths for _ in range(n)])
-        CURRENT["packed"] = ragged.Packed(kvs, lengths)
-        with torch.inference_mode(), weights.prompt_rows(is_prompt):
-            if fn is None:
-                return lean(input_ids, positions, last, CURRENT["packed"].attend).float()
-            return fn(input_ids, positions, last).float()
+        """``RaggedModel.step`` through the eager pass (None) or ``fn``."""
+        stepper._pass = lean if fn is None else through_compiled  # type: ignore[assignment]
+        return stepper.step(kvs, chunks)
 
     prefix = list(range(100, 140))
 
