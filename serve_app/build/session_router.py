@@ -13,7 +13,12 @@ over stays where its cache now is.
 
 Load-aware fallback: when the preferred replica has ``max_imbalance`` more requests in
 flight than the least loaded one (or is full), the request goes to the least loaded
-instead, so one hot session cannot pile up on a replica while another idles.
+instead, so one hot session cannot pile up on a replica while another idles. Serve counts a
+request in its queue-length cache only once the caller's task has sent it, which runs after
+the routing decision; requests routed at the same moment (a burst on a cold cache all await
+one probe) would each see the others' replica as idle and pile up on it. So each decision
+also counts the picks this router has made and Serve has not yet sent (at most
+``_RESERVATION_S`` old).
 Requests for a LoRA adapter first narrow the candidates to replicas holding it (Serve's
 multiplexing), then apply the same rule among those.
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -53,6 +59,9 @@ __all__ = ["SessionAffinityRouter", "session_key"]
 _RAW_PREFIX = 256
 #: Sessions remembered per router (each gateway replica has its own).
 _MAX_SESSIONS = 10_000
+#: How long a pick counts as load before Serve reports it sent (normally milliseconds; a
+#: pick that was never sent, e.g. its caller gave up, stops counting after this).
+_RESERVATION_S = 2.0
 
 
 def session_key(request: Any) -> Optional[str]:
@@ -85,6 +94,10 @@ def _rendezvous(key: str, replicas: list[RunningReplica]) -> RunningReplica:
     return max(replicas, key=score)
 
 
+def _first_known(*values: Optional[int]) -> Optional[int]:
+    return next((value for value in values if value is not None), None)
+
+
 class SessionAffinityRouter(MultiplexMixin, RequestRouter):
     """Serve request router: session affinity with a load-aware fallback (see the module)."""
 
@@ -97,6 +110,8 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
         """
         self.max_imbalance = max_imbalance
         self._last: OrderedDict[str, ReplicaID] = OrderedDict()
+        #: Per replica, when each pick not yet sent by Serve was made (oldest first).
+        self._reserved: dict[ReplicaID, list[float]] = {}
 
     async def choose_replicas(
         self,
@@ -115,14 +130,25 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
         key = self._key(pending_request)
         if key is None or len(candidates) == 1:
             return [random.sample(candidates, min(2, len(candidates)))]
-        preferred = self._preferred(key, candidates)
-        others = [r for r in candidates if r is not preferred]
         loads = await self._loads(candidates)
-        least = min(loads[r.replica_id] for r in others)
+        # No await from here to the reservation: concurrent decisions see each other's.
+        preferred = self._preferred(key, candidates)
+        others = sorted((r for r in candidates if r is not preferred),
+                        key=lambda r: loads[r.replica_id])
+        least = loads[others[0].replica_id]
         full = loads[preferred.replica_id] >= preferred.max_ongoing_requests
         if full or loads[preferred.replica_id] - least > self.max_imbalance:
-            return [sorted(others, key=lambda r: loads[r.replica_id])]
-        return [[preferred], sorted(others, key=lambda r: loads[r.replica_id])]
+            self._reserve(others[0].replica_id)
+            return [others[:1], others[1:]]
+        self._reserve(preferred.replica_id)
+        return [[preferred], others]
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        """Serve has sent a request and counted it in its cache: drop one pick's reservation."""
+        super().on_send_request(replica_id)
+        reserved = self._reserved.get(replica_id)
+        if reserved:
+            reserved.pop(0)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
@@ -168,10 +194,27 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
         replicas the cache has no fresh entry for (as Serve's own routers do); one that
         does not answer counts as full."""
         cache = self.replica_queue_len_cache
-        known = {r.replica_id: cache.get(r.replica_id) for r in replicas}
-        missing = [r for r in replicas if known[r.replica_id] is None]
+        missing = [r for r in replicas if cache.get(r.replica_id) is None]
+        probed: dict[ReplicaID, Optional[int]] = {}
         if missing:
             for replica, queue_len in await self._probe_queue_lens(missing, 0):
-                known[replica.replica_id] = queue_len
+                probed[replica.replica_id] = queue_len
+        # Read the cache after the probe: sends made meanwhile have updated it.
+        known = {r.replica_id: _first_known(cache.get(r.replica_id), probed.get(r.replica_id))
+                 for r in replicas}
         return {r.replica_id: r.max_ongoing_requests if known[r.replica_id] is None
-                else int(known[r.replica_id] or 0) for r in replicas}
+                else int(known[r.replica_id] or 0) + self._reservations(r.replica_id)
+                for r in replicas}
+
+    def _reserve(self, replica_id: ReplicaID) -> None:
+        self._reserved.setdefault(replica_id, []).append(time.monotonic())
+
+    def _reservations(self, replica_id: ReplicaID) -> int:
+        """Picks of this replica not yet sent, dropping those older than ``_RESERVATION_S``."""
+        reserved = self._reserved.get(replica_id)
+        if not reserved:
+            return 0
+        cutoff = time.monotonic() - _RESERVATION_S
+        while reserved and reserved[0] < cutoff:
+            reserved.pop(0)
+        return len(reserved)
