@@ -37,6 +37,18 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]
         assert system.stop() == []  # Ctrl-C alone shut everything down
 
 
+def _labelled(system: RunningSystem) -> dict[str, psutil.Process]:
+    """The system's processes by label, leaving out any that end while being read (a
+    worker Ray starts and stops meanwhile: a CI run once failed on one)."""
+    labelled = {}
+    for process in system.processes():
+        try:
+            labelled[label_of(process.cmdline(), process.name())] = process
+        except psutil.NoSuchProcess:
+            continue
+    return labelled
+
+
 def _gateway_posts(system: RunningSystem) -> int:
     """Serve's access-log lines for POSTs to the gateway replica seen on the console
     (Ray prefixes each with the replica's name and pid)."""
@@ -64,7 +76,7 @@ def test_a_streamed_chat_answers_and_the_replica_logs_reach_the_terminal(
 
 def test_the_head_runs_without_the_autoscaler_monitor(
         running: RunningSystem) -> None:
-    labels = [label_of(p.cmdline(), p.name()) for p in running.processes()]
+    labels = list(_labelled(running))
     # Kept, it feeds the terminal: Troupe's lean log monitor, not Ray's 10 Hz one.
     assert any("lean_log_monitor.py" in x for x in labels), labels
     assert not any(x.endswith(" log_monitor.py") for x in labels), labels
@@ -76,7 +88,7 @@ def test_requests_reach_the_gateway_through_serve_haproxy_ingress(
         running: RunningSystem) -> None:
     # `troupe run`'s default ingress: HAProxy (its config in this run's own folder,
     # which the fixture's stop() also checks for leftovers), managed by Serve's actor.
-    labels = [label_of(p.cmdline(), p.name()) for p in running.processes()]
+    labels = list(_labelled(running))
     assert any(x.startswith("haproxy") for x in labels), labels
     assert any(x.startswith("ray::HAProxyManager") for x in labels), labels
     owner = next(c.pid for c in psutil.net_connections("tcp")
@@ -90,7 +102,7 @@ def test_rays_api_server_runs_minimal_and_serves_proxy_slows_uvicorns_tick(
 
     from serve_app.cli.serve_launch import WORKER_SETUP_HOOK
 
-    processes = {label_of(p.cmdline(), p.name()): p for p in running.processes()}
+    processes = _labelled(running)
     (api_server,) = [p for label, p in processes.items() if "dashboard.py" in label]
     assert "--minimal" in api_server.cmdline()
     # Ray runs the hook as each worker starts, and ends a worker whose hook fails: the
