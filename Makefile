@@ -63,9 +63,13 @@ models: $(VENV)/.installed
 	$(BIN)/troupe prepare
 
 # espeak-ng turns text into phonemes for the Piper voice (GPL-3+: run as a program only).
+# gcc builds the text engine's int4 kernel on first use (deployments/engines/int4_kernel.c;
+# without it the engine keeps torch's slower int4 kernel).
 system-deps:
 	@command -v espeak-ng >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng; }
+	@command -v cc >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev; }
 
 # No `models` here: `troupe run` converts the bundled GGUF in the background while Ray and
 # Serve start (a first run's conversion overlaps the startup instead of preceding it).

@@ -11,8 +11,9 @@ batch: batching changes no output. Measurements: ``bench/text_engine_speed.py``.
 ``auto`` reads half those bytes where it loses nothing: a layer whose float32 weights sit
 exactly on a 4-bit grid (every group of 32 input channels ``low + step * q``, q in 0..15:
 what a Q4_1 GGUF such as the bundled SmolLM2's de-quantizes to) is held as those 4-bit
-values (:class:`Int4WeightLinear`, torch's CPU int4 weight-only kernel, scale and offset
-rounded to bf16), every other layer as int8. On the bundled model that is every layer but
+values (:class:`Int4WeightLinear`: Troupe's own int4 kernel, ``int4_kernel``, on CPUs with
+AVX-512 BF16, else torch's CPU int4 weight-only kernel; scale and offset rounded to bf16),
+every other layer as int8. On the bundled model that is every layer but
 the output head, and it is both faster and closer to float32 than int8 everywhere
 (``bench/README.md``).
 
@@ -52,6 +53,8 @@ from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 from torch import nn
+
+from deployments.engines import int4_kernel
 
 __all__ = ["WeightsKind", "QuantizedLinear", "Int8WeightLinear", "Int4WeightLinear", "four_bit_grid",
            "nearest_four_bit_grid",
@@ -197,28 +200,39 @@ def nearest_four_bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 class Int4WeightLinear(QuantizedLinear):
     """A Linear layer held as 4-bit groups of :data:`INT4_GROUP` input channels, each with
-    its own bf16 scale and offset (torch's CPU int4 weight-only kernel,
-    ``_weight_int4pack_mm_for_cpu``): half the bytes a decode step reads of int8. Built
+    its own bf16 scale and offset: half the bytes a decode step reads of int8. Decode rows
+    go through Troupe's int4 kernel (``int4_kernel``) where it builds and runs, else
+    torch's (``_weight_int4pack_mm_for_cpu``); each buffer is in its kernel's layout. Built
     only from weights already on that grid (:func:`four_bit_grid`), so the only change
     from them is the scale and offset rounded to bf16."""
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor
+    #: Whether the weights are in Troupe's own kernel's layout (``int4_kernel``), else torch's.
+    own_kernel: bool
 
     def __init__(self, linear: nn.Linear, grid: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  act_dtype: torch.dtype) -> None:
         super().__init__()
         q, step, low = grid
-        # The kernel de-quantizes (q - 8) * scale + zero, so zero is the group's middle.
+        # Both kernels de-quantize (q - 8) * scale + zero, so zero is the group's middle.
         scale, zero = step.to(act_dtype), (low + 8 * step).to(act_dtype)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
-        self.register_buffer("scales_zeros", torch.stack((scale, zero), -1).transpose(0, 1).contiguous())
+        self.own_kernel = act_dtype == torch.bfloat16 and int4_kernel.load() is not None
+        if self.own_kernel:
+            packed, scales_zeros = int4_kernel.pack(q, scale, zero)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            scales_zeros = torch.stack((scale, zero), -1).transpose(0, 1).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
         groups = q.reshape(q.shape[0], -1, INT4_GROUP).float() - 8
         self._keep(linear, (groups * scale.float()[..., None] + zero.float()[..., None]).reshape(q.shape),
                    act_dtype)
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times the int4 weights (the decode rows' kernel)."""
+        if self.own_kernel:
+            return int4_kernel.matmul(flat, self.packed, self.scales_zeros)
         return _int4_mm(flat, self.packed, self.scales_zeros)
 
 
@@ -312,9 +326,14 @@ class FusedGroup:
     def __init__(self, members: list[QuantizedLinear]) -> None:
         self.lead = members[0]
         self.four_bit = isinstance(self.lead, Int4WeightLinear)
-        names = ("packed",) if self.four_bit else ("qweight", "scale")
+        #: Troupe's int4 kernel: both buffers are in blocks of 16 output channels (dim 0).
+        self.own_kernel = self.four_bit and bool(getattr(self.lead, "own_kernel", False))
+        names = ("packed", "scales_zeros") if self.own_kernel else ("packed",) if self.four_bit \
+            else ("qweight", "scale")
         fused = {name: torch.cat([getattr(m, name) for m in members]).contiguous() for name in names}
-        if self.four_bit:
+        if self.own_kernel:
+            self.packed, self.scales_zeros = fused["packed"], fused["scales_zeros"]
+        elif self.four_bit:
             self.packed = fused["packed"]
             self.scales_zeros = torch.cat([m.scales_zeros for m in members], dim=1).contiguous()  # type: ignore[misc]  # buffers
         else:
@@ -326,8 +345,9 @@ class FusedGroup:
         for m in members:
             end = start + m.out_features
             self.columns[id(m)] = (start, end)
+            rows = slice(start // 16, end // 16) if self.own_kernel else slice(start, end)
             for name, whole in fused.items():
-                setattr(m, name, whole[start:end])
+                setattr(m, name, whole[rows])
             m.dense = self.dense[start:end]
             m.group = self
             start = end
@@ -337,6 +357,8 @@ class FusedGroup:
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times every member's quantized weights, side by side."""
+        if self.own_kernel:
+            return int4_kernel.matmul(flat, self.packed, self.scales_zeros)
         if self.four_bit:
             return _int4_mm(flat, self.packed, self.scales_zeros)
         return _int8_mm(flat, self.qweight, self.scale)
@@ -373,6 +395,7 @@ def fuse_siblings(model: nn.Module) -> int:
                     type(m) is type(members[0]) and m.bias is None and m.group is None
                     and m.in_features == members[0].in_features
                     and (isinstance(m, Int8WeightLinear) or m.out_features % 64 == 0)
+                    and getattr(m, "own_kernel", None) == getattr(members[0], "own_kernel", None)
                     for m in members):
                 FusedGroup(members)  # type: ignore[arg-type]  # checked just above
                 count += 1
