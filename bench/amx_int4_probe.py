@@ -4,7 +4,7 @@
 (``tdpbf16ps``) instead of AVX-512 BF16 (``vdpbf16ps``). On SmolLM2's int4 shapes, one
 thread, 1 to 16 rows, both interleaved: the fastest of 5 timings of 300 calls each; whether
 each row's AMX result is what AMX gives it alone (batch-invariance) and whether it equals
-the engine kernel's bit for bit (so a batch could take AMX and a lone row AVX-512 without
+the engine kernel's with bf16 inputs bit for bit (so a batch could take AMX and a lone row AVX-512 without
 changing any output). Needs a CPU with AMX-BF16 on Linux and ``cc``.
 
     python -m bench.amx_int4_probe
@@ -85,9 +85,9 @@ def main() -> None:
             for rows in ROWS:
                 xr = x[:rows].contiguous()
                 amx = _amx(lib, xr, words, scales)
-                avx = int4_kernel.matmul(xr, words, scales)
+                avx = int4_kernel.matmul(xr, words, scales, "bf16")
                 lines.append(
-                    f"| {n}x{k} | {rows} | {_fastest(partial(int4_kernel.matmul, xr, words, scales)):.1f} "
+                    f"| {n}x{k} | {rows} | {_fastest(partial(int4_kernel.matmul, xr, words, scales, 'bf16')):.1f} "
                     f"| {_fastest(partial(_amx, lib, xr, words, scales)):.1f} "
                     f"| {torch.equal(amx, alone[:rows])} | {torch.equal(amx, avx)} |")
                 print(lines[-1], flush=True)

@@ -3,7 +3,8 @@
 Two parts, each interleaving the two kernels so the machine's load swings hit both alike:
 
 1. the kernel alone on SmolLM2's int4 shapes (fused q/k/v, o, fused gate/up, down) with
-   random 4-bit weights, 1 to 16 rows: the fastest of 5 timings of 300 calls each;
+   random 4-bit weights, 1 to 16 rows: the fastest of 5 timings of 300 calls each (Troupe's
+   with the inputs ``TROUPE_INT4_KERNEL`` picks, int8 by default, and with bf16 inputs);
 2. decode steps of the bundled SmolLM2 (weights ``auto``: int4 layers, int8 head) through
    ``ragged.RaggedModel``, once loaded with each kernel: every round starts fresh
    sequences (30-token prompts) and alternates runs of 6 steps; the median step time per
@@ -65,9 +66,10 @@ def kernels(rows: list[int]) -> list[dict[str, Any]]:
         for r in rows:
             x = torch.randn(r, k, generator=generator).bfloat16()
             ours = _fastest(partial(int4_kernel.matmul, x, words, scales))
+            bf16 = _fastest(partial(int4_kernel.matmul, x, words, scales, "bf16"))
             torchs = _fastest(partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, 32, scales_zeros))
             out.append({"shape": f"{n}x{k}", "rows": r, "troupe_us": round(ours, 1),
-                        "torch_us": round(torchs, 1)})
+                        "troupe_bf16_inputs_us": round(bf16, 1), "torch_us": round(torchs, 1)})
             print(out[-1], flush=True)
     return out
 
@@ -131,16 +133,19 @@ def main() -> None:
     lines = [f"# Troupe's int4 kernel against torch's (1 thread; load average {os.getloadavg()[0]:.2f} "
              "at the end)", "",
              "Kernel alone, SmolLM2's int4 shapes (fastest of 5 x 300 calls):", "",
-             "| shape | rows | Troupe us | torch us | torch / Troupe |", "|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['rows']} | {r['troupe_us']} | {r['torch_us']} "
+             f"| shape | rows | Troupe ({int4_kernel.inputs()} inputs) us | Troupe (bf16 inputs) us "
+             "| torch us | torch / Troupe |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['rows']} | {r['troupe_us']} | {r['troupe_bf16_inputs_us']} | {r['torch_us']} "
               f"| {r['torch_us'] / r['troupe_us']:.2f}x |" for r in shapes]
     for rows in args.rows:
         ours = sum(r["troupe_us"] for r in shapes if r["rows"] == rows)
+        bf16 = sum(r["troupe_bf16_inputs_us"] for r in shapes if r["rows"] == rows)
         torchs = sum(r["torch_us"] for r in shapes if r["rows"] == rows)
-        lines.append(f"| one layer's four | {rows} | {ours:.1f} | {torchs:.1f} | {torchs / ours:.2f}x |")
+        lines.append(f"| one layer's four | {rows} | {ours:.1f} | {bf16:.1f} | {torchs:.1f} | {torchs / ours:.2f}x |")
     lines += ["", f"Decode steps of the bundled SmolLM2 (weights auto; {args.rounds} rounds x 36 steps "
               "per kernel and batch; medians):", "",
-              "| batch | Troupe ms/step | torch ms/step | torch / Troupe | greedy next tokens agreeing |",
+              f"| batch | Troupe ({int4_kernel.inputs()} inputs) ms/step | torch ms/step | torch / Troupe "
+              "| greedy next tokens agreeing |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['troupe_median_ms']} | {r['torch_median_ms']} "
               f"| {r['torch_median_ms'] / r['troupe_median_ms']:.2f}x | {r['greedy_agreement']:.1%} |"

@@ -15,7 +15,9 @@ multiplies with ``vpdpbusd`` (64 an instruction, exact int32 sums). Three parts,
 
     python -m bench.w4a8_probe
 
-Writes ``bench/results/<timestamp>-w4a8-probe.{md,json}``. Not used by the engine.
+Writes ``bench/results/<timestamp>-w4a8-probe.{md,json}``. The engine's kernel now takes
+int8 inputs this way by default (``int4_kernel.c``'s ``troupe_int4_mm_a8``, on the engine's
+own layout); the probe compares its own layout's kernel with the engine's bf16 inputs.
 """
 
 from __future__ import annotations
@@ -137,11 +139,11 @@ def kernels(w4a8: W4A8) -> list[dict[str, Any]]:
         alone = torch.cat([w4a8(x[i:i + 1], words, scales) for i in range(len(x))])
         errors = {name: round(float((fn(x, words, scales).double() - exact).abs().mean()
                                     / exact.abs().mean()), 5)
-                  for name, fn in (("bf16", int4_kernel.matmul), ("w4a8", w4a8))}
+                  for name, fn in (("bf16", partial(int4_kernel.matmul, kind="bf16")), ("w4a8", w4a8))}
         for rows in ROWS:
             xr = x[:rows].contiguous()
             row = {"shape": f"{n}x{k}", "rows": rows,
-                   "bf16_us": round(_fastest(partial(int4_kernel.matmul, xr, words, scales)), 1),
+                   "bf16_us": round(_fastest(partial(int4_kernel.matmul, xr, words, scales, "bf16")), 1),
                    "w4a8_us": round(_fastest(partial(w4a8, xr, words, scales)), 1),
                    "w4a8_rows_as_alone": torch.equal(w4a8(xr, words, scales), alone[:rows]),
                    "relative_error_bf16": errors["bf16"], "relative_error_w4a8": errors["w4a8"]}
@@ -237,7 +239,7 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        both = {"bf16": engine_kernel, "w4a8": w4a8}
+        both = {"bf16": partial(engine_kernel, kind="bf16"), "w4a8": w4a8}
         try:
             report["steps"] = steps(model, both, args.batches, args.rounds)
             report["quality"] = quality(model, tokenizer, both)

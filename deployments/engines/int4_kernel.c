@@ -18,6 +18,7 @@
              in its nibble n the value q[16 b + l][32 g + 8 u + 2 n + c].
      scales: [N/16][K/32][2][16] bf16: the block's 16 scales, then its 16 zeros. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -137,5 +138,139 @@ int troupe_int4_mm(const uint16_t *words, const uint16_t *scales, const uint16_t
         r += rows;
     }
     free(xsum);
+    return 0;
+}
+
+/* ---- int8 inputs (the default: troupe_int4_mm_a8) ----
+
+   Each row's inputs are rounded to int8 per group of 32, as llama.cpp does for its 4-bit
+   formats (step = the group's largest magnitude / 127, round half to even), and
+   vpdpbusd multiplies the 4-bit values by them, 64 products an instruction, summed
+   exactly in int32. Per group and row:
+
+       y += step * (scale * sum_k q * xq + (zero - 8 scale) * sum_k xq)
+
+   The same words as above: in the dword of lane l of a quarter, the low nibbles of its
+   bytes hold q at k = 0, 4, 1, 5 of the quarter's 8 and the high nibbles k = 2, 6, 3, 7,
+   so each row's int8 inputs are stored in that order (:c:func:`quantize_rows`). A row's
+   float operations are the same whatever the other rows and the thread count. */
+
+static const int QUARTER_ORDER[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+/* xq: [R][K] int8 in QUARTER_ORDER within each 8; steps, qsums: [R][G]. */
+static void quantize_rows(const uint16_t *x, long R, long K, int8_t *xq, float *steps, float *qsums) {
+    const long G = K / 32;
+    for (long r = 0; r < R; r++)
+        for (long g = 0; g < G; g++) {
+            const uint16_t *xg = x + r * K + g * 32;
+            float amax = 0.0f;
+            for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(bf16_value(xg[k])));
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int sum = 0;
+            for (int k = 0; k < 32; k++) {
+                int v = (int)nearbyintf(bf16_value(xg[(k & ~7) + QUARTER_ORDER[k & 7]]) * inv);
+                v = v > 127 ? 127 : v < -127 ? -127 : v;
+                xq[r * K + g * 32 + k] = (int8_t)v;
+                sum += v;
+            }
+            steps[r * G + g] = amax / 127.0f;
+            qsums[r * G + g] = (float)sum;
+        }
+}
+
+#define TILE_A8(NB, NR)                                                                       \
+static void tile_a8_##NB##_##NR(const uint16_t *words, const uint16_t *scales, const int8_t *xq, \
+                                const float *steps, const float *qsums, long K, uint16_t *y,   \
+                                long N, long blk0) {                                           \
+    const long G = K / 32;                                                                     \
+    const __m512i nibble = _mm512_set1_epi8(0x0F);                                             \
+    const __m512 minus8 = _mm512_set1_ps(-8.0f);                                               \
+    __m512 acc[NB][NR];                                                                        \
+    for (int b = 0; b < NB; b++)                                                               \
+        for (int r = 0; r < NR; r++) acc[b][r] = _mm512_setzero_ps();                          \
+    for (long g = 0; g < G; g++) {                                                             \
+        __m512i isum[NB][NR];                                                                  \
+        for (int b = 0; b < NB; b++)                                                           \
+            for (int r = 0; r < NR; r++) isum[b][r] = _mm512_setzero_si512();                  \
+        for (int u = 0; u < 4; u++) {                                                          \
+            __m512i xlo[NR], xhi[NR];                                                          \
+            for (int r = 0; r < NR; r++) {                                                     \
+                int32_t lo, hi;                                                                \
+                memcpy(&lo, xq + r * K + g * 32 + 8 * u, 4);                                   \
+                memcpy(&hi, xq + r * K + g * 32 + 8 * u + 4, 4);                               \
+                xlo[r] = _mm512_set1_epi32(lo);                                                \
+                xhi[r] = _mm512_set1_epi32(hi);                                                \
+            }                                                                                  \
+            for (int b = 0; b < NB; b++) {                                                     \
+                __m512i raw = _mm512_loadu_si512(                                             \
+                    (const void *)(words + (((blk0 + b) * G + g) * 4 + u) * 32));              \
+                __m512i lo = _mm512_and_si512(raw, nibble);                                    \
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);              \
+                for (int r = 0; r < NR; r++) {                                                 \
+                    isum[b][r] = _mm512_dpbusd_epi32(isum[b][r], lo, xlo[r]);                  \
+                    isum[b][r] = _mm512_dpbusd_epi32(isum[b][r], hi, xhi[r]);                  \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int b = 0; b < NB; b++) {                                                         \
+            const uint16_t *sz = scales + ((blk0 + b) * G + g) * 32;                           \
+            __m512 scale = bf16x16(sz), shifted = _mm512_fmadd_ps(minus8, scale, bf16x16(sz + 16)); \
+            for (int r = 0; r < NR; r++) {                                                     \
+                __m512 t = _mm512_fmadd_ps(shifted, _mm512_set1_ps(qsums[r * G + g]),          \
+                                           _mm512_mul_ps(scale, _mm512_cvtepi32_ps(isum[b][r]))); \
+                acc[b][r] = _mm512_fmadd_ps(_mm512_set1_ps(steps[r * G + g]), t, acc[b][r]);   \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    for (int b = 0; b < NB; b++)                                                               \
+        for (int r = 0; r < NR; r++)                                                           \
+            _mm256_storeu_si256((__m256i *)(y + r * N + (blk0 + b) * 16),                      \
+                                (__m256i)_mm512_cvtneps_pbh(acc[b][r]));                       \
+}
+
+TILE_A8(4, 1)
+TILE_A8(1, 1)
+TILE_A8(2, 2)
+TILE_A8(1, 2)
+TILE_A8(1, 4)
+TILE_A8(1, 8)
+
+static void blocks_a8(const uint16_t *words, const uint16_t *scales, const int8_t *xq, const float *steps,
+                      const float *qsums, long K, uint16_t *y, long N, long first, long count, int rows) {
+    long b = first, end = first + count;
+    while (b < end) {
+        if (rows == 8) { tile_a8_1_8(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (rows == 4) { tile_a8_1_4(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (rows == 2 && b + 2 <= end) { tile_a8_2_2(words, scales, xq, steps, qsums, K, y, N, b); b += 2; }
+        else if (rows == 2) { tile_a8_1_2(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (b + 4 <= end) { tile_a8_4_1(words, scales, xq, steps, qsums, K, y, N, b); b += 4; }
+        else { tile_a8_1_1(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+    }
+}
+
+/* As troupe_int4_mm, with each row's inputs rounded to int8 per group of 32. */
+int troupe_int4_mm_a8(const uint16_t *words, const uint16_t *scales, const uint16_t *x, long R,
+                      long K, long N, uint16_t *y, int threads) {
+    const long G = K / 32, nblk = N / 16, chunks = (nblk + 3) / 4;
+    int8_t *xq = malloc((size_t)(R * K > 0 ? R * K : 1));
+    float *steps = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
+    float *qsums = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
+    if (xq == NULL || steps == NULL || qsums == NULL) {
+        free(xq); free(steps); free(qsums);
+        return -1;
+    }
+    quantize_rows(x, R, K, xq, steps, qsums);
+    for (long r = 0; r < R;) {
+        long left = R - r;
+        int rows = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (long c = 0; c < chunks; c++) {
+            long first = c * 4;
+            blocks_a8(words, scales, xq + r * K, steps + r * G, qsums + r * G, K, y + r * N, N, first,
+                      nblk - first < 4 ? nblk - first : 4, rows);
+        }
+        r += rows;
+    }
+    free(xq); free(steps); free(qsums);
     return 0;
 }

@@ -2,20 +2,30 @@
 
 torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) reads the bundled SmolLM2's
 weights at about 6-9 GB/s for one row, below what one core reads from cache: it spends its
-time unpacking, and a one-token decode step spends about 40% of its time in it. This kernel
-turns a 4-bit value into a bf16 number with two vector instructions and multiplies with
-AVX-512 BF16's ``vdpbf16ps`` (exact products, float32 sums), and reads each weight block
-once for up to 8 rows. Measurements: ``bench/README.md``.
+time unpacking, and a one-token decode step spends about 40% of its time in it. This
+kernel has two ways to multiply, over one packed layout (:func:`pack`), each reading a
+weight block once for up to 8 rows:
 
-Each row's result is computed by the same instructions in the same order whatever the
-other rows and the thread count, so batching changes no output. Its rounding differs from
-torch's kernel (another summation order); both are float32 sums of the same exact products.
+- ``int8`` inputs (the default): each row's inputs are rounded to int8 per group of 32 (the
+  group's largest magnitude / 127), as llama.cpp does for its 4-bit formats, and AVX-512
+  VNNI's ``vpdpbusd`` multiplies them by the 4-bit values, 64 products an instruction,
+  summed exactly in int32. On SmolLM2 the mean next-token loss over a fixed text is the
+  same as with bf16 inputs (``bench/w4a8_probe.py``), and a batch of 8 rows costs a half to
+  a third of what bf16 inputs cost it;
+- ``bf16`` inputs (``TROUPE_INT4_KERNEL=bf16``): each 4-bit value becomes a bf16 number
+  with two vector instructions and AVX-512 BF16's ``vdpbf16ps`` multiplies (exact
+  products, float32 sums): no rounding but the sums', bound by ``vdpbf16ps`` (32 products
+  an instruction) once there are a few rows. Measurements: ``bench/README.md``.
+
+Either way each row's result is computed by the same instructions in the same order
+whatever the other rows and the thread count, so batching changes no output. Both round
+differently from torch's kernel.
 
 The C file is compiled with the machine's C compiler (``$CC``, else ``cc``) the first time a
 process needs it, into ``~/.cache/troupe/kernels`` (named by the source's and flags' hash;
 a second process finds it there), in about half a second. Without a compiler, on a CPU
-without AVX-512 BF16, or with ``TROUPE_INT4_KERNEL=torch``, :func:`load` returns None and
-the engine uses torch's kernel (one warning in the log says why).
+without AVX-512 BF16 and VNNI, or with ``TROUPE_INT4_KERNEL=torch``, :func:`load` returns
+None and the engine uses torch's kernel (one warning in the log says why).
 """
 
 from __future__ import annotations
@@ -29,28 +39,39 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["load", "pack", "matmul", "FLAGS", "REQUIRED_CPU_FLAGS"]
+__all__ = ["load", "pack", "matmul", "inputs", "FLAGS", "REQUIRED_CPU_FLAGS"]
 
 logger = logging.getLogger("troupe.engine.int4")
 
 SOURCE = Path(__file__).with_name("int4_kernel.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
-         "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
+         "-fopenmp", "-shared", "-fPIC")
 #: /proc/cpuinfo flags the compiled code needs.
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "fma")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "fma")
+#: The C function of each kind of inputs.
+FUNCTIONS = {"int8": "troupe_int4_mm_a8", "bf16": "troupe_int4_mm"}
 
 _lock = threading.Lock()
 _loaded: Optional[ctypes.CDLL] = None
 _tried = False
+#: The loaded kernel's function for :func:`inputs` (set with ``_loaded``).
+_default: Any = None
+
+
+def inputs() -> str:
+    """How the kernel takes its inputs: ``TROUPE_INT4_KERNEL`` (``int8``, the default, or
+    ``bf16``; ``torch`` turns the kernel off)."""
+    chosen = os.environ.get("TROUPE_INT4_KERNEL", "").lower() or "int8"
+    return chosen if chosen in FUNCTIONS else "int8"
 
 
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None where it cannot run here (see the module docstring)."""
-    global _loaded, _tried
+    global _loaded, _tried, _default
     if _tried:
         return _loaded
     with _lock:
@@ -60,13 +81,17 @@ def load() -> Optional[ctypes.CDLL]:
             except Exception as exc:  # a failed build is a slower kernel, never a failed model
                 logger.warning("int4 kernel not built (%s): using torch's int4 kernel", exc)
                 _loaded = None
+            _default = None if _loaded is None else getattr(_loaded, FUNCTIONS[inputs()])
             _tried = True
     return _loaded
 
 
 def _build() -> Optional[ctypes.CDLL]:
-    if os.environ.get("TROUPE_INT4_KERNEL", "").lower() == "torch":
+    chosen = os.environ.get("TROUPE_INT4_KERNEL", "").lower()
+    if chosen == "torch":
         return None
+    if chosen not in ("", *FUNCTIONS):
+        logger.warning("TROUPE_INT4_KERNEL=%s is not one of int8, bf16, torch: using int8", chosen)
     missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
     if missing:
         logger.info("int4 kernel off: this CPU lacks %s; using torch's int4 kernel", ", ".join(missing))
@@ -87,8 +112,10 @@ def _build() -> Optional[ctypes.CDLL]:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
             os.replace(built, target)  # atomic: a concurrent build's file is the same
     lib = ctypes.CDLL(str(target))
-    lib.troupe_int4_mm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int]
-    lib.troupe_int4_mm.restype = ctypes.c_int
+    for name in FUNCTIONS.values():
+        function = getattr(lib, name)
+        function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int]
+        function.restype = ctypes.c_int
     return lib
 
 
@@ -117,16 +144,19 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torc
     return words, scales.permute(1, 3, 0, 2).contiguous()
 
 
-def matmul(flat: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``flat`` [rows, K] (bf16) times the packed weights: [rows, N] bf16."""
+def matmul(flat: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
+           kind: Optional[str] = None) -> torch.Tensor:
+    """``flat`` [rows, K] (bf16) times the packed weights: [rows, N] bf16. ``kind``: the
+    inputs' (``int8`` or ``bf16``); default :func:`inputs`, read when the kernel loaded."""
     lib = load()
     assert lib is not None, "int4 kernel not loaded"
+    function = _default if kind is None else getattr(lib, FUNCTIONS[kind])
     if not flat.is_contiguous():
         flat = flat.contiguous()
     rows, k = flat.shape
     n = words.shape[0] * 16
     out = torch.empty(rows, n, dtype=torch.bfloat16)
-    if lib.troupe_int4_mm(words.data_ptr(), scales.data_ptr(), flat.data_ptr(), rows, k, n,
-                          out.data_ptr(), torch.get_num_threads()) != 0:
+    if function(words.data_ptr(), scales.data_ptr(), flat.data_ptr(), rows, k, n,
+                out.data_ptr(), torch.get_num_threads()) != 0:
         raise MemoryError("int4 kernel: out of memory")
     return out

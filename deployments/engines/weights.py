@@ -8,14 +8,16 @@ on CPU); nothing else is quantized. Unlike torch's dynamic quantization, activat
 not quantized per batch, so a row's result does not depend on which other rows share the
 batch: batching changes no output. Measurements: ``bench/text_engine_speed.py``.
 
-``auto`` reads half those bytes where it loses nothing: a layer whose float32 weights sit
-exactly on a 4-bit grid (every group of 32 input channels ``low + step * q``, q in 0..15:
-what a Q4_1 GGUF such as the bundled SmolLM2's de-quantizes to) is held as those 4-bit
-values (:class:`Int4WeightLinear`: Troupe's own int4 kernel, ``int4_kernel``, on CPUs with
-AVX-512 BF16, else torch's CPU int4 weight-only kernel; scale and offset rounded to bf16),
-every other layer as int8. On the bundled model that is every layer but
-the output head, and it is both faster and closer to float32 than int8 everywhere
-(``bench/README.md``).
+``auto`` reads half those bytes where the weights lose nothing: a layer whose float32
+weights sit exactly on a 4-bit grid (every group of 32 input channels ``low + step * q``, q
+in 0..15: what a Q4_1 GGUF such as the bundled SmolLM2's de-quantizes to) is held as those
+4-bit values (:class:`Int4WeightLinear`; scale and offset rounded to bf16), every other
+layer as int8. On the bundled model that is every layer but the output head. Its decode
+rows go through Troupe's own int4 kernel (``int4_kernel``) on CPUs with AVX-512 BF16 and
+VNNI, which by default rounds each row's inputs to int8 per group of 32 as llama.cpp does
+for these formats (the same mean next-token loss on SmolLM2, a half to a third of the cost
+for a batch of 8; ``TROUPE_INT4_KERNEL=bf16`` keeps bf16 inputs), else through torch's CPU
+int4 weight-only kernel (bf16 inputs). Measurements: ``bench/README.md``.
 
 That kernel is the fastest for a few rows (decoding) but slow for many: a prompt's tokens
 go through a bf16 copy of the same de-quantized weights instead (oneDNN's bf16 matmul,
@@ -204,7 +206,8 @@ class Int4WeightLinear(QuantizedLinear):
     go through Troupe's int4 kernel (``int4_kernel``) where it builds and runs, else
     torch's (``_weight_int4pack_mm_for_cpu``); each buffer is in its kernel's layout. Built
     only from weights already on that grid (:func:`four_bit_grid`), so the only change
-    from them is the scale and offset rounded to bf16."""
+    to them is the scale and offset rounded to bf16 (Troupe's kernel rounds the decode
+    rows' inputs by default; see ``int4_kernel``)."""
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor

@@ -1,6 +1,8 @@
 """Troupe's int4 kernel (``deployments/engines/int4_kernel.c``), compiled on this machine:
-as close to the exact product as torch's int4 kernel, each row's result the same in any
-batch and on any thread count, and torch's kernel wherever it cannot be built."""
+with int8 inputs (the default) the exact product of the inputs it rounded, with bf16
+inputs as close to the exact product as torch's int4 kernel; each row's result the same in
+any batch and on any thread count either way, and torch's kernel wherever it cannot be
+built."""
 
 from __future__ import annotations
 
@@ -35,9 +37,38 @@ def exact(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     return x.double() @ w.reshape(n, k).T
 
 
+def rounded_inputs(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the int8 kernel takes it: per group of 32, int8 steps of the group's largest
+    magnitude / 127, rounded half to even (float32 arithmetic, as the C code's)."""
+    groups = x.float().reshape(x.shape[0], -1, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    q = torch.round(groups * inv).clamp(-127, 127)
+    return (q.double() * (amax / 127).double()).reshape(x.shape)
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_the_exact_product_as_closely_as_torchs_kernel(shape):
+def test_int8_inputs_give_the_exact_product_of_the_rounded_inputs(shape):
+    n, k = shape
+    q, scale, zero = grid(n, k, seed=n + k)
+    words, scales = int4_kernel.pack(q, scale, zero)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x[3, :32] = 0  # a group of zeros: step 0
+    ours = int4_kernel.matmul(x, words, scales, "int8").double()
+    reference = rounded_inputs(x) @ exact(torch.eye(k, dtype=torch.float64), q, scale, zero)
+    # The int32 sums are exact; then a few float32 operations per group and one bf16
+    # rounding: within one bf16 step of the product of what it rounded the inputs to.
+    assert ((ours - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
+    assert (ours - reference).abs().mean() <= reference.abs().mean() * 2 ** -8
+    # and the inputs' rounding costs about half a percent of the exact product
+    unrounded = exact(x, q, scale, zero)
+    assert (ours - unrounded).abs().mean() <= unrounded.abs().mean() * 0.01
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_inputs_match_the_exact_product_as_closely_as_torchs_kernel(shape):
     n, k = shape
     q, scale, zero = grid(n, k, seed=n + k)
     words, scales = int4_kernel.pack(q, scale, zero)
@@ -45,7 +76,7 @@ def test_matches_the_exact_product_as_closely_as_torchs_kernel(shape):
     scales_zeros = torch.stack((scale, zero), -1).transpose(0, 1).contiguous()
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)).bfloat16()
     reference = exact(x, q, scale, zero)
-    ours = int4_kernel.matmul(x, words, scales).double()
+    ours = int4_kernel.matmul(x, words, scales, "bf16").double()
     torchs = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_zeros).double()
     # Both round a float32 sum to bf16: within one bf16 step (2**-8 relative) of the exact
     # product, and no further from it than torch's kernel on average.
@@ -54,21 +85,26 @@ def test_matches_the_exact_product_as_closely_as_torchs_kernel(shape):
 
 
 @needs_kernel
-def test_each_row_gets_what_it_gets_alone_in_any_batch_and_on_any_thread_count():
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_each_row_gets_what_it_gets_alone_in_any_batch_and_on_any_thread_count(kind):
     q, scale, zero = grid(960, 576, seed=5)
     words, scales = int4_kernel.pack(q, scale, zero)
     x = torch.randn(19, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
     threads = torch.get_num_threads()
+
+    def mm(rows: torch.Tensor) -> torch.Tensor:
+        return int4_kernel.matmul(rows, words, scales, kind)
+
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([int4_kernel.matmul(x[i:i + 1], words, scales) for i in range(19)])
+        alone = torch.cat([mm(x[i:i + 1]) for i in range(19)])
         for rows in (2, 3, 4, 5, 8, 9, 16, 19):  # every way the kernel takes rows: 8, 4, 2, 1
-            assert torch.equal(int4_kernel.matmul(x[:rows], words, scales), alone[:rows]), rows
+            assert torch.equal(mm(x[:rows]), alone[:rows]), rows
         # the same rows behind another row, and from a non-contiguous view
-        assert torch.equal(int4_kernel.matmul(torch.cat((x[:1], x[5:12])), words, scales)[1:], alone[5:12])
-        assert torch.equal(int4_kernel.matmul(x[::2], words, scales), alone[::2])
+        assert torch.equal(mm(torch.cat((x[:1], x[5:12])))[1:], alone[5:12])
+        assert torch.equal(mm(x[::2]), alone[::2])
         torch.set_num_threads(2)
-        assert torch.equal(int4_kernel.matmul(x, words, scales), alone)
+        assert torch.equal(mm(x), alone)
     finally:
         torch.set_num_threads(threads)
 
@@ -99,6 +135,7 @@ def fresh_kernel_state(monkeypatch, tmp_path):
     """A process that has not tried to build the kernel yet, with an empty cache."""
     monkeypatch.setattr(int4_kernel, "_tried", False)
     monkeypatch.setattr(int4_kernel, "_loaded", None)
+    monkeypatch.setattr(int4_kernel, "_default", None)
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
 
@@ -138,6 +175,21 @@ def test_a_cpu_without_avx512_bf16_keeps_torchs_kernel(fresh_kernel_state, monke
     monkeypatch.delenv("TROUPE_INT4_KERNEL", raising=False)
     monkeypatch.setattr(int4_kernel, "_cpu_flags", lambda: {"avx2", "fma"})
     assert int4_kernel.load() is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("setting", ["", "int8", "bf16", "nonsense"])
+def test_troupe_int4_kernel_picks_the_inputs(fresh_kernel_state, monkeypatch, setting):
+    monkeypatch.setenv("TROUPE_INT4_KERNEL", setting)
+    assert int4_kernel.load() is not None
+    kind = "bf16" if setting == "bf16" else "int8"
+    assert int4_kernel.inputs() == kind
+    q, scale, zero = grid(48, 96, seed=3)
+    words, scales = int4_kernel.pack(q, scale, zero)
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)).bfloat16()
+    assert torch.equal(int4_kernel.matmul(x, words, scales), int4_kernel.matmul(x, words, scales, kind))
+    other = "int8" if kind == "bf16" else "bf16"
+    assert not torch.equal(int4_kernel.matmul(x, words, scales), int4_kernel.matmul(x, words, scales, other))
 
 
 @needs_kernel
