@@ -6,9 +6,11 @@ Two parts, each interleaving the two kernels so the machine's load swings hit bo
    random 4-bit weights, 1 to 16 rows: the fastest of 5 timings of 300 calls each (Troupe's
    with the inputs ``TROUPE_INT4_KERNEL`` picks, int8 by default, and with bf16 inputs);
 2. decode steps of the bundled SmolLM2 (weights ``auto``: int4 layers, int8 head) through
-   ``ragged.RaggedModel``, once loaded with each kernel: every round starts fresh
-   sequences (30-token prompts) and alternates runs of 6 steps; the median step time per
-   batch size, and how often the two models' greedy next tokens agree.
+   ``ragged.RaggedModel``, loaded three times (``SETTINGS``: Troupe's kernels with int8
+   inputs, with bf16 inputs, torch's): every round starts fresh sequences (30-token
+   prompts) and alternates runs of 6 steps; the median step time per batch size, how often
+   each model's greedy next tokens are torch's, and each model's mean next-token loss over
+   README.md's first 1,024 tokens.
 
     python -m bench.int4_kernel_bench --rounds 5
 
@@ -74,31 +76,42 @@ def kernels(rows: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def _load(own: bool) -> Any:
-    """The bundled model with int4 layers on Troupe's kernel (``own``) or torch's."""
-    int4_kernel._tried, int4_kernel._loaded = False, None
-    if not own:
-        int4_kernel._tried = True  # as where the kernel cannot be built
-    model = load_causal_lm(resolve_model_dir(TransformersEngineConfig()), "auto")
-    int4_kernel._tried, int4_kernel._loaded = False, None
-    return model
+#: The kernels compared: Troupe's with int8 inputs (its int8 head too), with bf16 inputs
+#: (torch's int8 head), and torch's alone (``TROUPE_INT4_KERNEL`` at load).
+SETTINGS = {"troupe": "int8", "troupe-bf16": "bf16", "torch": "torch"}
 
 
-def steps(batches: list[int], rounds: int) -> list[dict[str, Any]]:
-    models = {"troupe": ragged.RaggedModel(_load(True)), "torch": ragged.RaggedModel(_load(False))}
+def _load(setting: str) -> Any:
+    """The bundled model loaded with ``TROUPE_INT4_KERNEL=setting``."""
+    before = os.environ.get("TROUPE_INT4_KERNEL")
+    os.environ["TROUPE_INT4_KERNEL"] = setting
+    int4_kernel._tried, int4_kernel._loaded = False, None
+    try:
+        return load_causal_lm(resolve_model_dir(TransformersEngineConfig()), "auto")
+    finally:
+        if before is None:
+            del os.environ["TROUPE_INT4_KERNEL"]
+        else:
+            os.environ["TROUPE_INT4_KERNEL"] = before
+        int4_kernel._tried, int4_kernel._loaded = False, None
+
+
+def steps(models: dict[str, Any], batches: list[int], rounds: int) -> list[dict[str, Any]]:
+    steppers = {name: ragged.RaggedModel(model) for name, model in models.items()}
     assert int4_kernel.load() is not None, "the kernel does not build here"
     out = []
     for batch in batches:
-        times: dict[str, list[float]] = {name: [] for name in models}
-        agree = total = 0
+        times: dict[str, list[float]] = {name: [] for name in steppers}
+        agree = {name: 0 for name in steppers}
+        total = 0
         for _ in range(rounds):
             states = {}
-            for name, stepper in models.items():
+            for name, stepper in steppers.items():
                 kvs = [stepper.new_kv() for _ in range(batch)]
                 logits = stepper.step(kvs, [[1 + (i * 7 + j) % 500 for j in range(30)] for i in range(batch)])
                 states[name] = [kvs, logits.argmax(-1).tolist(), []]
             for _ in range(6):
-                for name, stepper in models.items():
+                for name, stepper in steppers.items():
                     kvs, tokens, seen = states[name]
                     for _ in range(6):
                         t0 = time.perf_counter()
@@ -107,15 +120,37 @@ def steps(batches: list[int], rounds: int) -> list[dict[str, Any]]:
                         times[name].append(time.perf_counter() - t0)
                         seen.append(tokens)
                     states[name][1] = tokens
-            for a, b in zip(states["troupe"][2], states["torch"][2], strict=True):
-                agree += sum(x == y for x, y in zip(a, b, strict=True))
-                total += len(a)
+            for name in steppers:
+                for a, b in zip(states[name][2], states["torch"][2], strict=True):
+                    agree[name] += sum(x == y for x, y in zip(a, b, strict=True))
+            total += sum(len(a) for a in states["torch"][2])
         row: dict[str, Any] = {"batch": batch, "steps": len(times["troupe"])}
         for name, ts in times.items():
             row[f"{name}_median_ms"] = round(1000 * statistics.median(ts), 2)
-        row["greedy_agreement"] = round(agree / total, 3)
+            row[f"{name}_greedy_agreement_with_torch"] = round(agree[name] / total, 3)
         out.append(row)
         print(row, flush=True)
+    return out
+
+
+def losses(models: dict[str, Any]) -> dict[str, float]:
+    """Mean next-token loss over README.md's first 1,024 tokens in windows of 256, every
+    row through the decode kernels (a plain forward marks no prompt rows)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(TransformersEngineConfig())),
+                                              local_files_only=True)
+    ids = tokenizer((Path(__file__).parent.parent / "README.md").read_text(), return_tensors="pt").input_ids[0]
+    out = {}
+    for name, model in models.items():
+        values = []
+        with torch.inference_mode():
+            for start in range(0, 1024, 256):
+                window = ids[start:start + 256][None]
+                logits = model(input_ids=window).logits[0, :-1].float()
+                values.append(torch.nn.functional.cross_entropy(logits, window[0, 1:]).item())
+        out[name] = round(statistics.mean(values), 4)
+    print(out, flush=True)
     return out
 
 
@@ -129,7 +164,9 @@ def main() -> None:
     if int4_kernel.load() is None:
         raise SystemExit("Troupe's int4 kernel does not build or run here (see the log)")
     shapes = kernels(args.rows)
-    decode = steps(args.batches, args.rounds)
+    models = {name: _load(setting) for name, setting in SETTINGS.items()}
+    decode = steps(models, args.batches, args.rounds)
+    loss = losses(models)
     lines = [f"# Troupe's int4 kernel against torch's (1 thread; load average {os.getloadavg()[0]:.2f} "
              "at the end)", "",
              "Kernel alone, SmolLM2's int4 shapes (fastest of 5 x 300 calls):", "",
@@ -143,18 +180,21 @@ def main() -> None:
         torchs = sum(r["torch_us"] for r in shapes if r["rows"] == rows)
         lines.append(f"| one layer's four | {rows} | {ours:.1f} | {bf16:.1f} | {torchs:.1f} | {torchs / ours:.2f}x |")
     lines += ["", f"Decode steps of the bundled SmolLM2 (weights auto; {args.rounds} rounds x 36 steps "
-              "per kernel and batch; medians):", "",
-              f"| batch | Troupe ({int4_kernel.inputs()} inputs) ms/step | torch ms/step | torch / Troupe "
-              "| greedy next tokens agreeing |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['troupe_median_ms']} | {r['torch_median_ms']} "
-              f"| {r['torch_median_ms'] / r['troupe_median_ms']:.2f}x | {r['greedy_agreement']:.1%} |"
+              "per model and batch; medians; troupe: int8 inputs, its own int8 head; troupe-bf16: bf16 "
+              "inputs, torch's int8 head; torch: torch's kernels):", "",
+              "| batch | troupe ms/step | troupe-bf16 ms/step | torch ms/step | torch / troupe "
+              "| greedy next tokens as torch's (troupe, troupe-bf16) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['troupe_median_ms']} | {r['troupe-bf16_median_ms']} | {r['torch_median_ms']} "
+              f"| {r['torch_median_ms'] / r['troupe_median_ms']:.2f}x "
+              f"| {r['troupe_greedy_agreement_with_torch']:.1%}, {r['troupe-bf16_greedy_agreement_with_torch']:.1%} |"
               for r in decode]
+    lines += ["", "Mean next-token loss over README.md's first 1,024 tokens (every row through the decode "
+              "kernels): " + ", ".join(f"{name} {value}" for name, value in loss.items())]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stamp}-int4-kernel.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{stamp}-int4-kernel.json").write_text(
-        json.dumps({"args": vars(args), "kernel": shapes, "decode": decode}, indent=2))
+        json.dumps({"args": vars(args), "kernel": shapes, "decode": decode, "loss": loss}, indent=2))
     print("\n".join(lines))
 
 

@@ -274,3 +274,102 @@ int troupe_int4_mm_a8(const uint16_t *words, const uint16_t *scales, const uint1
     free(xq); free(steps); free(qsums);
     return 0;
 }
+
+/* ---- int8 weights (one scale per output channel: the output head) with int8 inputs ----
+
+   y[r][j] = scale[j] * sum over groups g of step[r][g] * sum_k q[j][k] * xq[r][k]
+
+   The inputs are rounded as for the int4 layers (quantize_rows, QUARTER_ORDER within each
+   8). vpdpbusd multiplies unsigned by signed bytes, so the weights are stored as q + 128
+   and each group's sum takes 128 * sum_k xq back off (exact: integers below 2^24).
+
+   Layout (built by int4_kernel.pack_int8):
+     w:      [N/16][K/32][8][64] uint8; byte 4 l + i of (block b, group g, quad j) holds
+             q[16 b + l][32 g + 8 (j / 2) + QUARTER_ORDER[4 (j % 2) + i]] + 128.
+     scales: [N/16][16] bf16. */
+
+#define TILE_W8(NB, NR)                                                                       \
+static void tile_w8_##NB##_##NR(const uint8_t *w, const uint16_t *scales, const int8_t *xq,    \
+                                const float *steps, const float *qsums, long K, uint16_t *y,   \
+                                long N, long blk0) {                                           \
+    const long G = K / 32;                                                                     \
+    __m512 acc[NB][NR];                                                                        \
+    for (int b = 0; b < NB; b++)                                                               \
+        for (int r = 0; r < NR; r++) acc[b][r] = _mm512_setzero_ps();                          \
+    for (long g = 0; g < G; g++) {                                                             \
+        __m512i isum[NB][NR];                                                                  \
+        for (int b = 0; b < NB; b++)                                                           \
+            for (int r = 0; r < NR; r++) isum[b][r] = _mm512_setzero_si512();                  \
+        for (int j = 0; j < 8; j++) {                                                          \
+            __m512i xv[NR];                                                                    \
+            for (int r = 0; r < NR; r++) {                                                     \
+                int32_t quad;                                                                  \
+                memcpy(&quad, xq + r * K + g * 32 + 4 * j, 4);                                 \
+                xv[r] = _mm512_set1_epi32(quad);                                               \
+            }                                                                                  \
+            for (int b = 0; b < NB; b++) {                                                     \
+                __m512i raw = _mm512_loadu_si512((const void *)(w + (((blk0 + b) * G + g) * 8 + j) * 64)); \
+                for (int r = 0; r < NR; r++) isum[b][r] = _mm512_dpbusd_epi32(isum[b][r], raw, xv[r]); \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < NR; r++) {                                                         \
+            const __m512 step = _mm512_set1_ps(steps[r * G + g]);                              \
+            const __m512 offset = _mm512_set1_ps(128.0f * qsums[r * G + g]);                   \
+            for (int b = 0; b < NB; b++)                                                       \
+                acc[b][r] = _mm512_fmadd_ps(step, _mm512_sub_ps(_mm512_cvtepi32_ps(isum[b][r]), offset), acc[b][r]); \
+        }                                                                                      \
+    }                                                                                          \
+    for (int b = 0; b < NB; b++) {                                                             \
+        const __m512 scale = bf16x16(scales + (blk0 + b) * 16);                                \
+        for (int r = 0; r < NR; r++)                                                           \
+            _mm256_storeu_si256((__m256i *)(y + r * N + (blk0 + b) * 16),                      \
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[b][r], scale))); \
+    }                                                                                          \
+}
+
+TILE_W8(4, 1)
+TILE_W8(1, 1)
+TILE_W8(2, 2)
+TILE_W8(1, 2)
+TILE_W8(1, 4)
+TILE_W8(1, 8)
+
+static void blocks_w8(const uint8_t *w, const uint16_t *scales, const int8_t *xq, const float *steps,
+                      const float *qsums, long K, uint16_t *y, long N, long first, long count, int rows) {
+    long b = first, end = first + count;
+    while (b < end) {
+        if (rows == 8) { tile_w8_1_8(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (rows == 4) { tile_w8_1_4(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (rows == 2 && b + 2 <= end) { tile_w8_2_2(w, scales, xq, steps, qsums, K, y, N, b); b += 2; }
+        else if (rows == 2) { tile_w8_1_2(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (b + 4 <= end) { tile_w8_4_1(w, scales, xq, steps, qsums, K, y, N, b); b += 4; }
+        else { tile_w8_1_1(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+    }
+}
+
+/* x: [R][K] bf16, y: [R][N] bf16; K a multiple of 32, N of 16. */
+int troupe_int8_mm_a8(const uint8_t *w, const uint16_t *scales, const uint16_t *x, long R, long K,
+                      long N, uint16_t *y, int threads) {
+    const long G = K / 32, nblk = N / 16, chunks = (nblk + 3) / 4;
+    int8_t *xq = malloc((size_t)(R * K > 0 ? R * K : 1));
+    float *steps = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
+    float *qsums = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
+    if (xq == NULL || steps == NULL || qsums == NULL) {
+        free(xq); free(steps); free(qsums);
+        return -1;
+    }
+    quantize_rows(x, R, K, xq, steps, qsums);
+    for (long r = 0; r < R;) {
+        long left = R - r;
+        int rows = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (long c = 0; c < chunks; c++) {
+            long first = c * 4;
+            blocks_w8(w, scales, xq + r * K, steps + r * G, qsums + r * G, K, y + r * N, N, first,
+                      nblk - first < 4 ? nblk - first : 4, rows);
+        }
+        r += rows;
+    }
+    free(xq); free(steps); free(qsums);
+    return 0;
+}

@@ -1,4 +1,4 @@
-"""Troupe's int4 weight-only matmul for bf16 rows (``int4_kernel.c``), built on first use.
+"""Troupe's int4 (and int8) weight-only matmuls for bf16 rows (``int4_kernel.c``), built on first use.
 
 torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) reads the bundled SmolLM2's
 weights at about 6-9 GB/s for one row, below what one core reads from cache: it spends its
@@ -17,9 +17,13 @@ weight block once for up to 8 rows:
   products, float32 sums): no rounding but the sums', bound by ``vdpbf16ps`` (32 products
   an instruction) once there are a few rows. Measurements: ``bench/README.md``.
 
+With int8 inputs, int8 layers (one scale per output channel: the bundled model's output
+head) go through the same kind of kernel (:func:`matmul_int8`, :func:`pack_int8`); with
+bf16 inputs they stay on torch's int8 kernel.
+
 Either way each row's result is computed by the same instructions in the same order
-whatever the other rows and the thread count, so batching changes no output. Both round
-differently from torch's kernel.
+whatever the other rows and the thread count, so batching changes no output. All of them
+round differently from torch's kernels.
 
 The C file is compiled with the machine's C compiler (``$CC``, else ``cc``) the first time a
 process needs it, into ``~/.cache/troupe/kernels`` (named by the source's and flags' hash;
@@ -43,7 +47,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["load", "pack", "matmul", "inputs", "FLAGS", "REQUIRED_CPU_FLAGS"]
+__all__ = ["load", "pack", "matmul", "pack_int8", "matmul_int8", "inputs", "FLAGS", "REQUIRED_CPU_FLAGS"]
 
 logger = logging.getLogger("troupe.engine.int4")
 
@@ -112,7 +116,7 @@ def _build() -> Optional[ctypes.CDLL]:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
             os.replace(built, target)  # atomic: a concurrent build's file is the same
     lib = ctypes.CDLL(str(target))
-    for name in FUNCTIONS.values():
+    for name in (*FUNCTIONS.values(), "troupe_int8_mm_a8"):
         function = getattr(lib, name)
         function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_void_p, ctypes.c_int]
         function.restype = ctypes.c_int
@@ -144,13 +148,39 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torc
     return words, scales.permute(1, 3, 0, 2).contiguous()
 
 
+#: Where each 8 inputs of a group sit in the kernel's rounded inputs (``QUARTER_ORDER``).
+QUARTER_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 kernel's layouts (``troupe_int8_mm_a8``) of ``q`` int8 [N, K] (-127..127)
+    and its per-channel ``scale`` [N] (w = q * scale). N a multiple of 16, K of 32. Returns
+    uint8 [N/16, K/32, 8, 64] (q + 128) and bf16 [N/16, 16]: block-local, as :func:`pack`'s."""
+    n, k = q.shape
+    v = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n // 16, 16, k // 32, 4, 8)
+    v = v[..., list(QUARTER_ORDER)].reshape(n // 16, 16, k // 32, 8, 4)  # block, lane, group, quad, i
+    packed = v.permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 8, 64).contiguous()
+    return packed, scale.to(torch.bfloat16).reshape(n // 16, 16).contiguous()
+
+
+def matmul_int8(flat: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``flat`` [rows, K] (bf16) times int8 weights packed by :func:`pack_int8`, each row's
+    inputs rounded to int8 per group of 32 as for the int4 layers: [rows, N] bf16."""
+    lib = load()
+    assert lib is not None, "int4 kernel not loaded"
+    return _run(lib.troupe_int8_mm_a8, flat, weights, scales)
+
+
 def matmul(flat: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
            kind: Optional[str] = None) -> torch.Tensor:
     """``flat`` [rows, K] (bf16) times the packed weights: [rows, N] bf16. ``kind``: the
     inputs' (``int8`` or ``bf16``); default :func:`inputs`, read when the kernel loaded."""
     lib = load()
     assert lib is not None, "int4 kernel not loaded"
-    function = _default if kind is None else getattr(lib, FUNCTIONS[kind])
+    return _run(_default if kind is None else getattr(lib, FUNCTIONS[kind]), flat, words, scales)
+
+
+def _run(function: Any, flat: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if not flat.is_contiguous():
         flat = flat.contiguous()
     rows, k = flat.shape

@@ -2,24 +2,26 @@
 
 Decoding a small model on one CPU thread is bound by reading the weights once per step,
 so the fewer bytes per weight the faster each token. ``int8`` keeps each Linear layer's
-weight as int8 with one scale per output channel and multiplies with bf16 activations
-(``torch.ops.aten._weight_int8pack_mm``, the weight-only kernel torchao and gpt-fast use
-on CPU); nothing else is quantized. Unlike torch's dynamic quantization, activations are
-not quantized per batch, so a row's result does not depend on which other rows share the
+weight as int8 with one scale per output channel. Decode rows multiply with bf16
+activations in torch's weight-only kernel (``torch.ops.aten._weight_int8pack_mm``, the one
+torchao and gpt-fast use on CPU), or, where Troupe's own kernel runs with int8 inputs
+(see ``auto`` below), with each row's activations rounded to int8 per group of 32
+(``int4_kernel.matmul_int8``). Unlike torch's dynamic quantization, activations are never
+quantized per batch, so a row's result does not depend on which other rows share the
 batch: batching changes no output. Measurements: ``bench/text_engine_speed.py``.
 
 ``auto`` reads half those bytes where the weights lose nothing: a layer whose float32
 weights sit exactly on a 4-bit grid (every group of 32 input channels ``low + step * q``, q
 in 0..15: what a Q4_1 GGUF such as the bundled SmolLM2's de-quantizes to) is held as those
 4-bit values (:class:`Int4WeightLinear`; scale and offset rounded to bf16), every other
-layer as int8. On the bundled model that is every layer but the output head. Its decode
-rows go through Troupe's own int4 kernel (``int4_kernel``) on CPUs with AVX-512 BF16 and
-VNNI, which by default rounds each row's inputs to int8 per group of 32 as llama.cpp does
+layer as int8. On the bundled model that is every layer but the output head. Their decode
+rows go through Troupe's own kernels (``int4_kernel``) on CPUs with AVX-512 BF16 and
+VNNI, which by default round each row's inputs to int8 per group of 32 as llama.cpp does
 for these formats (the same mean next-token loss on SmolLM2, a half to a third of the cost
 for a batch of 8; ``TROUPE_INT4_KERNEL=bf16`` keeps bf16 inputs), else through torch's CPU
-int4 weight-only kernel (bf16 inputs). Measurements: ``bench/README.md``.
+weight-only kernels (bf16 inputs). Measurements: ``bench/README.md``.
 
-That kernel is the fastest for a few rows (decoding) but slow for many: a prompt's tokens
+These kernels are the fastest for a few rows (decoding) but slow for many: a prompt's tokens
 go through a bf16 copy of the same de-quantized weights instead (oneDNN's bf16 matmul,
 about 2.7x faster for 320 rows here; see ``bench/README.md``). Which rows are prompt rows
 is set per packed step (:func:`prompt_rows`) from each sequence's own chunk, never from its
@@ -139,23 +141,39 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8WeightLinear(QuantizedLinear):
-    """A Linear layer whose weight is int8 with a per-output-channel scale (no bias kept)."""
+    """A Linear layer whose weight is int8 with a per-output-channel scale (no bias kept).
+    Decode rows go through Troupe's int8 kernel (``int4_kernel.matmul_int8``: each row's
+    inputs rounded to int8 per group of 32, exact int32 sums) where the int4 kernel runs
+    with int8 inputs and the shape fits it, else through torch's weight-only int8 kernel
+    (bf16 inputs); each buffer is in its kernel's layout."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
+    #: Whether the weights are in Troupe's int8 kernel's layout, else torch's.
+    own_kernel: bool
 
     def __init__(self, linear: nn.Linear, act_dtype: torch.dtype) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale.to(act_dtype))
+        out_features, in_features = q.shape
+        self.own_kernel = (act_dtype == torch.bfloat16 and out_features % 16 == 0 and in_features % 32 == 0
+                           and int4_kernel.load() is not None and int4_kernel.inputs() == "int8")
+        if self.own_kernel:
+            packed, scales = int4_kernel.pack_int8(q, scale.to(act_dtype))
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scale", scales)
+        else:
+            self.register_buffer("qweight", q)
+            self.register_buffer("scale", scale.to(act_dtype))
         #: The same de-quantized weights in bf16, for prompt rows (many rows at once).
         self._keep(linear, q.float() * scale[:, None], act_dtype)
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times the int8 weights (the decode rows' kernel)."""
+        if self.own_kernel:
+            return int4_kernel.matmul_int8(flat, self.qweight, self.scale)
         return _int8_mm(flat, self.qweight, self.scale)
 
 
@@ -221,6 +239,8 @@ class Int4WeightLinear(QuantizedLinear):
         # Both kernels de-quantize (q - 8) * scale + zero, so zero is the group's middle.
         scale, zero = step.to(act_dtype), (low + 8 * step).to(act_dtype)
         self.own_kernel = act_dtype == torch.bfloat16 and int4_kernel.load() is not None
+        #: How Troupe's kernel takes this layer's inputs (``int4_kernel.inputs``), fixed here.
+        self.inputs = int4_kernel.inputs()
         if self.own_kernel:
             packed, scales_zeros = int4_kernel.pack(q, scale, zero)
         else:
@@ -235,7 +255,7 @@ class Int4WeightLinear(QuantizedLinear):
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times the int4 weights (the decode rows' kernel)."""
         if self.own_kernel:
-            return int4_kernel.matmul(flat, self.packed, self.scales_zeros)
+            return int4_kernel.matmul(flat, self.packed, self.scales_zeros, self.inputs)
         return _int4_mm(flat, self.packed, self.scales_zeros)
 
 
@@ -329,12 +349,13 @@ class FusedGroup:
     def __init__(self, members: list[QuantizedLinear]) -> None:
         self.lead = members[0]
         self.four_bit = isinstance(self.lead, Int4WeightLinear)
-        #: Troupe's int4 kernel: both buffers are in blocks of 16 output channels (dim 0).
-        self.own_kernel = self.four_bit and bool(getattr(self.lead, "own_kernel", False))
-        names = ("packed", "scales_zeros") if self.own_kernel else ("packed",) if self.four_bit \
-            else ("qweight", "scale")
+        #: Troupe's kernels: every buffer is in blocks of 16 output channels (dim 0).
+        self.own_kernel = bool(getattr(self.lead, "own_kernel", False))
+        self.inputs: str = getattr(self.lead, "inputs", "bf16")
+        names = ("packed", "scales_zeros") if self.four_bit and self.own_kernel else ("packed",) \
+            if self.four_bit else ("qweight", "scale")
         fused = {name: torch.cat([getattr(m, name) for m in members]).contiguous() for name in names}
-        if self.own_kernel:
+        if self.four_bit and self.own_kernel:
             self.packed, self.scales_zeros = fused["packed"], fused["scales_zeros"]
         elif self.four_bit:
             self.packed = fused["packed"]
@@ -360,10 +381,12 @@ class FusedGroup:
 
     def kernel(self, flat: torch.Tensor) -> torch.Tensor:
         """``flat`` [rows, in] times every member's quantized weights, side by side."""
-        if self.own_kernel:
-            return int4_kernel.matmul(flat, self.packed, self.scales_zeros)
+        if self.four_bit and self.own_kernel:
+            return int4_kernel.matmul(flat, self.packed, self.scales_zeros, self.inputs)
         if self.four_bit:
             return _int4_mm(flat, self.packed, self.scales_zeros)
+        if self.own_kernel:
+            return int4_kernel.matmul_int8(flat, self.qweight, self.scale)
         return _int8_mm(flat, self.qweight, self.scale)
 
     def output(self, member: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -399,6 +422,7 @@ def fuse_siblings(model: nn.Module) -> int:
                     and m.in_features == members[0].in_features
                     and (isinstance(m, Int8WeightLinear) or m.out_features % 64 == 0)
                     and getattr(m, "own_kernel", None) == getattr(members[0], "own_kernel", None)
+                    and getattr(m, "inputs", None) == getattr(members[0], "inputs", None)
                     for m in members):
                 FusedGroup(members)  # type: ignore[arg-type]  # checked just above
                 count += 1

@@ -104,10 +104,10 @@ class TransformersEngineConfig(_EngineConfig):
         "auto",
         description="How the weights are held: auto = int4 groups of 32 for the layers whose "
         "weights already sit on a 4-bit grid (a Q4_1 GGUF's, as the bundled SmolLM2's: no "
-        "loss but the scales' rounding to bf16; on CPUs with AVX-512 BF16 and VNNI decode "
-        "rows round their inputs to int8 per group of 32, as llama.cpp does, unless "
-        "TROUPE_INT4_KERNEL=bf16), int8 for the others; int8 = int8 per-channel "
-        "weight-only with bf16 activations for every layer; bfloat16; or float32.",
+        "loss but the scales' rounding to bf16), int8 for the others; int8 = int8 per-channel "
+        "weights for every layer; bfloat16; or float32. With int4 or int8 weights, on CPUs "
+        "with AVX-512 BF16 and VNNI, decode rows round their inputs to int8 per group of 32, "
+        "as llama.cpp does (TROUPE_INT4_KERNEL=bf16 keeps bf16 inputs).",
     )
     max_num_seqs: int = Field(
         8, ge=1, le=256, description="Requests decoded together (continuous batching slots)."

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deployments.engines import int4_kernel
-from deployments.engines.weights import FusedGroup, Int4WeightLinear, four_bit_grid, prompt_rows
+from deployments.engines.weights import FusedGroup, Int4WeightLinear, Int8WeightLinear, four_bit_grid, prompt_rows
 
 needs_kernel = pytest.mark.skipif(
     not set(int4_kernel.REQUIRED_CPU_FLAGS) <= int4_kernel._cpu_flags(),
@@ -109,6 +109,62 @@ def test_each_row_gets_what_it_gets_alone_in_any_batch_and_on_any_thread_count(k
         torch.set_num_threads(threads)
 
 
+def int8_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    return q, (torch.rand(n, generator=generator) * 0.01).bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(49152 // 64, 576), (576, 1536), (48, 96)])
+def test_int8_weights_give_the_exact_product_of_the_rounded_inputs(shape):
+    n, k = shape
+    q, scale = int8_weights(n, k, seed=n)
+    weights, scales = int4_kernel.pack_int8(q, scale)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x[2, 32:64] = 0
+    ours = int4_kernel.matmul_int8(x, weights, scales).double()
+    reference = rounded_inputs(x) @ (q.double() * scale.double()[:, None]).T
+    assert ((ours - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
+    assert (ours - reference).abs().mean() <= reference.abs().mean() * 2 ** -8
+    unrounded = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert (ours - unrounded).abs().mean() <= unrounded.abs().mean() * 0.01
+
+
+@needs_kernel
+def test_int8_weights_give_each_row_what_it_gets_alone():
+    q, scale = int8_weights(320, 576, seed=7)
+    weights, scales = int4_kernel.pack_int8(q, scale)
+    x = torch.randn(19, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([int4_kernel.matmul_int8(x[i:i + 1], weights, scales) for i in range(19)])
+        for rows in (2, 3, 4, 5, 8, 9, 16, 19):
+            assert torch.equal(int4_kernel.matmul_int8(x[:rows], weights, scales), alone[:rows]), rows
+        assert torch.equal(int4_kernel.matmul_int8(x[::2], weights, scales), alone[::2])
+        torch.set_num_threads(2)
+        assert torch.equal(int4_kernel.matmul_int8(x, weights, scales), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_the_engines_int8_layers_use_it_and_fuse():
+    torch.manual_seed(12)
+    layers = [Int8WeightLinear(torch.nn.Linear(576, width, bias=False), torch.bfloat16) for width in (576, 192, 192)]
+    assert all(layer.own_kernel for layer in layers)
+    odd = Int8WeightLinear(torch.nn.Linear(576, 40, bias=False), torch.bfloat16)
+    assert not odd.own_kernel  # not whole blocks of 16 output channels: torch's kernel
+    x = torch.randn(5, 576).bfloat16()
+    alone = torch.cat([layer(x) for layer in layers], dim=-1)
+    group = FusedGroup(layers)
+    assert group.own_kernel
+    assert torch.equal(group.kernel(x), alone)
+    assert torch.equal(torch.cat([layer(x) for layer in layers], dim=-1), alone)
+    assert torch.equal(layers[2](x[:2]), alone[:2, 768:])
+
+
 @needs_kernel
 def test_the_engines_int4_layers_use_it_and_fuse():
     from tests.unit.test_ragged import on_four_bit_grid
@@ -190,6 +246,8 @@ def test_troupe_int4_kernel_picks_the_inputs(fresh_kernel_state, monkeypatch, se
     assert torch.equal(int4_kernel.matmul(x, words, scales), int4_kernel.matmul(x, words, scales, kind))
     other = "int8" if kind == "bf16" else "bf16"
     assert not torch.equal(int4_kernel.matmul(x, words, scales), int4_kernel.matmul(x, words, scales, other))
+    # int8 layers take Troupe's kernel only with int8 inputs; with bf16 inputs, torch's
+    assert Int8WeightLinear(torch.nn.Linear(96, 48, bias=False), torch.bfloat16).own_kernel == (kind == "int8")
 
 
 @needs_kernel
