@@ -21,28 +21,16 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
+from bench.int4_kernel_bench import fastest, random_int4
 from deployments.engines import int4_kernel
 
 RESULTS = Path(__file__).parent / "results"
 SOURCE = Path(__file__).with_name("amx_int4_probe.c")
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 ROWS = [1, 2, 4, 8, 16]
-
-
-def _fastest(fn: Callable[[], Any], calls: int = 300, repeats: int = 5) -> float:
-    for _ in range(30):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
 
 
 def _build(scratch: str) -> ctypes.CDLL:
@@ -76,10 +64,7 @@ def main() -> None:
         lib = _build(scratch)
         generator = torch.Generator().manual_seed(0)
         for n, k in SHAPES:
-            q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=generator)
-            scale = (torch.rand(n, k // 32, generator=generator) * 0.02).bfloat16()
-            zero = (torch.randn(n, k // 32, generator=generator) * 0.01).bfloat16()
-            words, scales = int4_kernel.pack(q, scale, zero)
+            words, scales = int4_kernel.pack(*random_int4(n, k, generator))
             x = torch.randn(max(ROWS), k, generator=generator).bfloat16()
             alone = torch.cat([_amx(lib, x[i:i + 1], words, scales) for i in range(len(x))])
             for rows in ROWS:
@@ -87,8 +72,8 @@ def main() -> None:
                 amx = _amx(lib, xr, words, scales)
                 avx = int4_kernel.matmul(xr, words, scales, "bf16")
                 lines.append(
-                    f"| {n}x{k} | {rows} | {_fastest(partial(int4_kernel.matmul, xr, words, scales, 'bf16')):.1f} "
-                    f"| {_fastest(partial(_amx, lib, xr, words, scales)):.1f} "
+                    f"| {n}x{k} | {rows} | {fastest(partial(int4_kernel.matmul, xr, words, scales, 'bf16')):.1f} "
+                    f"| {fastest(partial(_amx, lib, xr, words, scales)):.1f} "
                     f"| {torch.equal(amx, alone[:rows])} | {torch.equal(amx, avx)} |")
                 print(lines[-1], flush=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -42,7 +42,7 @@ RESULTS = Path(__file__).parent / "results"
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 
 
-def _fastest(fn: Callable[[], Any], calls: int = 300, repeats: int = 5) -> float:
+def fastest(fn: Callable[[], Any], calls: int = 300, repeats: int = 5) -> float:
     """Microseconds per call: the fastest of ``repeats`` timings of ``calls`` calls."""
     for _ in range(30):
         fn()
@@ -55,21 +55,27 @@ def _fastest(fn: Callable[[], Any], calls: int = 300, repeats: int = 5) -> float
     return best
 
 
+def random_int4(n: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random 4-bit values [n, k] with bf16 scales and offsets per group of 32."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=generator)
+    scale = (torch.rand(n, k // 32, generator=generator) * 0.02).bfloat16()
+    zero = (torch.randn(n, k // 32, generator=generator) * 0.01).bfloat16()
+    return q, scale, zero
+
+
 def kernels(rows: list[int]) -> list[dict[str, Any]]:
     out = []
     generator = torch.Generator().manual_seed(0)
     for n, k in SHAPES:
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=generator)
-        scale = (torch.rand(n, k // 32, generator=generator) * 0.02).bfloat16()
-        zero = (torch.randn(n, k // 32, generator=generator) * 0.01).bfloat16()
+        q, scale, zero = random_int4(n, k, generator)
         words, scales = int4_kernel.pack(q, scale, zero)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         scales_zeros = torch.stack((scale, zero), -1).transpose(0, 1).contiguous()
         for r in rows:
             x = torch.randn(r, k, generator=generator).bfloat16()
-            ours = _fastest(partial(int4_kernel.matmul, x, words, scales))
-            bf16 = _fastest(partial(int4_kernel.matmul, x, words, scales, "bf16"))
-            torchs = _fastest(partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, 32, scales_zeros))
+            ours = fastest(partial(int4_kernel.matmul, x, words, scales))
+            bf16 = fastest(partial(int4_kernel.matmul, x, words, scales, "bf16"))
+            torchs = fastest(partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, 32, scales_zeros))
             out.append({"shape": f"{n}x{k}", "rows": r, "troupe_us": round(ours, 1),
                         "troupe_bf16_inputs_us": round(bf16, 1), "torch_us": round(torchs, 1)})
             print(out[-1], flush=True)

@@ -35,6 +35,13 @@ static inline float bf16_value(uint16_t v) {
     return f;
 }
 
+/* A tile's float32 results, rounded to bf16, into y's rows. */
+#define STORE_ROWS(NB, NR)                                                                    \
+    for (int b = 0; b < NB; b++)                                                               \
+        for (int r = 0; r < NR; r++)                                                           \
+            _mm256_storeu_si256((__m256i *)(y + r * N + (blk0 + b) * 16),                      \
+                                (__m256i)_mm512_cvtneps_pbh(acc[b][r]));
+
 /* NB output blocks of 16 channels times NR rows: NB * NR independent accumulations. */
 #define TILE(NB, NR)                                                                          \
 static void tile_##NB##_##NR(const uint16_t *words, const uint16_t *scales, const uint16_t *x, \
@@ -84,10 +91,7 @@ static void tile_##NB##_##NR(const uint16_t *words, const uint16_t *scales, cons
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
-    for (int b = 0; b < NB; b++)                                                               \
-        for (int r = 0; r < NR; r++)                                                           \
-            _mm256_storeu_si256((__m256i *)(y + r * N + (blk0 + b) * 16),                      \
-                                (__m256i)_mm512_cvtneps_pbh(acc[b][r]));                       \
+    STORE_ROWS(NB, NR)                                                                         \
 }
 
 TILE(4, 1)
@@ -179,9 +183,10 @@ static void quantize_rows(const uint16_t *x, long R, long K, int8_t *xq, float *
 }
 
 #define TILE_A8(NB, NR)                                                                       \
-static void tile_a8_##NB##_##NR(const uint16_t *words, const uint16_t *scales, const int8_t *xq, \
+static void tile_a8_##NB##_##NR(const void *weights, const uint16_t *scales, const int8_t *xq,  \
                                 const float *steps, const float *qsums, long K, uint16_t *y,   \
                                 long N, long blk0) {                                           \
+    const uint16_t *words = weights;                                                           \
     const long G = K / 32;                                                                     \
     const __m512i nibble = _mm512_set1_epi8(0x0F);                                             \
     const __m512 minus8 = _mm512_set1_ps(-8.0f);                                               \
@@ -222,10 +227,7 @@ static void tile_a8_##NB##_##NR(const uint16_t *words, const uint16_t *scales, c
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
-    for (int b = 0; b < NB; b++)                                                               \
-        for (int r = 0; r < NR; r++)                                                           \
-            _mm256_storeu_si256((__m256i *)(y + r * N + (blk0 + b) * 16),                      \
-                                (__m256i)_mm512_cvtneps_pbh(acc[b][r]));                       \
+    STORE_ROWS(NB, NR)                                                                         \
 }
 
 TILE_A8(4, 1)
@@ -234,46 +236,6 @@ TILE_A8(2, 2)
 TILE_A8(1, 2)
 TILE_A8(1, 4)
 TILE_A8(1, 8)
-
-static void blocks_a8(const uint16_t *words, const uint16_t *scales, const int8_t *xq, const float *steps,
-                      const float *qsums, long K, uint16_t *y, long N, long first, long count, int rows) {
-    long b = first, end = first + count;
-    while (b < end) {
-        if (rows == 8) { tile_a8_1_8(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-        else if (rows == 4) { tile_a8_1_4(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-        else if (rows == 2 && b + 2 <= end) { tile_a8_2_2(words, scales, xq, steps, qsums, K, y, N, b); b += 2; }
-        else if (rows == 2) { tile_a8_1_2(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-        else if (b + 4 <= end) { tile_a8_4_1(words, scales, xq, steps, qsums, K, y, N, b); b += 4; }
-        else { tile_a8_1_1(words, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-    }
-}
-
-/* As troupe_int4_mm, with each row's inputs rounded to int8 per group of 32. */
-int troupe_int4_mm_a8(const uint16_t *words, const uint16_t *scales, const uint16_t *x, long R,
-                      long K, long N, uint16_t *y, int threads) {
-    const long G = K / 32, nblk = N / 16, chunks = (nblk + 3) / 4;
-    int8_t *xq = malloc((size_t)(R * K > 0 ? R * K : 1));
-    float *steps = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
-    float *qsums = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
-    if (xq == NULL || steps == NULL || qsums == NULL) {
-        free(xq); free(steps); free(qsums);
-        return -1;
-    }
-    quantize_rows(x, R, K, xq, steps, qsums);
-    for (long r = 0; r < R;) {
-        long left = R - r;
-        int rows = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-        for (long c = 0; c < chunks; c++) {
-            long first = c * 4;
-            blocks_a8(words, scales, xq + r * K, steps + r * G, qsums + r * G, K, y + r * N, N, first,
-                      nblk - first < 4 ? nblk - first : 4, rows);
-        }
-        r += rows;
-    }
-    free(xq); free(steps); free(qsums);
-    return 0;
-}
 
 /* ---- int8 weights (one scale per output channel: the output head) with int8 inputs ----
 
@@ -289,9 +251,10 @@ int troupe_int4_mm_a8(const uint16_t *words, const uint16_t *scales, const uint1
      scales: [N/16][16] bf16. */
 
 #define TILE_W8(NB, NR)                                                                       \
-static void tile_w8_##NB##_##NR(const uint8_t *w, const uint16_t *scales, const int8_t *xq,    \
+static void tile_w8_##NB##_##NR(const void *weights, const uint16_t *scales, const int8_t *xq,  \
                                 const float *steps, const float *qsums, long K, uint16_t *y,   \
                                 long N, long blk0) {                                           \
+    const uint8_t *w = weights;                                                                \
     const long G = K / 32;                                                                     \
     __m512 acc[NB][NR];                                                                        \
     for (int b = 0; b < NB; b++)                                                               \
@@ -334,22 +297,31 @@ TILE_W8(1, 2)
 TILE_W8(1, 4)
 TILE_W8(1, 8)
 
-static void blocks_w8(const uint8_t *w, const uint16_t *scales, const int8_t *xq, const float *steps,
-                      const float *qsums, long K, uint16_t *y, long N, long first, long count, int rows) {
+/* The tiles of one kind of weights, by (output blocks, rows). */
+typedef void (*tile_a8)(const void *, const uint16_t *, const int8_t *, const float *, const float *, long,
+                        uint16_t *, long, long);
+typedef struct { tile_a8 b4r1, b1r1, b2r2, b1r2, b1r4, b1r8; } tiles_a8;
+static const tiles_a8 INT4_TILES = {tile_a8_4_1, tile_a8_1_1, tile_a8_2_2, tile_a8_1_2, tile_a8_1_4, tile_a8_1_8};
+static const tiles_a8 INT8_TILES = {tile_w8_4_1, tile_w8_1_1, tile_w8_2_2, tile_w8_1_2, tile_w8_1_4, tile_w8_1_8};
+
+static void blocks_a8(const tiles_a8 *t, const void *w, const uint16_t *scales, const int8_t *xq,
+                      const float *steps, const float *qsums, long K, uint16_t *y, long N, long first,
+                      long count, int rows) {
     long b = first, end = first + count;
     while (b < end) {
-        if (rows == 8) { tile_w8_1_8(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-        else if (rows == 4) { tile_w8_1_4(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-        else if (rows == 2 && b + 2 <= end) { tile_w8_2_2(w, scales, xq, steps, qsums, K, y, N, b); b += 2; }
-        else if (rows == 2) { tile_w8_1_2(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
-        else if (b + 4 <= end) { tile_w8_4_1(w, scales, xq, steps, qsums, K, y, N, b); b += 4; }
-        else { tile_w8_1_1(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        if (rows == 8) { t->b1r8(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (rows == 4) { t->b1r4(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (rows == 2 && b + 2 <= end) { t->b2r2(w, scales, xq, steps, qsums, K, y, N, b); b += 2; }
+        else if (rows == 2) { t->b1r2(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
+        else if (b + 4 <= end) { t->b4r1(w, scales, xq, steps, qsums, K, y, N, b); b += 4; }
+        else { t->b1r1(w, scales, xq, steps, qsums, K, y, N, b); b += 1; }
     }
 }
 
-/* x: [R][K] bf16, y: [R][N] bf16; K a multiple of 32, N of 16. */
-int troupe_int8_mm_a8(const uint8_t *w, const uint16_t *scales, const uint16_t *x, long R, long K,
-                      long N, uint16_t *y, int threads) {
+/* x: [R][K] bf16, y: [R][N] bf16; K a multiple of 32, N of 16. Returns 0, or -1 when out
+   of memory. */
+static int mm_a8(const tiles_a8 *t, const void *w, const uint16_t *scales, const uint16_t *x, long R,
+                 long K, long N, uint16_t *y, int threads) {
     const long G = K / 32, nblk = N / 16, chunks = (nblk + 3) / 4;
     int8_t *xq = malloc((size_t)(R * K > 0 ? R * K : 1));
     float *steps = malloc(sizeof(float) * (size_t)(R * G > 0 ? R * G : 1));
@@ -365,11 +337,23 @@ int troupe_int8_mm_a8(const uint8_t *w, const uint16_t *scales, const uint16_t *
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
         for (long c = 0; c < chunks; c++) {
             long first = c * 4;
-            blocks_w8(w, scales, xq + r * K, steps + r * G, qsums + r * G, K, y + r * N, N, first,
+            blocks_a8(t, w, scales, xq + r * K, steps + r * G, qsums + r * G, K, y + r * N, N, first,
                       nblk - first < 4 ? nblk - first : 4, rows);
         }
         r += rows;
     }
     free(xq); free(steps); free(qsums);
     return 0;
+}
+
+/* As troupe_int4_mm, with each row's inputs rounded to int8 per group of 32. */
+int troupe_int4_mm_a8(const uint16_t *words, const uint16_t *scales, const uint16_t *x, long R,
+                      long K, long N, uint16_t *y, int threads) {
+    return mm_a8(&INT4_TILES, words, scales, x, R, K, N, y, threads);
+}
+
+/* int8 weights packed by int4_kernel.pack_int8, each row's inputs rounded as above. */
+int troupe_int8_mm_a8(const uint8_t *w, const uint16_t *scales, const uint16_t *x, long R, long K,
+                      long N, uint16_t *y, int threads) {
+    return mm_a8(&INT8_TILES, w, scales, x, R, K, N, y, threads);
 }

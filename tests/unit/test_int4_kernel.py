@@ -47,6 +47,16 @@ def rounded_inputs(x: torch.Tensor) -> torch.Tensor:
     return (q.double() * (amax / 127).double()).reshape(x.shape)
 
 
+def assert_exact_for_rounded_inputs(ours: torch.Tensor, reference: torch.Tensor, unrounded: torch.Tensor) -> None:
+    """The int32 sums are exact; then a few float32 operations per group and one bf16
+    rounding: within one bf16 step of ``reference``, the product of what the kernel rounded
+    the inputs to; and the inputs' rounding costs about half a percent of the product of
+    the ``unrounded`` inputs."""
+    assert ((ours - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
+    assert (ours - reference).abs().mean() <= reference.abs().mean() * 2 ** -8
+    assert (ours - unrounded).abs().mean() <= unrounded.abs().mean() * 0.01
+
+
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_inputs_give_the_exact_product_of_the_rounded_inputs(shape):
@@ -57,13 +67,7 @@ def test_int8_inputs_give_the_exact_product_of_the_rounded_inputs(shape):
     x[3, :32] = 0  # a group of zeros: step 0
     ours = int4_kernel.matmul(x, words, scales, "int8").double()
     reference = rounded_inputs(x) @ exact(torch.eye(k, dtype=torch.float64), q, scale, zero)
-    # The int32 sums are exact; then a few float32 operations per group and one bf16
-    # rounding: within one bf16 step of the product of what it rounded the inputs to.
-    assert ((ours - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
-    assert (ours - reference).abs().mean() <= reference.abs().mean() * 2 ** -8
-    # and the inputs' rounding costs about half a percent of the exact product
-    unrounded = exact(x, q, scale, zero)
-    assert (ours - unrounded).abs().mean() <= unrounded.abs().mean() * 0.01
+    assert_exact_for_rounded_inputs(ours, reference, exact(x, q, scale, zero))
 
 
 @needs_kernel
@@ -125,10 +129,7 @@ def test_int8_weights_give_the_exact_product_of_the_rounded_inputs(shape):
     x[2, 32:64] = 0
     ours = int4_kernel.matmul_int8(x, weights, scales).double()
     reference = rounded_inputs(x) @ (q.double() * scale.double()[:, None]).T
-    assert ((ours - reference).abs() <= reference.abs() * 2 ** -8 + 1e-3).all()
-    assert (ours - reference).abs().mean() <= reference.abs().mean() * 2 ** -8
-    unrounded = x.double() @ (q.double() * scale.double()[:, None]).T
-    assert (ours - unrounded).abs().mean() <= unrounded.abs().mean() * 0.01
+    assert_exact_for_rounded_inputs(ours, reference, x.double() @ (q.double() * scale.double()[:, None]).T)
 
 
 @needs_kernel
@@ -167,15 +168,9 @@ def test_the_engines_int8_layers_use_it_and_fuse():
 
 @needs_kernel
 def test_the_engines_int4_layers_use_it_and_fuse():
-    from tests.unit.test_ragged import on_four_bit_grid
+    from tests.unit.test_weights import qkv_int4_layers
 
-    torch.manual_seed(11)
-    layers = []
-    for width in (576, 192, 192):
-        linear = torch.nn.Linear(576, width, bias=False)
-        with torch.no_grad():
-            linear.weight.copy_(on_four_bit_grid((width, 576)))
-        layers.append(Int4WeightLinear(linear, four_bit_grid(linear.weight), torch.bfloat16))
+    layers = qkv_int4_layers(seed=11)
     assert all(layer.own_kernel for layer in layers)
     x = torch.randn(5, 576).bfloat16()
     alone = torch.cat([layer(x) for layer in layers], dim=-1)

@@ -147,19 +147,26 @@ def test_quantize_four_bit_takes_int4_only_where_the_grid_is_exact():
     assert isinstance(model[0], Int4WeightLinear) and isinstance(model[1], Int8WeightLinear)
 
 
-def test_fused_int4_siblings_give_each_layer_its_own_output():
-    """SmolLM2's q/k/v shapes as one int4 group: each member's columns bit for bit as the
-    layer alone, for decode rows and prompt rows alike."""
-    from deployments.engines.weights import FusedGroup
+def qkv_int4_layers(seed: int) -> list[Int4WeightLinear]:
+    """SmolLM2's q, k and v shapes as int4 layers with random weights on a 4-bit grid."""
     from tests.unit.test_ragged import on_four_bit_grid
 
-    torch.manual_seed(9)
+    torch.manual_seed(seed)
     layers = []
     for width in (576, 192, 192):
         linear = torch.nn.Linear(576, width, bias=False)
         with torch.no_grad():
             linear.weight.copy_(on_four_bit_grid((width, 576)))
         layers.append(Int4WeightLinear(linear, four_bit_grid(linear.weight), torch.bfloat16))
+    return layers
+
+
+def test_fused_int4_siblings_give_each_layer_its_own_output():
+    """SmolLM2's q/k/v shapes as one int4 group: each member's columns bit for bit as the
+    layer alone, for decode rows and prompt rows alike."""
+    from deployments.engines.weights import FusedGroup
+
+    layers = qkv_int4_layers(seed=9)
     x = torch.randn(6, 576).bfloat16()
     is_prompt = torch.tensor([True, False, True, True, False, False])
     alone = [layer(x) for layer in layers]
