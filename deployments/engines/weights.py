@@ -17,8 +17,8 @@ in 0..15: what a Q4_1 GGUF such as the bundled SmolLM2's de-quantizes to) is hel
 layer as int8. On the bundled model that is every layer but the output head. Their decode
 rows go through Troupe's own kernels (``int4_kernel``) on CPUs with AVX-512 BF16 and
 VNNI, which by default round each row's inputs to int8 per group of 32 as llama.cpp does
-for these formats (the same mean next-token loss on SmolLM2, a half to a third of the cost
-for a batch of 8; ``TROUPE_INT4_KERNEL=bf16`` keeps bf16 inputs), else through torch's CPU
+for these formats (a mean next-token loss on SmolLM2 within 0.1% of bf16 inputs', a half
+to a third of the cost for a batch of 8; ``TROUPE_INT4_KERNEL=bf16`` keeps bf16 inputs), else through torch's CPU
 weight-only kernels (bf16 inputs). Measurements: ``bench/README.md``.
 
 These kernels are the fastest for a few rows (decoding) but slow for many: a prompt's tokens
