@@ -284,10 +284,9 @@ static void tile_w8_##NB##_##NR(const void *weights, const uint16_t *scales, con
     }                                                                                          \
     for (int b = 0; b < NB; b++) {                                                             \
         const __m512 scale = bf16x16(scales + (blk0 + b) * 16);                                \
-        for (int r = 0; r < NR; r++)                                                           \
-            _mm256_storeu_si256((__m256i *)(y + r * N + (blk0 + b) * 16),                      \
-                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[b][r], scale))); \
+        for (int r = 0; r < NR; r++) acc[b][r] = _mm512_mul_ps(acc[b][r], scale);              \
     }                                                                                          \
+    STORE_ROWS(NB, NR)                                                                         \
 }
 
 TILE_W8(4, 1)

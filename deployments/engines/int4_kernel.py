@@ -62,8 +62,6 @@ FUNCTIONS = {"int8": "troupe_int4_mm_a8", "bf16": "troupe_int4_mm"}
 _lock = threading.Lock()
 _loaded: Optional[ctypes.CDLL] = None
 _tried = False
-#: The loaded kernel's function for :func:`inputs` (set with ``_loaded``).
-_default: Any = None
 
 
 def inputs() -> str:
@@ -75,7 +73,7 @@ def inputs() -> str:
 
 def load() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None where it cannot run here (see the module docstring)."""
-    global _loaded, _tried, _default
+    global _loaded, _tried
     if _tried:
         return _loaded
     with _lock:
@@ -85,7 +83,6 @@ def load() -> Optional[ctypes.CDLL]:
             except Exception as exc:  # a failed build is a slower kernel, never a failed model
                 logger.warning("int4 kernel not built (%s): using torch's int4 kernel", exc)
                 _loaded = None
-            _default = None if _loaded is None else getattr(_loaded, FUNCTIONS[inputs()])
             _tried = True
     return _loaded
 
@@ -174,10 +171,10 @@ def matmul_int8(flat: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor)
 def matmul(flat: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
            kind: Optional[str] = None) -> torch.Tensor:
     """``flat`` [rows, K] (bf16) times the packed weights: [rows, N] bf16. ``kind``: the
-    inputs' (``int8`` or ``bf16``); default :func:`inputs`, read when the kernel loaded."""
+    inputs' (``int8`` or ``bf16``); default :func:`inputs`."""
     lib = load()
     assert lib is not None, "int4 kernel not loaded"
-    return _run(_default if kind is None else getattr(lib, FUNCTIONS[kind]), flat, words, scales)
+    return _run(getattr(lib, FUNCTIONS[kind or inputs()]), flat, words, scales)
 
 
 def _run(function: Any, flat: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

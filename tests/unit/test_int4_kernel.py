@@ -186,7 +186,6 @@ def fresh_kernel_state(monkeypatch, tmp_path):
     """A process that has not tried to build the kernel yet, with an empty cache."""
     monkeypatch.setattr(int4_kernel, "_tried", False)
     monkeypatch.setattr(int4_kernel, "_loaded", None)
-    monkeypatch.setattr(int4_kernel, "_default", None)
     monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path
 
